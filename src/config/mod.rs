@@ -1,0 +1,496 @@
+//! The TOML configuration: every field of the seed's "Outgoing Mail Server Settings" page is a key here; unknown keys are rejected and every error names its key.
+
+pub mod secret;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+pub use secret::Secret;
+
+impl Serialize for Secret {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(if self.is_empty() { "" } else { "***" })
+    }
+}
+
+impl<'de> Deserialize<'de> for Secret {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d).map(Secret::new)
+    }
+}
+
+/// A configuration problem, always naming the key at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read { path: String, source: std::io::Error },
+    /// TOML syntax, a wrong type or an unknown key (the message names it).
+    #[error("{path}: {message}")]
+    Parse { path: String, message: String },
+    /// A value is present but unusable.
+    #[error("{path}: {key}: {message}")]
+    Invalid { path: String, key: String, message: String },
+}
+
+/// The whole configuration file.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Our name in the SMTP greeting, `Received:` headers and DSNs; empty = the system host name.
+    pub hostname: String,
+    /// Log filter (`error`, `warn`, `info`, `debug`, or a tracing filter); `RUST_LOG` overrides it.
+    pub log_level: String,
+    /// Where legacy applications connect.
+    pub listen: Listen,
+    /// Where accepted mail waits until it is delivered.
+    pub spool: SpoolConfig,
+    /// Retry, give-up and concurrency policy.
+    pub delivery: DeliveryConfig,
+    /// The outgoing mail server (the seed's fields).
+    pub upstream: Upstream,
+    /// The local admin HTTP endpoint (status, failback, queue control).
+    pub admin: Admin,
+    /// Directory the relative paths in this file are relative to (the file's own directory).
+    #[serde(skip)]
+    pub base_dir: PathBuf,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            hostname: String::new(),
+            log_level: "info".into(),
+            listen: Listen::default(),
+            spool: SpoolConfig::default(),
+            delivery: DeliveryConfig::default(),
+            upstream: Upstream::default(),
+            admin: Admin::default(),
+            base_dir: PathBuf::from("."),
+        }
+    }
+}
+
+/// What a DATA line ending other than CRLF does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BareLineEndings {
+    /// Treat a bare CR or bare LF as a line ending and store CRLF (printers
+    /// and old scripts send bare LF). Never an end of data.
+    Normalize,
+    /// Refuse the message with `550 5.6.11` once its data is complete.
+    Reject,
+}
+
+/// The inbound SMTP listener.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Listen {
+    /// `ip:port` to listen on. Loopback by default: mailbridge is not an open relay.
+    pub address: String,
+    /// Simultaneous SMTP sessions; one more gets `421 4.7.0` and is closed.
+    pub max_connections: usize,
+    /// Largest message accepted, in bytes (announced with `SIZE`).
+    pub max_message_size: usize,
+    /// Recipients per message; extra ones get `452 4.5.3` (RFC 5321 asks for at least 100).
+    pub max_recipients: usize,
+    /// Longest command line in bytes, CRLF included (RFC 5321 minimum 512).
+    pub max_command_length: usize,
+    /// Seconds a client may stay silent between commands.
+    pub idle_timeout_secs: u64,
+    /// Seconds a whole DATA transfer may take (slow-drip clients).
+    pub data_timeout_secs: u64,
+    /// Errors in one session before it is closed with `421`.
+    pub max_errors: u32,
+    /// A message with more `Received:` headers than this is a mail loop (`554 5.4.6`).
+    pub max_received_headers: usize,
+    /// Policy for bare CR / bare LF in DATA.
+    pub bare_line_endings: BareLineEndings,
+}
+
+impl Default for Listen {
+    fn default() -> Self {
+        Listen {
+            address: "127.0.0.1:2525".into(),
+            max_connections: 100,
+            max_message_size: 35 * 1024 * 1024,
+            max_recipients: 100,
+            max_command_length: 2048,
+            idle_timeout_secs: 300,
+            data_timeout_secs: 600,
+            max_errors: 10,
+            max_received_headers: 30,
+            bare_line_endings: BareLineEndings::Normalize,
+        }
+    }
+}
+
+/// The on-disk queue.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SpoolConfig {
+    /// Directory (created if missing).
+    pub path: PathBuf,
+    /// Messages waiting at most; past it new mail gets `452 4.3.1` (backpressure).
+    pub max_messages: usize,
+}
+
+impl Default for SpoolConfig {
+    fn default() -> Self {
+        SpoolConfig { path: "spool".into(), max_messages: 10_000 }
+    }
+}
+
+/// Retry and concurrency policy.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DeliveryConfig {
+    /// Deliveries in flight at once (Exchange Online allows 3 SMTP connections per mailbox).
+    pub concurrency: usize,
+    /// First retry delay in seconds; doubled per attempt, with jitter.
+    pub retry_initial_secs: u64,
+    /// Longest retry delay in seconds.
+    pub retry_max_secs: u64,
+    /// Age in seconds after which a message still not delivered is bounced (default 5 days).
+    pub give_up_after_secs: u64,
+}
+
+impl Default for DeliveryConfig {
+    fn default() -> Self {
+        DeliveryConfig { concurrency: 3, retry_initial_secs: 60, retry_max_secs: 3600, give_up_after_secs: 5 * 86400 }
+    }
+}
+
+/// Upstream protocol.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    /// SMTP, with STARTTLS when `tls = true` (port 587).
+    Smtp,
+    /// SMTP inside implicit TLS (port 465).
+    Smtps,
+    /// One `.eml` file per message in `outbox` (the runnable default; for testing).
+    File,
+}
+
+/// How mailbridge authenticates upstream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AuthKind {
+    /// Username and password (AUTH PLAIN or LOGIN).
+    Basic,
+}
+
+/// The outgoing mail server: the seed page's fields.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Upstream {
+    /// `smtp`, `smtps` or `file`.
+    pub protocol: Protocol,
+    /// Server Name / IP Address (`host` or `host:port`).
+    pub server: String,
+    /// Alternate Server Name / IP Address, used when the primary is unreachable (`host` or `host:port`).
+    pub alternate_server: String,
+    /// Port, for servers given without one.
+    pub port: u16,
+    /// TLS Enabled: STARTTLS is required for `smtp` (never downgraded); `smtps` is always TLS.
+    pub tls: bool,
+    /// Extra CA certificates (PEM) to trust, besides the public roots.
+    pub tls_ca_file: String,
+    /// Requires Authentication.
+    pub requires_auth: bool,
+    /// `basic` (username and password).
+    pub auth: AuthKind,
+    /// Username for the mailbox.
+    pub username: String,
+    /// Password (prefer `password_env` or `password_file`).
+    pub password: Secret,
+    /// Name of an environment variable holding the password.
+    pub password_env: String,
+    /// File holding the password.
+    pub password_file: String,
+    /// Sender Name: display name on outgoing mail (with `reply_to`).
+    pub sender_name: String,
+    /// Reply to: when set, outgoing mail is sent from this address; the original `From` becomes `Reply-To`.
+    pub reply_to: String,
+    /// Seconds to wait for each upstream reply or connection.
+    pub timeout_secs: u64,
+    /// Seconds between automatic probes of the primary while on the alternate; 0 = only `failback` or a reload returns.
+    pub failback_probe_secs: u64,
+    /// Directory for the `file` protocol.
+    pub outbox: PathBuf,
+}
+
+impl Default for Upstream {
+    fn default() -> Self {
+        Upstream {
+            protocol: Protocol::File,
+            server: String::new(),
+            alternate_server: String::new(),
+            port: 587,
+            tls: true,
+            tls_ca_file: String::new(),
+            requires_auth: false,
+            auth: AuthKind::Basic,
+            username: String::new(),
+            password: Secret::default(),
+            password_env: String::new(),
+            password_file: String::new(),
+            sender_name: String::new(),
+            reply_to: String::new(),
+            timeout_secs: 60,
+            failback_probe_secs: 0,
+            outbox: "outbox".into(),
+        }
+    }
+}
+
+/// The admin HTTP endpoint.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Admin {
+    /// `ip:port`; empty disables it. Loopback by default.
+    pub address: String,
+    /// Bearer token for state-changing calls. Empty: mailbridge creates
+    /// `admin.token` (mode 0600) in the spool directory and the CLI reads it.
+    pub token: Secret,
+    /// Environment variable holding the token.
+    pub token_env: String,
+    /// File holding the token.
+    pub token_file: String,
+}
+
+impl Default for Admin {
+    fn default() -> Self {
+        Admin { address: "127.0.0.1:8025".into(), token: Secret::default(), token_env: String::new(), token_file: String::new() }
+    }
+}
+
+/// A server as `host` and `port`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostPort {
+    /// Host name or IP address (without brackets).
+    pub host: String,
+    /// TCP port.
+    pub port: u16,
+}
+
+impl std::fmt::Display for HostPort {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.host.contains(':') { write!(f, "[{}]:{}", self.host, self.port) } else { write!(f, "{}:{}", self.host, self.port) }
+    }
+}
+
+/// Parse `host`, `host:port`, `[v6]` or `[v6]:port`.
+pub fn parse_host_port(s: &str, default_port: u16) -> Result<HostPort, String> {
+    let s = s.trim();
+    if s.is_empty() {
+        return Err("is empty".into());
+    }
+    let (host, port) = if let Some(rest) = s.strip_prefix('[') {
+        let (h, after) = rest.split_once(']').ok_or("has `[` without `]`")?;
+        match after.strip_prefix(':') {
+            Some(p) => (h, Some(p)),
+            None if after.is_empty() => (h, None),
+            None => return Err(format!("unexpected `{after}` after `]`")),
+        }
+    } else if s.matches(':').count() == 1 {
+        let (h, p) = s.split_once(':').ok_or("bad host")?;
+        (h, Some(p))
+    } else {
+        (s, None)
+    };
+    if host.is_empty() || host.chars().any(|c| c.is_whitespace() || c == '/') {
+        return Err(format!("`{s}` is not a host name or IP address"));
+    }
+    let port = match port {
+        Some(p) => p.parse::<u16>().ok().filter(|p| *p != 0).ok_or(format!("`{p}` is not a port number"))?,
+        None => default_port,
+    };
+    Ok(HostPort { host: host.to_string(), port })
+}
+
+impl Config {
+    /// Read, parse, resolve secrets and validate a configuration file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.display().to_string(), source })?;
+        let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
+        let base = if base.as_os_str().is_empty() { PathBuf::from(".") } else { base };
+        Config::from_toml(&text, &path.display().to_string(), &base)
+    }
+
+    /// Parse and validate TOML text; `name` is used in errors, `base` anchors relative paths.
+    pub fn from_toml(text: &str, name: &str, base: &Path) -> Result<Config, ConfigError> {
+        let mut cfg: Config = toml::from_str(text)
+            .map_err(|e| ConfigError::Parse { path: name.to_string(), message: e.to_string().trim_end().to_string() })?;
+        cfg.base_dir = base.to_path_buf();
+        cfg.validate().map_err(|(key, message)| ConfigError::Invalid { path: name.to_string(), key, message })?;
+        Ok(cfg)
+    }
+
+    fn validate(&mut self) -> Result<(), (String, String)> {
+        let bad = |k: &str, m: String| (k.to_string(), m);
+        self.listen.address.parse::<SocketAddr>().map_err(|_| {
+            bad("listen.address", format!("`{}` is not an `ip:port` address", self.listen.address))
+        })?;
+        let l = &self.listen;
+        if l.max_recipients < 1 {
+            return Err(bad("listen.max_recipients", "must be at least 1".into()));
+        }
+        if l.max_command_length < 512 {
+            return Err(bad("listen.max_command_length", "must be at least 512 (RFC 5321 §4.5.3.1.4)".into()));
+        }
+        if l.max_connections < 1 {
+            return Err(bad("listen.max_connections", "must be at least 1".into()));
+        }
+        if l.max_message_size < 1024 {
+            return Err(bad("listen.max_message_size", "must be at least 1024 bytes".into()));
+        }
+        if self.spool.path.as_os_str().is_empty() {
+            return Err(bad("spool.path", "is empty".into()));
+        }
+        if self.spool.max_messages < 1 {
+            return Err(bad("spool.max_messages", "must be at least 1".into()));
+        }
+        let d = &self.delivery;
+        if d.concurrency < 1 {
+            return Err(bad("delivery.concurrency", "must be at least 1".into()));
+        }
+        if d.retry_initial_secs < 1 || d.retry_max_secs < d.retry_initial_secs {
+            return Err(bad("delivery.retry_max_secs", "must be at least retry_initial_secs, which must be at least 1".into()));
+        }
+        let u = &mut self.upstream;
+        u.password = secret::resolve("upstream.password", u.password.expose(), &u.password_env, &u.password_file, &self.base_dir)
+            .map_err(|m| bad("upstream.password", m))?;
+        match u.protocol {
+            Protocol::File => {
+                if u.outbox.as_os_str().is_empty() {
+                    return Err(bad("upstream.outbox", "is empty".into()));
+                }
+            }
+            Protocol::Smtp | Protocol::Smtps => {
+                parse_host_port(&u.server, u.port).map_err(|m| bad("upstream.server", m))?;
+                if !u.alternate_server.is_empty() {
+                    parse_host_port(&u.alternate_server, u.port).map_err(|m| bad("upstream.alternate_server", m))?;
+                }
+                if u.requires_auth && u.username.is_empty() {
+                    return Err(bad("upstream.username", "is required when requires_auth = true".into()));
+                }
+                if u.requires_auth && u.password.is_empty() {
+                    return Err(bad("upstream.password", "is required when requires_auth = true (or password_env / password_file)".into()));
+                }
+                if !u.tls_ca_file.is_empty() && !self.base_dir.join(&u.tls_ca_file).is_file() {
+                    return Err(bad("upstream.tls_ca_file", format!("`{}` is not a readable file", u.tls_ca_file)));
+                }
+            }
+        }
+        if u.timeout_secs < 1 {
+            return Err(bad("upstream.timeout_secs", "must be at least 1".into()));
+        }
+        if !u.reply_to.is_empty() && !crate::address::is_valid_mailbox(&u.reply_to) {
+            return Err(bad("upstream.reply_to", format!("`{}` is not an email address", u.reply_to)));
+        }
+        if u.sender_name.contains(['\r', '\n']) {
+            return Err(bad("upstream.sender_name", "must be one line".into()));
+        }
+        if !self.admin.address.is_empty() {
+            self.admin.address.parse::<SocketAddr>().map_err(|_| {
+                bad("admin.address", format!("`{}` is not an `ip:port` address (or empty to disable)", self.admin.address))
+            })?;
+        }
+        let a = &mut self.admin;
+        a.token = secret::resolve("admin.token", a.token.expose(), &a.token_env, &a.token_file, &self.base_dir)
+            .map_err(|m| bad("admin.token", m))?;
+        Ok(())
+    }
+
+    /// A path from the config, made absolute against the config file's directory.
+    pub fn path(&self, p: &Path) -> PathBuf {
+        if p.is_absolute() { p.to_path_buf() } else { self.base_dir.join(p) }
+    }
+
+    /// The effective configuration as TOML, with secrets masked.
+    pub fn to_masked_toml(&self) -> String {
+        toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot print configuration: {e}\n"))
+    }
+
+    /// Our host name: the configured one, else the system's, else `localhost`.
+    pub fn effective_hostname(&self) -> String {
+        if !self.hostname.is_empty() {
+            return self.hostname.clone();
+        }
+        std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .ok()
+            .map(|s| s.trim().to_string())
+            .filter(|s| !s.is_empty())
+            .unwrap_or_else(|| "localhost".into())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(t: &str) -> Result<Config, ConfigError> {
+        Config::from_toml(t, "test.toml", Path::new("."))
+    }
+
+    #[test]
+    fn empty_file_is_the_runnable_default() {
+        let c = parse("").unwrap();
+        assert_eq!(c.upstream.protocol, Protocol::File);
+        assert_eq!(c.listen.address, "127.0.0.1:2525");
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let e = parse("[upstream]\nservre = \"x\"\n").unwrap_err().to_string();
+        assert!(e.contains("servre"), "{e}");
+    }
+
+    #[test]
+    fn wrong_type_is_named() {
+        let e = parse("[upstream]\nport = \"x\"\n").unwrap_err().to_string();
+        assert!(e.contains("port"), "{e}");
+    }
+
+    #[test]
+    fn invalid_values_name_the_key() {
+        let cases = [
+            ("[listen]\naddress = \"localhost\"", "listen.address"),
+            ("[upstream]\nprotocol = \"smtp\"\nserver = \"\"", "upstream.server"),
+            ("[upstream]\nprotocol = \"smtp\"\nserver = \"a:99999\"", "upstream.server"),
+            ("[upstream]\nprotocol = \"smtp\"\nserver = \"a\"\nalternate_server = \"b c\"", "upstream.alternate_server"),
+            ("[upstream]\nprotocol = \"smtp\"\nserver = \"a\"\nrequires_auth = true", "upstream.username"),
+            ("[upstream]\nprotocol = \"smtp\"\nserver = \"a\"\nrequires_auth = true\nusername = \"u\"", "upstream.password"),
+            ("[upstream]\nreply_to = \"not an address\"", "upstream.reply_to"),
+            ("[listen]\nmax_recipients = 0", "listen.max_recipients"),
+            ("[upstream]\nprotocol = \"pigeon\"", "protocol"),
+        ];
+        for (text, key) in cases {
+            let e = parse(text).unwrap_err().to_string();
+            assert!(e.contains(key), "{text:?} gave {e}");
+        }
+    }
+
+    #[test]
+    fn secrets_are_masked_in_output() {
+        let c = parse("[upstream]\npassword = \"s3cret-pw\"\n[admin]\ntoken = \"adm1n-tok\"").unwrap();
+        let out = c.to_masked_toml();
+        assert!(!out.contains("s3cret-pw") && !out.contains("adm1n-tok"), "{out}");
+        assert!(out.contains("***"));
+        assert!(!format!("{c:?}").contains("s3cret-pw"));
+    }
+
+    #[test]
+    fn host_port_forms() {
+        assert_eq!(parse_host_port("a.example", 587).unwrap(), HostPort { host: "a.example".into(), port: 587 });
+        assert_eq!(parse_host_port("a.example:25", 587).unwrap().port, 25);
+        assert_eq!(parse_host_port("[::1]:26", 587).unwrap(), HostPort { host: "::1".into(), port: 26 });
+        assert_eq!(parse_host_port("::1", 587).unwrap().host, "::1");
+        assert!(parse_host_port("a:0", 1).is_err());
+    }
+}

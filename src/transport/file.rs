@@ -1,0 +1,1 @@
+//! File upstream (being written).
