@@ -1,7 +1,179 @@
 //! mailbridge: a local SMTP relay that accepts mail from legacy software, spools it durably and delivers it upstream with modern authentication.
+//!
+//! The flow: [`inbound`] sessions hand accepted mail to the [`scheduler`],
+//! which writes it to the [`spool`] before the client hears `250`, then
+//! delivers it through the [`routing`] choice of [`transport`]. [`admin`]
+//! serves status and control; [`cli`] is the command line.
 
 pub mod address;
+pub mod admin;
+pub mod cli;
 pub mod config;
 pub mod inbound;
+pub mod message;
+pub mod oauth;
+pub mod routing;
+pub mod scheduler;
 pub mod spool;
 pub mod transport;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use config::{Config, Secret};
+
+/// The admin token: the configured one, else the one in `<spool>/admin.token`,
+/// created (mode 0600) when `create` is true and it does not exist yet.
+pub fn admin_token(cfg: &Config, create: bool) -> std::io::Result<Secret> {
+    if !cfg.admin.token.is_empty() {
+        return Ok(cfg.admin.token.clone());
+    }
+    let path = cfg.path(&cfg.spool.path).join("admin.token");
+    match std::fs::read_to_string(&path) {
+        Ok(t) if !t.trim().is_empty() => Ok(Secret::new(t.trim())),
+        Err(e) if !create => Err(e),
+        _ if !create => Err(std::io::Error::new(std::io::ErrorKind::InvalidData, "admin.token is empty")),
+        _ => {
+            let token: String = (0..32).map(|_| format!("{:02x}", rand::random::<u8>())).collect();
+            if let Some(dir) = path.parent() {
+                std::fs::create_dir_all(dir)?;
+            }
+            spool::write_atomic(&path, token.as_bytes())?;
+            Ok(Secret::new(token))
+        }
+    }
+}
+
+/// Everything `run` needs besides the configuration.
+pub struct Listeners {
+    /// The SMTP listener, already bound (tests bind port 0).
+    pub smtp: TcpListener,
+    /// The admin listener, if enabled.
+    pub admin: Option<TcpListener>,
+}
+
+/// Run mailbridge until `shutdown` is cancelled: load the spool, start the
+/// scheduler, serve SMTP and admin, and drain gracefully at the end.
+/// `config_path`, when given, is re-read on SIGHUP (which also fails back to
+/// the primary server).
+pub async fn run(cfg: Config, config_path: Option<PathBuf>, listeners: Listeners, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let local = listeners.smtp.local_addr().context("SMTP listener")?;
+    if !local.ip().is_loopback() {
+        anyhow::bail!(
+            "listen.address: {local} is not a loopback address, and mailbridge will not run as an open relay; \
+             listen on 127.0.0.1 (or ::1)"
+        );
+    }
+    let spool_dir = cfg.path(&cfg.spool.path);
+    let max = cfg.spool.max_messages;
+    let dir = spool_dir.clone();
+    let (spool, loaded, corrupt) = tokio::task::spawn_blocking(move || spool::Spool::open(&dir, max))
+        .await?
+        .with_context(|| format!("spool.path: cannot open {}", spool_dir.display()))?;
+    for c in &corrupt {
+        tracing::error!(file = %c.name, reason = %c.reason, dir = %spool_dir.join("corrupt").display(), "moved unreadable spool entry aside");
+    }
+    tracing::info!(messages = loaded.len(), spool = %spool_dir.display(), "spool loaded");
+    let router = Arc::new(routing::from_config(&cfg).map_err(|e| anyhow::anyhow!(e))?);
+    for (label, server) in router.servers() {
+        tracing::info!(route = label, %server, "upstream");
+    }
+    let policy = scheduler::Policy::from_config(&cfg);
+    let (sched, sched_task) = scheduler::Scheduler::start(Arc::new(spool), router, policy, loaded, shutdown.clone());
+
+    let settings = Arc::new(inbound::Settings { hostname: cfg.effective_hostname(), listen: cfg.listen.clone() });
+    tracing::info!(address = %local, "listening for SMTP");
+    let smtp_task = tokio::spawn(inbound::serve(listeners.smtp, settings, Arc::new(sched.clone()), shutdown.clone()));
+
+    let admin_task = match listeners.admin {
+        Some(l) => {
+            let token = admin_token(&cfg, true).context("admin.token: cannot create spool/admin.token")?;
+            tracing::info!(address = %l.local_addr()?, "admin endpoint");
+            let state = Arc::new(admin::AdminState { scheduler: sched.clone(), token, started: std::time::SystemTime::now() });
+            Some(tokio::spawn(admin::serve(l, state, shutdown.clone())))
+        }
+        None => None,
+    };
+
+    let probe_task = tokio::spawn(failback_probe(sched.clone(), cfg.upstream.failback_probe_secs, shutdown.clone()));
+    let reload_task = config_path.map(|p| tokio::spawn(reload_on_sighup(p, sched.clone(), shutdown.clone())));
+
+    shutdown.cancelled().await;
+    tracing::info!("shutting down");
+    let _ = smtp_task.await;
+    let _ = sched_task.await;
+    if let Some(t) = admin_task {
+        let _ = t.await;
+    }
+    probe_task.abort();
+    if let Some(t) = reload_task {
+        t.abort();
+    }
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// While the alternate is active, probe the primary every `secs` seconds and
+/// fail back when it answers. `secs = 0` disables this.
+async fn failback_probe(sched: scheduler::Scheduler, secs: u64, shutdown: CancellationToken) {
+    if secs == 0 {
+        return;
+    }
+    let mut tick = tokio::time::interval(Duration::from_secs(secs));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let router = sched.router();
+        if router.state().active == "primary" {
+            continue;
+        }
+        match router.probe_primary().await {
+            Ok(()) => {
+                router.failback("primary answered the automatic probe");
+            }
+            Err(f) => tracing::debug!(error = %f, "primary still unavailable"),
+        }
+    }
+}
+
+/// Re-read the configuration on SIGHUP: new upstream settings take effect
+/// for the next attempt, and the route returns to the primary.
+async fn reload_on_sighup(path: PathBuf, sched: scheduler::Scheduler, shutdown: CancellationToken) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let Ok(mut hup) = signal(SignalKind::hangup()) else {
+        tracing::warn!("cannot listen for SIGHUP; reload disabled");
+        return;
+    };
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            r = hup.recv() => if r.is_none() { return },
+        }
+        reload(&path, &sched);
+    }
+}
+
+fn reload(path: &Path, sched: &scheduler::Scheduler) {
+    let cfg = match Config::load(path) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(error = %e, "reload failed; keeping the running configuration");
+            return;
+        }
+    };
+    match routing::from_config(&cfg) {
+        Ok(router) => {
+            sched.reconfigure(Arc::new(router), scheduler::Policy::from_config(&cfg));
+            tracing::info!(config = %path.display(), "configuration reloaded; route reset to the primary (listen and spool changes need a restart)");
+        }
+        Err(e) => tracing::error!(error = %e, "reload failed; keeping the running configuration"),
+    }
+}

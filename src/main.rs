@@ -1,1 +1,5 @@
-fn main() {}
+//! The `mailbridge` binary: see `mailbridge --help`.
+
+fn main() -> std::process::ExitCode {
+    mailbridge::cli::main()
+}

@@ -181,6 +181,118 @@ pub enum Protocol {
 pub enum AuthKind {
     /// Username and password (AUTH PLAIN or LOGIN).
     Basic,
+    /// OAuth2 bearer token (XOAUTH2 for SMTP) from `[upstream.oauth]`.
+    Oauth,
+}
+
+/// Which OAuth provider's defaults apply.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Provider {
+    /// Microsoft Entra ID (Office 365 / Exchange Online).
+    Office365,
+    /// Google (Gmail, Workspace).
+    Gmail,
+    /// Any OAuth2 server: every URL and the scope must be given.
+    Custom,
+}
+
+/// How the first token is obtained.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Flow {
+    /// Browser consent redirected to mailbridge's admin endpoint (PKCE S256).
+    AuthorizationCode,
+    /// `mailbridge auth login --device`: a code to enter on another device.
+    DeviceCode,
+    /// App-only: client id + secret, no user.
+    ClientCredentials,
+}
+
+/// Microsoft national cloud (selects login and Graph hosts).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Cloud {
+    /// login.microsoftonline.com, graph.microsoft.com.
+    Global,
+    /// US Government L4 (GCC High).
+    Usgov,
+    /// US Government L5 (DoD).
+    Dod,
+    /// China (21Vianet).
+    China,
+}
+
+/// The seed's Authorization Server Details.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OAuth {
+    /// `office365`, `gmail` or `custom`.
+    pub provider: Provider,
+    /// `authorization_code`, `device_code` or `client_credentials`.
+    pub flow: Flow,
+    /// Entra ID tenant (GUID or domain); `organizations` by default.
+    pub tenant: String,
+    /// Microsoft national cloud.
+    pub cloud: Cloud,
+    /// Client ID of the registered application.
+    pub client_id: String,
+    /// Client Secret (prefer `client_secret_env` / `client_secret_file`).
+    pub client_secret: Secret,
+    /// Environment variable holding the client secret.
+    pub client_secret_env: String,
+    /// File holding the client secret.
+    pub client_secret_file: String,
+    /// Authorization URL; empty = the provider's.
+    pub authorization_url: String,
+    /// Token URL; empty = the provider's.
+    pub token_url: String,
+    /// Device authorization URL; empty = the provider's.
+    pub device_authorization_url: String,
+    /// Scope; empty = the default for provider, protocol and flow.
+    pub scope: String,
+    /// Redirect URL registered with the provider; must reach the admin endpoint's `/oauth/callback`.
+    pub redirect_url: String,
+    /// Where tokens are kept (mode 0600); relative to the spool directory.
+    pub token_store: String,
+}
+
+impl Default for OAuth {
+    fn default() -> Self {
+        OAuth {
+            provider: Provider::Office365,
+            flow: Flow::AuthorizationCode,
+            tenant: "organizations".into(),
+            cloud: Cloud::Global,
+            client_id: String::new(),
+            client_secret: Secret::default(),
+            client_secret_env: String::new(),
+            client_secret_file: String::new(),
+            authorization_url: String::new(),
+            token_url: String::new(),
+            device_authorization_url: String::new(),
+            scope: String::new(),
+            redirect_url: "http://localhost:8025/oauth/callback".into(),
+            token_store: "oauth-tokens.json".into(),
+        }
+    }
+}
+
+/// The seed's "Enable proxy server": an HTTP proxy for the token endpoint,
+/// HTTP upstreams, and SMTP (through `CONNECT`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Proxy {
+    /// `http://host:port`; empty = no proxy.
+    pub url: String,
+    /// Proxy username, if it wants one.
+    pub username: String,
+    /// Proxy password.
+    pub password: Secret,
+    /// Environment variable holding the proxy password.
+    pub password_env: String,
+    /// File holding the proxy password.
+    pub password_file: String,
 }
 
 /// The outgoing mail server: the seed page's fields.
@@ -221,6 +333,10 @@ pub struct Upstream {
     pub failback_probe_secs: u64,
     /// Directory for the `file` protocol.
     pub outbox: PathBuf,
+    /// OAuth identity, with `auth = "oauth"`.
+    pub oauth: OAuth,
+    /// Proxy for upstream connections.
+    pub proxy: Proxy,
 }
 
 impl Default for Upstream {
@@ -243,6 +359,8 @@ impl Default for Upstream {
             timeout_secs: 60,
             failback_probe_secs: 0,
             outbox: "outbox".into(),
+            oauth: OAuth::default(),
+            proxy: Proxy::default(),
         }
     }
 }
@@ -379,13 +497,41 @@ impl Config {
                 if u.requires_auth && u.username.is_empty() {
                     return Err(bad("upstream.username", "is required when requires_auth = true".into()));
                 }
-                if u.requires_auth && u.password.is_empty() {
+                if u.requires_auth && u.auth == AuthKind::Basic && u.password.is_empty() {
                     return Err(bad("upstream.password", "is required when requires_auth = true (or password_env / password_file)".into()));
                 }
                 if !u.tls_ca_file.is_empty() && !self.base_dir.join(&u.tls_ca_file).is_file() {
                     return Err(bad("upstream.tls_ca_file", format!("`{}` is not a readable file", u.tls_ca_file)));
                 }
             }
+        }
+        let o = &mut u.oauth;
+        o.client_secret = secret::resolve("upstream.oauth.client_secret", o.client_secret.expose(), &o.client_secret_env, &o.client_secret_file, &self.base_dir)
+            .map_err(|m| bad("upstream.oauth.client_secret", m))?;
+        if u.requires_auth && u.auth == AuthKind::Oauth {
+            if o.client_id.is_empty() {
+                return Err(bad("upstream.oauth.client_id", "is required when auth = \"oauth\"".into()));
+            }
+            if o.flow == Flow::ClientCredentials && o.client_secret.is_empty() {
+                return Err(bad("upstream.oauth.client_secret", "is required for flow = \"client_credentials\"".into()));
+            }
+            if o.provider == Provider::Custom && (o.token_url.is_empty() || o.scope.is_empty()) {
+                return Err(bad("upstream.oauth.token_url", "provider = \"custom\" needs token_url and scope".into()));
+            }
+            for (k, v) in [("authorization_url", &o.authorization_url), ("token_url", &o.token_url), ("device_authorization_url", &o.device_authorization_url), ("redirect_url", &o.redirect_url)] {
+                if !v.is_empty() && !(v.starts_with("https://") || v.starts_with("http://")) {
+                    return Err(bad(&format!("upstream.oauth.{k}"), format!("`{v}` is not an http(s) URL")));
+                }
+            }
+            if o.token_store.is_empty() {
+                return Err(bad("upstream.oauth.token_store", "is empty".into()));
+            }
+        }
+        let p = &mut u.proxy;
+        p.password = secret::resolve("upstream.proxy.password", p.password.expose(), &p.password_env, &p.password_file, &self.base_dir)
+            .map_err(|m| bad("upstream.proxy.password", m))?;
+        if !p.url.is_empty() && !p.url.starts_with("http://") {
+            return Err(bad("upstream.proxy.url", format!("`{}` is not an http:// proxy URL", p.url)));
         }
         if u.timeout_secs < 1 {
             return Err(bad("upstream.timeout_secs", "must be at least 1".into()));

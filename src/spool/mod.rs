@@ -1,4 +1,19 @@
 //! The durable queue: one `.eml` body and one `.json` metadata file per message, fsynced and renamed into place before the client hears `250`.
+//!
+//! Layout under the spool directory:
+//! - `tmp/`: files being written; never loaded, emptied at start.
+//! - `queue/<id>.eml` + `queue/<id>.json`: a committed message. The `.json`
+//!   is renamed in last, so its presence is the commit point.
+//! - `corrupt/`: entries that could not be loaded, moved aside for an operator.
+
+pub mod meta;
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+pub use meta::{Meta, Rcpt, RcptStatus};
 
 /// A new queue id: 13 hex digits of microseconds since the epoch and 6 random
 /// hex digits, so ids sort by arrival and are safe as file names.
@@ -8,4 +23,358 @@ pub fn new_id() -> String {
         .map(|d| d.as_micros() as u64)
         .unwrap_or(0);
     format!("{:013x}{:06x}", micros & 0x1f_ffff_ffff_ffff, rand::random::<u32>() & 0xff_ffff)
+}
+
+/// True for strings that can be a queue id (and so a file name).
+pub fn is_valid_id(id: &str) -> bool {
+    !id.is_empty() && id.len() <= 64 && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+}
+
+/// Why a message could not be stored.
+#[derive(Debug, thiserror::Error)]
+pub enum SpoolError {
+    /// The queue holds `max_messages` already, or the disk is full.
+    #[error("queue full: {0}")]
+    Full(String),
+    /// Writing or syncing failed.
+    #[error("spool I/O error: {0}")]
+    Io(#[from] io::Error),
+}
+
+/// An entry that could not be loaded at start, and where it went.
+#[derive(Debug, Clone)]
+pub struct Corrupt {
+    /// The file name in `queue/`.
+    pub name: String,
+    /// What was wrong with it.
+    pub reason: String,
+}
+
+/// The spool directory.
+#[derive(Debug)]
+pub struct Spool {
+    root: PathBuf,
+    queue: PathBuf,
+    tmp: PathBuf,
+    corrupt: PathBuf,
+    max_messages: usize,
+    count: AtomicUsize,
+}
+
+fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+/// Write `data` to `path` (new file, mode 0600) and fsync it.
+fn write_synced(path: &Path, data: &[u8]) -> io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(path)?;
+    f.write_all(data)?;
+    f.sync_all()
+}
+
+/// Write `data` to `path` atomically: a temp file beside it, fsync, rename, fsync the directory.
+pub fn write_atomic(path: &Path, data: &[u8]) -> io::Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
+    let tmp = dir.join(format!(".{name}.{:08x}.tmp", rand::random::<u32>()));
+    let result = write_synced(&tmp, data).and_then(|()| fs::rename(&tmp, path)).and_then(|()| sync_dir(dir));
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    result
+}
+
+fn is_disk_full(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(28) | Some(122)) // ENOSPC, EDQUOT
+}
+
+impl Spool {
+    /// Open (creating if needed) the spool at `root`, load every committed
+    /// entry, and move unreadable ones to `corrupt/`. Never fails because of
+    /// one bad entry.
+    pub fn open(root: &Path, max_messages: usize) -> io::Result<(Spool, Vec<Meta>, Vec<Corrupt>)> {
+        let spool = Spool {
+            root: root.to_path_buf(),
+            queue: root.join("queue"),
+            tmp: root.join("tmp"),
+            corrupt: root.join("corrupt"),
+            max_messages,
+            count: AtomicUsize::new(0),
+        };
+        for d in [&spool.root, &spool.queue, &spool.tmp, &spool.corrupt] {
+            fs::create_dir_all(d)?;
+        }
+        // Nothing in tmp/ was ever acknowledged.
+        for e in fs::read_dir(&spool.tmp)? {
+            let _ = fs::remove_file(e?.path());
+        }
+        let (metas, corrupt) = spool.load_all()?;
+        spool.count.store(metas.len(), Ordering::SeqCst);
+        Ok((spool, metas, corrupt))
+    }
+
+    /// The spool's root directory.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Messages currently in the queue.
+    pub fn len(&self) -> usize {
+        self.count.load(Ordering::SeqCst)
+    }
+
+    /// True when the queue is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn body_path(&self, id: &str) -> PathBuf {
+        self.queue.join(format!("{id}.eml"))
+    }
+
+    fn meta_path(&self, id: &str) -> PathBuf {
+        self.queue.join(format!("{id}.json"))
+    }
+
+    fn load_all(&self) -> io::Result<(Vec<Meta>, Vec<Corrupt>)> {
+        let mut metas = Vec::new();
+        let mut corrupt = Vec::new();
+        let mut names: Vec<String> = fs::read_dir(&self.queue)?
+            .filter_map(|e| e.ok())
+            .filter_map(|e| e.file_name().into_string().ok())
+            .collect();
+        names.sort();
+        for name in &names {
+            let (stem, ext) = match name.rsplit_once('.') {
+                Some(x) => x,
+                None => ("", ""),
+            };
+            let problem = match ext {
+                "json" if is_valid_id(stem) => match self.load_one(stem) {
+                    Ok(m) => {
+                        metas.push(m);
+                        None
+                    }
+                    Err(reason) => Some(reason),
+                },
+                "eml" if is_valid_id(stem) && names.contains(&format!("{stem}.json")) => None,
+                "eml" => Some("body without metadata (never acknowledged)".to_string()),
+                _ => Some("unexpected file in queue".to_string()),
+            };
+            if let Some(reason) = problem {
+                self.move_aside(name);
+                if ext == "json" {
+                    self.move_aside(&format!("{stem}.eml"));
+                }
+                corrupt.push(Corrupt { name: name.clone(), reason });
+            }
+        }
+        Ok((metas, corrupt))
+    }
+
+    fn load_one(&self, id: &str) -> Result<Meta, String> {
+        let text = fs::read(self.meta_path(id)).map_err(|e| format!("cannot read metadata: {e}"))?;
+        let meta: Meta = serde_json::from_slice(&text).map_err(|e| format!("bad metadata: {e}"))?;
+        if meta.id != id {
+            return Err(format!("metadata names id {:?}", meta.id));
+        }
+        meta.check().map_err(|e| format!("bad metadata: {e}"))?;
+        match fs::metadata(self.body_path(id)) {
+            Ok(m) if m.len() == meta.size => Ok(meta),
+            Ok(m) => Err(format!("body is {} bytes, metadata says {}", m.len(), meta.size)),
+            Err(e) => Err(format!("body missing: {e}")),
+        }
+    }
+
+    fn move_aside(&self, name: &str) {
+        let from = self.queue.join(name);
+        if from.exists() {
+            let _ = fs::rename(&from, self.corrupt.join(name));
+        }
+    }
+
+    /// Store a new message durably. Returns only after the body and metadata
+    /// are fsynced, renamed into `queue/` and the directory is fsynced. On
+    /// error nothing is left behind.
+    pub fn store(&self, meta: &Meta, body: &[u8]) -> Result<(), SpoolError> {
+        let reserved = self.count.fetch_add(1, Ordering::SeqCst);
+        if reserved >= self.max_messages {
+            self.count.fetch_sub(1, Ordering::SeqCst);
+            return Err(SpoolError::Full(format!("{} messages queued", reserved)));
+        }
+        let result = self.store_files(meta, body);
+        if let Err(e) = result {
+            self.count.fetch_sub(1, Ordering::SeqCst);
+            let _ = fs::remove_file(self.meta_path(&meta.id));
+            let _ = fs::remove_file(self.body_path(&meta.id));
+            let _ = fs::remove_file(self.tmp.join(format!("{}.eml", meta.id)));
+            let _ = fs::remove_file(self.tmp.join(format!("{}.json", meta.id)));
+            return Err(if is_disk_full(&e) { SpoolError::Full(e.to_string()) } else { SpoolError::Io(e) });
+        }
+        Ok(())
+    }
+
+    fn store_files(&self, meta: &Meta, body: &[u8]) -> io::Result<()> {
+        debug_assert_eq!(meta.size, body.len() as u64);
+        let json = serde_json::to_vec_pretty(meta).map_err(io::Error::other)?;
+        let tmp_body = self.tmp.join(format!("{}.eml", meta.id));
+        let tmp_meta = self.tmp.join(format!("{}.json", meta.id));
+        write_synced(&tmp_body, body)?;
+        write_synced(&tmp_meta, &json)?;
+        fs::rename(&tmp_body, self.body_path(&meta.id))?;
+        fs::rename(&tmp_meta, self.meta_path(&meta.id))?;
+        sync_dir(&self.queue)
+    }
+
+    /// Replace an entry's metadata atomically.
+    pub fn update(&self, meta: &Meta) -> io::Result<()> {
+        let json = serde_json::to_vec_pretty(meta).map_err(io::Error::other)?;
+        let tmp = self.tmp.join(format!("{}.json.{:08x}", meta.id, rand::random::<u32>()));
+        let result = write_synced(&tmp, &json).and_then(|()| fs::rename(&tmp, self.meta_path(&meta.id)));
+        if result.is_err() {
+            let _ = fs::remove_file(&tmp);
+        }
+        result?;
+        sync_dir(&self.queue)
+    }
+
+    /// Read a message body.
+    pub fn read_body(&self, id: &str) -> io::Result<Vec<u8>> {
+        fs::read(self.body_path(id))
+    }
+
+    /// Read one entry's metadata as it is on disk.
+    pub fn read_meta(&self, id: &str) -> io::Result<Meta> {
+        if !is_valid_id(id) {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, "not a queue id"));
+        }
+        let text = fs::read(self.meta_path(id))?;
+        serde_json::from_slice(&text).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+    }
+
+    /// Remove an entry (metadata first, so a crash leaves at most an orphan body).
+    pub fn remove(&self, id: &str) -> io::Result<()> {
+        let had = match fs::remove_file(self.meta_path(id)) {
+            Ok(()) => true,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => false,
+            Err(e) => return Err(e),
+        };
+        match fs::remove_file(self.body_path(id)) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+        if had {
+            self.count.fetch_sub(1, Ordering::SeqCst);
+        }
+        sync_dir(&self.queue)
+    }
+
+    /// Every committed entry's metadata, read from disk (for the CLI).
+    pub fn list(root: &Path) -> io::Result<Vec<Meta>> {
+        let queue = root.join("queue");
+        let mut out = Vec::new();
+        let rd = match fs::read_dir(&queue) {
+            Ok(rd) => rd,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(out),
+            Err(e) => return Err(e),
+        };
+        for e in rd.flatten() {
+            let p = e.path();
+            if p.extension().and_then(|x| x.to_str()) == Some("json")
+                && let Ok(text) = fs::read(&p)
+                && let Ok(m) = serde_json::from_slice::<Meta>(&text)
+            {
+                out.push(m);
+            }
+        }
+        out.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn meta(id: &str, body: &[u8]) -> Meta {
+        Meta::new(id.into(), "s@example.com".into(), vec!["r@example.com".into()], body.len() as u64, 1000)
+    }
+
+    #[test]
+    fn store_reload_remove() {
+        let dir = tempfile::tempdir().unwrap();
+        let (s, loaded, bad) = Spool::open(dir.path(), 10).unwrap();
+        assert!(loaded.is_empty() && bad.is_empty());
+        let body = b"Subject: x\r\n\r\nhi\r\n";
+        s.store(&meta("a1", body), body).unwrap();
+        assert_eq!(s.len(), 1);
+        drop(s);
+        let (s, loaded, bad) = Spool::open(dir.path(), 10).unwrap();
+        assert_eq!(loaded.len(), 1);
+        assert!(bad.is_empty());
+        assert_eq!(s.read_body("a1").unwrap(), body);
+        s.remove("a1").unwrap();
+        assert_eq!(s.len(), 0);
+        assert!(fs::read_dir(dir.path().join("queue")).unwrap().next().is_none());
+    }
+
+    #[test]
+    fn full_queue_refuses_and_leaves_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let (s, _, _) = Spool::open(dir.path(), 1).unwrap();
+        s.store(&meta("a1", b"x"), b"x").unwrap();
+        assert!(matches!(s.store(&meta("a2", b"y"), b"y"), Err(SpoolError::Full(_))));
+        assert_eq!(Spool::list(dir.path()).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn bad_entries_are_moved_aside_and_good_ones_load() {
+        let dir = tempfile::tempdir().unwrap();
+        let (s, _, _) = Spool::open(dir.path(), 10).unwrap();
+        s.store(&meta("good", b"hello"), b"hello").unwrap();
+        s.store(&meta("short", b"hello"), b"hello").unwrap();
+        drop(s);
+        let q = dir.path().join("queue");
+        fs::write(q.join("short.eml"), b"hel").unwrap(); // truncated body
+        fs::write(q.join("garbage.json"), b"{not json").unwrap();
+        fs::write(q.join("empty.json"), b"").unwrap();
+        fs::write(q.join("empty.eml"), b"").unwrap();
+        fs::write(q.join("orphan.eml"), b"x").unwrap();
+        fs::write(q.join("weird.txt"), b"x").unwrap();
+        fs::write(dir.path().join("tmp").join("half.eml"), b"x").unwrap();
+        let (s, loaded, bad) = Spool::open(dir.path(), 10).unwrap();
+        assert_eq!(loaded.iter().map(|m| m.id.as_str()).collect::<Vec<_>>(), ["good"]);
+        assert_eq!(bad.len(), 5, "{bad:?}");
+        assert_eq!(s.len(), 1);
+        let left: Vec<_> = fs::read_dir(&q).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(left.len(), 2, "{left:?}");
+        assert!(fs::read_dir(dir.path().join("tmp")).unwrap().next().is_none());
+        // A second start finds nothing more to move.
+        let (_, loaded, bad) = Spool::open(dir.path(), 10).unwrap();
+        assert_eq!((loaded.len(), bad.len()), (1, 0));
+    }
+
+    #[test]
+    fn update_is_visible_after_reload() {
+        let dir = tempfile::tempdir().unwrap();
+        let (s, _, _) = Spool::open(dir.path(), 10).unwrap();
+        let mut m = meta("u1", b"x");
+        s.store(&m, b"x").unwrap();
+        m.attempts = 3;
+        m.last_error = Some("451 try later".into());
+        s.update(&m).unwrap();
+        let (_, loaded, _) = Spool::open(dir.path(), 10).unwrap();
+        assert_eq!(loaded[0].attempts, 3);
+    }
+
+    #[test]
+    fn ids_are_unique_and_safe() {
+        let a = new_id();
+        let b = new_id();
+        assert_ne!(a, b);
+        assert!(is_valid_id(&a) && a.len() == 19);
+        assert!(!is_valid_id("../x") && !is_valid_id(""));
+    }
 }

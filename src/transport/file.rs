@@ -1,1 +1,69 @@
-//! File upstream (being written).
+//! The `file` upstream: each message becomes one `.eml` in an outbox directory, written atomically, so mailbridge runs with no account anywhere.
+
+use std::path::PathBuf;
+
+use super::{BoxFuture, Delivery, Envelope, Failure, Transport};
+
+/// Writes `<outbox>/<queue id>.eml`, with `Return-Path` and `X-Mailbridge-To`
+/// headers recording the envelope.
+#[derive(Debug)]
+pub struct FileTransport {
+    dir: PathBuf,
+}
+
+impl FileTransport {
+    /// A transport writing into `dir` (created on first use).
+    pub fn new(dir: PathBuf) -> Self {
+        FileTransport { dir }
+    }
+}
+
+impl Transport for FileTransport {
+    fn describe(&self) -> String {
+        format!("file://{}", self.dir.display())
+    }
+
+    fn deliver<'a>(&'a self, env: &'a Envelope, message: &'a [u8]) -> BoxFuture<'a, Delivery> {
+        Box::pin(async move {
+            let mut data = Vec::with_capacity(message.len() + 128);
+            data.extend_from_slice(format!("Return-Path: <{}>\r\n", env.from).as_bytes());
+            data.extend_from_slice(format!("X-Mailbridge-To: {}\r\n", env.rcpts.join(", ")).as_bytes());
+            data.extend_from_slice(message);
+            let path = self.dir.join(format!("{}.eml", env.id));
+            let dir = self.dir.clone();
+            let written = tokio::task::spawn_blocking(move || {
+                std::fs::create_dir_all(&dir)?;
+                crate::spool::write_atomic(&path, &data)
+            })
+            .await;
+            match written {
+                Ok(Ok(())) => Ok(env.rcpts.iter().map(|_| Ok(())).collect()),
+                Ok(Err(e)) => Err(Failure::server(format!("cannot write to outbox {}: {e}", self.dir.display()))),
+                Err(e) => Err(Failure::server(format!("outbox writer failed: {e}"))),
+            }
+        })
+    }
+
+    fn probe(&self) -> BoxFuture<'_, Result<(), Failure>> {
+        Box::pin(async move {
+            std::fs::create_dir_all(&self.dir)
+                .map_err(|e| Failure::server(format!("cannot create outbox {}: {e}", self.dir.display())))
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn writes_one_file_per_message() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = FileTransport::new(dir.path().join("out"));
+        let env = Envelope { id: "q1".into(), from: "a@b".into(), rcpts: vec!["c@d".into(), "e@f".into()] };
+        let r = t.deliver(&env, b"Subject: x\r\n\r\nhi\r\n").await.unwrap();
+        assert_eq!(r.len(), 2);
+        let got = std::fs::read(dir.path().join("out/q1.eml")).unwrap();
+        assert_eq!(got, b"Return-Path: <a@b>\r\nX-Mailbridge-To: c@d, e@f\r\nSubject: x\r\n\r\nhi\r\n");
+    }
+}

@@ -1,0 +1,344 @@
+//! The command line: `run`, `check`, `status`, `failback` and `queue …`, with exit codes scripts can rely on (0 ok, 1 failed or not found, 2 bad usage or configuration).
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::spool::{RcptStatus, Spool};
+
+/// mailbridge: a local SMTP relay for legacy software, delivering upstream over SMTP/SMTPS with failover.
+#[derive(Debug, Parser)]
+#[command(name = "mailbridge", version, about)]
+pub struct Cli {
+    /// Configuration file.
+    #[arg(long, short, global = true, env = "MAILBRIDGE_CONFIG", default_value = "config.toml")]
+    pub config: PathBuf,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the relay (SMTP listener, delivery, admin endpoint) until SIGTERM/SIGINT; SIGHUP reloads.
+    Run,
+    /// Validate the configuration and print it with secrets masked.
+    Check,
+    /// Show the running relay's status (active server and why, queue figures).
+    Status,
+    /// Return delivery to the primary server.
+    Failback,
+    /// Inspect and control the queue.
+    Queue {
+        /// What to do with the queue.
+        #[command(subcommand)]
+        action: QueueAction,
+    },
+}
+
+/// Queue subcommands.
+#[derive(Debug, Subcommand)]
+pub enum QueueAction {
+    /// One line per queued message.
+    List,
+    /// A message's metadata and headers.
+    Show {
+        /// Queue id.
+        id: String,
+    },
+    /// Try a message again now.
+    Retry {
+        /// Queue id.
+        id: String,
+    },
+    /// Remove a message without delivering it.
+    Delete {
+        /// Queue id.
+        id: String,
+    },
+}
+
+/// Exit code: failure or not found.
+const FAILED: u8 = 1;
+/// Exit code: bad usage or configuration.
+const BAD_CONFIG: u8 = 2;
+
+fn load(path: &Path) -> Result<Config, ExitCode> {
+    Config::load(path).map_err(|e| {
+        eprintln!("mailbridge: {e}");
+        ExitCode::from(BAD_CONFIG)
+    })
+}
+
+/// Parse the command line and run it.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let cfg = match load(&cli.config) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    match cli.command {
+        Command::Run => run(cfg, cli.config),
+        Command::Check => {
+            print!("{}", cfg.to_masked_toml());
+            eprintln!("mailbridge: {} is valid", cli.config.display());
+            ExitCode::SUCCESS
+        }
+        Command::Status => admin_call(&cfg, "GET", "/status", false),
+        Command::Failback => admin_call(&cfg, "POST", "/failback", true),
+        Command::Queue { action } => queue(&cfg, action),
+    }
+}
+
+fn init_logging(level: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .or_else(|_| tracing_subscriber::EnvFilter::try_new(level))
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
+    tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(|e| {
+        eprintln!("mailbridge: cannot start the runtime: {e}");
+        ExitCode::from(FAILED)
+    })
+}
+
+fn run(cfg: Config, path: PathBuf) -> ExitCode {
+    init_logging(&cfg.log_level);
+    let rt = match runtime() {
+        Ok(rt) => rt,
+        Err(c) => return c,
+    };
+    let result = rt.block_on(async move {
+        let smtp = tokio::net::TcpListener::bind(&cfg.listen.address)
+            .await
+            .map_err(|e| anyhow::anyhow!("listen.address: cannot listen on {}: {e}", cfg.listen.address))?;
+        let admin = if cfg.admin.address.is_empty() {
+            None
+        } else {
+            Some(
+                tokio::net::TcpListener::bind(&cfg.admin.address)
+                    .await
+                    .map_err(|e| anyhow::anyhow!("admin.address: cannot listen on {}: {e}", cfg.admin.address))?,
+            )
+        };
+        let shutdown = CancellationToken::new();
+        let s = shutdown.clone();
+        tokio::spawn(async move {
+            use tokio::signal::unix::{SignalKind, signal};
+            let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+                return;
+            };
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+            s.cancel();
+        });
+        crate::run(cfg, Some(path), crate::Listeners { smtp, admin }, shutdown).await
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("mailbridge: {e:#}");
+            ExitCode::from(FAILED)
+        }
+    }
+}
+
+/// The answer of an admin call: HTTP status and body.
+enum AdminAnswer {
+    Reply(u16, String),
+    Unreachable(String),
+}
+
+fn admin_request(cfg: &Config, method: &str, path: &str, auth: bool) -> AdminAnswer {
+    if cfg.admin.address.is_empty() {
+        return AdminAnswer::Unreachable("the admin endpoint is disabled (admin.address is empty)".into());
+    }
+    let token = if auth {
+        match crate::admin_token(cfg, false) {
+            Ok(t) => Some(t),
+            Err(e) => return AdminAnswer::Unreachable(format!("no admin token (admin.token, or spool/admin.token: {e}); is mailbridge running?")),
+        }
+    } else {
+        None
+    };
+    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => return AdminAnswer::Unreachable(e.to_string()),
+    };
+    let url = format!("http://{}{}", cfg.admin.address, path);
+    rt.block_on(async move {
+        let client = match reqwest::Client::builder().no_proxy().timeout(std::time::Duration::from_secs(30)).build() {
+            Ok(c) => c,
+            Err(e) => return AdminAnswer::Unreachable(e.to_string()),
+        };
+        let method = reqwest::Method::from_bytes(method.as_bytes()).unwrap_or(reqwest::Method::GET);
+        let mut req = client.request(method, &url);
+        if let Some(t) = token {
+            req = req.bearer_auth(t.expose());
+        }
+        match req.send().await {
+            Ok(resp) => {
+                let status = resp.status().as_u16();
+                AdminAnswer::Reply(status, resp.text().await.unwrap_or_default())
+            }
+            Err(e) if e.is_connect() => AdminAnswer::Unreachable(format!("mailbridge is not running (nothing answers at {})", cfg.admin.address)),
+            Err(e) => AdminAnswer::Unreachable(e.to_string()),
+        }
+    })
+}
+
+fn pretty(body: &str) -> String {
+    serde_json::from_str::<serde_json::Value>(body)
+        .ok()
+        .and_then(|v| serde_json::to_string_pretty(&v).ok())
+        .unwrap_or_else(|| body.to_string())
+}
+
+fn admin_call(cfg: &Config, method: &str, path: &str, auth: bool) -> ExitCode {
+    match admin_request(cfg, method, path, auth) {
+        AdminAnswer::Reply(200, body) => {
+            println!("{}", pretty(&body));
+            ExitCode::SUCCESS
+        }
+        AdminAnswer::Reply(code, body) => {
+            eprintln!("mailbridge: admin endpoint answered {code}: {}", pretty(&body));
+            ExitCode::from(FAILED)
+        }
+        AdminAnswer::Unreachable(why) => {
+            eprintln!("mailbridge: {why}");
+            ExitCode::from(FAILED)
+        }
+    }
+}
+
+fn age(secs: u64) -> String {
+    match secs {
+        s if s < 120 => format!("{s}s"),
+        s if s < 7200 => format!("{}m", s / 60),
+        s if s < 172_800 => format!("{}h", s / 3600),
+        s => format!("{}d", s / 86400),
+    }
+}
+
+fn queue(cfg: &Config, action: QueueAction) -> ExitCode {
+    let root = cfg.path(&cfg.spool.path);
+    match action {
+        QueueAction::List => {
+            let metas = match Spool::list(&root) {
+                Ok(m) => m,
+                Err(e) => {
+                    eprintln!("mailbridge: spool.path: cannot read {}: {e}", root.display());
+                    return ExitCode::from(FAILED);
+                }
+            };
+            let now = crate::scheduler::now_unix();
+            println!("{:<24} {:>5} {:>8} {:>7} {:<30} LAST ERROR", "ID", "AGE", "ATTEMPTS", "PENDING", "FROM");
+            for m in &metas {
+                let pending = m.rcpts.iter().filter(|r| r.status == RcptStatus::Pending).count();
+                let from = if m.from.is_empty() { "<>" } else { &m.from };
+                println!(
+                    "{:<24} {:>5} {:>8} {:>7} {:<30} {}",
+                    m.id,
+                    age(now.saturating_sub(m.received_at)),
+                    m.attempts,
+                    format!("{pending}/{}", m.rcpts.len()),
+                    from,
+                    m.last_error.as_deref().unwrap_or("-")
+                );
+            }
+            eprintln!("{} message(s) queued", metas.len());
+            ExitCode::SUCCESS
+        }
+        QueueAction::Show { id } => {
+            if !crate::spool::is_valid_id(&id) {
+                eprintln!("mailbridge: `{id}` is not a queue id");
+                return ExitCode::from(BAD_CONFIG);
+            }
+            let meta = std::fs::read(root.join("queue").join(format!("{id}.json")));
+            let body = std::fs::read(root.join("queue").join(format!("{id}.eml")));
+            match (meta, body) {
+                (Ok(meta), Ok(body)) => {
+                    println!("{}", String::from_utf8_lossy(&meta).trim_end());
+                    let (_, end) = crate::message::fields(&body);
+                    println!("\n{}", String::from_utf8_lossy(&body[..end]).trim_end());
+                    ExitCode::SUCCESS
+                }
+                _ => {
+                    eprintln!("mailbridge: no message {id} in the queue");
+                    ExitCode::from(FAILED)
+                }
+            }
+        }
+        QueueAction::Retry { id } => queue_change(cfg, &root, "POST", &id, "retry"),
+        QueueAction::Delete { id } => queue_change(cfg, &root, "DELETE", &id, "delete"),
+    }
+}
+
+/// Retry or delete through the running relay; when it is not running, edit the spool directly.
+fn queue_change(cfg: &Config, root: &Path, method: &str, id: &str, what: &str) -> ExitCode {
+    if !crate::spool::is_valid_id(id) {
+        eprintln!("mailbridge: `{id}` is not a queue id");
+        return ExitCode::from(BAD_CONFIG);
+    }
+    let path = if what == "retry" { format!("/queue/{id}/retry") } else { format!("/queue/{id}") };
+    match admin_request(cfg, method, &path, true) {
+        AdminAnswer::Reply(200, _) => {
+            println!("{id}: {}", if what == "retry" { "will be retried now" } else { "deleted" });
+            ExitCode::SUCCESS
+        }
+        AdminAnswer::Reply(404, _) => {
+            eprintln!("mailbridge: no message {id} in the queue");
+            ExitCode::from(FAILED)
+        }
+        AdminAnswer::Reply(code, body) => {
+            eprintln!("mailbridge: admin endpoint answered {code}: {}", pretty(&body));
+            ExitCode::from(FAILED)
+        }
+        AdminAnswer::Unreachable(_) => offline_change(cfg, root, id, what),
+    }
+}
+
+fn offline_change(cfg: &Config, root: &Path, id: &str, what: &str) -> ExitCode {
+    let (spool, _, _) = match Spool::open(root, cfg.spool.max_messages) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("mailbridge: spool.path: cannot open {}: {e}", root.display());
+            return ExitCode::from(FAILED);
+        }
+    };
+    let mut meta = match spool.read_meta(id) {
+        Ok(m) => m,
+        Err(_) => {
+            eprintln!("mailbridge: no message {id} in the queue");
+            return ExitCode::from(FAILED);
+        }
+    };
+    let result = if what == "retry" {
+        meta.next_attempt = 0;
+        spool.update(&meta)
+    } else {
+        spool.remove(id)
+    };
+    match result {
+        Ok(()) => {
+            println!("{id}: {} (mailbridge is not running; spool edited directly)", if what == "retry" { "due now" } else { "deleted" });
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("mailbridge: cannot {what} {id}: {e}");
+            ExitCode::from(FAILED)
+        }
+    }
+}

@@ -1,0 +1,50 @@
+//! OAuth2 access tokens for upstreams: the interface transports ask for a bearer token through, so each transport stays ignorant of flows and refresh.
+
+use crate::config::Secret;
+use crate::transport::BoxFuture;
+
+/// Why no token could be had.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum TokenError {
+    /// The token endpoint is unreachable or answered 5xx/429: mail waits and
+    /// the refresh is retried with backoff.
+    #[error("token endpoint unavailable: {0}")]
+    Unavailable(String),
+    /// The grant is expired or revoked (`invalid_grant`): an operator must
+    /// consent again (`mailbridge auth login`); mail is held, not bounced.
+    #[error("re-consent needed: {0}")]
+    ReconsentNeeded(String),
+    /// The identity is misconfigured (wrong client id/secret, scope, tenant).
+    #[error("OAuth configuration problem: {0}")]
+    Config(String),
+}
+
+/// A source of bearer tokens for one identity.
+pub trait TokenSource: Send + Sync {
+    /// A currently valid access token, refreshed first when it is about to expire.
+    fn token(&self) -> BoxFuture<'_, Result<Secret, TokenError>>;
+    /// The upstream rejected `rejected`: the next `token()` must fetch a new one.
+    fn invalidate(&self, rejected: &Secret);
+    /// The identity's name for logs and status (e.g. the mailbox), never a secret.
+    fn identity(&self) -> String;
+}
+
+/// A fixed token (for tests and for tokens managed outside mailbridge).
+#[derive(Debug, Clone)]
+pub struct StaticToken {
+    /// The token handed out.
+    pub token: Secret,
+    /// Name for logs.
+    pub identity: String,
+}
+
+impl TokenSource for StaticToken {
+    fn token(&self) -> BoxFuture<'_, Result<Secret, TokenError>> {
+        let t = self.token.clone();
+        Box::pin(async move { Ok(t) })
+    }
+    fn invalidate(&self, _: &Secret) {}
+    fn identity(&self) -> String {
+        self.identity.clone()
+    }
+}

@@ -1,0 +1,236 @@
+//! Chooses the server for each attempt: the primary first, the alternate when the primary is unreachable, and stays there until failback (the seed's "Secondary Mail Server for Outgoing Mails").
+
+use std::sync::{Arc, Mutex};
+
+use serde::Serialize;
+
+use crate::transport::{Delivery, Envelope, Failure, Transport};
+
+/// One configured server.
+pub struct Route {
+    /// `primary` or `alternate`.
+    pub label: &'static str,
+    /// How to reach it.
+    pub transport: Arc<dyn Transport>,
+}
+
+/// Which server is in use, since when and why (shown by `status`).
+#[derive(Debug, Clone, Serialize)]
+pub struct RouteState {
+    /// `primary` or `alternate`.
+    pub active: &'static str,
+    /// The active server, e.g. `smtp://smtp.office365.com:587`.
+    pub server: String,
+    /// Unix seconds when it became active.
+    pub since: u64,
+    /// Why it became active.
+    pub reason: String,
+}
+
+/// The primary and optional alternate route, with the sticky choice between them.
+pub struct Router {
+    routes: Vec<Route>,
+    active: Mutex<(usize, RouteState)>,
+}
+
+fn now_unix() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+impl Router {
+    /// A router over `primary` and an optional `alternate`; starts on the primary.
+    pub fn new(primary: Arc<dyn Transport>, alternate: Option<Arc<dyn Transport>>) -> Router {
+        let state = RouteState { active: "primary", server: primary.describe(), since: now_unix(), reason: "started".into() };
+        let mut routes = vec![Route { label: "primary", transport: primary }];
+        if let Some(t) = alternate {
+            routes.push(Route { label: "alternate", transport: t });
+        }
+        Router { routes, active: Mutex::new((0, state)) }
+    }
+
+    /// The current choice.
+    pub fn state(&self) -> RouteState {
+        self.active.lock().map(|g| g.1.clone()).unwrap_or_else(|p| p.into_inner().1.clone())
+    }
+
+    /// The configured servers, primary first.
+    pub fn servers(&self) -> Vec<(&'static str, String)> {
+        self.routes.iter().map(|r| (r.label, r.transport.describe())).collect()
+    }
+
+    fn active_index(&self) -> usize {
+        self.active.lock().map(|g| g.0).unwrap_or(0)
+    }
+
+    fn switch(&self, to: usize, reason: String) {
+        let mut g = match self.active.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        if g.0 == to {
+            return;
+        }
+        let route = &self.routes[to];
+        tracing::warn!(route = route.label, server = %route.transport.describe(), %reason, "switched upstream");
+        *g = (to, RouteState { active: route.label, server: route.transport.describe(), since: now_unix(), reason });
+    }
+
+    /// Deliver through the active server; when it fails as a server (refused,
+    /// timeout, TLS, 421, authentication), try the other one in the same
+    /// attempt and, if that one answers, make it the active one.
+    pub async fn deliver(&self, env: &Envelope, message: &[u8]) -> Delivery {
+        let start = self.active_index();
+        let mut last: Option<Failure> = None;
+        for step in 0..self.routes.len() {
+            let idx = (start + step) % self.routes.len();
+            let route = &self.routes[idx];
+            match route.transport.deliver(env, message).await {
+                Err(f) if f.fails_over() => {
+                    tracing::info!(id = %env.id, route = route.label, server = %route.transport.describe(), error = %f, "server unavailable");
+                    last = Some(match last {
+                        None => f,
+                        Some(prev) => Failure { text: format!("{}; {}: {}", prev.text, route.label, f.text), ..f },
+                    });
+                }
+                result => {
+                    if idx != start {
+                        let why = last.as_ref().map(|f| f.text.clone()).unwrap_or_default();
+                        self.switch(idx, format!("{} unavailable: {why}", self.routes[start].label));
+                    }
+                    return result;
+                }
+            }
+        }
+        Err(last.unwrap_or_else(|| Failure::server("no upstream configured")))
+    }
+
+    /// Return to the primary (operator action, reload or successful probe).
+    /// False when the primary was already active.
+    pub fn failback(&self, reason: &str) -> bool {
+        let was = self.active_index();
+        self.switch(0, reason.to_string());
+        was != 0
+    }
+
+    /// Probe the primary server.
+    pub async fn probe_primary(&self) -> Result<(), Failure> {
+        self.routes[0].transport.probe().await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::transport::BoxFuture;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    struct Scripted {
+        name: &'static str,
+        answer: fn() -> Delivery,
+        calls: AtomicUsize,
+    }
+
+    impl Transport for Scripted {
+        fn describe(&self) -> String {
+            self.name.into()
+        }
+        fn deliver<'a>(&'a self, _: &'a Envelope, _: &'a [u8]) -> BoxFuture<'a, Delivery> {
+            self.calls.fetch_add(1, Ordering::SeqCst);
+            Box::pin(async move { (self.answer)() })
+        }
+        fn probe(&self) -> BoxFuture<'_, Result<(), Failure>> {
+            Box::pin(async { Ok(()) })
+        }
+    }
+
+    fn t(name: &'static str, answer: fn() -> Delivery) -> Arc<Scripted> {
+        Arc::new(Scripted { name, answer, calls: AtomicUsize::new(0) })
+    }
+
+    fn env() -> Envelope {
+        Envelope { id: "1".into(), from: "a@b".into(), rcpts: vec!["c@d".into()] }
+    }
+
+    #[tokio::test]
+    async fn server_failure_fails_over_and_sticks() {
+        let p = t("p", || Err(Failure::server("connection refused")));
+        let a = t("a", || Ok(vec![Ok(())]));
+        let r = Router::new(p.clone(), Some(a.clone()));
+        assert!(r.deliver(&env(), b"x").await.is_ok());
+        assert_eq!(r.state().active, "alternate");
+        assert!(r.state().reason.contains("connection refused"));
+        assert!(r.deliver(&env(), b"x").await.is_ok());
+        assert_eq!((p.calls.load(Ordering::SeqCst), a.calls.load(Ordering::SeqCst)), (1, 2));
+        assert!(r.failback("operator"));
+        assert_eq!(r.state().active, "primary");
+        assert!(!r.failback("again"));
+    }
+
+    #[tokio::test]
+    async fn permanent_and_message_failures_do_not_fail_over() {
+        for answer in [
+            (|| Err(Failure::permanent("550 5.7.60 no"))) as fn() -> Delivery,
+            || Err(Failure::transient("451 4.3.0 later")),
+            || Ok(vec![Err(Failure::permanent("550 no such user"))]),
+        ] {
+            let p = t("p", answer);
+            let a = t("a", || Ok(vec![Ok(())]));
+            let r = Router::new(p, Some(a.clone()));
+            let _ = r.deliver(&env(), b"x").await;
+            assert_eq!(a.calls.load(Ordering::SeqCst), 0);
+            assert_eq!(r.state().active, "primary");
+        }
+    }
+
+    #[tokio::test]
+    async fn both_down_reports_both() {
+        let r = Router::new(t("p", || Err(Failure::server("refused"))), Some(t("a", || Err(Failure::server("timeout")))));
+        let e = r.deliver(&env(), b"x").await.unwrap_err();
+        assert!(e.fails_over() && e.text.contains("refused") && e.text.contains("timeout"), "{e}");
+        assert_eq!(r.state().active, "primary");
+    }
+}
+
+/// Build the transport for one server of the configuration.
+fn transport_for(c: &crate::config::Config, server: &str) -> Result<Arc<dyn Transport>, String> {
+    use crate::config::Protocol;
+    #[cfg(any())] // INTEGRATION-PENDING
+    use crate::transport::smtp::{SmtpAuth, SmtpSettings, SmtpTransport};
+    let u = &c.upstream;
+    match u.protocol {
+        Protocol::File => Ok(Arc::new(crate::transport::file::FileTransport::new(c.path(&u.outbox)))),
+        #[cfg(not(any()))] // INTEGRATION-PENDING
+        Protocol::Smtp | Protocol::Smtps => Err(format!("{server}: smtp transport pending")),
+        #[cfg(any())] // INTEGRATION-PENDING
+        Protocol::Smtp | Protocol::Smtps => {
+            let server = crate::config::parse_host_port(server, u.port)?;
+            let auth = if u.requires_auth {
+                SmtpAuth::Basic { username: u.username.clone(), password: u.password.clone() }
+            } else {
+                SmtpAuth::None
+            };
+            let settings = SmtpSettings {
+                server,
+                implicit_tls: u.protocol == Protocol::Smtps,
+                starttls: u.protocol == Protocol::Smtp && u.tls,
+                ca_file: (!u.tls_ca_file.is_empty()).then(|| c.path(std::path::Path::new(&u.tls_ca_file))),
+                auth,
+                hostname: c.effective_hostname(),
+                timeout: std::time::Duration::from_secs(u.timeout_secs),
+            };
+            Ok(Arc::new(SmtpTransport::new(settings)?))
+        }
+    }
+}
+
+/// The router a configuration describes: `upstream.server` as primary and
+/// `upstream.alternate_server` (if set) as alternate.
+pub fn from_config(c: &crate::config::Config) -> Result<Router, String> {
+    let primary = transport_for(c, &c.upstream.server).map_err(|e| format!("upstream.server: {e}"))?;
+    let alternate = if c.upstream.alternate_server.is_empty() || c.upstream.protocol == crate::config::Protocol::File {
+        None
+    } else {
+        Some(transport_for(c, &c.upstream.alternate_server).map_err(|e| format!("upstream.alternate_server: {e}"))?)
+    };
+    Ok(Router::new(primary, alternate))
+}

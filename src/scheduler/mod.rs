@@ -1,0 +1,564 @@
+//! The one owner of "what is due when": it hands due messages to the router, applies each attempt's outcome to the spool, retries with backoff and jitter, and bounces what fails for good.
+
+pub mod dsn;
+pub mod sink;
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use serde::Serialize;
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::routing::Router;
+use crate::spool::{Meta, RcptStatus, Spool};
+use crate::transport::{Delivery, Envelope, Failure, Severity};
+
+/// Retry and rewrite policy (from `[delivery]` and `[upstream]`).
+#[derive(Debug, Clone)]
+pub struct Policy {
+    /// First retry delay.
+    pub retry_initial: Duration,
+    /// Longest retry delay.
+    pub retry_max: Duration,
+    /// Bounce what is still undelivered after this long.
+    pub give_up_after: Duration,
+    /// Attempts in flight at once.
+    pub concurrency: usize,
+    /// Our host name, for DSNs.
+    pub hostname: String,
+    /// Display name for the rewritten `From` (seed: Sender Name).
+    pub sender_name: String,
+    /// Address outgoing mail is sent from (seed: Reply to); empty = unchanged.
+    pub reply_to: String,
+}
+
+impl Policy {
+    /// The policy a configuration asks for.
+    pub fn from_config(c: &crate::config::Config) -> Policy {
+        Policy {
+            retry_initial: Duration::from_secs(c.delivery.retry_initial_secs),
+            retry_max: Duration::from_secs(c.delivery.retry_max_secs),
+            give_up_after: Duration::from_secs(c.delivery.give_up_after_secs),
+            concurrency: c.delivery.concurrency,
+            hostname: c.effective_hostname(),
+            sender_name: c.upstream.sender_name.clone(),
+            reply_to: c.upstream.reply_to.clone(),
+        }
+    }
+
+    /// The delay before attempt `attempts + 1`: doubling from `retry_initial`,
+    /// capped at `retry_max`, then spread by ±25% so retries do not march in step.
+    pub fn backoff(&self, attempts: u32) -> Duration {
+        let exp = attempts.saturating_sub(1).min(30);
+        let base = self.retry_initial.saturating_mul(1u32 << exp).min(self.retry_max);
+        base.mul_f64(rand::random_range(0.75..1.25))
+    }
+}
+
+/// What happens to a message after an attempt.
+#[derive(Debug, PartialEq)]
+pub enum Next {
+    /// Some recipients are still pending: try again after this long.
+    Retry(Duration),
+    /// No recipient is pending any more.
+    Done,
+}
+
+/// Record the outcome of delivering to `tried` in `meta` and decide what
+/// comes next. `age` is how long the message has been queued.
+pub fn apply(meta: &mut Meta, tried: &[String], result: &Delivery, age: Duration, policy: &Policy) -> Next {
+    meta.attempts += 1;
+    let mut wait: Option<Duration> = None;
+    let mut last: Option<String> = None;
+    let mut record = |meta: &mut Meta, addr: &str, outcome: Result<(), &Failure>| {
+        let Some(r) = meta.rcpts.iter_mut().find(|r| r.addr == addr && r.status == RcptStatus::Pending) else {
+            return;
+        };
+        match outcome {
+            Ok(()) => {
+                r.status = RcptStatus::Delivered;
+                r.last_error = None;
+            }
+            Err(f) => {
+                r.last_error = Some(f.text.clone());
+                last = Some(f.text.clone());
+                if f.severity == Severity::Permanent {
+                    r.status = RcptStatus::Failed;
+                } else if let Some(nb) = f.not_before {
+                    wait = Some(wait.map_or(nb, |w| w.max(nb)));
+                }
+            }
+        }
+    };
+    match result {
+        Ok(per) => {
+            let missing = Failure::transient("upstream gave no answer for this recipient");
+            for (i, addr) in tried.iter().enumerate() {
+                record(meta, addr, per.get(i).map_or(Err(&missing), |r| r.as_ref().map(|_| ())));
+            }
+        }
+        Err(f) => {
+            for addr in tried {
+                record(meta, addr, Err(f));
+            }
+        }
+    }
+    if last.is_some() {
+        meta.last_error = last;
+    }
+    if meta.pending().is_empty() {
+        return Next::Done;
+    }
+    if age >= policy.give_up_after {
+        let why = format!(
+            "gave up after {} attempts over {}h: {}",
+            meta.attempts,
+            age.as_secs() / 3600,
+            meta.last_error.as_deref().unwrap_or("no answer")
+        );
+        for r in meta.rcpts.iter_mut().filter(|r| r.status == RcptStatus::Pending) {
+            r.status = RcptStatus::Failed;
+            r.last_error = Some(why.clone());
+        }
+        return Next::Done;
+    }
+    let backoff = policy.backoff(meta.attempts);
+    Next::Retry(wait.map_or(backoff, |w| w.max(backoff)))
+}
+
+/// Queue figures for `status`.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct QueueStats {
+    /// Messages in the queue.
+    pub depth: usize,
+    /// Attempts in flight.
+    pub in_flight: usize,
+    /// Messages that failed at least one attempt and wait for a retry.
+    pub deferred: usize,
+    /// Age of the oldest message, in seconds.
+    pub oldest_age_secs: u64,
+    /// The most recent delivery failure.
+    pub last_error: Option<String>,
+}
+
+enum Cmd {
+    Enqueue(Meta),
+    RetryNow(String, oneshot::Sender<bool>),
+    Delete(String, oneshot::Sender<Result<bool, String>>),
+}
+
+struct Shared {
+    spool: Arc<Spool>,
+    router: RwLock<Arc<Router>>,
+    policy: RwLock<Policy>,
+    stats: Mutex<QueueStats>,
+    tx: mpsc::UnboundedSender<Cmd>,
+}
+
+/// A handle on the running scheduler.
+#[derive(Clone)]
+pub struct Scheduler {
+    shared: Arc<Shared>,
+}
+
+struct Item {
+    meta: Meta,
+    due: Instant,
+    born: Instant,
+    in_flight: bool,
+}
+
+pub(crate) fn now_unix() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+impl Scheduler {
+    /// Start the scheduler with the messages loaded from the spool. It runs
+    /// until `shutdown` is cancelled, then lets attempts in flight finish
+    /// (up to 30 s) and the returned task ends.
+    pub fn start(
+        spool: Arc<Spool>,
+        router: Arc<Router>,
+        policy: Policy,
+        loaded: Vec<Meta>,
+        shutdown: CancellationToken,
+    ) -> (Scheduler, tokio::task::JoinHandle<()>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let shared = Arc::new(Shared {
+            spool,
+            router: RwLock::new(router),
+            policy: RwLock::new(policy),
+            stats: Mutex::new(QueueStats::default()),
+            tx,
+        });
+        for m in loaded {
+            let _ = shared.tx.send(Cmd::Enqueue(m));
+        }
+        let task = tokio::spawn(run_loop(shared.clone(), rx, shutdown));
+        (Scheduler { shared }, task)
+    }
+
+    /// Hand a newly stored message to the scheduler.
+    pub fn enqueue(&self, meta: Meta) {
+        let _ = self.shared.tx.send(Cmd::Enqueue(meta));
+    }
+
+    /// Make a queued message due now. False if there is no such message.
+    pub async fn retry_now(&self, id: &str) -> bool {
+        let (tx, rx) = oneshot::channel();
+        let _ = self.shared.tx.send(Cmd::RetryNow(id.to_string(), tx));
+        rx.await.unwrap_or(false)
+    }
+
+    /// Remove a queued message without delivering it. `Ok(false)` if there is
+    /// no such message, `Err` if it is being delivered right now.
+    pub async fn delete(&self, id: &str) -> Result<bool, String> {
+        let (tx, rx) = oneshot::channel();
+        let _ = self.shared.tx.send(Cmd::Delete(id.to_string(), tx));
+        rx.await.unwrap_or(Err("scheduler stopped".into()))
+    }
+
+    /// The router in use.
+    pub fn router(&self) -> Arc<Router> {
+        self.shared.router.read().map(|r| r.clone()).unwrap_or_else(|p| p.into_inner().clone())
+    }
+
+    /// Replace the router and policy (configuration reload).
+    pub fn reconfigure(&self, router: Arc<Router>, policy: Policy) {
+        if let Ok(mut r) = self.shared.router.write() {
+            *r = router;
+        }
+        if let Ok(mut p) = self.shared.policy.write() {
+            *p = policy;
+        }
+    }
+
+    /// Queue figures.
+    pub fn stats(&self) -> QueueStats {
+        self.shared.stats.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+
+    /// The spool this scheduler drains.
+    pub fn spool(&self) -> &Arc<Spool> {
+        &self.shared.spool
+    }
+
+    fn policy(&self) -> Policy {
+        self.shared.policy.read().map(|p| p.clone()).unwrap_or_else(|p| p.into_inner().clone())
+    }
+}
+
+fn born_instant(received_at: u64) -> Instant {
+    let age = Duration::from_secs(now_unix().saturating_sub(received_at));
+    Instant::now().checked_sub(age).unwrap_or_else(Instant::now)
+}
+
+async fn run_loop(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<Cmd>, shutdown: CancellationToken) {
+    let mut items: HashMap<String, Item> = HashMap::new();
+    let mut due: BTreeSet<(Instant, String)> = BTreeSet::new();
+    let mut running: JoinSet<(String, Option<(Meta, Duration)>)> = JoinSet::new();
+    let sched = Scheduler { shared: shared.clone() };
+    loop {
+        // Dispatch everything due, up to the concurrency limit.
+        let limit = sched.policy().concurrency.max(1);
+        let now = Instant::now();
+        while running.len() < limit {
+            let Some((t, id)) = due.first().cloned() else { break };
+            if t > now {
+                break;
+            }
+            due.remove(&(t, id.clone()));
+            let Some(item) = items.get_mut(&id) else { continue };
+            item.in_flight = true;
+            let (meta, born, s) = (item.meta.clone(), item.born, sched.clone());
+            running.spawn(async move {
+                let outcome = attempt(&s, meta, born).await;
+                (id, outcome)
+            });
+        }
+        publish_stats(&shared, &items, running.len());
+        let next = if running.len() < limit { due.first().map(|(t, _)| *t) } else { None };
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            cmd = rx.recv() => match cmd {
+                None => break,
+                Some(Cmd::Enqueue(meta)) => {
+                    let wait = Duration::from_secs(meta.next_attempt.saturating_sub(now_unix()));
+                    let at = Instant::now() + wait;
+                    let born = born_instant(meta.received_at);
+                    if let Some(old) = items.get(&meta.id) {
+                        due.remove(&(old.due, meta.id.clone()));
+                    }
+                    due.insert((at, meta.id.clone()));
+                    items.insert(meta.id.clone(), Item { meta, due: at, born, in_flight: false });
+                }
+                Some(Cmd::RetryNow(id, reply)) => {
+                    let found = match items.get_mut(&id) {
+                        Some(item) if !item.in_flight => {
+                            due.remove(&(item.due, id.clone()));
+                            item.due = Instant::now();
+                            due.insert((item.due, id.clone()));
+                            true
+                        }
+                        Some(_) => true,
+                        None => false,
+                    };
+                    let _ = reply.send(found);
+                }
+                Some(Cmd::Delete(id, reply)) => {
+                    let answer = match items.get(&id) {
+                        None => Ok(false),
+                        Some(item) if item.in_flight => Err("message is being delivered right now; try again".to_string()),
+                        Some(item) => {
+                            let key = (item.due, id.clone());
+                            let spool = shared.spool.clone();
+                            let id2 = id.clone();
+                            match tokio::task::spawn_blocking(move || spool.remove(&id2)).await {
+                                Ok(Ok(())) => {
+                                    due.remove(&key);
+                                    items.remove(&id);
+                                    tracing::info!(id = %id, "deleted by operator");
+                                    Ok(true)
+                                }
+                                Ok(Err(e)) => Err(format!("cannot remove: {e}")),
+                                Err(e) => Err(format!("cannot remove: {e}")),
+                            }
+                        }
+                    };
+                    let _ = reply.send(answer);
+                }
+            },
+            Some(done) = running.join_next(), if !running.is_empty() => {
+                match done {
+                    Ok((id, Some((meta, delay)))) => {
+                        if let Some(item) = items.get_mut(&id) {
+                            item.in_flight = false;
+                            item.due = Instant::now() + delay;
+                            item.meta = meta;
+                            due.insert((item.due, id));
+                        }
+                    }
+                    Ok((id, None)) => {
+                        items.remove(&id);
+                    }
+                    Err(e) => tracing::error!(error = %e, "delivery task failed"),
+                }
+            }
+            _ = sleep_until_opt(next) => {}
+        }
+    }
+    // Shutdown: let attempts in flight finish so their outcome is recorded.
+    let grace = tokio::time::sleep(Duration::from_secs(30));
+    tokio::pin!(grace);
+    while !running.is_empty() {
+        tokio::select! {
+            _ = running.join_next() => {}
+            _ = &mut grace => {
+                tracing::warn!(in_flight = running.len(), "stopping with deliveries in flight; they stay queued");
+                running.abort_all();
+                break;
+            }
+        }
+    }
+}
+
+async fn sleep_until_opt(t: Option<Instant>) {
+    match t {
+        Some(t) => tokio::time::sleep_until(t).await,
+        None => std::future::pending().await,
+    }
+}
+
+fn publish_stats(shared: &Shared, items: &HashMap<String, Item>, in_flight: usize) {
+    let now = now_unix();
+    let mut s = match shared.stats.lock() {
+        Ok(s) => s,
+        Err(p) => p.into_inner(),
+    };
+    s.depth = items.len();
+    s.in_flight = in_flight;
+    s.deferred = items.values().filter(|i| i.meta.attempts > 0).count();
+    s.oldest_age_secs = items.values().map(|i| now.saturating_sub(i.meta.received_at)).max().unwrap_or(0);
+    if let Some(e) = items.values().filter(|i| i.meta.attempts > 0).max_by_key(|i| i.meta.attempts).and_then(|i| i.meta.last_error.clone()) {
+        s.last_error = Some(e);
+    }
+}
+
+/// One delivery attempt. Returns the updated metadata and the retry delay,
+/// or `None` when the message left the queue.
+async fn attempt(s: &Scheduler, mut meta: Meta, born: Instant) -> Option<(Meta, Duration)> {
+    let spool = s.shared.spool.clone();
+    let policy = s.policy();
+    let id = meta.id.clone();
+    let body = {
+        let spool = spool.clone();
+        let id = id.clone();
+        tokio::task::spawn_blocking(move || spool.read_body(&id)).await
+    };
+    let body = match body {
+        Ok(Ok(b)) => b,
+        Ok(Err(e)) => {
+            tracing::error!(id = %id, error = %e, "cannot read message body; will retry");
+            return Some((meta, policy.retry_max));
+        }
+        Err(e) => {
+            tracing::error!(id = %id, error = %e, "body reader failed; will retry");
+            return Some((meta, policy.retry_max));
+        }
+    };
+    let outgoing = crate::message::rewrite_from(&body, &policy.sender_name, &policy.reply_to);
+    let from = if policy.reply_to.is_empty() { meta.from.clone() } else { policy.reply_to.clone() };
+    let env = Envelope { id: id.clone(), from, rcpts: meta.pending() };
+    let router = s.router();
+    let message_id = meta.message_id.clone().unwrap_or_default();
+    tracing::info!(id = %id, message_id = %message_id, attempt = meta.attempts + 1, rcpts = env.rcpts.len(), "attempt");
+    let result = router.deliver(&env, &outgoing).await;
+    let server = router.state().server;
+    let before: Vec<RcptStatus> = meta.rcpts.iter().map(|r| r.status).collect();
+    let next = apply(&mut meta, &env.rcpts, &result, born.elapsed(), &policy);
+    for (r, was) in meta.rcpts.iter().zip(before) {
+        if was != RcptStatus::Pending {
+            continue;
+        }
+        match r.status {
+            RcptStatus::Delivered => tracing::info!(id = %id, message_id = %message_id, to = %r.addr, via = %server, "delivered"),
+            RcptStatus::Failed => tracing::warn!(id = %id, message_id = %message_id, to = %r.addr, error = r.last_error.as_deref().unwrap_or(""), "bounced"),
+            RcptStatus::Pending => {}
+        }
+    }
+    match next {
+        Next::Retry(delay) => {
+            meta.next_attempt = now_unix() + delay.as_secs();
+            tracing::info!(id = %id, message_id = %message_id, retry_in_secs = delay.as_secs(), error = meta.last_error.as_deref().unwrap_or(""), "deferred");
+            let m = meta.clone();
+            let sp = spool.clone();
+            match tokio::task::spawn_blocking(move || sp.update(&m)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::error!(id = %id, error = %e, "cannot update metadata"),
+                Err(e) => tracing::error!(id = %id, error = %e, "metadata writer failed"),
+            }
+            Some((meta, delay))
+        }
+        Next::Done => {
+            let failed = meta.rcpts.iter().any(|r| r.status == RcptStatus::Failed);
+            if failed && !meta.is_dsn && !meta.from.is_empty() {
+                if let Err(e) = queue_dsn(s, &meta, &body, &policy).await {
+                    // Keep the message (all final) so the DSN is retried after a restart.
+                    tracing::error!(id = %id, error = %e, "cannot queue DSN; keeping message");
+                    return Some((meta, policy.retry_max));
+                }
+            } else if failed {
+                tracing::warn!(id = %id, "no DSN: the sender is <> or the message is itself a DSN");
+            }
+            let sp = spool.clone();
+            let id2 = id.clone();
+            match tokio::task::spawn_blocking(move || sp.remove(&id2)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::error!(id = %id, error = %e, "cannot remove delivered message"),
+                Err(e) => tracing::error!(id = %id, error = %e, "remover failed"),
+            }
+            None
+        }
+    }
+}
+
+/// Store and schedule the DSN for `meta`. Its id is derived from the
+/// original's, so a crash between storing it and removing the original
+/// rewrites the same DSN instead of sending two.
+async fn queue_dsn(s: &Scheduler, meta: &Meta, body: &[u8], policy: &Policy) -> Result<(), String> {
+    let dsn_id = format!("{}-dsn", meta.id);
+    let date = chrono::Utc::now().to_rfc2822();
+    let text = dsn::build(meta, body, &policy.hostname, &date, &dsn_id);
+    let mut m = Meta::new(dsn_id.clone(), String::new(), vec![meta.from.clone()], text.len() as u64, now_unix());
+    m.is_dsn = true;
+    m.message_id = Some(format!("<{dsn_id}@{}>", policy.hostname));
+    let spool = s.shared.spool.clone();
+    let m2 = m.clone();
+    let stored = tokio::task::spawn_blocking(move || {
+        let _ = spool.remove(&m2.id);
+        spool.store(&m2, &text)
+    })
+    .await;
+    match stored {
+        Ok(Ok(())) => {
+            tracing::info!(id = %dsn_id, original = %meta.id, to = %meta.from, "queued DSN");
+            s.enqueue(m);
+            Ok(())
+        }
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy() -> Policy {
+        Policy {
+            retry_initial: Duration::from_secs(60),
+            retry_max: Duration::from_secs(3600),
+            give_up_after: Duration::from_secs(5 * 86400),
+            concurrency: 2,
+            hostname: "relay.test".into(),
+            sender_name: String::new(),
+            reply_to: String::new(),
+        }
+    }
+
+    fn meta() -> Meta {
+        Meta::new("m1".into(), "s@x".into(), vec!["a@x".into(), "b@x".into()], 1, 0)
+    }
+
+    #[test]
+    fn backoff_doubles_with_jitter_and_caps() {
+        let p = policy();
+        for (attempts, base) in [(1u32, 60u64), (2, 120), (3, 240), (10, 3600), (40, 3600)] {
+            let d = p.backoff(attempts).as_secs_f64();
+            assert!(d >= base as f64 * 0.75 && d <= base as f64 * 1.25, "{attempts}: {d}");
+        }
+    }
+
+    #[test]
+    fn per_recipient_outcomes() {
+        let mut m = meta();
+        let tried = m.pending();
+        let r: Delivery = Ok(vec![Ok(()), Err(Failure::transient("452 4.2.2 full"))]);
+        assert!(matches!(apply(&mut m, &tried, &r, Duration::ZERO, &policy()), Next::Retry(_)));
+        assert_eq!(m.pending(), ["b@x"]);
+        let r: Delivery = Ok(vec![Err(Failure::permanent("550 5.1.1 unknown"))]);
+        assert_eq!(apply(&mut m, &["b@x".into()], &r, Duration::ZERO, &policy()), Next::Done);
+        assert_eq!(m.rcpts[1].status, RcptStatus::Failed);
+        assert_eq!(m.attempts, 2);
+    }
+
+    #[test]
+    fn retry_after_is_honoured() {
+        let mut m = meta();
+        let tried = m.pending();
+        let r: Delivery = Err(Failure::server("429").with_not_before(Duration::from_secs(7200)));
+        assert_eq!(apply(&mut m, &tried, &r, Duration::ZERO, &policy()), Next::Retry(Duration::from_secs(7200)));
+    }
+
+    #[test]
+    fn gives_up_after_the_configured_age() {
+        let mut m = meta();
+        let tried = m.pending();
+        let r: Delivery = Err(Failure::server("connection refused"));
+        assert_eq!(apply(&mut m, &tried, &r, Duration::from_secs(5 * 86400), &policy()), Next::Done);
+        assert!(m.rcpts.iter().all(|r| r.status == RcptStatus::Failed));
+        assert!(m.rcpts[0].last_error.as_deref().unwrap().starts_with("gave up after 1 attempts"));
+    }
+
+    #[test]
+    fn whole_message_permanent_failure() {
+        let mut m = meta();
+        let tried = m.pending();
+        assert_eq!(apply(&mut m, &tried, &Err(Failure::permanent("554 5.2.0 SendAsDenied")), Duration::ZERO, &policy()), Next::Done);
+        assert!(m.pending().is_empty());
+    }
+}

@@ -1,0 +1,185 @@
+//! Runs the real `mailbridge` binary for end-to-end tests: writes a config in a temp dir, starts `mailbridge run` on port 0, learns the bound addresses from its log, and kills it when dropped.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex, mpsc};
+use std::time::{Duration, Instant};
+
+/// A running mailbridge process.
+pub struct Daemon {
+    child: Option<Child>,
+    /// Its SMTP address.
+    pub smtp: SocketAddr,
+    /// Its admin address.
+    pub admin: SocketAddr,
+    /// The directory holding config.toml, spool/ and outbox/.
+    pub dir: PathBuf,
+    log: Arc<Mutex<String>>,
+}
+
+/// The binary under test.
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_mailbridge")
+}
+
+/// Write `dir/config.toml`: loopback port 0 listeners, spool and outbox in
+/// `dir`, short retries, plus `extra` TOML (which may add keys to
+/// `[upstream]` by starting with them: it is appended after the
+/// `[upstream]` header).
+pub fn write_config(dir: &Path, upstream: &str) -> PathBuf {
+    let cfg = format!(
+        "hostname = \"mailbridge.test\"\nlog_level = \"info\"\n\
+         [listen]\naddress = \"127.0.0.1:0\"\n\
+         [spool]\npath = \"spool\"\n\
+         [delivery]\nretry_initial_secs = 1\nretry_max_secs = 2\n\
+         [admin]\naddress = \"127.0.0.1:0\"\n\
+         [upstream]\n{upstream}\n"
+    );
+    let path = dir.join("config.toml");
+    std::fs::write(&path, cfg).expect("write config");
+    path
+}
+
+fn find_addr(line: &str, what: &str) -> Option<SocketAddr> {
+    if !line.contains(what) {
+        return None;
+    }
+    let i = line.find("address=")?;
+    line[i + 8..].split_whitespace().next()?.parse().ok()
+}
+
+impl Daemon {
+    /// Start `mailbridge run` with `dir/config.toml` and wait (at most 30 s)
+    /// until both listeners are up.
+    pub fn start(dir: &Path) -> Daemon {
+        let mut child = Command::new(bin())
+            .arg("--config")
+            .arg(dir.join("config.toml"))
+            .arg("run")
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start mailbridge");
+        let stderr = child.stderr.take().expect("stderr");
+        let log = Arc::new(Mutex::new(String::new()));
+        let (tx, rx) = mpsc::channel();
+        let log2 = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Some(a) = find_addr(&line, "listening for SMTP") {
+                    let _ = tx.send(("smtp", a));
+                }
+                if let Some(a) = find_addr(&line, "admin endpoint") {
+                    let _ = tx.send(("admin", a));
+                }
+                log2.lock().unwrap().push_str(&line);
+                log2.lock().unwrap().push('\n');
+            }
+        });
+        let (mut smtp, mut admin) = (None, None);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while smtp.is_none() || admin.is_none() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(("smtp", a)) => smtp = Some(a),
+                Ok((_, a)) => admin = Some(a),
+                Err(_) => {
+                    let _ = child.kill();
+                    panic!("mailbridge did not start; log:\n{}", log.lock().unwrap());
+                }
+            }
+        }
+        Daemon { child: Some(child), smtp: smtp.unwrap(), admin: admin.unwrap(), dir: dir.to_path_buf(), log }
+    }
+
+    /// Everything it logged so far.
+    pub fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+
+    /// SIGKILL: no chance to clean up.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM, then wait (at most 60 s) for a clean exit; returns its exit code.
+    pub fn term(&mut self) -> Option<i32> {
+        let mut c = self.child.take()?;
+        let _ = Command::new("kill").arg("-TERM").arg(c.id().to_string()).status();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Ok(Some(st)) = c.try_wait() {
+                return st.code();
+            }
+            if Instant::now() > deadline {
+                let _ = c.kill();
+                let _ = c.wait();
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Send a signal by name (e.g. "HUP").
+    pub fn signal(&self, sig: &str) {
+        if let Some(c) = &self.child {
+            let _ = Command::new("kill").arg(format!("-{sig}")).arg(c.id().to_string()).status();
+        }
+    }
+
+    /// Run the CLI against this daemon's config; returns (exit code, stdout, stderr).
+    pub fn cli(&self, args: &[&str]) -> (i32, String, String) {
+        cli(&self.dir.join("config.toml"), args, self.admin)
+    }
+
+    /// Wait (at most `secs`) until `check` is true, polling every 20 ms.
+    pub fn wait_for(&self, secs: u64, what: &str, mut check: impl FnMut() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        while !check() {
+            if Instant::now() > deadline {
+                panic!("timed out waiting for {what}; log:\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Files in the spool queue directory.
+    pub fn queued(&self) -> usize {
+        std::fs::read_dir(self.dir.join("spool/queue")).map(|d| d.filter_map(Result::ok).filter(|e| e.path().extension().is_some_and(|x| x == "json")).count()).unwrap_or(0)
+    }
+}
+
+/// Run the CLI with `config` (its admin address replaced by `admin`).
+pub fn cli(config: &Path, args: &[&str], admin: SocketAddr) -> (i32, String, String) {
+    // The config says port 0; point the CLI at the real port through a copy.
+    let text = std::fs::read_to_string(config).expect("config");
+    let copy = config.with_file_name("cli-config.toml");
+    std::fs::write(&copy, text.replace("[admin]\naddress = \"127.0.0.1:0\"", &format!("[admin]\naddress = \"{admin}\""))).expect("write");
+    let out = Command::new(bin()).arg("--config").arg(&copy).args(args).output().expect("run cli");
+    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// True when `tool` is on PATH. When it is not and MAILBRIDGE_REQUIRE_TOOLS is
+/// set (CI), fail: a missing client must not silently skip a test.
+pub fn have(tool: &str) -> bool {
+    let found = Command::new("sh").arg("-c").arg(format!("command -v {tool}")).output().map(|o| o.status.success()).unwrap_or(false);
+    if !found {
+        assert!(std::env::var_os("MAILBRIDGE_REQUIRE_TOOLS").is_none(), "{tool} is required (MAILBRIDGE_REQUIRE_TOOLS is set)");
+        eprintln!("skipping: {tool} not installed");
+    }
+    found
+}
