@@ -4,11 +4,17 @@
 /// (letters, digits, `-`, `.`, or an address literal in brackets). Quoted
 /// local parts are accepted as they come.
 pub fn is_valid_mailbox(addr: &str) -> bool {
-    let Some((local, domain)) = addr.rsplit_once('@') else { return false };
+    let Some((local, domain)) = addr.rsplit_once('@') else {
+        return false;
+    };
     if local.is_empty() || local.len() > 64 || domain.is_empty() || domain.len() > 255 {
         return false;
     }
-    if addr.chars().any(|c| c.is_control() || c == ' ' || c == '<' || c == '>') && !local.starts_with('"') {
+    if addr
+        .chars()
+        .any(|c| c.is_control() || c == ' ' || c == '<' || c == '>')
+        && !local.starts_with('"')
+    {
         return false;
     }
     if domain.starts_with('[') {
@@ -24,7 +30,9 @@ pub fn is_valid_mailbox(addr: &str) -> bool {
 
 /// The domain part of an address, lower-cased; empty when there is none.
 pub fn domain_of(addr: &str) -> String {
-    addr.rsplit_once('@').map(|(_, d)| d.to_ascii_lowercase()).unwrap_or_default()
+    addr.rsplit_once('@')
+        .map(|(_, d)| d.to_ascii_lowercase())
+        .unwrap_or_default()
 }
 
 #[cfg(test)]
@@ -33,10 +41,18 @@ mod tests {
 
     #[test]
     fn mailboxes() {
-        for ok in ["a@b", "a.b+c@example.com", "x@[127.0.0.1]", "\"a b\"@example.com", "ü@bücher.de"] {
+        for ok in [
+            "a@b",
+            "a.b+c@example.com",
+            "x@[127.0.0.1]",
+            "\"a b\"@example.com",
+            "ü@bücher.de",
+        ] {
             assert!(is_valid_mailbox(ok), "{ok}");
         }
-        for bad in ["", "a", "@b", "a@", "a@b..c", "a@-b", "a b@c", "a@b\r\n", "a@b c"] {
+        for bad in [
+            "", "a", "@b", "a@", "a@b..c", "a@-b", "a b@c", "a@b\r\n", "a@b c",
+        ] {
             assert!(!is_valid_mailbox(bad), "{bad}");
         }
     }

@@ -37,9 +37,14 @@ pub fn admin_token(cfg: &Config, create: bool) -> std::io::Result<Secret> {
     match std::fs::read_to_string(&path) {
         Ok(t) if !t.trim().is_empty() => Ok(Secret::new(t.trim())),
         Err(e) if !create => Err(e),
-        _ if !create => Err(std::io::Error::new(std::io::ErrorKind::InvalidData, "admin.token is empty")),
+        _ if !create => Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "admin.token is empty",
+        )),
         _ => {
-            let token: String = (0..32).map(|_| format!("{:02x}", rand::random::<u8>())).collect();
+            let token: String = (0..32)
+                .map(|_| format!("{:02x}", rand::random::<u8>()))
+                .collect();
             if let Some(dir) = path.parent() {
                 std::fs::create_dir_all(dir)?;
             }
@@ -61,7 +66,12 @@ pub struct Listeners {
 /// scheduler, serve SMTP and admin, and drain gracefully at the end.
 /// `config_path`, when given, is re-read on SIGHUP (which also fails back to
 /// the primary server).
-pub async fn run(cfg: Config, config_path: Option<PathBuf>, listeners: Listeners, shutdown: CancellationToken) -> anyhow::Result<()> {
+pub async fn run(
+    cfg: Config,
+    config_path: Option<PathBuf>,
+    listeners: Listeners,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     let local = listeners.smtp.local_addr().context("SMTP listener")?;
     if !local.ip().is_loopback() {
         anyhow::bail!(
@@ -72,9 +82,10 @@ pub async fn run(cfg: Config, config_path: Option<PathBuf>, listeners: Listeners
     let spool_dir = cfg.path(&cfg.spool.path);
     let max = cfg.spool.max_messages;
     let dir = spool_dir.clone();
-    let (spool, loaded, corrupt) = tokio::task::spawn_blocking(move || spool::Spool::open(&dir, max))
-        .await?
-        .with_context(|| format!("spool.path: cannot open {}", spool_dir.display()))?;
+    let (spool, loaded, corrupt) =
+        tokio::task::spawn_blocking(move || spool::Spool::open(&dir, max))
+            .await?
+            .with_context(|| format!("spool.path: cannot open {}", spool_dir.display()))?;
     for c in &corrupt {
         tracing::error!(file = %c.name, reason = %c.reason, dir = %spool_dir.join("corrupt").display(), "moved unreadable spool entry aside");
     }
@@ -84,24 +95,43 @@ pub async fn run(cfg: Config, config_path: Option<PathBuf>, listeners: Listeners
         tracing::info!(route = label, %server, "upstream");
     }
     let policy = scheduler::Policy::from_config(&cfg);
-    let (sched, sched_task) = scheduler::Scheduler::start(Arc::new(spool), router, policy, loaded, shutdown.clone());
+    let (sched, sched_task) =
+        scheduler::Scheduler::start(Arc::new(spool), router, policy, loaded, shutdown.clone());
 
-    let settings = Arc::new(inbound::Settings { hostname: cfg.effective_hostname(), listen: cfg.listen.clone() });
+    let settings = Arc::new(inbound::Settings {
+        hostname: cfg.effective_hostname(),
+        listen: cfg.listen.clone(),
+    });
     tracing::info!(address = %local, "listening for SMTP");
-    let smtp_task = tokio::spawn(inbound::serve(listeners.smtp, settings, Arc::new(sched.clone()), shutdown.clone()));
+    let smtp_task = tokio::spawn(inbound::serve(
+        listeners.smtp,
+        settings,
+        Arc::new(sched.clone()),
+        shutdown.clone(),
+    ));
 
     let admin_task = match listeners.admin {
         Some(l) => {
-            let token = admin_token(&cfg, true).context("admin.token: cannot create spool/admin.token")?;
+            let token =
+                admin_token(&cfg, true).context("admin.token: cannot create spool/admin.token")?;
             tracing::info!(address = %l.local_addr()?, "admin endpoint");
-            let state = Arc::new(admin::AdminState { scheduler: sched.clone(), token, started: std::time::SystemTime::now() });
+            let state = Arc::new(admin::AdminState {
+                scheduler: sched.clone(),
+                token,
+                started: std::time::SystemTime::now(),
+            });
             Some(tokio::spawn(admin::serve(l, state, shutdown.clone())))
         }
         None => None,
     };
 
-    let probe_task = tokio::spawn(failback_probe(sched.clone(), cfg.upstream.failback_probe_secs, shutdown.clone()));
-    let reload_task = config_path.map(|p| tokio::spawn(reload_on_sighup(p, sched.clone(), shutdown.clone())));
+    let probe_task = tokio::spawn(failback_probe(
+        sched.clone(),
+        cfg.upstream.failback_probe_secs,
+        shutdown.clone(),
+    ));
+    let reload_task =
+        config_path.map(|p| tokio::spawn(reload_on_sighup(p, sched.clone(), shutdown.clone())));
 
     shutdown.cancelled().await;
     tracing::info!("shutting down");

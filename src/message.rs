@@ -18,7 +18,11 @@ pub fn fields(msg: &[u8]) -> (Vec<Field>, usize) {
     let mut out: Vec<Field> = Vec::new();
     let mut pos = 0;
     while pos < msg.len() {
-        let line_end = msg[pos..].iter().position(|&b| b == b'\n').map(|i| pos + i + 1).unwrap_or(msg.len());
+        let line_end = msg[pos..]
+            .iter()
+            .position(|&b| b == b'\n')
+            .map(|i| pos + i + 1)
+            .unwrap_or(msg.len());
         let line = &msg[pos..line_end];
         if line == b"\r\n" || line == b"\n" {
             return (out, line_end);
@@ -29,7 +33,11 @@ pub fn fields(msg: &[u8]) -> (Vec<Field>, usize) {
             }
         } else if let Some(colon) = line.iter().position(|&b| b == b':') {
             let name = String::from_utf8_lossy(&line[..colon]).trim().to_string();
-            out.push(Field { name, start: pos, end: line_end });
+            out.push(Field {
+                name,
+                start: pos,
+                end: line_end,
+            });
         } else {
             // Not a header line: the header section ended without an empty line.
             return (out, pos);
@@ -45,7 +53,9 @@ pub fn header_value(msg: &[u8], name: &str) -> Option<String> {
     let f = fs.iter().find(|f| f.name.eq_ignore_ascii_case(name))?;
     let raw = &msg[f.start..f.end];
     let colon = raw.iter().position(|&b| b == b':')?;
-    let v = String::from_utf8_lossy(&raw[colon + 1..]).replace("\r\n", "").replace('\n', "");
+    let v = String::from_utf8_lossy(&raw[colon + 1..])
+        .replace("\r\n", "")
+        .replace('\n', "");
     Some(v.trim().to_string())
 }
 
@@ -77,7 +87,9 @@ pub fn rewrite_from(msg: &[u8], sender_name: &str, reply_to: &str) -> Vec<u8> {
     let from = fs.iter().find(|f| f.name.eq_ignore_ascii_case("From"));
     let has_reply_to = fs.iter().any(|f| f.name.eq_ignore_ascii_case("Reply-To"));
     let mut out = Vec::with_capacity(msg.len() + 128);
-    out.extend_from_slice(format!("From: {}\r\n", format_mailbox(sender_name, reply_to)).as_bytes());
+    out.extend_from_slice(
+        format!("From: {}\r\n", format_mailbox(sender_name, reply_to)).as_bytes(),
+    );
     let mut pos = 0;
     if let Some(f) = from {
         out.extend_from_slice(&msg[..f.start]);
@@ -97,12 +109,16 @@ pub fn rewrite_from(msg: &[u8], sender_name: &str, reply_to: &str) -> Vec<u8> {
 mod tests {
     use super::*;
 
-    const MSG: &[u8] = b"Subject: hi\r\nFrom: App <app@legacy.local>\r\nTo: a@b,\r\n c@d\r\n\r\nbody\r\n";
+    const MSG: &[u8] =
+        b"Subject: hi\r\nFrom: App <app@legacy.local>\r\nTo: a@b,\r\n c@d\r\n\r\nbody\r\n";
 
     #[test]
     fn finds_fields_and_body() {
         let (fs, body) = fields(MSG);
-        assert_eq!(fs.iter().map(|f| f.name.as_str()).collect::<Vec<_>>(), ["Subject", "From", "To"]);
+        assert_eq!(
+            fs.iter().map(|f| f.name.as_str()).collect::<Vec<_>>(),
+            ["Subject", "From", "To"]
+        );
         assert_eq!(&MSG[body..], b"body\r\n");
         assert_eq!(header_value(MSG, "to").as_deref(), Some("a@b, c@d"));
     }
@@ -119,8 +135,14 @@ mod tests {
     #[test]
     fn rewrite_keeps_existing_reply_to_and_adds_missing_from() {
         let m = b"Reply-To: x@y\r\nFrom: a@b\r\n\r\n.";
-        assert_eq!(rewrite_from(m, "", "s@t"), b"From: <s@t>\r\nReply-To: x@y\r\n\r\n.");
-        assert_eq!(rewrite_from(b"Subject: s\r\n\r\nb", "", "s@t"), b"From: <s@t>\r\nSubject: s\r\n\r\nb");
+        assert_eq!(
+            rewrite_from(m, "", "s@t"),
+            b"From: <s@t>\r\nReply-To: x@y\r\n\r\n."
+        );
+        assert_eq!(
+            rewrite_from(b"Subject: s\r\n\r\nb", "", "s@t"),
+            b"From: <s@t>\r\nSubject: s\r\n\r\nb"
+        );
         assert_eq!(rewrite_from(MSG, "x", ""), MSG);
     }
 

@@ -7,7 +7,12 @@ use std::process::Command;
 
 fn outbox(d: &Daemon) -> Vec<std::path::PathBuf> {
     std::fs::read_dir(d.dir.join("outbox"))
-        .map(|r| r.filter_map(Result::ok).map(|e| e.path()).filter(|p| p.extension().is_some_and(|x| x == "eml")).collect())
+        .map(|r| {
+            r.filter_map(Result::ok)
+                .map(|e| e.path())
+                .filter(|p| p.extension().is_some_and(|x| x == "eml"))
+                .collect()
+        })
         .unwrap_or_default()
 }
 
@@ -20,17 +25,35 @@ fn swaks_lands_an_eml_in_the_outbox() {
     write_config(dir.path(), "protocol = \"file\"\noutbox = \"outbox\"");
     let d = Daemon::start(dir.path());
     let out = Command::new("swaks")
-        .args(["--server", &d.smtp.to_string(), "--to", "a@example.com", "--from", "app@legacy.local", "--header", "Subject: swaks test"])
+        .args([
+            "--server",
+            &d.smtp.to_string(),
+            "--to",
+            "a@example.com",
+            "--from",
+            "app@legacy.local",
+            "--header",
+            "Subject: swaks test",
+        ])
         .output()
         .unwrap();
     let transcript = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{transcript}");
-    assert!(transcript.contains("<-  250 2.0.0 Ok: queued as "), "{transcript}");
+    assert!(
+        transcript.contains("<-  250 2.0.0 Ok: queued as "),
+        "{transcript}"
+    );
     d.wait_for(20, "the .eml", || outbox(&d).len() == 1);
     let eml = std::fs::read_to_string(&outbox(&d)[0]).unwrap();
-    assert!(eml.starts_with("Return-Path: <app@legacy.local>\r\nX-Mailbridge-To: a@example.com\r\n"), "{eml}");
+    assert!(
+        eml.starts_with("Return-Path: <app@legacy.local>\r\nX-Mailbridge-To: a@example.com\r\n"),
+        "{eml}"
+    );
     assert!(eml.contains("Subject: swaks test\r\n"));
-    assert!(eml.contains("\r\nReceived: from ") || eml.contains("Received: from "), "{eml}");
+    assert!(
+        eml.contains("\r\nReceived: from ") || eml.contains("Received: from "),
+        "{eml}"
+    );
     d.wait_for(20, "the queue to empty", || d.queued() == 0);
 }
 
@@ -57,13 +80,30 @@ with smtplib.SMTP(sys.argv[1], int(sys.argv[2]), timeout=30) as s:
     assert r == {}, r
 print("sent")
 "#;
-    let out = Command::new("python3").arg("-c").arg(script).arg(d.smtp.ip().to_string()).arg(d.smtp.port().to_string()).output().unwrap();
-    assert!(out.status.success(), "{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let out = Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .arg(d.smtp.ip().to_string())
+        .arg(d.smtp.port().to_string())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     d.wait_for(20, "the .eml", || outbox(&d).len() == 1);
     let eml = std::fs::read_to_string(&outbox(&d)[0]).unwrap();
-    assert!(eml.contains("X-Mailbridge-To: boss@example.com, audit@example.com\r\n"), "{eml}");
+    assert!(
+        eml.contains("X-Mailbridge-To: boss@example.com, audit@example.com\r\n"),
+        "{eml}"
+    );
     assert!(eml.contains("\r\n.leading dot\r\n"), "dot-unstuffed: {eml}");
-    assert!(eml.contains("Message-ID: ") || eml.contains("Message-Id: "), "{eml}");
+    assert!(
+        eml.contains("Message-ID: ") || eml.contains("Message-Id: "),
+        "{eml}"
+    );
     assert!(!eml.replace("\r\n", "").contains('\n'), "CRLF only");
 }
 
@@ -88,7 +128,20 @@ fn cli_status_failback_and_queue() {
     let (code, _, err) = d.cli(&["queue", "retry", "../etc"]);
     assert_eq!(code, 2, "{err}");
     // A wrong admin token is refused.
-    let resp = Command::new("curl").args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "-X", "POST", "-H", "Authorization: Bearer wrong", &format!("http://{}/failback", d.admin)]).output();
+    let resp = Command::new("curl")
+        .args([
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "-X",
+            "POST",
+            "-H",
+            "Authorization: Bearer wrong",
+            &format!("http://{}/failback", d.admin),
+        ])
+        .output();
     if let Ok(r) = resp {
         if r.status.success() {
             assert_eq!(String::from_utf8_lossy(&r.stdout), "401");
@@ -101,20 +154,43 @@ fn check_names_the_bad_key_and_exits_2() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("bad.toml");
     std::fs::write(&path, "[upstream]\nprotocol = \"smtp\"\nserver = \"mail.example.com\"\nrequires_auth = true\nusername = \"u\"\npassword = \"Pa55-secret-word\"\nportt = 25\n").unwrap();
-    let out = Command::new(daemon::bin()).arg("--config").arg(&path).arg("check").output().unwrap();
+    let out = Command::new(daemon::bin())
+        .arg("--config")
+        .arg(&path)
+        .arg("check")
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("portt"), "{err}");
     assert!(!err.contains("Pa55-secret-word"), "{err}");
     std::fs::write(&path, "[upstream]\nprotocol = \"smtp\"\nserver = \"mail.example.com\"\nrequires_auth = true\nusername = \"u\"\npassword = \"Pa55-secret-word\"\n").unwrap();
-    let out = Command::new(daemon::bin()).arg("--config").arg(&path).arg("check").output().unwrap();
+    let out = Command::new(daemon::bin())
+        .arg("--config")
+        .arg(&path)
+        .arg("check")
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(0));
     let printed = String::from_utf8_lossy(&out.stdout);
-    assert!(printed.contains("password = \"***\"") && !printed.contains("Pa55-secret-word"), "{printed}");
+    assert!(
+        printed.contains("password = \"***\"") && !printed.contains("Pa55-secret-word"),
+        "{printed}"
+    );
 }
 
 #[test]
 fn shipped_config_is_valid() {
-    let out = Command::new(daemon::bin()).arg("--config").arg(concat!(env!("CARGO_MANIFEST_DIR"), "/config.toml")).arg("check").output().unwrap();
-    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new(daemon::bin())
+        .arg("--config")
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/config.toml"))
+        .arg("check")
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

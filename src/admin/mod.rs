@@ -37,21 +37,38 @@ pub fn routes(state: Arc<AdminState>) -> Router {
 }
 
 /// Serve the admin endpoint on a bound listener until `shutdown`.
-pub async fn serve(listener: tokio::net::TcpListener, state: Arc<AdminState>, shutdown: CancellationToken) {
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    state: Arc<AdminState>,
+    shutdown: CancellationToken,
+) {
     let app = routes(state);
-    if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(async move { shutdown.cancelled().await }).await {
+    if let Err(e) = axum::serve(listener, app)
+        .with_graceful_shutdown(async move { shutdown.cancelled().await })
+        .await
+    {
         tracing::error!(error = %e, "admin endpoint stopped");
     }
 }
 
 fn authorized(state: &AdminState, headers: &HeaderMap) -> bool {
-    let Some(given) = headers.get("authorization").and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer ")) else {
+    let Some(given) = headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+    else {
         return false;
     };
     let want = state.token.expose().as_bytes();
     let given = given.trim().as_bytes();
     // Compare in constant time so the token cannot be guessed byte by byte.
-    want.len() == given.len() && !want.is_empty() && want.iter().zip(given).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
+    want.len() == given.len()
+        && !want.is_empty()
+        && want
+            .iter()
+            .zip(given)
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0
 }
 
 fn error(code: StatusCode, message: &str) -> Response {
@@ -59,13 +76,19 @@ fn error(code: StatusCode, message: &str) -> Response {
 }
 
 fn unauthorized() -> Response {
-    error(StatusCode::UNAUTHORIZED, "missing or wrong admin token (Authorization: Bearer …)")
+    error(
+        StatusCode::UNAUTHORIZED,
+        "missing or wrong admin token (Authorization: Bearer …)",
+    )
 }
 
 /// The status document (never contains a secret).
 pub fn status_json(state: &AdminState) -> serde_json::Value {
     let router = state.scheduler.router();
-    let uptime = SystemTime::now().duration_since(state.started).map(|d| d.as_secs()).unwrap_or(0);
+    let uptime = SystemTime::now()
+        .duration_since(state.started)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
     json!({
         "version": env!("CARGO_PKG_VERSION"),
         "uptime_secs": uptime,
@@ -88,7 +111,11 @@ async fn failback(State(state): State<Arc<AdminState>>, headers: HeaderMap) -> R
     Json(json!({ "changed": changed, "route": router.state() })).into_response()
 }
 
-async fn retry(State(state): State<Arc<AdminState>>, headers: HeaderMap, Path(id): Path<String>) -> Response {
+async fn retry(
+    State(state): State<Arc<AdminState>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Response {
     if !authorized(&state, &headers) {
         return unauthorized();
     }
@@ -99,7 +126,11 @@ async fn retry(State(state): State<Arc<AdminState>>, headers: HeaderMap, Path(id
     }
 }
 
-async fn remove(State(state): State<Arc<AdminState>>, headers: HeaderMap, Path(id): Path<String>) -> Response {
+async fn remove(
+    State(state): State<Arc<AdminState>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Response {
     if !authorized(&state, &headers) {
         return unauthorized();
     }

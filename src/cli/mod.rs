@@ -14,7 +14,13 @@ use crate::spool::{RcptStatus, Spool};
 #[command(name = "mailbridge", version, about)]
 pub struct Cli {
     /// Configuration file.
-    #[arg(long, short, global = true, env = "MAILBRIDGE_CONFIG", default_value = "config.toml")]
+    #[arg(
+        long,
+        short,
+        global = true,
+        env = "MAILBRIDGE_CONFIG",
+        default_value = "config.toml"
+    )]
     pub config: PathBuf,
     /// What to do.
     #[command(subcommand)]
@@ -99,16 +105,21 @@ fn init_logging(level: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .or_else(|_| tracing_subscriber::EnvFilter::try_new(level))
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr)
         .try_init();
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
-    tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(|e| {
-        eprintln!("mailbridge: cannot start the runtime: {e}");
-        ExitCode::from(FAILED)
-    })
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| {
+            eprintln!("mailbridge: cannot start the runtime: {e}");
+            ExitCode::from(FAILED)
+        })
 }
 
 fn run(cfg: Config, path: PathBuf) -> ExitCode {
@@ -120,21 +131,34 @@ fn run(cfg: Config, path: PathBuf) -> ExitCode {
     let result = rt.block_on(async move {
         let smtp = tokio::net::TcpListener::bind(&cfg.listen.address)
             .await
-            .map_err(|e| anyhow::anyhow!("listen.address: cannot listen on {}: {e}", cfg.listen.address))?;
+            .map_err(|e| {
+                anyhow::anyhow!(
+                    "listen.address: cannot listen on {}: {e}",
+                    cfg.listen.address
+                )
+            })?;
         let admin = if cfg.admin.address.is_empty() {
             None
         } else {
             Some(
                 tokio::net::TcpListener::bind(&cfg.admin.address)
                     .await
-                    .map_err(|e| anyhow::anyhow!("admin.address: cannot listen on {}: {e}", cfg.admin.address))?,
+                    .map_err(|e| {
+                        anyhow::anyhow!(
+                            "admin.address: cannot listen on {}: {e}",
+                            cfg.admin.address
+                        )
+                    })?,
             )
         };
         let shutdown = CancellationToken::new();
         let s = shutdown.clone();
         tokio::spawn(async move {
             use tokio::signal::unix::{SignalKind, signal};
-            let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+            let (Ok(mut term), Ok(mut int)) = (
+                signal(SignalKind::terminate()),
+                signal(SignalKind::interrupt()),
+            ) else {
                 return;
             };
             tokio::select! {
@@ -163,23 +187,36 @@ enum AdminAnswer {
 
 fn admin_request(cfg: &Config, method: &str, path: &str, auth: bool) -> AdminAnswer {
     if cfg.admin.address.is_empty() {
-        return AdminAnswer::Unreachable("the admin endpoint is disabled (admin.address is empty)".into());
+        return AdminAnswer::Unreachable(
+            "the admin endpoint is disabled (admin.address is empty)".into(),
+        );
     }
     let token = if auth {
         match crate::admin_token(cfg, false) {
             Ok(t) => Some(t),
-            Err(e) => return AdminAnswer::Unreachable(format!("no admin token (admin.token, or spool/admin.token: {e}); is mailbridge running?")),
+            Err(e) => {
+                return AdminAnswer::Unreachable(format!(
+                    "no admin token (admin.token, or spool/admin.token: {e}); is mailbridge running?"
+                ));
+            }
         }
     } else {
         None
     };
-    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => return AdminAnswer::Unreachable(e.to_string()),
     };
     let url = format!("http://{}{}", cfg.admin.address, path);
     rt.block_on(async move {
-        let client = match reqwest::Client::builder().no_proxy().timeout(std::time::Duration::from_secs(30)).build() {
+        let client = match reqwest::Client::builder()
+            .no_proxy()
+            .timeout(std::time::Duration::from_secs(30))
+            .build()
+        {
             Ok(c) => c,
             Err(e) => return AdminAnswer::Unreachable(e.to_string()),
         };
@@ -193,7 +230,10 @@ fn admin_request(cfg: &Config, method: &str, path: &str, auth: bool) -> AdminAns
                 let status = resp.status().as_u16();
                 AdminAnswer::Reply(status, resp.text().await.unwrap_or_default())
             }
-            Err(e) if e.is_connect() => AdminAnswer::Unreachable(format!("mailbridge is not running (nothing answers at {})", cfg.admin.address)),
+            Err(e) if e.is_connect() => AdminAnswer::Unreachable(format!(
+                "mailbridge is not running (nothing answers at {})",
+                cfg.admin.address
+            )),
             Err(e) => AdminAnswer::Unreachable(e.to_string()),
         }
     })
@@ -213,7 +253,10 @@ fn admin_call(cfg: &Config, method: &str, path: &str, auth: bool) -> ExitCode {
             ExitCode::SUCCESS
         }
         AdminAnswer::Reply(code, body) => {
-            eprintln!("mailbridge: admin endpoint answered {code}: {}", pretty(&body));
+            eprintln!(
+                "mailbridge: admin endpoint answered {code}: {}",
+                pretty(&body)
+            );
             ExitCode::from(FAILED)
         }
         AdminAnswer::Unreachable(why) => {
@@ -239,14 +282,24 @@ fn queue(cfg: &Config, action: QueueAction) -> ExitCode {
             let metas = match Spool::list(&root) {
                 Ok(m) => m,
                 Err(e) => {
-                    eprintln!("mailbridge: spool.path: cannot read {}: {e}", root.display());
+                    eprintln!(
+                        "mailbridge: spool.path: cannot read {}: {e}",
+                        root.display()
+                    );
                     return ExitCode::from(FAILED);
                 }
             };
             let now = crate::scheduler::now_unix();
-            println!("{:<24} {:>5} {:>8} {:>7} {:<30} LAST ERROR", "ID", "AGE", "ATTEMPTS", "PENDING", "FROM");
+            println!(
+                "{:<24} {:>5} {:>8} {:>7} {:<30} LAST ERROR",
+                "ID", "AGE", "ATTEMPTS", "PENDING", "FROM"
+            );
             for m in &metas {
-                let pending = m.rcpts.iter().filter(|r| r.status == RcptStatus::Pending).count();
+                let pending = m
+                    .rcpts
+                    .iter()
+                    .filter(|r| r.status == RcptStatus::Pending)
+                    .count();
                 let from = if m.from.is_empty() { "<>" } else { &m.from };
                 println!(
                     "{:<24} {:>5} {:>8} {:>7} {:<30} {}",
@@ -292,10 +345,21 @@ fn queue_change(cfg: &Config, root: &Path, method: &str, id: &str, what: &str) -
         eprintln!("mailbridge: `{id}` is not a queue id");
         return ExitCode::from(BAD_CONFIG);
     }
-    let path = if what == "retry" { format!("/queue/{id}/retry") } else { format!("/queue/{id}") };
+    let path = if what == "retry" {
+        format!("/queue/{id}/retry")
+    } else {
+        format!("/queue/{id}")
+    };
     match admin_request(cfg, method, &path, true) {
         AdminAnswer::Reply(200, _) => {
-            println!("{id}: {}", if what == "retry" { "will be retried now" } else { "deleted" });
+            println!(
+                "{id}: {}",
+                if what == "retry" {
+                    "will be retried now"
+                } else {
+                    "deleted"
+                }
+            );
             ExitCode::SUCCESS
         }
         AdminAnswer::Reply(404, _) => {
@@ -303,7 +367,10 @@ fn queue_change(cfg: &Config, root: &Path, method: &str, id: &str, what: &str) -
             ExitCode::from(FAILED)
         }
         AdminAnswer::Reply(code, body) => {
-            eprintln!("mailbridge: admin endpoint answered {code}: {}", pretty(&body));
+            eprintln!(
+                "mailbridge: admin endpoint answered {code}: {}",
+                pretty(&body)
+            );
             ExitCode::from(FAILED)
         }
         AdminAnswer::Unreachable(_) => offline_change(cfg, root, id, what),
@@ -314,7 +381,10 @@ fn offline_change(cfg: &Config, root: &Path, id: &str, what: &str) -> ExitCode {
     let (spool, _, _) = match Spool::open(root, cfg.spool.max_messages) {
         Ok(s) => s,
         Err(e) => {
-            eprintln!("mailbridge: spool.path: cannot open {}: {e}", root.display());
+            eprintln!(
+                "mailbridge: spool.path: cannot open {}: {e}",
+                root.display()
+            );
             return ExitCode::from(FAILED);
         }
     };
@@ -333,7 +403,14 @@ fn offline_change(cfg: &Config, root: &Path, id: &str, what: &str) -> ExitCode {
     };
     match result {
         Ok(()) => {
-            println!("{id}: {} (mailbridge is not running; spool edited directly)", if what == "retry" { "due now" } else { "deleted" });
+            println!(
+                "{id}: {} (mailbridge is not running; spool edited directly)",
+                if what == "retry" {
+                    "due now"
+                } else {
+                    "deleted"
+                }
+            );
             ExitCode::SUCCESS
         }
         Err(e) => {

@@ -26,13 +26,20 @@ impl<'de> Deserialize<'de> for Secret {
 pub enum ConfigError {
     /// The file could not be read.
     #[error("cannot read {path}: {source}")]
-    Read { path: String, source: std::io::Error },
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
     /// TOML syntax, a wrong type or an unknown key (the message names it).
     #[error("{path}: {message}")]
     Parse { path: String, message: String },
     /// A value is present but unusable.
     #[error("{path}: {key}: {message}")]
-    Invalid { path: String, key: String, message: String },
+    Invalid {
+        path: String,
+        key: String,
+        message: String,
+    },
 }
 
 /// The whole configuration file.
@@ -139,7 +146,10 @@ pub struct SpoolConfig {
 
 impl Default for SpoolConfig {
     fn default() -> Self {
-        SpoolConfig { path: "spool".into(), max_messages: 10_000 }
+        SpoolConfig {
+            path: "spool".into(),
+            max_messages: 10_000,
+        }
     }
 }
 
@@ -159,7 +169,12 @@ pub struct DeliveryConfig {
 
 impl Default for DeliveryConfig {
     fn default() -> Self {
-        DeliveryConfig { concurrency: 3, retry_initial_secs: 60, retry_max_secs: 3600, give_up_after_secs: 5 * 86400 }
+        DeliveryConfig {
+            concurrency: 3,
+            retry_initial_secs: 60,
+            retry_max_secs: 3600,
+            give_up_after_secs: 5 * 86400,
+        }
     }
 }
 
@@ -382,7 +397,12 @@ pub struct Admin {
 
 impl Default for Admin {
     fn default() -> Self {
-        Admin { address: "127.0.0.1:8025".into(), token: Secret::default(), token_env: String::new(), token_file: String::new() }
+        Admin {
+            address: "127.0.0.1:8025".into(),
+            token: Secret::default(),
+            token_env: String::new(),
+            token_file: String::new(),
+        }
     }
 }
 
@@ -397,7 +417,11 @@ pub struct HostPort {
 
 impl std::fmt::Display for HostPort {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        if self.host.contains(':') { write!(f, "[{}]:{}", self.host, self.port) } else { write!(f, "{}:{}", self.host, self.port) }
+        if self.host.contains(':') {
+            write!(f, "[{}]:{}", self.host, self.port)
+        } else {
+            write!(f, "{}:{}", self.host, self.port)
+        }
     }
 }
 
@@ -424,48 +448,77 @@ pub fn parse_host_port(s: &str, default_port: u16) -> Result<HostPort, String> {
         return Err(format!("`{s}` is not a host name or IP address"));
     }
     let port = match port {
-        Some(p) => p.parse::<u16>().ok().filter(|p| *p != 0).ok_or(format!("`{p}` is not a port number"))?,
+        Some(p) => p
+            .parse::<u16>()
+            .ok()
+            .filter(|p| *p != 0)
+            .ok_or(format!("`{p}` is not a port number"))?,
         None => default_port,
     };
-    Ok(HostPort { host: host.to_string(), port })
+    Ok(HostPort {
+        host: host.to_string(),
+        port,
+    })
 }
 
 impl Config {
     /// Read, parse, resolve secrets and validate a configuration file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| ConfigError::Read { path: path.display().to_string(), source })?;
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
         let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
-        let base = if base.as_os_str().is_empty() { PathBuf::from(".") } else { base };
+        let base = if base.as_os_str().is_empty() {
+            PathBuf::from(".")
+        } else {
+            base
+        };
         Config::from_toml(&text, &path.display().to_string(), &base)
     }
 
     /// Parse and validate TOML text; `name` is used in errors, `base` anchors relative paths.
     pub fn from_toml(text: &str, name: &str, base: &Path) -> Result<Config, ConfigError> {
-        let mut cfg: Config = toml::from_str(text)
-            .map_err(|e| ConfigError::Parse { path: name.to_string(), message: e.to_string().trim_end().to_string() })?;
+        let mut cfg: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: name.to_string(),
+            message: e.to_string().trim_end().to_string(),
+        })?;
         cfg.base_dir = base.to_path_buf();
-        cfg.validate().map_err(|(key, message)| ConfigError::Invalid { path: name.to_string(), key, message })?;
+        cfg.validate()
+            .map_err(|(key, message)| ConfigError::Invalid {
+                path: name.to_string(),
+                key,
+                message,
+            })?;
         Ok(cfg)
     }
 
     fn validate(&mut self) -> Result<(), (String, String)> {
         let bad = |k: &str, m: String| (k.to_string(), m);
         self.listen.address.parse::<SocketAddr>().map_err(|_| {
-            bad("listen.address", format!("`{}` is not an `ip:port` address", self.listen.address))
+            bad(
+                "listen.address",
+                format!("`{}` is not an `ip:port` address", self.listen.address),
+            )
         })?;
         let l = &self.listen;
         if l.max_recipients < 1 {
             return Err(bad("listen.max_recipients", "must be at least 1".into()));
         }
         if l.max_command_length < 512 {
-            return Err(bad("listen.max_command_length", "must be at least 512 (RFC 5321 §4.5.3.1.4)".into()));
+            return Err(bad(
+                "listen.max_command_length",
+                "must be at least 512 (RFC 5321 §4.5.3.1.4)".into(),
+            ));
         }
         if l.max_connections < 1 {
             return Err(bad("listen.max_connections", "must be at least 1".into()));
         }
         if l.max_message_size < 1024 {
-            return Err(bad("listen.max_message_size", "must be at least 1024 bytes".into()));
+            return Err(bad(
+                "listen.max_message_size",
+                "must be at least 1024 bytes".into(),
+            ));
         }
         if self.spool.path.as_os_str().is_empty() {
             return Err(bad("spool.path", "is empty".into()));
@@ -478,11 +531,20 @@ impl Config {
             return Err(bad("delivery.concurrency", "must be at least 1".into()));
         }
         if d.retry_initial_secs < 1 || d.retry_max_secs < d.retry_initial_secs {
-            return Err(bad("delivery.retry_max_secs", "must be at least retry_initial_secs, which must be at least 1".into()));
+            return Err(bad(
+                "delivery.retry_max_secs",
+                "must be at least retry_initial_secs, which must be at least 1".into(),
+            ));
         }
         let u = &mut self.upstream;
-        u.password = secret::resolve("upstream.password", u.password.expose(), &u.password_env, &u.password_file, &self.base_dir)
-            .map_err(|m| bad("upstream.password", m))?;
+        u.password = secret::resolve(
+            "upstream.password",
+            u.password.expose(),
+            &u.password_env,
+            &u.password_file,
+            &self.base_dir,
+        )
+        .map_err(|m| bad("upstream.password", m))?;
         match u.protocol {
             Protocol::File => {
                 if u.outbox.as_os_str().is_empty() {
@@ -492,35 +554,69 @@ impl Config {
             Protocol::Smtp | Protocol::Smtps => {
                 parse_host_port(&u.server, u.port).map_err(|m| bad("upstream.server", m))?;
                 if !u.alternate_server.is_empty() {
-                    parse_host_port(&u.alternate_server, u.port).map_err(|m| bad("upstream.alternate_server", m))?;
+                    parse_host_port(&u.alternate_server, u.port)
+                        .map_err(|m| bad("upstream.alternate_server", m))?;
                 }
                 if u.requires_auth && u.username.is_empty() {
-                    return Err(bad("upstream.username", "is required when requires_auth = true".into()));
+                    return Err(bad(
+                        "upstream.username",
+                        "is required when requires_auth = true".into(),
+                    ));
                 }
                 if u.requires_auth && u.auth == AuthKind::Basic && u.password.is_empty() {
-                    return Err(bad("upstream.password", "is required when requires_auth = true (or password_env / password_file)".into()));
+                    return Err(bad(
+                        "upstream.password",
+                        "is required when requires_auth = true (or password_env / password_file)"
+                            .into(),
+                    ));
                 }
                 if !u.tls_ca_file.is_empty() && !self.base_dir.join(&u.tls_ca_file).is_file() {
-                    return Err(bad("upstream.tls_ca_file", format!("`{}` is not a readable file", u.tls_ca_file)));
+                    return Err(bad(
+                        "upstream.tls_ca_file",
+                        format!("`{}` is not a readable file", u.tls_ca_file),
+                    ));
                 }
             }
         }
         let o = &mut u.oauth;
-        o.client_secret = secret::resolve("upstream.oauth.client_secret", o.client_secret.expose(), &o.client_secret_env, &o.client_secret_file, &self.base_dir)
-            .map_err(|m| bad("upstream.oauth.client_secret", m))?;
+        o.client_secret = secret::resolve(
+            "upstream.oauth.client_secret",
+            o.client_secret.expose(),
+            &o.client_secret_env,
+            &o.client_secret_file,
+            &self.base_dir,
+        )
+        .map_err(|m| bad("upstream.oauth.client_secret", m))?;
         if u.requires_auth && u.auth == AuthKind::Oauth {
             if o.client_id.is_empty() {
-                return Err(bad("upstream.oauth.client_id", "is required when auth = \"oauth\"".into()));
+                return Err(bad(
+                    "upstream.oauth.client_id",
+                    "is required when auth = \"oauth\"".into(),
+                ));
             }
             if o.flow == Flow::ClientCredentials && o.client_secret.is_empty() {
-                return Err(bad("upstream.oauth.client_secret", "is required for flow = \"client_credentials\"".into()));
+                return Err(bad(
+                    "upstream.oauth.client_secret",
+                    "is required for flow = \"client_credentials\"".into(),
+                ));
             }
             if o.provider == Provider::Custom && (o.token_url.is_empty() || o.scope.is_empty()) {
-                return Err(bad("upstream.oauth.token_url", "provider = \"custom\" needs token_url and scope".into()));
+                return Err(bad(
+                    "upstream.oauth.token_url",
+                    "provider = \"custom\" needs token_url and scope".into(),
+                ));
             }
-            for (k, v) in [("authorization_url", &o.authorization_url), ("token_url", &o.token_url), ("device_authorization_url", &o.device_authorization_url), ("redirect_url", &o.redirect_url)] {
+            for (k, v) in [
+                ("authorization_url", &o.authorization_url),
+                ("token_url", &o.token_url),
+                ("device_authorization_url", &o.device_authorization_url),
+                ("redirect_url", &o.redirect_url),
+            ] {
                 if !v.is_empty() && !(v.starts_with("https://") || v.starts_with("http://")) {
-                    return Err(bad(&format!("upstream.oauth.{k}"), format!("`{v}` is not an http(s) URL")));
+                    return Err(bad(
+                        &format!("upstream.oauth.{k}"),
+                        format!("`{v}` is not an http(s) URL"),
+                    ));
                 }
             }
             if o.token_store.is_empty() {
@@ -528,39 +624,68 @@ impl Config {
             }
         }
         let p = &mut u.proxy;
-        p.password = secret::resolve("upstream.proxy.password", p.password.expose(), &p.password_env, &p.password_file, &self.base_dir)
-            .map_err(|m| bad("upstream.proxy.password", m))?;
+        p.password = secret::resolve(
+            "upstream.proxy.password",
+            p.password.expose(),
+            &p.password_env,
+            &p.password_file,
+            &self.base_dir,
+        )
+        .map_err(|m| bad("upstream.proxy.password", m))?;
         if !p.url.is_empty() && !p.url.starts_with("http://") {
-            return Err(bad("upstream.proxy.url", format!("`{}` is not an http:// proxy URL", p.url)));
+            return Err(bad(
+                "upstream.proxy.url",
+                format!("`{}` is not an http:// proxy URL", p.url),
+            ));
         }
         if u.timeout_secs < 1 {
             return Err(bad("upstream.timeout_secs", "must be at least 1".into()));
         }
         if !u.reply_to.is_empty() && !crate::address::is_valid_mailbox(&u.reply_to) {
-            return Err(bad("upstream.reply_to", format!("`{}` is not an email address", u.reply_to)));
+            return Err(bad(
+                "upstream.reply_to",
+                format!("`{}` is not an email address", u.reply_to),
+            ));
         }
         if u.sender_name.contains(['\r', '\n']) {
             return Err(bad("upstream.sender_name", "must be one line".into()));
         }
         if !self.admin.address.is_empty() {
             self.admin.address.parse::<SocketAddr>().map_err(|_| {
-                bad("admin.address", format!("`{}` is not an `ip:port` address (or empty to disable)", self.admin.address))
+                bad(
+                    "admin.address",
+                    format!(
+                        "`{}` is not an `ip:port` address (or empty to disable)",
+                        self.admin.address
+                    ),
+                )
             })?;
         }
         let a = &mut self.admin;
-        a.token = secret::resolve("admin.token", a.token.expose(), &a.token_env, &a.token_file, &self.base_dir)
-            .map_err(|m| bad("admin.token", m))?;
+        a.token = secret::resolve(
+            "admin.token",
+            a.token.expose(),
+            &a.token_env,
+            &a.token_file,
+            &self.base_dir,
+        )
+        .map_err(|m| bad("admin.token", m))?;
         Ok(())
     }
 
     /// A path from the config, made absolute against the config file's directory.
     pub fn path(&self, p: &Path) -> PathBuf {
-        if p.is_absolute() { p.to_path_buf() } else { self.base_dir.join(p) }
+        if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            self.base_dir.join(p)
+        }
     }
 
     /// The effective configuration as TOML, with secrets masked.
     pub fn to_masked_toml(&self) -> String {
-        toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot print configuration: {e}\n"))
+        toml::to_string_pretty(self)
+            .unwrap_or_else(|e| format!("# cannot print configuration: {e}\n"))
     }
 
     /// Our host name: the configured one, else the system's, else `localhost`.
@@ -593,7 +718,9 @@ mod tests {
 
     #[test]
     fn unknown_key_is_named() {
-        let e = parse("[upstream]\nservre = \"x\"\n").unwrap_err().to_string();
+        let e = parse("[upstream]\nservre = \"x\"\n")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("servre"), "{e}");
     }
 
@@ -607,12 +734,30 @@ mod tests {
     fn invalid_values_name_the_key() {
         let cases = [
             ("[listen]\naddress = \"localhost\"", "listen.address"),
-            ("[upstream]\nprotocol = \"smtp\"\nserver = \"\"", "upstream.server"),
-            ("[upstream]\nprotocol = \"smtp\"\nserver = \"a:99999\"", "upstream.server"),
-            ("[upstream]\nprotocol = \"smtp\"\nserver = \"a\"\nalternate_server = \"b c\"", "upstream.alternate_server"),
-            ("[upstream]\nprotocol = \"smtp\"\nserver = \"a\"\nrequires_auth = true", "upstream.username"),
-            ("[upstream]\nprotocol = \"smtp\"\nserver = \"a\"\nrequires_auth = true\nusername = \"u\"", "upstream.password"),
-            ("[upstream]\nreply_to = \"not an address\"", "upstream.reply_to"),
+            (
+                "[upstream]\nprotocol = \"smtp\"\nserver = \"\"",
+                "upstream.server",
+            ),
+            (
+                "[upstream]\nprotocol = \"smtp\"\nserver = \"a:99999\"",
+                "upstream.server",
+            ),
+            (
+                "[upstream]\nprotocol = \"smtp\"\nserver = \"a\"\nalternate_server = \"b c\"",
+                "upstream.alternate_server",
+            ),
+            (
+                "[upstream]\nprotocol = \"smtp\"\nserver = \"a\"\nrequires_auth = true",
+                "upstream.username",
+            ),
+            (
+                "[upstream]\nprotocol = \"smtp\"\nserver = \"a\"\nrequires_auth = true\nusername = \"u\"",
+                "upstream.password",
+            ),
+            (
+                "[upstream]\nreply_to = \"not an address\"",
+                "upstream.reply_to",
+            ),
             ("[listen]\nmax_recipients = 0", "listen.max_recipients"),
             ("[upstream]\nprotocol = \"pigeon\"", "protocol"),
         ];
@@ -624,18 +769,34 @@ mod tests {
 
     #[test]
     fn secrets_are_masked_in_output() {
-        let c = parse("[upstream]\npassword = \"s3cret-pw\"\n[admin]\ntoken = \"adm1n-tok\"").unwrap();
+        let c =
+            parse("[upstream]\npassword = \"s3cret-pw\"\n[admin]\ntoken = \"adm1n-tok\"").unwrap();
         let out = c.to_masked_toml();
-        assert!(!out.contains("s3cret-pw") && !out.contains("adm1n-tok"), "{out}");
+        assert!(
+            !out.contains("s3cret-pw") && !out.contains("adm1n-tok"),
+            "{out}"
+        );
         assert!(out.contains("***"));
         assert!(!format!("{c:?}").contains("s3cret-pw"));
     }
 
     #[test]
     fn host_port_forms() {
-        assert_eq!(parse_host_port("a.example", 587).unwrap(), HostPort { host: "a.example".into(), port: 587 });
+        assert_eq!(
+            parse_host_port("a.example", 587).unwrap(),
+            HostPort {
+                host: "a.example".into(),
+                port: 587
+            }
+        );
         assert_eq!(parse_host_port("a.example:25", 587).unwrap().port, 25);
-        assert_eq!(parse_host_port("[::1]:26", 587).unwrap(), HostPort { host: "::1".into(), port: 26 });
+        assert_eq!(
+            parse_host_port("[::1]:26", 587).unwrap(),
+            HostPort {
+                host: "::1".into(),
+                port: 26
+            }
+        );
         assert_eq!(parse_host_port("::1", 587).unwrap().host, "::1");
         assert!(parse_host_port("a:0", 1).is_err());
     }

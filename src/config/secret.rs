@@ -44,14 +44,21 @@ pub fn resolve(
     file: &str,
     base: &std::path::Path,
 ) -> Result<Secret, String> {
-    let set = [!inline.is_empty(), !env.is_empty(), !file.is_empty()].iter().filter(|b| **b).count();
+    let set = [!inline.is_empty(), !env.is_empty(), !file.is_empty()]
+        .iter()
+        .filter(|b| **b)
+        .count();
     if set > 1 {
-        return Err(format!("{key}: set only one of `{key}`, `{key}_env` and `{key}_file`"));
+        return Err(format!(
+            "{key}: set only one of `{key}`, `{key}_env` and `{key}_file`"
+        ));
     }
     if !env.is_empty() {
         return match std::env::var(env) {
             Ok(v) if !v.is_empty() => Ok(Secret(v)),
-            _ => Err(format!("{key}_env: environment variable `{env}` is not set or empty")),
+            _ => Err(format!(
+                "{key}_env: environment variable `{env}` is not set or empty"
+            )),
         };
     }
     if !file.is_empty() {
@@ -83,7 +90,14 @@ mod tests {
 
     #[test]
     fn missing_env_names_the_key() {
-        let e = resolve("password", "", "MAILBRIDGE_TEST_SURELY_UNSET", "", std::path::Path::new(".")).unwrap_err();
+        let e = resolve(
+            "password",
+            "",
+            "MAILBRIDGE_TEST_SURELY_UNSET",
+            "",
+            std::path::Path::new("."),
+        )
+        .unwrap_err();
         assert!(e.starts_with("password_env:"), "{e}");
     }
 }

@@ -34,28 +34,51 @@ pub struct Router {
 }
 
 fn now_unix() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 impl Router {
     /// A router over `primary` and an optional `alternate`; starts on the primary.
     pub fn new(primary: Arc<dyn Transport>, alternate: Option<Arc<dyn Transport>>) -> Router {
-        let state = RouteState { active: "primary", server: primary.describe(), since: now_unix(), reason: "started".into() };
-        let mut routes = vec![Route { label: "primary", transport: primary }];
+        let state = RouteState {
+            active: "primary",
+            server: primary.describe(),
+            since: now_unix(),
+            reason: "started".into(),
+        };
+        let mut routes = vec![Route {
+            label: "primary",
+            transport: primary,
+        }];
         if let Some(t) = alternate {
-            routes.push(Route { label: "alternate", transport: t });
+            routes.push(Route {
+                label: "alternate",
+                transport: t,
+            });
         }
-        Router { routes, active: Mutex::new((0, state)) }
+        Router {
+            routes,
+            active: Mutex::new((0, state)),
+        }
     }
 
     /// The current choice.
     pub fn state(&self) -> RouteState {
-        self.active.lock().map(|g| g.1.clone()).unwrap_or_else(|p| p.into_inner().1.clone())
+        self.active
+            .lock()
+            .map(|g| g.1.clone())
+            .unwrap_or_else(|p| p.into_inner().1.clone())
     }
 
     /// The configured servers, primary first.
     pub fn servers(&self) -> Vec<(&'static str, String)> {
-        self.routes.iter().map(|r| (r.label, r.transport.describe())).collect()
+        self.routes
+            .iter()
+            .map(|r| (r.label, r.transport.describe()))
+            .collect()
     }
 
     fn active_index(&self) -> usize {
@@ -72,7 +95,15 @@ impl Router {
         }
         let route = &self.routes[to];
         tracing::warn!(route = route.label, server = %route.transport.describe(), %reason, "switched upstream");
-        *g = (to, RouteState { active: route.label, server: route.transport.describe(), since: now_unix(), reason });
+        *g = (
+            to,
+            RouteState {
+                active: route.label,
+                server: route.transport.describe(),
+                since: now_unix(),
+                reason,
+            },
+        );
     }
 
     /// Deliver through the active server; when it fails as a server (refused,
@@ -89,13 +120,19 @@ impl Router {
                     tracing::info!(id = %env.id, route = route.label, server = %route.transport.describe(), error = %f, "server unavailable");
                     last = Some(match last {
                         None => f,
-                        Some(prev) => Failure { text: format!("{}; {}: {}", prev.text, route.label, f.text), ..f },
+                        Some(prev) => Failure {
+                            text: format!("{}; {}: {}", prev.text, route.label, f.text),
+                            ..f
+                        },
                     });
                 }
                 result => {
                     if idx != start {
                         let why = last.as_ref().map(|f| f.text.clone()).unwrap_or_default();
-                        self.switch(idx, format!("{} unavailable: {why}", self.routes[start].label));
+                        self.switch(
+                            idx,
+                            format!("{} unavailable: {why}", self.routes[start].label),
+                        );
                     }
                     return result;
                 }
@@ -144,11 +181,19 @@ mod tests {
     }
 
     fn t(name: &'static str, answer: fn() -> Delivery) -> Arc<Scripted> {
-        Arc::new(Scripted { name, answer, calls: AtomicUsize::new(0) })
+        Arc::new(Scripted {
+            name,
+            answer,
+            calls: AtomicUsize::new(0),
+        })
     }
 
     fn env() -> Envelope {
-        Envelope { id: "1".into(), from: "a@b".into(), rcpts: vec!["c@d".into()] }
+        Envelope {
+            id: "1".into(),
+            from: "a@b".into(),
+            rcpts: vec!["c@d".into()],
+        }
     }
 
     #[tokio::test]
@@ -160,7 +205,13 @@ mod tests {
         assert_eq!(r.state().active, "alternate");
         assert!(r.state().reason.contains("connection refused"));
         assert!(r.deliver(&env(), b"x").await.is_ok());
-        assert_eq!((p.calls.load(Ordering::SeqCst), a.calls.load(Ordering::SeqCst)), (1, 2));
+        assert_eq!(
+            (
+                p.calls.load(Ordering::SeqCst),
+                a.calls.load(Ordering::SeqCst)
+            ),
+            (1, 2)
+        );
         assert!(r.failback("operator"));
         assert_eq!(r.state().active, "primary");
         assert!(!r.failback("again"));
@@ -184,9 +235,15 @@ mod tests {
 
     #[tokio::test]
     async fn both_down_reports_both() {
-        let r = Router::new(t("p", || Err(Failure::server("refused"))), Some(t("a", || Err(Failure::server("timeout")))));
+        let r = Router::new(
+            t("p", || Err(Failure::server("refused"))),
+            Some(t("a", || Err(Failure::server("timeout")))),
+        );
         let e = r.deliver(&env(), b"x").await.unwrap_err();
-        assert!(e.fails_over() && e.text.contains("refused") && e.text.contains("timeout"), "{e}");
+        assert!(
+            e.fails_over() && e.text.contains("refused") && e.text.contains("timeout"),
+            "{e}"
+        );
         assert_eq!(r.state().active, "primary");
     }
 }
@@ -194,18 +251,19 @@ mod tests {
 /// Build the transport for one server of the configuration.
 fn transport_for(c: &crate::config::Config, server: &str) -> Result<Arc<dyn Transport>, String> {
     use crate::config::Protocol;
-    #[cfg(any())] // INTEGRATION-PENDING
     use crate::transport::smtp::{SmtpAuth, SmtpSettings, SmtpTransport};
     let u = &c.upstream;
     match u.protocol {
-        Protocol::File => Ok(Arc::new(crate::transport::file::FileTransport::new(c.path(&u.outbox)))),
-        #[cfg(not(any()))] // INTEGRATION-PENDING
-        Protocol::Smtp | Protocol::Smtps => Err(format!("{server}: smtp transport pending")),
-        #[cfg(any())] // INTEGRATION-PENDING
+        Protocol::File => Ok(Arc::new(crate::transport::file::FileTransport::new(
+            c.path(&u.outbox),
+        ))),
         Protocol::Smtp | Protocol::Smtps => {
             let server = crate::config::parse_host_port(server, u.port)?;
             let auth = if u.requires_auth {
-                SmtpAuth::Basic { username: u.username.clone(), password: u.password.clone() }
+                SmtpAuth::Basic {
+                    username: u.username.clone(),
+                    password: u.password.clone(),
+                }
             } else {
                 SmtpAuth::None
             };
@@ -213,7 +271,8 @@ fn transport_for(c: &crate::config::Config, server: &str) -> Result<Arc<dyn Tran
                 server,
                 implicit_tls: u.protocol == Protocol::Smtps,
                 starttls: u.protocol == Protocol::Smtp && u.tls,
-                ca_file: (!u.tls_ca_file.is_empty()).then(|| c.path(std::path::Path::new(&u.tls_ca_file))),
+                ca_file: (!u.tls_ca_file.is_empty())
+                    .then(|| c.path(std::path::Path::new(&u.tls_ca_file))),
                 auth,
                 hostname: c.effective_hostname(),
                 timeout: std::time::Duration::from_secs(u.timeout_secs),
@@ -226,11 +285,17 @@ fn transport_for(c: &crate::config::Config, server: &str) -> Result<Arc<dyn Tran
 /// The router a configuration describes: `upstream.server` as primary and
 /// `upstream.alternate_server` (if set) as alternate.
 pub fn from_config(c: &crate::config::Config) -> Result<Router, String> {
-    let primary = transport_for(c, &c.upstream.server).map_err(|e| format!("upstream.server: {e}"))?;
-    let alternate = if c.upstream.alternate_server.is_empty() || c.upstream.protocol == crate::config::Protocol::File {
+    let primary =
+        transport_for(c, &c.upstream.server).map_err(|e| format!("upstream.server: {e}"))?;
+    let alternate = if c.upstream.alternate_server.is_empty()
+        || c.upstream.protocol == crate::config::Protocol::File
+    {
         None
     } else {
-        Some(transport_for(c, &c.upstream.alternate_server).map_err(|e| format!("upstream.alternate_server: {e}"))?)
+        Some(
+            transport_for(c, &c.upstream.alternate_server)
+                .map_err(|e| format!("upstream.alternate_server: {e}"))?,
+        )
     };
     Ok(Router::new(primary, alternate))
 }

@@ -54,7 +54,10 @@ impl Policy {
     /// capped at `retry_max`, then spread by ±25% so retries do not march in step.
     pub fn backoff(&self, attempts: u32) -> Duration {
         let exp = attempts.saturating_sub(1).min(30);
-        let base = self.retry_initial.saturating_mul(1u32 << exp).min(self.retry_max);
+        let base = self
+            .retry_initial
+            .saturating_mul(1u32 << exp)
+            .min(self.retry_max);
         base.mul_f64(rand::random_range(0.75..1.25))
     }
 }
@@ -70,12 +73,22 @@ pub enum Next {
 
 /// Record the outcome of delivering to `tried` in `meta` and decide what
 /// comes next. `age` is how long the message has been queued.
-pub fn apply(meta: &mut Meta, tried: &[String], result: &Delivery, age: Duration, policy: &Policy) -> Next {
+pub fn apply(
+    meta: &mut Meta,
+    tried: &[String],
+    result: &Delivery,
+    age: Duration,
+    policy: &Policy,
+) -> Next {
     meta.attempts += 1;
     let mut wait: Option<Duration> = None;
     let mut last: Option<String> = None;
     let mut record = |meta: &mut Meta, addr: &str, outcome: Result<(), &Failure>| {
-        let Some(r) = meta.rcpts.iter_mut().find(|r| r.addr == addr && r.status == RcptStatus::Pending) else {
+        let Some(r) = meta
+            .rcpts
+            .iter_mut()
+            .find(|r| r.addr == addr && r.status == RcptStatus::Pending)
+        else {
             return;
         };
         match outcome {
@@ -98,7 +111,11 @@ pub fn apply(meta: &mut Meta, tried: &[String], result: &Delivery, age: Duration
         Ok(per) => {
             let missing = Failure::transient("upstream gave no answer for this recipient");
             for (i, addr) in tried.iter().enumerate() {
-                record(meta, addr, per.get(i).map_or(Err(&missing), |r| r.as_ref().map(|_| ())));
+                record(
+                    meta,
+                    addr,
+                    per.get(i).map_or(Err(&missing), |r| r.as_ref().map(|_| ())),
+                );
             }
         }
         Err(f) => {
@@ -120,7 +137,11 @@ pub fn apply(meta: &mut Meta, tried: &[String], result: &Delivery, age: Duration
             age.as_secs() / 3600,
             meta.last_error.as_deref().unwrap_or("no answer")
         );
-        for r in meta.rcpts.iter_mut().filter(|r| r.status == RcptStatus::Pending) {
+        for r in meta
+            .rcpts
+            .iter_mut()
+            .filter(|r| r.status == RcptStatus::Pending)
+        {
             r.status = RcptStatus::Failed;
             r.last_error = Some(why.clone());
         }
@@ -173,7 +194,10 @@ struct Item {
 }
 
 pub(crate) fn now_unix() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 impl Scheduler {
@@ -224,7 +248,11 @@ impl Scheduler {
 
     /// The router in use.
     pub fn router(&self) -> Arc<Router> {
-        self.shared.router.read().map(|r| r.clone()).unwrap_or_else(|p| p.into_inner().clone())
+        self.shared
+            .router
+            .read()
+            .map(|r| r.clone())
+            .unwrap_or_else(|p| p.into_inner().clone())
     }
 
     /// Replace the router and policy (configuration reload).
@@ -239,7 +267,11 @@ impl Scheduler {
 
     /// Queue figures.
     pub fn stats(&self) -> QueueStats {
-        self.shared.stats.lock().map(|s| s.clone()).unwrap_or_default()
+        self.shared
+            .stats
+            .lock()
+            .map(|s| s.clone())
+            .unwrap_or_default()
     }
 
     /// The spool this scheduler drains.
@@ -248,7 +280,11 @@ impl Scheduler {
     }
 
     fn policy(&self) -> Policy {
-        self.shared.policy.read().map(|p| p.clone()).unwrap_or_else(|p| p.into_inner().clone())
+        self.shared
+            .policy
+            .read()
+            .map(|p| p.clone())
+            .unwrap_or_else(|p| p.into_inner().clone())
     }
 }
 
@@ -257,22 +293,32 @@ fn born_instant(received_at: u64) -> Instant {
     Instant::now().checked_sub(age).unwrap_or_else(Instant::now)
 }
 
-async fn run_loop(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<Cmd>, shutdown: CancellationToken) {
+async fn run_loop(
+    shared: Arc<Shared>,
+    mut rx: mpsc::UnboundedReceiver<Cmd>,
+    shutdown: CancellationToken,
+) {
     let mut items: HashMap<String, Item> = HashMap::new();
     let mut due: BTreeSet<(Instant, String)> = BTreeSet::new();
     let mut running: JoinSet<(String, Option<(Meta, Duration)>)> = JoinSet::new();
-    let sched = Scheduler { shared: shared.clone() };
+    let sched = Scheduler {
+        shared: shared.clone(),
+    };
     loop {
         // Dispatch everything due, up to the concurrency limit.
         let limit = sched.policy().concurrency.max(1);
         let now = Instant::now();
         while running.len() < limit {
-            let Some((t, id)) = due.first().cloned() else { break };
+            let Some((t, id)) = due.first().cloned() else {
+                break;
+            };
             if t > now {
                 break;
             }
             due.remove(&(t, id.clone()));
-            let Some(item) = items.get_mut(&id) else { continue };
+            let Some(item) = items.get_mut(&id) else {
+                continue;
+            };
             item.in_flight = true;
             let (meta, born, s) = (item.meta.clone(), item.born, sched.clone());
             running.spawn(async move {
@@ -281,7 +327,11 @@ async fn run_loop(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<Cmd>, shu
             });
         }
         publish_stats(&shared, &items, running.len());
-        let next = if running.len() < limit { due.first().map(|(t, _)| *t) } else { None };
+        let next = if running.len() < limit {
+            due.first().map(|(t, _)| *t)
+        } else {
+            None
+        };
         tokio::select! {
             _ = shutdown.cancelled() => break,
             cmd = rx.recv() => match cmd {
@@ -382,8 +432,17 @@ fn publish_stats(shared: &Shared, items: &HashMap<String, Item>, in_flight: usiz
     s.depth = items.len();
     s.in_flight = in_flight;
     s.deferred = items.values().filter(|i| i.meta.attempts > 0).count();
-    s.oldest_age_secs = items.values().map(|i| now.saturating_sub(i.meta.received_at)).max().unwrap_or(0);
-    if let Some(e) = items.values().filter(|i| i.meta.attempts > 0).max_by_key(|i| i.meta.attempts).and_then(|i| i.meta.last_error.clone()) {
+    s.oldest_age_secs = items
+        .values()
+        .map(|i| now.saturating_sub(i.meta.received_at))
+        .max()
+        .unwrap_or(0);
+    if let Some(e) = items
+        .values()
+        .filter(|i| i.meta.attempts > 0)
+        .max_by_key(|i| i.meta.attempts)
+        .and_then(|i| i.meta.last_error.clone())
+    {
         s.last_error = Some(e);
     }
 }
@@ -411,8 +470,16 @@ async fn attempt(s: &Scheduler, mut meta: Meta, born: Instant) -> Option<(Meta, 
         }
     };
     let outgoing = crate::message::rewrite_from(&body, &policy.sender_name, &policy.reply_to);
-    let from = if policy.reply_to.is_empty() { meta.from.clone() } else { policy.reply_to.clone() };
-    let env = Envelope { id: id.clone(), from, rcpts: meta.pending() };
+    let from = if policy.reply_to.is_empty() {
+        meta.from.clone()
+    } else {
+        policy.reply_to.clone()
+    };
+    let env = Envelope {
+        id: id.clone(),
+        from,
+        rcpts: meta.pending(),
+    };
     let router = s.router();
     let message_id = meta.message_id.clone().unwrap_or_default();
     tracing::info!(id = %id, message_id = %message_id, attempt = meta.attempts + 1, rcpts = env.rcpts.len(), "attempt");
@@ -425,8 +492,12 @@ async fn attempt(s: &Scheduler, mut meta: Meta, born: Instant) -> Option<(Meta, 
             continue;
         }
         match r.status {
-            RcptStatus::Delivered => tracing::info!(id = %id, message_id = %message_id, to = %r.addr, via = %server, "delivered"),
-            RcptStatus::Failed => tracing::warn!(id = %id, message_id = %message_id, to = %r.addr, error = r.last_error.as_deref().unwrap_or(""), "bounced"),
+            RcptStatus::Delivered => {
+                tracing::info!(id = %id, message_id = %message_id, to = %r.addr, via = %server, "delivered")
+            }
+            RcptStatus::Failed => {
+                tracing::warn!(id = %id, message_id = %message_id, to = %r.addr, error = r.last_error.as_deref().unwrap_or(""), "bounced")
+            }
             RcptStatus::Pending => {}
         }
     }
@@ -458,7 +529,9 @@ async fn attempt(s: &Scheduler, mut meta: Meta, born: Instant) -> Option<(Meta, 
             let id2 = id.clone();
             match tokio::task::spawn_blocking(move || sp.remove(&id2)).await {
                 Ok(Ok(())) => {}
-                Ok(Err(e)) => tracing::error!(id = %id, error = %e, "cannot remove delivered message"),
+                Ok(Err(e)) => {
+                    tracing::error!(id = %id, error = %e, "cannot remove delivered message")
+                }
                 Err(e) => tracing::error!(id = %id, error = %e, "remover failed"),
             }
             None
@@ -473,7 +546,13 @@ async fn queue_dsn(s: &Scheduler, meta: &Meta, body: &[u8], policy: &Policy) -> 
     let dsn_id = format!("{}-dsn", meta.id);
     let date = chrono::Utc::now().to_rfc2822();
     let text = dsn::build(meta, body, &policy.hostname, &date, &dsn_id);
-    let mut m = Meta::new(dsn_id.clone(), String::new(), vec![meta.from.clone()], text.len() as u64, now_unix());
+    let mut m = Meta::new(
+        dsn_id.clone(),
+        String::new(),
+        vec![meta.from.clone()],
+        text.len() as u64,
+        now_unix(),
+    );
     m.is_dsn = true;
     m.message_id = Some(format!("<{dsn_id}@{}>", policy.hostname));
     let spool = s.shared.spool.clone();
@@ -511,7 +590,13 @@ mod tests {
     }
 
     fn meta() -> Meta {
-        Meta::new("m1".into(), "s@x".into(), vec!["a@x".into(), "b@x".into()], 1, 0)
+        Meta::new(
+            "m1".into(),
+            "s@x".into(),
+            vec!["a@x".into(), "b@x".into()],
+            1,
+            0,
+        )
     }
 
     #[test]
@@ -519,7 +604,10 @@ mod tests {
         let p = policy();
         for (attempts, base) in [(1u32, 60u64), (2, 120), (3, 240), (10, 3600), (40, 3600)] {
             let d = p.backoff(attempts).as_secs_f64();
-            assert!(d >= base as f64 * 0.75 && d <= base as f64 * 1.25, "{attempts}: {d}");
+            assert!(
+                d >= base as f64 * 0.75 && d <= base as f64 * 1.25,
+                "{attempts}: {d}"
+            );
         }
     }
 
@@ -528,10 +616,16 @@ mod tests {
         let mut m = meta();
         let tried = m.pending();
         let r: Delivery = Ok(vec![Ok(()), Err(Failure::transient("452 4.2.2 full"))]);
-        assert!(matches!(apply(&mut m, &tried, &r, Duration::ZERO, &policy()), Next::Retry(_)));
+        assert!(matches!(
+            apply(&mut m, &tried, &r, Duration::ZERO, &policy()),
+            Next::Retry(_)
+        ));
         assert_eq!(m.pending(), ["b@x"]);
         let r: Delivery = Ok(vec![Err(Failure::permanent("550 5.1.1 unknown"))]);
-        assert_eq!(apply(&mut m, &["b@x".into()], &r, Duration::ZERO, &policy()), Next::Done);
+        assert_eq!(
+            apply(&mut m, &["b@x".into()], &r, Duration::ZERO, &policy()),
+            Next::Done
+        );
         assert_eq!(m.rcpts[1].status, RcptStatus::Failed);
         assert_eq!(m.attempts, 2);
     }
@@ -541,7 +635,10 @@ mod tests {
         let mut m = meta();
         let tried = m.pending();
         let r: Delivery = Err(Failure::server("429").with_not_before(Duration::from_secs(7200)));
-        assert_eq!(apply(&mut m, &tried, &r, Duration::ZERO, &policy()), Next::Retry(Duration::from_secs(7200)));
+        assert_eq!(
+            apply(&mut m, &tried, &r, Duration::ZERO, &policy()),
+            Next::Retry(Duration::from_secs(7200))
+        );
     }
 
     #[test]
@@ -549,16 +646,40 @@ mod tests {
         let mut m = meta();
         let tried = m.pending();
         let r: Delivery = Err(Failure::server("connection refused"));
-        assert_eq!(apply(&mut m, &tried, &r, Duration::from_secs(5 * 86400), &policy()), Next::Done);
+        assert_eq!(
+            apply(
+                &mut m,
+                &tried,
+                &r,
+                Duration::from_secs(5 * 86400),
+                &policy()
+            ),
+            Next::Done
+        );
         assert!(m.rcpts.iter().all(|r| r.status == RcptStatus::Failed));
-        assert!(m.rcpts[0].last_error.as_deref().unwrap().starts_with("gave up after 1 attempts"));
+        assert!(
+            m.rcpts[0]
+                .last_error
+                .as_deref()
+                .unwrap()
+                .starts_with("gave up after 1 attempts")
+        );
     }
 
     #[test]
     fn whole_message_permanent_failure() {
         let mut m = meta();
         let tried = m.pending();
-        assert_eq!(apply(&mut m, &tried, &Err(Failure::permanent("554 5.2.0 SendAsDenied")), Duration::ZERO, &policy()), Next::Done);
+        assert_eq!(
+            apply(
+                &mut m,
+                &tried,
+                &Err(Failure::permanent("554 5.2.0 SendAsDenied")),
+                Duration::ZERO,
+                &policy()
+            ),
+            Next::Done
+        );
         assert!(m.pending().is_empty());
     }
 }

@@ -11,7 +11,13 @@ use super::{Scheduler, now_unix};
 impl Sink for Scheduler {
     fn accept(&self, msg: Incoming) -> BoxFuture<'_, Result<(), SinkError>> {
         Box::pin(async move {
-            let mut meta = Meta::new(msg.id.clone(), msg.from.clone(), msg.rcpts.clone(), msg.body.len() as u64, now_unix());
+            let mut meta = Meta::new(
+                msg.id.clone(),
+                msg.from.clone(),
+                msg.rcpts.clone(),
+                msg.body.len() as u64,
+                now_unix(),
+            );
             meta.message_id = msg.message_id.clone();
             meta.client = msg.client.to_string();
             meta.smtputf8 = msg.smtputf8;

@@ -70,7 +70,11 @@ impl Meta {
             from,
             rcpts: rcpts
                 .into_iter()
-                .map(|addr| Rcpt { addr, status: RcptStatus::Pending, last_error: None })
+                .map(|addr| Rcpt {
+                    addr,
+                    status: RcptStatus::Pending,
+                    last_error: None,
+                })
                 .collect(),
             size,
             received_at: now,
@@ -97,7 +101,11 @@ impl Meta {
 
     /// Recipients still to be delivered.
     pub fn pending(&self) -> Vec<String> {
-        self.rcpts.iter().filter(|r| r.status == RcptStatus::Pending).map(|r| r.addr.clone()).collect()
+        self.rcpts
+            .iter()
+            .filter(|r| r.status == RcptStatus::Pending)
+            .map(|r| r.addr.clone())
+            .collect()
     }
 }
 
@@ -107,7 +115,13 @@ mod tests {
 
     #[test]
     fn json_round_trip() {
-        let mut m = Meta::new("id1".into(), "".into(), vec!["a@b".into(), "c@d".into()], 10, 5);
+        let mut m = Meta::new(
+            "id1".into(),
+            "".into(),
+            vec!["a@b".into(), "c@d".into()],
+            10,
+            5,
+        );
         m.rcpts[1].status = RcptStatus::Failed;
         m.rcpts[1].last_error = Some("550 no".into());
         let back: Meta = serde_json::from_slice(&serde_json::to_vec(&m).unwrap()).unwrap();

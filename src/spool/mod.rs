@@ -22,7 +22,11 @@ pub fn new_id() -> String {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_micros() as u64)
         .unwrap_or(0);
-    format!("{:013x}{:06x}", micros & 0x1f_ffff_ffff_ffff, rand::random::<u32>() & 0xff_ffff)
+    format!(
+        "{:013x}{:06x}",
+        micros & 0x1f_ffff_ffff_ffff,
+        rand::random::<u32>() & 0xff_ffff
+    )
 }
 
 /// True for strings that can be a queue id (and so a file name).
@@ -68,7 +72,12 @@ fn sync_dir(dir: &Path) -> io::Result<()> {
 /// Write `data` to `path` (new file, mode 0600) and fsync it.
 fn write_synced(path: &Path, data: &[u8]) -> io::Result<()> {
     use std::os::unix::fs::OpenOptionsExt;
-    let mut f = OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(path)?;
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
     f.write_all(data)?;
     f.sync_all()
 }
@@ -78,7 +87,9 @@ pub fn write_atomic(path: &Path, data: &[u8]) -> io::Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
     let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
     let tmp = dir.join(format!(".{name}.{:08x}.tmp", rand::random::<u32>()));
-    let result = write_synced(&tmp, data).and_then(|()| fs::rename(&tmp, path)).and_then(|()| sync_dir(dir));
+    let result = write_synced(&tmp, data)
+        .and_then(|()| fs::rename(&tmp, path))
+        .and_then(|()| sync_dir(dir));
     if result.is_err() {
         let _ = fs::remove_file(&tmp);
     }
@@ -167,14 +178,18 @@ impl Spool {
                 if ext == "json" {
                     self.move_aside(&format!("{stem}.eml"));
                 }
-                corrupt.push(Corrupt { name: name.clone(), reason });
+                corrupt.push(Corrupt {
+                    name: name.clone(),
+                    reason,
+                });
             }
         }
         Ok((metas, corrupt))
     }
 
     fn load_one(&self, id: &str) -> Result<Meta, String> {
-        let text = fs::read(self.meta_path(id)).map_err(|e| format!("cannot read metadata: {e}"))?;
+        let text =
+            fs::read(self.meta_path(id)).map_err(|e| format!("cannot read metadata: {e}"))?;
         let meta: Meta = serde_json::from_slice(&text).map_err(|e| format!("bad metadata: {e}"))?;
         if meta.id != id {
             return Err(format!("metadata names id {:?}", meta.id));
@@ -182,7 +197,11 @@ impl Spool {
         meta.check().map_err(|e| format!("bad metadata: {e}"))?;
         match fs::metadata(self.body_path(id)) {
             Ok(m) if m.len() == meta.size => Ok(meta),
-            Ok(m) => Err(format!("body is {} bytes, metadata says {}", m.len(), meta.size)),
+            Ok(m) => Err(format!(
+                "body is {} bytes, metadata says {}",
+                m.len(),
+                meta.size
+            )),
             Err(e) => Err(format!("body missing: {e}")),
         }
     }
@@ -210,7 +229,11 @@ impl Spool {
             let _ = fs::remove_file(self.body_path(&meta.id));
             let _ = fs::remove_file(self.tmp.join(format!("{}.eml", meta.id)));
             let _ = fs::remove_file(self.tmp.join(format!("{}.json", meta.id)));
-            return Err(if is_disk_full(&e) { SpoolError::Full(e.to_string()) } else { SpoolError::Io(e) });
+            return Err(if is_disk_full(&e) {
+                SpoolError::Full(e.to_string())
+            } else {
+                SpoolError::Io(e)
+            });
         }
         Ok(())
     }
@@ -230,8 +253,11 @@ impl Spool {
     /// Replace an entry's metadata atomically.
     pub fn update(&self, meta: &Meta) -> io::Result<()> {
         let json = serde_json::to_vec_pretty(meta).map_err(io::Error::other)?;
-        let tmp = self.tmp.join(format!("{}.json.{:08x}", meta.id, rand::random::<u32>()));
-        let result = write_synced(&tmp, &json).and_then(|()| fs::rename(&tmp, self.meta_path(&meta.id)));
+        let tmp = self
+            .tmp
+            .join(format!("{}.json.{:08x}", meta.id, rand::random::<u32>()));
+        let result =
+            write_synced(&tmp, &json).and_then(|()| fs::rename(&tmp, self.meta_path(&meta.id)));
         if result.is_err() {
             let _ = fs::remove_file(&tmp);
         }
@@ -247,7 +273,10 @@ impl Spool {
     /// Read one entry's metadata as it is on disk.
     pub fn read_meta(&self, id: &str) -> io::Result<Meta> {
         if !is_valid_id(id) {
-            return Err(io::Error::new(io::ErrorKind::InvalidInput, "not a queue id"));
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "not a queue id",
+            ));
         }
         let text = fs::read(self.meta_path(id))?;
         serde_json::from_slice(&text).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
@@ -299,7 +328,13 @@ mod tests {
     use super::*;
 
     fn meta(id: &str, body: &[u8]) -> Meta {
-        Meta::new(id.into(), "s@example.com".into(), vec!["r@example.com".into()], body.len() as u64, 1000)
+        Meta::new(
+            id.into(),
+            "s@example.com".into(),
+            vec!["r@example.com".into()],
+            body.len() as u64,
+            1000,
+        )
     }
 
     #[test]
@@ -317,7 +352,12 @@ mod tests {
         assert_eq!(s.read_body("a1").unwrap(), body);
         s.remove("a1").unwrap();
         assert_eq!(s.len(), 0);
-        assert!(fs::read_dir(dir.path().join("queue")).unwrap().next().is_none());
+        assert!(
+            fs::read_dir(dir.path().join("queue"))
+                .unwrap()
+                .next()
+                .is_none()
+        );
     }
 
     #[test]
@@ -325,7 +365,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (s, _, _) = Spool::open(dir.path(), 1).unwrap();
         s.store(&meta("a1", b"x"), b"x").unwrap();
-        assert!(matches!(s.store(&meta("a2", b"y"), b"y"), Err(SpoolError::Full(_))));
+        assert!(matches!(
+            s.store(&meta("a2", b"y"), b"y"),
+            Err(SpoolError::Full(_))
+        ));
         assert_eq!(Spool::list(dir.path()).unwrap().len(), 1);
     }
 
@@ -345,12 +388,23 @@ mod tests {
         fs::write(q.join("weird.txt"), b"x").unwrap();
         fs::write(dir.path().join("tmp").join("half.eml"), b"x").unwrap();
         let (s, loaded, bad) = Spool::open(dir.path(), 10).unwrap();
-        assert_eq!(loaded.iter().map(|m| m.id.as_str()).collect::<Vec<_>>(), ["good"]);
+        assert_eq!(
+            loaded.iter().map(|m| m.id.as_str()).collect::<Vec<_>>(),
+            ["good"]
+        );
         assert_eq!(bad.len(), 5, "{bad:?}");
         assert_eq!(s.len(), 1);
-        let left: Vec<_> = fs::read_dir(&q).unwrap().map(|e| e.unwrap().file_name()).collect();
+        let left: Vec<_> = fs::read_dir(&q)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
         assert_eq!(left.len(), 2, "{left:?}");
-        assert!(fs::read_dir(dir.path().join("tmp")).unwrap().next().is_none());
+        assert!(
+            fs::read_dir(dir.path().join("tmp"))
+                .unwrap()
+                .next()
+                .is_none()
+        );
         // A second start finds nothing more to move.
         let (_, loaded, bad) = Spool::open(dir.path(), 10).unwrap();
         assert_eq!((loaded.len(), bad.len()), (1, 0));

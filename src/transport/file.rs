@@ -27,7 +27,9 @@ impl Transport for FileTransport {
         Box::pin(async move {
             let mut data = Vec::with_capacity(message.len() + 128);
             data.extend_from_slice(format!("Return-Path: <{}>\r\n", env.from).as_bytes());
-            data.extend_from_slice(format!("X-Mailbridge-To: {}\r\n", env.rcpts.join(", ")).as_bytes());
+            data.extend_from_slice(
+                format!("X-Mailbridge-To: {}\r\n", env.rcpts.join(", ")).as_bytes(),
+            );
             data.extend_from_slice(message);
             let path = self.dir.join(format!("{}.eml", env.id));
             let dir = self.dir.clone();
@@ -38,7 +40,10 @@ impl Transport for FileTransport {
             .await;
             match written {
                 Ok(Ok(())) => Ok(env.rcpts.iter().map(|_| Ok(())).collect()),
-                Ok(Err(e)) => Err(Failure::server(format!("cannot write to outbox {}: {e}", self.dir.display()))),
+                Ok(Err(e)) => Err(Failure::server(format!(
+                    "cannot write to outbox {}: {e}",
+                    self.dir.display()
+                ))),
                 Err(e) => Err(Failure::server(format!("outbox writer failed: {e}"))),
             }
         })
@@ -46,8 +51,9 @@ impl Transport for FileTransport {
 
     fn probe(&self) -> BoxFuture<'_, Result<(), Failure>> {
         Box::pin(async move {
-            std::fs::create_dir_all(&self.dir)
-                .map_err(|e| Failure::server(format!("cannot create outbox {}: {e}", self.dir.display())))
+            std::fs::create_dir_all(&self.dir).map_err(|e| {
+                Failure::server(format!("cannot create outbox {}: {e}", self.dir.display()))
+            })
         })
     }
 }
@@ -60,10 +66,17 @@ mod tests {
     async fn writes_one_file_per_message() {
         let dir = tempfile::tempdir().unwrap();
         let t = FileTransport::new(dir.path().join("out"));
-        let env = Envelope { id: "q1".into(), from: "a@b".into(), rcpts: vec!["c@d".into(), "e@f".into()] };
+        let env = Envelope {
+            id: "q1".into(),
+            from: "a@b".into(),
+            rcpts: vec!["c@d".into(), "e@f".into()],
+        };
         let r = t.deliver(&env, b"Subject: x\r\n\r\nhi\r\n").await.unwrap();
         assert_eq!(r.len(), 2);
         let got = std::fs::read(dir.path().join("out/q1.eml")).unwrap();
-        assert_eq!(got, b"Return-Path: <a@b>\r\nX-Mailbridge-To: c@d, e@f\r\nSubject: x\r\n\r\nhi\r\n");
+        assert_eq!(
+            got,
+            b"Return-Path: <a@b>\r\nX-Mailbridge-To: c@d, e@f\r\nSubject: x\r\n\r\nhi\r\n"
+        );
     }
 }

@@ -61,15 +61,30 @@ pub struct Failure {
 impl Failure {
     /// A transient failure of the server (failover-able).
     pub fn server(text: impl Into<String>) -> Self {
-        Failure { severity: Severity::Transient, scope: Scope::Server, text: text.into(), not_before: None }
+        Failure {
+            severity: Severity::Transient,
+            scope: Scope::Server,
+            text: text.into(),
+            not_before: None,
+        }
     }
     /// A transient failure of this message only.
     pub fn transient(text: impl Into<String>) -> Self {
-        Failure { severity: Severity::Transient, scope: Scope::Message, text: text.into(), not_before: None }
+        Failure {
+            severity: Severity::Transient,
+            scope: Scope::Message,
+            text: text.into(),
+            not_before: None,
+        }
     }
     /// A permanent failure of this message or recipient.
     pub fn permanent(text: impl Into<String>) -> Self {
-        Failure { severity: Severity::Permanent, scope: Scope::Message, text: text.into(), not_before: None }
+        Failure {
+            severity: Severity::Permanent,
+            scope: Scope::Message,
+            text: text.into(),
+            not_before: None,
+        }
     }
     /// The same failure, with a minimum wait before the next attempt.
     pub fn with_not_before(mut self, wait: Duration) -> Self {

@@ -94,7 +94,13 @@ impl Daemon {
                 }
             }
         }
-        Daemon { child: Some(child), smtp: smtp.unwrap(), admin: admin.unwrap(), dir: dir.to_path_buf(), log }
+        Daemon {
+            child: Some(child),
+            smtp: smtp.unwrap(),
+            admin: admin.unwrap(),
+            dir: dir.to_path_buf(),
+            log,
+        }
     }
 
     /// Everything it logged so far.
@@ -113,7 +119,10 @@ impl Daemon {
     /// SIGTERM, then wait (at most 60 s) for a clean exit; returns its exit code.
     pub fn term(&mut self) -> Option<i32> {
         let mut c = self.child.take()?;
-        let _ = Command::new("kill").arg("-TERM").arg(c.id().to_string()).status();
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(c.id().to_string())
+            .status();
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             if let Ok(Some(st)) = c.try_wait() {
@@ -131,7 +140,10 @@ impl Daemon {
     /// Send a signal by name (e.g. "HUP").
     pub fn signal(&self, sig: &str) {
         if let Some(c) = &self.child {
-            let _ = Command::new("kill").arg(format!("-{sig}")).arg(c.id().to_string()).status();
+            let _ = Command::new("kill")
+                .arg(format!("-{sig}"))
+                .arg(c.id().to_string())
+                .status();
         }
     }
 
@@ -153,7 +165,13 @@ impl Daemon {
 
     /// Files in the spool queue directory.
     pub fn queued(&self) -> usize {
-        std::fs::read_dir(self.dir.join("spool/queue")).map(|d| d.filter_map(Result::ok).filter(|e| e.path().extension().is_some_and(|x| x == "json")).count()).unwrap_or(0)
+        std::fs::read_dir(self.dir.join("spool/queue"))
+            .map(|d| {
+                d.filter_map(Result::ok)
+                    .filter(|e| e.path().extension().is_some_and(|x| x == "json"))
+                    .count()
+            })
+            .unwrap_or(0)
     }
 }
 
@@ -162,9 +180,25 @@ pub fn cli(config: &Path, args: &[&str], admin: SocketAddr) -> (i32, String, Str
     // The config says port 0; point the CLI at the real port through a copy.
     let text = std::fs::read_to_string(config).expect("config");
     let copy = config.with_file_name("cli-config.toml");
-    std::fs::write(&copy, text.replace("[admin]\naddress = \"127.0.0.1:0\"", &format!("[admin]\naddress = \"{admin}\""))).expect("write");
-    let out = Command::new(bin()).arg("--config").arg(&copy).args(args).output().expect("run cli");
-    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+    std::fs::write(
+        &copy,
+        text.replace(
+            "[admin]\naddress = \"127.0.0.1:0\"",
+            &format!("[admin]\naddress = \"{admin}\""),
+        ),
+    )
+    .expect("write");
+    let out = Command::new(bin())
+        .arg("--config")
+        .arg(&copy)
+        .args(args)
+        .output()
+        .expect("run cli");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 impl Drop for Daemon {
@@ -176,9 +210,17 @@ impl Drop for Daemon {
 /// True when `tool` is on PATH. When it is not and MAILBRIDGE_REQUIRE_TOOLS is
 /// set (CI), fail: a missing client must not silently skip a test.
 pub fn have(tool: &str) -> bool {
-    let found = Command::new("sh").arg("-c").arg(format!("command -v {tool}")).output().map(|o| o.status.success()).unwrap_or(false);
+    let found = Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {tool}"))
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
     if !found {
-        assert!(std::env::var_os("MAILBRIDGE_REQUIRE_TOOLS").is_none(), "{tool} is required (MAILBRIDGE_REQUIRE_TOOLS is set)");
+        assert!(
+            std::env::var_os("MAILBRIDGE_REQUIRE_TOOLS").is_none(),
+            "{tool} is required (MAILBRIDGE_REQUIRE_TOOLS is set)"
+        );
         eprintln!("skipping: {tool} not installed");
     }
     found
