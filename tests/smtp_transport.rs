@@ -46,6 +46,7 @@ fn envelope(rcpts: &[&str]) -> Envelope {
         id: "q1".into(),
         from: "a@example.com".into(),
         rcpts: rcpts.iter().map(|r| r.to_string()).collect(),
+        identity: None,
     }
 }
 

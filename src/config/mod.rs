@@ -60,6 +60,8 @@ pub struct Config {
     pub upstream: Upstream,
     /// The local admin HTTP endpoint (status, failback, queue control).
     pub admin: Admin,
+    /// Local SMTP users (AUTH PLAIN/LOGIN on the listener), each mapped to an upstream identity.
+    pub users: Vec<User>,
     /// Directory the relative paths in this file are relative to (the file's own directory).
     #[serde(skip)]
     pub base_dir: PathBuf,
@@ -75,6 +77,7 @@ impl Default for Config {
             delivery: DeliveryConfig::default(),
             upstream: Upstream::default(),
             admin: Admin::default(),
+            users: Vec::new(),
             base_dir: PathBuf::from("."),
         }
     }
@@ -115,6 +118,26 @@ pub struct Listen {
     pub max_received_headers: usize,
     /// Policy for bare CR / bare LF in DATA.
     pub bare_line_endings: BareLineEndings,
+    /// Simultaneous sessions from one client IP.
+    pub max_connections_per_ip: usize,
+    /// Certificate chain (PEM) for STARTTLS and the implicit-TLS listener; empty = no TLS.
+    pub tls_cert: String,
+    /// Private key (PEM) for `tls_cert`.
+    pub tls_key: String,
+    /// Optional second listener speaking TLS from the first byte (port 465 style); empty = none.
+    pub implicit_tls_address: String,
+    /// Client networks (CIDR) allowed to connect; others get `554 5.7.1`.
+    pub allow_clients: Vec<ipnet::IpNet>,
+    /// Clients must authenticate (AUTH) before `MAIL`.
+    pub require_auth: bool,
+    /// Offer AUTH without TLS to loopback clients (never to others).
+    pub auth_cleartext_loopback: bool,
+    /// Failed AUTH attempts in one session before `421` and disconnect.
+    pub max_auth_failures: u32,
+    /// If not empty, only these envelope sender domains are accepted.
+    pub allowed_sender_domains: Vec<String>,
+    /// If not empty, only these recipient domains are accepted.
+    pub allowed_recipient_domains: Vec<String>,
 }
 
 impl Default for Listen {
@@ -130,8 +153,34 @@ impl Default for Listen {
             max_errors: 10,
             max_received_headers: 30,
             bare_line_endings: BareLineEndings::Normalize,
+            max_connections_per_ip: 20,
+            tls_cert: String::new(),
+            tls_key: String::new(),
+            implicit_tls_address: String::new(),
+            allow_clients: vec![
+                "127.0.0.0/8".parse().expect("literal"),
+                "::1/128".parse().expect("literal"),
+            ],
+            require_auth: false,
+            auth_cleartext_loopback: true,
+            max_auth_failures: 3,
+            allowed_sender_domains: Vec::new(),
+            allowed_recipient_domains: Vec::new(),
         }
     }
+}
+
+/// A local user legacy applications authenticate as (AUTH PLAIN/LOGIN).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct User {
+    /// The user name the application sends.
+    pub name: String,
+    /// Argon2 PHC hash of its password (`mailbridge hash-password` makes one).
+    pub password_hash: String,
+    /// Upstream mailbox its mail is sent as (the OAuth identity); empty = the default identity.
+    #[serde(default)]
+    pub mailbox: String,
 }
 
 /// The on-disk queue.
@@ -188,6 +237,10 @@ pub enum Protocol {
     Smtps,
     /// One `.eml` file per message in `outbox` (the runnable default; for testing).
     File,
+    /// Microsoft Graph `sendMail` with the MIME message (OAuth only).
+    Graph,
+    /// Exchange Web Services `CreateItem` with `MimeContent` (Basic or OAuth).
+    Ews,
 }
 
 /// How mailbridge authenticates upstream.
@@ -352,6 +405,33 @@ pub struct Upstream {
     pub oauth: OAuth,
     /// Proxy for upstream connections.
     pub proxy: Proxy,
+    /// Graph Endpoint (national clouds: `https://graph.microsoft.us`, `https://dod-graph.microsoft.us`, `https://microsoftgraph.chinacloudapi.cn`).
+    pub graph_endpoint: String,
+    /// EWS Connect URL, e.g. `https://mail.contoso.com/EWS/Exchange.asmx`.
+    pub connect_url: String,
+    /// Mailbox to send as (Graph, EWS, XOAUTH2 `user=`); empty = `reply_to`, else `username`.
+    pub mailbox: String,
+    /// Keep a copy in Sent Items (Graph: always with MIME; EWS: SendAndSaveCopy vs SendOnly).
+    pub save_to_sent_items: bool,
+    /// Requests (or SMTP connections) in flight per mailbox; 0 = the protocol's default
+    /// (Graph 4, EWS 27, Exchange Online SMTP 3, other SMTP unlimited).
+    pub max_in_flight: usize,
+    /// Messages per minute per mailbox; 0 = the default (30 for Exchange Online SMTP and EWS, else unlimited).
+    pub messages_per_minute: u32,
+    /// Graph accepts 4 MB per request: larger messages go `"upload"` (draft + upload session) or `"alternate"` (the alternate route).
+    pub large_messages: LargeMessages,
+    /// A complete alternate upstream, possibly another protocol (e.g. Graph primary, SMTP alternate). Overrides `alternate_server`.
+    pub alternate: Option<Box<Upstream>>,
+}
+
+/// What Graph does with messages over its 4 MB request limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LargeMessages {
+    /// Create a draft, attach through upload sessions, then send (needs Mail.ReadWrite).
+    Upload,
+    /// Hand them to the alternate route.
+    Alternate,
 }
 
 impl Default for Upstream {
@@ -376,6 +456,14 @@ impl Default for Upstream {
             outbox: "outbox".into(),
             oauth: OAuth::default(),
             proxy: Proxy::default(),
+            graph_endpoint: "https://graph.microsoft.com".into(),
+            connect_url: String::new(),
+            mailbox: String::new(),
+            save_to_sent_items: true,
+            max_in_flight: 0,
+            messages_per_minute: 0,
+            large_messages: LargeMessages::Upload,
+            alternate: None,
         }
     }
 }
@@ -461,6 +549,181 @@ pub fn parse_host_port(s: &str, default_port: u16) -> Result<HostPort, String> {
     })
 }
 
+/// Check one upstream table (`upstream` or `upstream.alternate`) and resolve its secrets.
+fn validate_upstream(u: &mut Upstream, prefix: &str, base: &Path) -> Result<(), (String, String)> {
+    let key = |k: &str| format!("{prefix}.{k}");
+    let bad = |k: &str, m: String| (key(k), m);
+    u.password = secret::resolve(
+        &key("password"),
+        u.password.expose(),
+        &u.password_env,
+        &u.password_file,
+        base,
+    )
+    .map_err(|m| bad("password", m))?;
+    let needs_auth_user = u.requires_auth;
+    match u.protocol {
+        Protocol::File => {
+            if u.outbox.as_os_str().is_empty() {
+                return Err(bad("outbox", "is empty".into()));
+            }
+        }
+        Protocol::Smtp | Protocol::Smtps => {
+            parse_host_port(&u.server, u.port).map_err(|m| bad("server", m))?;
+            if !u.alternate_server.is_empty() {
+                parse_host_port(&u.alternate_server, u.port)
+                    .map_err(|m| bad("alternate_server", m))?;
+            }
+            if needs_auth_user && u.username.is_empty() && u.mailbox.is_empty() {
+                return Err(bad(
+                    "username",
+                    "is required when requires_auth = true".into(),
+                ));
+            }
+        }
+        Protocol::Graph => {
+            if !(u.graph_endpoint.starts_with("https://")
+                || u.graph_endpoint.starts_with("http://"))
+            {
+                return Err(bad(
+                    "graph_endpoint",
+                    format!("`{}` is not an http(s) URL", u.graph_endpoint),
+                ));
+            }
+            if !u.requires_auth || u.auth != AuthKind::Oauth {
+                return Err(bad(
+                    "auth",
+                    "Microsoft Graph needs requires_auth = true and auth = \"oauth\"".into(),
+                ));
+            }
+            if u.mailbox.is_empty() && u.reply_to.is_empty() && u.username.is_empty() {
+                return Err(bad(
+                    "mailbox",
+                    "Graph needs the mailbox to send as (mailbox, reply_to or username)".into(),
+                ));
+            }
+        }
+        Protocol::Ews => {
+            if !(u.connect_url.starts_with("https://") || u.connect_url.starts_with("http://")) {
+                return Err(bad(
+                    "connect_url",
+                    format!("`{}` is not an http(s) URL", u.connect_url),
+                ));
+            }
+        }
+    }
+    if u.requires_auth && u.auth == AuthKind::Basic {
+        if u.username.is_empty() {
+            return Err(bad(
+                "username",
+                "is required when requires_auth = true".into(),
+            ));
+        }
+        if u.password.is_empty() {
+            return Err(bad(
+                "password",
+                "is required when requires_auth = true (or password_env / password_file)".into(),
+            ));
+        }
+    }
+    if !u.tls_ca_file.is_empty() && !base.join(&u.tls_ca_file).is_file() {
+        return Err(bad(
+            "tls_ca_file",
+            format!("`{}` is not a readable file", u.tls_ca_file),
+        ));
+    }
+    let o = &mut u.oauth;
+    o.client_secret = secret::resolve(
+        &key("oauth.client_secret"),
+        o.client_secret.expose(),
+        &o.client_secret_env,
+        &o.client_secret_file,
+        base,
+    )
+    .map_err(|m| bad("oauth.client_secret", m))?;
+    if u.requires_auth && u.auth == AuthKind::Oauth {
+        if o.client_id.is_empty() {
+            return Err(bad(
+                "oauth.client_id",
+                "is required when auth = \"oauth\"".into(),
+            ));
+        }
+        if o.flow == Flow::ClientCredentials && o.client_secret.is_empty() {
+            return Err(bad(
+                "oauth.client_secret",
+                "is required for flow = \"client_credentials\"".into(),
+            ));
+        }
+        if o.provider == Provider::Custom && (o.token_url.is_empty() || o.scope.is_empty()) {
+            return Err(bad(
+                "oauth.token_url",
+                "provider = \"custom\" needs token_url and scope".into(),
+            ));
+        }
+        for (k, v) in [
+            ("authorization_url", &o.authorization_url),
+            ("token_url", &o.token_url),
+            ("device_authorization_url", &o.device_authorization_url),
+            ("redirect_url", &o.redirect_url),
+        ] {
+            if !v.is_empty() && !(v.starts_with("https://") || v.starts_with("http://")) {
+                return Err(bad(
+                    &format!("oauth.{k}"),
+                    format!("`{v}` is not an http(s) URL"),
+                ));
+            }
+        }
+        if o.token_store.is_empty() {
+            return Err(bad("oauth.token_store", "is empty".into()));
+        }
+    }
+    let p = &mut u.proxy;
+    p.password = secret::resolve(
+        &key("proxy.password"),
+        p.password.expose(),
+        &p.password_env,
+        &p.password_file,
+        base,
+    )
+    .map_err(|m| bad("proxy.password", m))?;
+    if !p.url.is_empty() && !p.url.starts_with("http://") {
+        return Err(bad(
+            "proxy.url",
+            format!("`{}` is not an http:// proxy URL", p.url),
+        ));
+    }
+    if u.timeout_secs < 1 {
+        return Err(bad("timeout_secs", "must be at least 1".into()));
+    }
+    if !u.reply_to.is_empty() && !crate::address::is_valid_mailbox(&u.reply_to) {
+        return Err(bad(
+            "reply_to",
+            format!("`{}` is not an email address", u.reply_to),
+        ));
+    }
+    if !u.mailbox.is_empty() && !crate::address::is_valid_mailbox(&u.mailbox) {
+        return Err(bad(
+            "mailbox",
+            format!("`{}` is not an email address", u.mailbox),
+        ));
+    }
+    if u.sender_name.contains(['\r', '\n']) {
+        return Err(bad("sender_name", "must be one line".into()));
+    }
+    Ok(())
+}
+
+impl Upstream {
+    /// The mailbox this upstream sends as: `mailbox`, else `reply_to`, else `username`.
+    pub fn effective_mailbox(&self) -> &str {
+        [&self.mailbox, &self.reply_to, &self.username]
+            .into_iter()
+            .find(|s| !s.is_empty())
+            .map(|s| s.as_str())
+            .unwrap_or("")
+    }
+}
+
 impl Config {
     /// Read, parse, resolve secrets and validate a configuration file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
@@ -520,6 +783,70 @@ impl Config {
                 "must be at least 1024 bytes".into(),
             ));
         }
+        if l.max_connections_per_ip < 1 {
+            return Err(bad(
+                "listen.max_connections_per_ip",
+                "must be at least 1".into(),
+            ));
+        }
+        if l.tls_cert.is_empty() != l.tls_key.is_empty() {
+            return Err(bad(
+                "listen.tls_key",
+                "tls_cert and tls_key go together".into(),
+            ));
+        }
+        for (k, v) in [
+            ("listen.tls_cert", &l.tls_cert),
+            ("listen.tls_key", &l.tls_key),
+        ] {
+            if !v.is_empty() && !self.base_dir.join(v).is_file() {
+                return Err(bad(
+                    k,
+                    format!("`{v}` is not a readable file (see certs/README.md)"),
+                ));
+            }
+        }
+        if !l.implicit_tls_address.is_empty() {
+            l.implicit_tls_address.parse::<SocketAddr>().map_err(|_| {
+                bad(
+                    "listen.implicit_tls_address",
+                    format!("`{}` is not an `ip:port` address", l.implicit_tls_address),
+                )
+            })?;
+            if l.tls_cert.is_empty() {
+                return Err(bad(
+                    "listen.implicit_tls_address",
+                    "needs listen.tls_cert and listen.tls_key".into(),
+                ));
+            }
+        }
+        if l.require_auth && self.users.is_empty() {
+            return Err(bad(
+                "listen.require_auth",
+                "needs at least one [[users]] entry".into(),
+            ));
+        }
+        let mut seen = std::collections::HashSet::new();
+        for (i, u) in self.users.iter().enumerate() {
+            if u.name.is_empty() || !seen.insert(u.name.clone()) {
+                return Err(bad(
+                    &format!("users[{i}].name"),
+                    "must be non-empty and unique".into(),
+                ));
+            }
+            if !u.password_hash.starts_with("$argon2") {
+                return Err(bad(
+                    &format!("users[{i}].password_hash"),
+                    "must be an argon2 hash (`mailbridge hash-password`)".into(),
+                ));
+            }
+            if !u.mailbox.is_empty() && !crate::address::is_valid_mailbox(&u.mailbox) {
+                return Err(bad(
+                    &format!("users[{i}].mailbox"),
+                    format!("`{}` is not an email address", u.mailbox),
+                ));
+            }
+        }
         if self.spool.path.as_os_str().is_empty() {
             return Err(bad("spool.path", "is empty".into()));
         }
@@ -536,119 +863,16 @@ impl Config {
                 "must be at least retry_initial_secs, which must be at least 1".into(),
             ));
         }
-        let u = &mut self.upstream;
-        u.password = secret::resolve(
-            "upstream.password",
-            u.password.expose(),
-            &u.password_env,
-            &u.password_file,
-            &self.base_dir,
-        )
-        .map_err(|m| bad("upstream.password", m))?;
-        match u.protocol {
-            Protocol::File => {
-                if u.outbox.as_os_str().is_empty() {
-                    return Err(bad("upstream.outbox", "is empty".into()));
-                }
-            }
-            Protocol::Smtp | Protocol::Smtps => {
-                parse_host_port(&u.server, u.port).map_err(|m| bad("upstream.server", m))?;
-                if !u.alternate_server.is_empty() {
-                    parse_host_port(&u.alternate_server, u.port)
-                        .map_err(|m| bad("upstream.alternate_server", m))?;
-                }
-                if u.requires_auth && u.username.is_empty() {
-                    return Err(bad(
-                        "upstream.username",
-                        "is required when requires_auth = true".into(),
-                    ));
-                }
-                if u.requires_auth && u.auth == AuthKind::Basic && u.password.is_empty() {
-                    return Err(bad(
-                        "upstream.password",
-                        "is required when requires_auth = true (or password_env / password_file)"
-                            .into(),
-                    ));
-                }
-                if !u.tls_ca_file.is_empty() && !self.base_dir.join(&u.tls_ca_file).is_file() {
-                    return Err(bad(
-                        "upstream.tls_ca_file",
-                        format!("`{}` is not a readable file", u.tls_ca_file),
-                    ));
-                }
-            }
-        }
-        let o = &mut u.oauth;
-        o.client_secret = secret::resolve(
-            "upstream.oauth.client_secret",
-            o.client_secret.expose(),
-            &o.client_secret_env,
-            &o.client_secret_file,
-            &self.base_dir,
-        )
-        .map_err(|m| bad("upstream.oauth.client_secret", m))?;
-        if u.requires_auth && u.auth == AuthKind::Oauth {
-            if o.client_id.is_empty() {
+        let base = self.base_dir.clone();
+        validate_upstream(&mut self.upstream, "upstream", &base)?;
+        if let Some(alt) = self.upstream.alternate.as_deref_mut() {
+            if alt.alternate.is_some() {
                 return Err(bad(
-                    "upstream.oauth.client_id",
-                    "is required when auth = \"oauth\"".into(),
+                    "upstream.alternate.alternate",
+                    "an alternate cannot have its own alternate".into(),
                 ));
             }
-            if o.flow == Flow::ClientCredentials && o.client_secret.is_empty() {
-                return Err(bad(
-                    "upstream.oauth.client_secret",
-                    "is required for flow = \"client_credentials\"".into(),
-                ));
-            }
-            if o.provider == Provider::Custom && (o.token_url.is_empty() || o.scope.is_empty()) {
-                return Err(bad(
-                    "upstream.oauth.token_url",
-                    "provider = \"custom\" needs token_url and scope".into(),
-                ));
-            }
-            for (k, v) in [
-                ("authorization_url", &o.authorization_url),
-                ("token_url", &o.token_url),
-                ("device_authorization_url", &o.device_authorization_url),
-                ("redirect_url", &o.redirect_url),
-            ] {
-                if !v.is_empty() && !(v.starts_with("https://") || v.starts_with("http://")) {
-                    return Err(bad(
-                        &format!("upstream.oauth.{k}"),
-                        format!("`{v}` is not an http(s) URL"),
-                    ));
-                }
-            }
-            if o.token_store.is_empty() {
-                return Err(bad("upstream.oauth.token_store", "is empty".into()));
-            }
-        }
-        let p = &mut u.proxy;
-        p.password = secret::resolve(
-            "upstream.proxy.password",
-            p.password.expose(),
-            &p.password_env,
-            &p.password_file,
-            &self.base_dir,
-        )
-        .map_err(|m| bad("upstream.proxy.password", m))?;
-        if !p.url.is_empty() && !p.url.starts_with("http://") {
-            return Err(bad(
-                "upstream.proxy.url",
-                format!("`{}` is not an http:// proxy URL", p.url),
-            ));
-        }
-        if u.timeout_secs < 1 {
-            return Err(bad("upstream.timeout_secs", "must be at least 1".into()));
-        }
-        if !u.reply_to.is_empty() && !crate::address::is_valid_mailbox(&u.reply_to) {
-            return Err(bad(
-                "upstream.reply_to",
-                format!("`{}` is not an email address", u.reply_to),
-            ));
-        }
-        if u.sender_name.contains(['\r', '\n']) {
-            return Err(bad("upstream.sender_name", "must be one line".into()));
+            validate_upstream(alt, "upstream.alternate", &base)?;
         }
         if !self.admin.address.is_empty() {
             self.admin.address.parse::<SocketAddr>().map_err(|_| {

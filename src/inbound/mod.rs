@@ -59,6 +59,9 @@ pub struct Incoming {
     pub smtputf8: bool,
     /// `MAIL FROM ... BODY=8BITMIME` was declared.
     pub eight_bit: bool,
+    /// The local user the client authenticated as (AUTH), if any; selects
+    /// the upstream identity in the Basic-to-OAuth bridge.
+    pub auth_user: Option<String>,
 }
 
 /// Why the sink could not take a message.

@@ -414,6 +414,7 @@ impl Session {
             message_id: Some(message_id),
             smtputf8: tx.smtputf8,
             eight_bit: tx.eight_bit,
+            auth_user: None,
         })
     }
 }

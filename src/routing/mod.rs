@@ -193,6 +193,7 @@ mod tests {
             id: "1".into(),
             from: "a@b".into(),
             rcpts: vec!["c@d".into()],
+            identity: None,
         }
     }
 
@@ -248,11 +249,14 @@ mod tests {
     }
 }
 
-/// Build the transport for one server of the configuration.
-fn transport_for(c: &crate::config::Config, server: &str) -> Result<Arc<dyn Transport>, String> {
+/// Build the transport for one server of an upstream table.
+fn transport_for(
+    c: &crate::config::Config,
+    u: &crate::config::Upstream,
+    server: &str,
+) -> Result<Arc<dyn Transport>, String> {
     use crate::config::Protocol;
     use crate::transport::smtp::{SmtpAuth, SmtpSettings, SmtpTransport};
-    let u = &c.upstream;
     match u.protocol {
         Protocol::File => Ok(Arc::new(crate::transport::file::FileTransport::new(
             c.path(&u.outbox),
@@ -279,23 +283,34 @@ fn transport_for(c: &crate::config::Config, server: &str) -> Result<Arc<dyn Tran
             };
             Ok(Arc::new(SmtpTransport::new(settings)?))
         }
+        Protocol::Graph | Protocol::Ews => Err(format!(
+            "protocol {:?} is not available in this build yet",
+            u.protocol
+        )
+        .to_lowercase()),
     }
 }
 
-/// The router a configuration describes: `upstream.server` as primary and
-/// `upstream.alternate_server` (if set) as alternate.
+/// The router a configuration describes: `[upstream]` as primary, and as
+/// alternate either `[upstream.alternate]` (any protocol) or
+/// `upstream.alternate_server` with the primary's settings.
 pub fn from_config(c: &crate::config::Config) -> Result<Router, String> {
-    let primary =
-        transport_for(c, &c.upstream.server).map_err(|e| format!("upstream.server: {e}"))?;
-    let alternate = if c.upstream.alternate_server.is_empty()
-        || c.upstream.protocol == crate::config::Protocol::File
+    let u = &c.upstream;
+    let primary = transport_for(c, u, &u.server).map_err(|e| format!("upstream: {e}"))?;
+    let alternate = if let Some(alt) = u.alternate.as_deref() {
+        Some(transport_for(c, alt, &alt.server).map_err(|e| format!("upstream.alternate: {e}"))?)
+    } else if !u.alternate_server.is_empty()
+        && matches!(
+            u.protocol,
+            crate::config::Protocol::Smtp | crate::config::Protocol::Smtps
+        )
     {
-        None
-    } else {
         Some(
-            transport_for(c, &c.upstream.alternate_server)
+            transport_for(c, u, &u.alternate_server)
                 .map_err(|e| format!("upstream.alternate_server: {e}"))?,
         )
+    } else {
+        None
     };
     Ok(Router::new(primary, alternate))
 }

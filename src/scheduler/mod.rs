@@ -34,6 +34,8 @@ pub struct Policy {
     pub sender_name: String,
     /// Address outgoing mail is sent from (seed: Reply to); empty = unchanged.
     pub reply_to: String,
+    /// Local user name → upstream mailbox (the Basic-to-OAuth bridge).
+    pub identities: std::collections::HashMap<String, String>,
 }
 
 impl Policy {
@@ -47,6 +49,11 @@ impl Policy {
             hostname: c.effective_hostname(),
             sender_name: c.upstream.sender_name.clone(),
             reply_to: c.upstream.reply_to.clone(),
+            identities: c
+                .users
+                .iter()
+                .map(|u| (u.name.clone(), u.mailbox.clone()))
+                .collect(),
         }
     }
 
@@ -475,10 +482,17 @@ async fn attempt(s: &Scheduler, mut meta: Meta, born: Instant) -> Option<(Meta, 
     } else {
         policy.reply_to.clone()
     };
+    let identity = meta
+        .auth_user
+        .as_ref()
+        .and_then(|u| policy.identities.get(u))
+        .filter(|m| !m.is_empty())
+        .cloned();
     let env = Envelope {
         id: id.clone(),
         from,
         rcpts: meta.pending(),
+        identity,
     };
     let router = s.router();
     let message_id = meta.message_id.clone().unwrap_or_default();
@@ -586,6 +600,7 @@ mod tests {
             hostname: "relay.test".into(),
             sender_name: String::new(),
             reply_to: String::new(),
+            identities: Default::default(),
         }
     }
 

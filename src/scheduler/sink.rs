@@ -21,6 +21,7 @@ impl Sink for Scheduler {
             meta.message_id = msg.message_id.clone();
             meta.client = msg.client.to_string();
             meta.smtputf8 = msg.smtputf8;
+            meta.auth_user = msg.auth_user.clone();
             let spool: Arc<_> = self.spool().clone();
             let m = meta.clone();
             let stored = tokio::task::spawn_blocking(move || spool.store(&m, &msg.body)).await;

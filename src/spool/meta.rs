@@ -60,6 +60,9 @@ pub struct Meta {
     /// This message is a delivery status notification we generated.
     #[serde(default)]
     pub is_dsn: bool,
+    /// The local user the client authenticated as, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auth_user: Option<String>,
 }
 
 impl Meta {
@@ -85,6 +88,7 @@ impl Meta {
             client: String::new(),
             smtputf8: false,
             is_dsn: false,
+            auth_user: None,
         }
     }
 

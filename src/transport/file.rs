@@ -70,6 +70,7 @@ mod tests {
             id: "q1".into(),
             from: "a@b".into(),
             rcpts: vec!["c@d".into(), "e@f".into()],
+            identity: None,
         };
         let r = t.deliver(&env, b"Subject: x\r\n\r\nhi\r\n").await.unwrap();
         assert_eq!(r.len(), 2);

@@ -19,6 +19,9 @@ pub struct Envelope {
     pub from: String,
     /// Recipients still pending for this attempt, in envelope order.
     pub rcpts: Vec<String>,
+    /// The upstream identity (mailbox) to send as, when a local user maps to
+    /// one; `None` = the configured default identity.
+    pub identity: Option<String>,
 }
 
 /// Whether retrying later can help.
