@@ -9,12 +9,14 @@ pub mod address;
 pub mod admin;
 pub mod cli;
 pub mod config;
+pub mod http;
 pub mod inbound;
 pub mod message;
 pub mod oauth;
 pub mod routing;
 pub mod scheduler;
 pub mod spool;
+pub mod tls;
 pub mod transport;
 
 use std::path::{Path, PathBuf};

@@ -13,14 +13,12 @@
 //! [`Failure::permanent`].
 
 use std::io;
-use std::path::Path;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
-use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, ServerName};
+use rustls_pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -140,7 +138,9 @@ impl SmtpTransport {
                 settings.server.host
             )
         })?;
-        let tls = tokio_rustls::TlsConnector::from(tls_config(settings.ca_file.as_deref())?);
+        let tls = tokio_rustls::TlsConnector::from(crate::tls::client_config(
+            settings.ca_file.as_deref(),
+        )?);
         Ok(SmtpTransport {
             settings,
             tls,
@@ -541,37 +541,6 @@ impl Transport for SmtpTransport {
     fn probe(&self) -> BoxFuture<'_, Result<(), Failure>> {
         Box::pin(self.probe_inner())
     }
-}
-
-/// The TLS client configuration: ring provider (never a process default),
-/// TLS 1.2 and 1.3, webpki roots plus the optional extra CA file.
-fn tls_config(ca_file: Option<&Path>) -> Result<Arc<rustls::ClientConfig>, String> {
-    let mut roots = rustls::RootCertStore::empty();
-    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
-    if let Some(path) = ca_file {
-        let name = path.display();
-        let certs =
-            CertificateDer::pem_file_iter(path).map_err(|e| format!("ca_file `{name}`: {e}"))?;
-        let mut found = 0;
-        for cert in certs {
-            let cert = cert.map_err(|e| format!("ca_file `{name}`: {e}"))?;
-            roots
-                .add(cert)
-                .map_err(|e| format!("ca_file `{name}`: unusable certificate: {e}"))?;
-            found += 1;
-        }
-        if found == 0 {
-            return Err(format!("ca_file `{name}`: no PEM certificate in it"));
-        }
-    }
-    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
-    .map_err(|e| format!("TLS setup: {e}"))?
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    Ok(Arc::new(config))
 }
 
 /// True for addresses that would break the command line they go into.
