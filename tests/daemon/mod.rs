@@ -225,3 +225,61 @@ pub fn have(tool: &str) -> bool {
     }
     found
 }
+
+/// Send one message over SMTP with a blocking socket; returns the final
+/// reply line after DATA (or the first failing reply).
+pub fn smtp_send(addr: SocketAddr, from: &str, rcpts: &[&str], body: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("timeout");
+    let mut buf = Vec::new();
+    let mut reply = |s: &mut std::net::TcpStream| -> String {
+        // Read until a complete final reply line ("ddd " + CRLF).
+        loop {
+            if let Some(pos) = buf.windows(2).position(|w| w == b"\r\n") {
+                let line: Vec<u8> = buf.drain(..pos + 2).collect();
+                let line = String::from_utf8_lossy(&line).trim_end().to_string();
+                if line.len() < 4 || line.as_bytes()[3] != b'-' {
+                    return line;
+                }
+                continue;
+            }
+            let mut chunk = [0u8; 4096];
+            match s.read(&mut chunk) {
+                Ok(0) | Err(_) => return String::from("(closed)"),
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+    };
+    let greet = reply(&mut s);
+    assert!(greet.starts_with("220"), "{greet}");
+    let mut cmd = |s: &mut std::net::TcpStream, c: &str| {
+        s.write_all(format!("{c}\r\n").as_bytes()).expect("write");
+    };
+    cmd(&mut s, "EHLO client.test");
+    let r = reply(&mut s);
+    assert!(r.starts_with("250"), "{r}");
+    cmd(&mut s, &format!("MAIL FROM:<{from}>"));
+    let r = reply(&mut s);
+    if !r.starts_with("250") {
+        return r;
+    }
+    for rcpt in rcpts {
+        cmd(&mut s, &format!("RCPT TO:<{rcpt}>"));
+        let r = reply(&mut s);
+        if !r.starts_with("250") {
+            return r;
+        }
+    }
+    cmd(&mut s, "DATA");
+    let r = reply(&mut s);
+    if !r.starts_with("354") {
+        return r;
+    }
+    s.write_all(body.as_bytes()).expect("write body");
+    s.write_all(b"\r\n.\r\n").expect("write end");
+    let r = reply(&mut s);
+    cmd(&mut s, "QUIT");
+    r
+}
