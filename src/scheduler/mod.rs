@@ -1,6 +1,7 @@
 //! The one owner of "what is due when": it hands due messages to the router, applies each attempt's outcome to the spool, retries with backoff and jitter, and bounces what fails for good.
 
 pub mod dsn;
+pub mod governor;
 pub mod sink;
 
 use std::collections::{BTreeSet, HashMap};
@@ -169,6 +170,9 @@ pub struct QueueStats {
     pub deferred: usize,
     /// Age of the oldest message, in seconds.
     pub oldest_age_secs: u64,
+    /// When the oldest message arrived (Unix seconds).
+    #[serde(skip)]
+    pub oldest_received_at: u64,
     /// The most recent delivery failure.
     pub last_error: Option<String>,
 }
@@ -272,13 +276,18 @@ impl Scheduler {
         }
     }
 
-    /// Queue figures.
+    /// Queue figures (counts may lag by up to half a second on a large queue).
     pub fn stats(&self) -> QueueStats {
-        self.shared
+        let mut s = self
+            .shared
             .stats
             .lock()
             .map(|s| s.clone())
-            .unwrap_or_default()
+            .unwrap_or_default();
+        if s.depth > 0 {
+            s.oldest_age_secs = now_unix().saturating_sub(s.oldest_received_at);
+        }
+        s
     }
 
     /// The spool this scheduler drains.
@@ -311,6 +320,8 @@ async fn run_loop(
     let sched = Scheduler {
         shared: shared.clone(),
     };
+    let mut dirty = true;
+    let mut last_publish = Instant::now();
     loop {
         // Dispatch everything due, up to the concurrency limit.
         let limit = sched.policy().concurrency.max(1);
@@ -333,7 +344,13 @@ async fn run_loop(
                 (id, outcome)
             });
         }
-        publish_stats(&shared, &items, running.len());
+        // Publishing walks the whole queue: on a large queue do it at most
+        // twice a second, so a backlog does not make every event O(n).
+        if dirty && (items.len() <= 2000 || last_publish.elapsed() >= PUBLISH_EVERY) {
+            publish_stats(&shared, &items, running.len());
+            last_publish = Instant::now();
+            dirty = false;
+        }
         let next = if running.len() < limit {
             due.first().map(|(t, _)| *t)
         } else {
@@ -406,7 +423,9 @@ async fn run_loop(
                 }
             }
             _ = sleep_until_opt(next) => {}
+            _ = tokio::time::sleep_until(last_publish + PUBLISH_EVERY), if dirty => {}
         }
+        dirty = true;
     }
     // Shutdown: let attempts in flight finish so their outcome is recorded.
     let grace = tokio::time::sleep(Duration::from_secs(30));
@@ -430,8 +449,10 @@ async fn sleep_until_opt(t: Option<Instant>) {
     }
 }
 
+/// How often queue figures are refreshed at most, on a large queue.
+const PUBLISH_EVERY: Duration = Duration::from_millis(500);
+
 fn publish_stats(shared: &Shared, items: &HashMap<String, Item>, in_flight: usize) {
-    let now = now_unix();
     let mut s = match shared.stats.lock() {
         Ok(s) => s,
         Err(p) => p.into_inner(),
@@ -439,11 +460,12 @@ fn publish_stats(shared: &Shared, items: &HashMap<String, Item>, in_flight: usiz
     s.depth = items.len();
     s.in_flight = in_flight;
     s.deferred = items.values().filter(|i| i.meta.attempts > 0).count();
-    s.oldest_age_secs = items
+    s.oldest_received_at = items
         .values()
-        .map(|i| now.saturating_sub(i.meta.received_at))
-        .max()
+        .map(|i| i.meta.received_at)
+        .min()
         .unwrap_or(0);
+    s.oldest_age_secs = 0;
     if let Some(e) = items
         .values()
         .filter(|i| i.meta.attempts > 0)
