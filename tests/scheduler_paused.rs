@@ -1,0 +1,206 @@
+//! The scheduler against a scripted transport, on paused time: retries follow the backoff, Retry-After is honoured, and a give-up sends exactly one DSN through the same route.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use mailbridge::routing::Router;
+use mailbridge::scheduler::{Policy, Scheduler};
+use mailbridge::spool::{Meta, Spool};
+use mailbridge::transport::{BoxFuture, Delivery, Envelope, Failure, Transport};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+/// Answers from a script (the last answer repeats) and records each call.
+struct Scripted {
+    answers: Mutex<Vec<fn(&Envelope) -> Delivery>>,
+    calls: Mutex<Vec<(Instant, Envelope, Vec<u8>)>>,
+}
+
+impl Scripted {
+    fn new(answers: Vec<fn(&Envelope) -> Delivery>) -> Arc<Self> {
+        Arc::new(Scripted {
+            answers: Mutex::new(answers),
+            calls: Mutex::new(Vec::new()),
+        })
+    }
+    fn calls(&self) -> Vec<(Instant, Envelope, Vec<u8>)> {
+        self.calls.lock().unwrap().clone()
+    }
+}
+
+impl Transport for Scripted {
+    fn describe(&self) -> String {
+        "scripted://".into()
+    }
+    fn deliver<'a>(&'a self, env: &'a Envelope, message: &'a [u8]) -> BoxFuture<'a, Delivery> {
+        self.calls
+            .lock()
+            .unwrap()
+            .push((Instant::now(), env.clone(), message.to_vec()));
+        let mut a = self.answers.lock().unwrap();
+        let f = if a.len() > 1 { a.remove(0) } else { a[0] };
+        let r = f(env);
+        Box::pin(async move { r })
+    }
+    fn probe(&self) -> BoxFuture<'_, Result<(), Failure>> {
+        Box::pin(async { Ok(()) })
+    }
+}
+
+fn policy(give_up: u64) -> Policy {
+    Policy {
+        retry_initial: Duration::from_secs(60),
+        retry_max: Duration::from_secs(600),
+        give_up_after: Duration::from_secs(give_up),
+        concurrency: 2,
+        hostname: "relay.test".into(),
+        sender_name: String::new(),
+        reply_to: String::new(),
+        identities: Default::default(),
+    }
+}
+
+fn all_ok(env: &Envelope) -> Delivery {
+    Ok(env.rcpts.iter().map(|_| Ok(())).collect())
+}
+
+async fn start(
+    t: Arc<Scripted>,
+    p: Policy,
+) -> (Scheduler, Arc<Spool>, tempfile::TempDir, CancellationToken) {
+    let dir = tempfile::tempdir().unwrap();
+    let (spool, loaded, _) = Spool::open(dir.path(), 100).unwrap();
+    let spool = Arc::new(spool);
+    let stop = CancellationToken::new();
+    let (s, _task) = Scheduler::start(
+        spool.clone(),
+        Arc::new(Router::new(t, None)),
+        p,
+        loaded,
+        stop.clone(),
+    );
+    (s, spool, dir, stop)
+}
+
+fn enqueue(s: &Scheduler, spool: &Spool, id: &str, from: &str, rcpts: &[&str]) {
+    let body = b"From: app@legacy.local\r\nSubject: paused\r\n\r\nhello\r\n";
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let meta = Meta::new(
+        id.into(),
+        from.into(),
+        rcpts.iter().map(|r| r.to_string()).collect(),
+        body.len() as u64,
+        now,
+    );
+    spool.store(&meta, body).unwrap();
+    s.enqueue(meta);
+}
+
+async fn until(mut f: impl FnMut() -> bool) {
+    for _ in 0..100_000 {
+        if f() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    panic!("condition never became true");
+}
+
+#[tokio::test(start_paused = true)]
+async fn transient_failures_are_retried_with_backoff_then_delivered() {
+    let t = Scripted::new(vec![
+        |_| Err(Failure::server("421 4.3.2 busy")),
+        |_| Err(Failure::transient("451 4.3.0 later")),
+        all_ok,
+    ]);
+    let (s, spool, _dir, stop) = start(t.clone(), policy(86400)).await;
+    enqueue(&s, &spool, "m1", "app@legacy.local", &["a@x.test"]);
+    until(|| t.calls().len() == 3 && spool.is_empty()).await;
+    let c = t.calls();
+    let gap1 = c[1].0 - c[0].0;
+    let gap2 = c[2].0 - c[1].0;
+    assert!(
+        gap1 >= Duration::from_secs(45) && gap1 <= Duration::from_secs(76),
+        "{gap1:?}"
+    );
+    assert!(
+        gap2 >= Duration::from_secs(90) && gap2 <= Duration::from_secs(151),
+        "{gap2:?}"
+    );
+    assert_eq!(c[2].1.rcpts, ["a@x.test"]);
+    stop.cancel();
+}
+
+#[tokio::test(start_paused = true)]
+async fn retry_after_pushes_the_next_attempt_out() {
+    let t = Scripted::new(vec![
+        |_| Err(Failure::transient("429 throttled").with_not_before(Duration::from_secs(1800))),
+        all_ok,
+    ]);
+    let (s, spool, _dir, stop) = start(t.clone(), policy(86400)).await;
+    enqueue(&s, &spool, "m2", "app@legacy.local", &["a@x.test"]);
+    until(|| t.calls().len() == 2).await;
+    let c = t.calls();
+    assert!(c[1].0 - c[0].0 >= Duration::from_secs(1800));
+    stop.cancel();
+}
+
+#[tokio::test(start_paused = true)]
+async fn give_up_sends_one_dsn_through_the_same_route() {
+    // Everything to x.test fails transiently forever; the sender's domain works.
+    let t = Scripted::new(vec![|env| {
+        if env.rcpts.iter().any(|r| r.ends_with("@x.test")) {
+            Err(Failure::server("connection refused"))
+        } else {
+            all_ok(env)
+        }
+    }]);
+    let (s, spool, _dir, stop) = start(t.clone(), policy(3600)).await;
+    enqueue(
+        &s,
+        &spool,
+        "m3",
+        "app@legacy.local",
+        &["a@x.test", "b@x.test"],
+    );
+    until(|| t.calls().iter().any(|c| c.1.from.is_empty())).await;
+    until(|| spool.is_empty()).await;
+    let calls = t.calls();
+    let dsns: Vec<_> = calls.iter().filter(|c| c.1.from.is_empty()).collect();
+    assert_eq!(dsns.len(), 1, "exactly one DSN");
+    assert_eq!(dsns[0].1.rcpts, ["app@legacy.local"]);
+    let text = String::from_utf8_lossy(&dsns[0].2);
+    assert!(
+        text.contains("Final-Recipient: rfc822; a@x.test")
+            && text.contains("Final-Recipient: rfc822; b@x.test"),
+        "{text}"
+    );
+    assert!(
+        text.contains("Status: 4.4.7") && text.contains("gave up after"),
+        "{text}"
+    );
+    // Attempts stopped once the message was given up.
+    let attempts = calls.iter().filter(|c| !c.1.from.is_empty()).count();
+    tokio::time::sleep(Duration::from_secs(7200)).await;
+    assert_eq!(
+        t.calls().iter().filter(|c| !c.1.from.is_empty()).count(),
+        attempts
+    );
+    stop.cancel();
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failing_dsn_is_never_bounced_again() {
+    let t = Scripted::new(vec![|_| Err(Failure::permanent("550 5.1.1 no such user"))]);
+    let (s, spool, _dir, stop) = start(t.clone(), policy(3600)).await;
+    enqueue(&s, &spool, "m4", "app@legacy.local", &["a@x.test"]);
+    until(|| t.calls().len() == 2 && spool.is_empty()).await;
+    tokio::time::sleep(Duration::from_secs(7200)).await;
+    let calls = t.calls();
+    assert_eq!(calls.len(), 2, "the message, then its DSN, then nothing");
+    assert!(calls[1].1.from.is_empty());
+    stop.cancel();
+}
