@@ -55,7 +55,20 @@ impl Daemon {
     /// Start `mailbridge run` with `dir/config.toml` and wait (at most 30 s)
     /// until both listeners are up.
     pub fn start(dir: &Path) -> Daemon {
-        let mut child = Command::new(bin())
+        Daemon::start_wrapped(dir, &[])
+    }
+
+    /// Like `start`, with the binary run under `wrapper` (e.g. `fiu-run -x`).
+    pub fn start_wrapped(dir: &Path, wrapper: &[&str]) -> Daemon {
+        let mut cmd = match wrapper.split_first() {
+            Some((first, rest)) => {
+                let mut c = Command::new(first);
+                c.args(rest).arg(bin());
+                c
+            }
+            None => Command::new(bin()),
+        };
+        let mut child = cmd
             .arg("--config")
             .arg(dir.join("config.toml"))
             .arg("run")
@@ -135,6 +148,11 @@ impl Daemon {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(|c| c.id()).unwrap_or(0)
     }
 
     /// Send a signal by name (e.g. "HUP").

@@ -1,0 +1,68 @@
+//! Injected storage faults on the real binary (libfiu's `fiu-run`): a failing fsync answers `451`, a full disk `452`, nothing half-written stays in the spool, and the process keeps serving.
+
+mod daemon;
+
+use daemon::{Daemon, have, smtp_send, write_config};
+use std::process::Command;
+
+const MSG: &str = "From: app@legacy.local\r\nSubject: fault\r\n\r\nhello\r\n";
+
+fn fiu_ctrl(pid: u32, ctrl: &str, command: &str) {
+    let st = Command::new("fiu-ctrl")
+        .args(["-f", ctrl, "-c", command, &pid.to_string()])
+        .status()
+        .expect("fiu-ctrl");
+    assert!(st.success(), "fiu-ctrl {command}");
+}
+
+fn spool_files(d: &Daemon) -> usize {
+    ["spool/queue", "spool/tmp"]
+        .iter()
+        .map(|p| {
+            std::fs::read_dir(d.dir.join(p))
+                .map(|r| r.count())
+                .unwrap_or(0)
+        })
+        .sum()
+}
+
+#[test]
+fn fsync_failure_gives_451_and_leaves_nothing() {
+    if !have("fiu-run") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    // Deliveries would remove files; an unreachable upstream keeps accepted mail queued.
+    write_config(
+        dir.path(),
+        "protocol = \"smtp\"\nserver = \"127.0.0.1:9\"\ntls = false\ntimeout_secs = 1",
+    );
+    let ctrl = dir.path().join("fiu").display().to_string();
+    let d = Daemon::start_wrapped(dir.path(), &["fiu-run", "-x", "-f", &ctrl]);
+    let r = smtp_send(d.smtp, "app@legacy.local", &["a@example.com"], MSG);
+    assert!(r.starts_with("250"), "{r}");
+    let before = spool_files(&d);
+    assert_eq!(before, 2, "one committed entry: .eml + .json");
+
+    fiu_ctrl(d.pid(), &ctrl, "enable name=posix/io/sync/fsync,failinfo=5");
+    let r = smtp_send(d.smtp, "app@legacy.local", &["b@example.com"], MSG);
+    assert!(r.starts_with("451 4.3.0"), "{r}");
+    assert_eq!(spool_files(&d), before, "no half entry");
+
+    fiu_ctrl(
+        d.pid(),
+        &ctrl,
+        "enable name=posix/io/sync/fsync,failinfo=28",
+    );
+    let r = smtp_send(d.smtp, "app@legacy.local", &["c@example.com"], MSG);
+    assert!(
+        r.starts_with("452 4.3.1"),
+        "ENOSPC is 'insufficient storage': {r}"
+    );
+    assert_eq!(spool_files(&d), before);
+
+    fiu_ctrl(d.pid(), &ctrl, "disable name=posix/io/sync/fsync");
+    let r = smtp_send(d.smtp, "app@legacy.local", &["d@example.com"], MSG);
+    assert!(r.starts_with("250"), "still serving after the faults: {r}");
+    assert_eq!(spool_files(&d), before + 2);
+}
