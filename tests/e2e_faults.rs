@@ -66,3 +66,60 @@ fn fsync_failure_gives_451_and_leaves_nothing() {
     assert!(r.starts_with("250"), "still serving after the faults: {r}");
     assert_eq!(spool_files(&d), before + 2);
 }
+
+#[test]
+fn the_250_is_written_only_after_the_spool_is_synced() {
+    if !have("strace") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    write_config(
+        dir.path(),
+        "protocol = \"smtp\"\nserver = \"127.0.0.1:9\"\ntls = false\ntimeout_secs = 1",
+    );
+    let trace = dir.path().join("trace.txt").display().to_string();
+    let d = Daemon::start_wrapped(
+        dir.path(),
+        &[
+            "strace",
+            "-f",
+            "-y",
+            "-qq",
+            "-s",
+            "200",
+            "-e",
+            "trace=fsync,fdatasync,rename,renameat,renameat2,write,sendto,writev",
+            "-o",
+            &trace,
+        ],
+    );
+    let r = smtp_send(d.smtp, "app@legacy.local", &["a@example.com"], MSG);
+    assert!(r.starts_with("250 2.0.0 Ok: queued as "), "{r}");
+    let id = r.rsplit(' ').next().unwrap().to_string();
+    drop(d);
+    let text = std::fs::read_to_string(&trace).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    let pos = |what: &dyn Fn(&str) -> bool| lines.iter().position(|l| what(l));
+    let reply = pos(&|l: &str| l.contains(&format!("250 2.0.0 Ok: queued as {id}")))
+        .expect("the 250 write");
+    let body_sync = pos(&|l: &str| l.contains("fsync(") && l.contains(&format!("tmp/{id}.eml")))
+        .expect("fsync of the body");
+    let meta_sync = pos(&|l: &str| l.contains("fsync(") && l.contains(&format!("tmp/{id}.json")))
+        .expect("fsync of the metadata");
+    let commit = pos(&|l: &str| l.contains("rename") && l.contains(&format!("queue/{id}.json")))
+        .expect("rename into queue/");
+    let dir_sync = lines
+        .iter()
+        .enumerate()
+        .position(|(i, l)| i > commit && l.contains("fsync(") && l.contains("/queue>"))
+        .expect("fsync of queue/");
+    assert!(
+        body_sync < commit && meta_sync < commit,
+        "files synced before the rename"
+    );
+    assert!(
+        commit < dir_sync && dir_sync < reply,
+        "directory synced after the rename and before the 250:\n{}",
+        &lines[body_sync.min(commit)..=reply].join("\n")
+    );
+}
