@@ -301,3 +301,72 @@ async fn wait(d: &Daemon, what: &str, mut check: impl FnMut() -> bool) {
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn automatic_probe_and_sighup_return_to_the_primary() {
+    let primary = FakeSmtp::start(FakeConfig::default().fault(
+        Stage::Greeting,
+        Fault::reply("421 4.3.2 Service not available"),
+    ))
+    .await;
+    let alternate = FakeSmtp::start(FakeConfig::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    write_config(
+        dir.path(),
+        &smtp_upstream(
+            &primary.addr().to_string(),
+            &format!(
+                "alternate_server = \"{}\"\nfailback_probe_secs = 1",
+                alternate.addr()
+            ),
+        ),
+    );
+    let path = dir.path().to_path_buf();
+    let d = std::sync::Arc::new(blocking(move || Daemon::start(&path)).await);
+    let d2 = d.clone();
+    let r =
+        blocking(move || smtp_send(d2.smtp, "app@legacy.local", &["user@example.com"], MSG)).await;
+    assert!(r.starts_with("250"), "{r}");
+    wait(&d, "delivery via the alternate", || {
+        alternate.messages().len() == 1
+    })
+    .await;
+    let route = |d: &Daemon| -> String {
+        let (_, out, _) = d.cli(&["status"]);
+        serde_json::from_str::<serde_json::Value>(&out)
+            .map(|v| v["route"]["active"].as_str().unwrap_or("").to_string())
+            .unwrap_or_default()
+    };
+    assert_eq!(route(&d), "alternate");
+    // Still down: the probe keeps us on the alternate.
+    wait(&d, "a failed probe", || primary.connections() >= 3).await;
+    assert_eq!(route(&d), "alternate");
+    // Up again: the probe brings us back.
+    primary.clear_faults();
+    wait(&d, "the probe to fail back", || route(&d) == "primary").await;
+    assert!(
+        d.log().contains("primary answered the automatic probe"),
+        "{}",
+        d.log()
+    );
+
+    // SIGHUP: reload, and back to the primary from wherever we are.
+    primary.set_fault(
+        Stage::Greeting,
+        Fault::reply("421 4.3.2 Service not available"),
+    );
+    let d2 = d.clone();
+    let r =
+        blocking(move || smtp_send(d2.smtp, "app@legacy.local", &["user@example.com"], MSG)).await;
+    assert!(r.starts_with("250"), "{r}");
+    wait(&d, "the second failover", || {
+        alternate.messages().len() == 2
+    })
+    .await;
+    d.signal("HUP");
+    wait(&d, "the reload", || {
+        d.log().contains("configuration reloaded")
+    })
+    .await;
+    assert_eq!(route(&d), "primary");
+}
