@@ -5,6 +5,7 @@ mod daemon;
 
 use common::fake_smtp::{FakeConfig, FakeSmtp, Fault, Stage};
 use daemon::{Daemon, smtp_send, write_config};
+use std::sync::Arc;
 
 const MSG: &str =
     "From: App <app@legacy.local>\r\nTo: user@example.com\r\nSubject: e2e\r\n\r\nhello\r\n";
@@ -18,29 +19,40 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> 
     tokio::task::spawn_blocking(f).await.expect("blocking task")
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn fails_over_to_the_alternate_stays_there_and_fails_back() {
-    let primary = FakeSmtp::start(FakeConfig::default().fault(
-        Stage::Greeting,
-        Fault::reply("421 4.3.2 Service not available"),
-    ))
-    .await;
-    let alternate = FakeSmtp::start(FakeConfig::default()).await;
+/// Write the config into a new temp dir and start the daemon there.
+async fn start(upstream: String) -> (tempfile::TempDir, Arc<Daemon>) {
     let dir = tempfile::tempdir().unwrap();
-    write_config(
-        dir.path(),
-        &smtp_upstream(
-            &primary.addr().to_string(),
-            &format!("alternate_server = \"{}\"", alternate.addr()),
-        ),
-    );
+    write_config(dir.path(), &upstream);
     let path = dir.path().to_path_buf();
     let d = blocking(move || Daemon::start(&path)).await;
-    let d = std::sync::Arc::new(d);
+    (dir, Arc::new(d))
+}
 
-    let d2 = d.clone();
-    let r =
-        blocking(move || smtp_send(d2.smtp, "app@legacy.local", &["user@example.com"], MSG)).await;
+/// Send `MSG` through the daemon; returns the final reply.
+async fn send(d: &Arc<Daemon>, from: &'static str, rcpts: &'static [&'static str]) -> String {
+    let addr = d.smtp;
+    blocking(move || smtp_send(addr, from, rcpts, MSG)).await
+}
+
+/// A primary that answers every connection with 421.
+fn down() -> FakeConfig {
+    FakeConfig::default().fault(
+        Stage::Greeting,
+        Fault::reply("421 4.3.2 Service not available"),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fails_over_to_the_alternate_stays_there_and_fails_back() {
+    let primary = FakeSmtp::start(down()).await;
+    let alternate = FakeSmtp::start(FakeConfig::default()).await;
+    let (_dir, d) = start(smtp_upstream(
+        &primary.addr().to_string(),
+        &format!("alternate_server = \"{}\"", alternate.addr()),
+    ))
+    .await;
+
+    let r = send(&d, "app@legacy.local", &["user@example.com"]).await;
     assert!(r.starts_with("250 2.0.0"), "{r}");
     wait(&d, "delivery via the alternate", || {
         alternate.messages().len() == 1
@@ -58,9 +70,7 @@ async fn fails_over_to_the_alternate_stays_there_and_fails_back() {
 
     // The primary recovers, but mailbridge stays on the alternate (sticky).
     primary.clear_faults();
-    let d2 = d.clone();
-    let r =
-        blocking(move || smtp_send(d2.smtp, "app@legacy.local", &["user@example.com"], MSG)).await;
+    let r = send(&d, "app@legacy.local", &["user@example.com"]).await;
     assert!(r.starts_with("250"), "{r}");
     wait(&d, "second delivery via the alternate", || {
         alternate.messages().len() == 2
@@ -72,9 +82,7 @@ async fn fails_over_to_the_alternate_stays_there_and_fails_back() {
     let (code, out, err) = d.cli(&["failback"]);
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("\"changed\": true"), "{out}");
-    let d2 = d.clone();
-    let r =
-        blocking(move || smtp_send(d2.smtp, "app@legacy.local", &["user@example.com"], MSG)).await;
+    let r = send(&d, "app@legacy.local", &["user@example.com"]).await;
     assert!(r.starts_with("250"), "{r}");
     wait(&d, "delivery via the primary", || {
         primary.messages().len() == 1
@@ -92,18 +100,12 @@ async fn a_5xx_never_fails_over() {
     ))
     .await;
     let alternate = FakeSmtp::start(FakeConfig::default()).await;
-    let dir = tempfile::tempdir().unwrap();
-    write_config(
-        dir.path(),
-        &smtp_upstream(
-            &primary.addr().to_string(),
-            &format!("alternate_server = \"{}\"", alternate.addr()),
-        ),
-    );
-    let path = dir.path().to_path_buf();
-    let d = std::sync::Arc::new(blocking(move || Daemon::start(&path)).await);
-    let d2 = d.clone();
-    let r = blocking(move || smtp_send(d2.smtp, "", &["user@example.com"], MSG)).await;
+    let (_dir, d) = start(smtp_upstream(
+        &primary.addr().to_string(),
+        &format!("alternate_server = \"{}\"", alternate.addr()),
+    ))
+    .await;
+    let r = send(&d, "", &["user@example.com"]).await;
     assert!(r.starts_with("250"), "{r}");
     wait(&d, "the bounce decision", || d.log().contains("bounced")).await;
     assert_eq!(alternate.connections(), 0, "no failover on 5xx");
@@ -201,19 +203,12 @@ async fn permanent_failure_sends_one_dsn_and_never_to_the_null_sender() {
         Fault::reply("550 5.1.1 <bad@example.com>: Recipient address rejected: User unknown"),
     ))
     .await;
-    let dir = tempfile::tempdir().unwrap();
-    write_config(dir.path(), &smtp_upstream(&up.addr().to_string(), ""));
-    let path = dir.path().to_path_buf();
-    let d = std::sync::Arc::new(blocking(move || Daemon::start(&path)).await);
-    let d2 = d.clone();
-    let r = blocking(move || {
-        smtp_send(
-            d2.smtp,
-            "app@legacy.local",
-            &["good@example.com", "bad@example.com"],
-            MSG,
-        )
-    })
+    let (_dir, d) = start(smtp_upstream(&up.addr().to_string(), "")).await;
+    let r = send(
+        &d,
+        "app@legacy.local",
+        &["good@example.com", "bad@example.com"],
+    )
     .await;
     assert!(r.starts_with("250"), "{r}");
     wait(&d, "the message and its DSN", || {
@@ -238,8 +233,7 @@ async fn permanent_failure_sends_one_dsn_and_never_to_the_null_sender() {
     assert!(!text.contains("good@example.com\r\nAction"), "{text}");
 
     // A message from <> that fails gets no DSN at all.
-    let d2 = d.clone();
-    let r = blocking(move || smtp_send(d2.smtp, "", &["bad@example.com"], MSG)).await;
+    let r = send(&d, "", &["bad@example.com"]).await;
     assert!(r.starts_with("250"), "{r}");
     wait(&d, "the bounce", || d.log().contains("no DSN")).await;
     wait(&d, "the queue to empty", || d.queued() == 0).await;
@@ -267,11 +261,9 @@ async fn full_queue_answers_452_and_secrets_stay_out_of_logs() {
     std::fs::write(dir.path().join("config.toml"), text).unwrap();
     let path = dir.path().to_path_buf();
     let d = std::sync::Arc::new(blocking(move || Daemon::start(&path)).await);
-    let d2 = d.clone();
-    let r = blocking(move || smtp_send(d2.smtp, "app@legacy.local", &["a@example.com"], MSG)).await;
+    let r = send(&d, "app@legacy.local", &["a@example.com"]).await;
     assert!(r.starts_with("250"), "{r}");
-    let d2 = d.clone();
-    let r = blocking(move || smtp_send(d2.smtp, "app@legacy.local", &["b@example.com"], MSG)).await;
+    let r = send(&d, "app@legacy.local", &["b@example.com"]).await;
     assert!(r.starts_with("452 4.3.1"), "{r}");
     wait(&d, "a failed attempt", || d.log().contains("deferred")).await;
     assert!(d.log().to_lowercase().contains("auth"), "{}", d.log());
@@ -304,28 +296,17 @@ async fn wait(d: &Daemon, what: &str, mut check: impl FnMut() -> bool) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn automatic_probe_and_sighup_return_to_the_primary() {
-    let primary = FakeSmtp::start(FakeConfig::default().fault(
-        Stage::Greeting,
-        Fault::reply("421 4.3.2 Service not available"),
+    let primary = FakeSmtp::start(down()).await;
+    let alternate = FakeSmtp::start(FakeConfig::default()).await;
+    let (_dir, d) = start(smtp_upstream(
+        &primary.addr().to_string(),
+        &format!(
+            "alternate_server = \"{}\"\nfailback_probe_secs = 1",
+            alternate.addr()
+        ),
     ))
     .await;
-    let alternate = FakeSmtp::start(FakeConfig::default()).await;
-    let dir = tempfile::tempdir().unwrap();
-    write_config(
-        dir.path(),
-        &smtp_upstream(
-            &primary.addr().to_string(),
-            &format!(
-                "alternate_server = \"{}\"\nfailback_probe_secs = 1",
-                alternate.addr()
-            ),
-        ),
-    );
-    let path = dir.path().to_path_buf();
-    let d = std::sync::Arc::new(blocking(move || Daemon::start(&path)).await);
-    let d2 = d.clone();
-    let r =
-        blocking(move || smtp_send(d2.smtp, "app@legacy.local", &["user@example.com"], MSG)).await;
+    let r = send(&d, "app@legacy.local", &["user@example.com"]).await;
     assert!(r.starts_with("250"), "{r}");
     wait(&d, "delivery via the alternate", || {
         alternate.messages().len() == 1
@@ -355,9 +336,7 @@ async fn automatic_probe_and_sighup_return_to_the_primary() {
         Stage::Greeting,
         Fault::reply("421 4.3.2 Service not available"),
     );
-    let d2 = d.clone();
-    let r =
-        blocking(move || smtp_send(d2.smtp, "app@legacy.local", &["user@example.com"], MSG)).await;
+    let r = send(&d, "app@legacy.local", &["user@example.com"]).await;
     assert!(r.starts_with("250"), "{r}");
     wait(&d, "the second failover", || {
         alternate.messages().len() == 2
