@@ -93,6 +93,9 @@ pub async fn run(
     }
     tracing::info!(messages = loaded.len(), spool = %spool_dir.display(), "spool loaded");
     let router = Arc::new(routing::from_config(&cfg).map_err(|e| anyhow::anyhow!(e))?);
+    for n in cfg.notices() {
+        tracing::warn!("{n}");
+    }
     for (label, server) in router.servers() {
         tracing::info!(route = label, %server, "upstream");
     }

@@ -92,6 +92,9 @@ pub fn main() -> ExitCode {
         Command::Run => run(cfg, cli.config),
         Command::Check => {
             print!("{}", cfg.to_masked_toml());
+            for n in cfg.notices() {
+                eprintln!("mailbridge: notice: {n}");
+            }
             eprintln!("mailbridge: {} is valid", cli.config.display());
             ExitCode::SUCCESS
         }

@@ -604,6 +604,9 @@ fn validate_upstream(u: &mut Upstream, prefix: &str, base: &Path) -> Result<(), 
             }
         }
         Protocol::Ews => {
+            if !u.requires_auth {
+                return Err(bad("requires_auth", "Exchange Web Services needs requires_auth = true (auth = \"basic\" or \"oauth\")".into()));
+            }
             if !(u.connect_url.starts_with("https://") || u.connect_url.starts_with("http://")) {
                 return Err(bad(
                     "connect_url",
@@ -910,6 +913,33 @@ impl Config {
     pub fn to_masked_toml(&self) -> String {
         toml::to_string_pretty(self)
             .unwrap_or_else(|e| format!("# cannot print configuration: {e}\n"))
+    }
+
+    /// Operator notices about the configured upstreams (e.g. EWS in Exchange
+    /// Online is being retired), for `check` and the startup log.
+    pub fn notices(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        let mut ups = vec![("upstream", &self.upstream)];
+        if let Some(a) = self.upstream.alternate.as_deref() {
+            ups.push(("upstream.alternate", a));
+        }
+        for (key, u) in ups {
+            if u.protocol == Protocol::Ews
+                && let Some(n) = crate::transport::ews::exchange_online_notice(&u.connect_url)
+            {
+                out.push(format!("{key}.connect_url: {n}"));
+            }
+            if matches!(u.protocol, Protocol::Smtp | Protocol::Smtps)
+                && u.requires_auth
+                && u.auth == AuthKind::Basic
+                && u.server.to_ascii_lowercase().contains("office365.com")
+            {
+                out.push(format!(
+                    "{key}: Exchange Online disables SMTP Basic authentication by default from the end of December 2026; use auth = \"oauth\""
+                ));
+            }
+        }
+        out
     }
 
     /// Our host name: the configured one, else the system's, else `localhost`.
