@@ -1,5 +1,6 @@
 //! The one delivery interface every upstream (SMTP, file, Graph, EWS) implements, and the outcome types the scheduler and router branch on.
 
+pub mod ews;
 pub mod file;
 pub mod smtp;
 

@@ -3,4 +3,5 @@
 // Each test file compiles this module on its own and uses only part of it.
 #![allow(dead_code)]
 
+pub mod fake_ews;
 pub mod fake_smtp;
