@@ -272,7 +272,7 @@ pub fn smtp_send(addr: SocketAddr, from: &str, rcpts: &[&str], body: &str) -> St
     };
     let greet = reply(&mut s);
     assert!(greet.starts_with("220"), "{greet}");
-    let mut cmd = |s: &mut std::net::TcpStream, c: &str| {
+    let cmd = |s: &mut std::net::TcpStream, c: &str| {
         s.write_all(format!("{c}\r\n").as_bytes()).expect("write");
     };
     cmd(&mut s, "EHLO client.test");
