@@ -103,10 +103,7 @@ pub async fn run(
     let (sched, sched_task) =
         scheduler::Scheduler::start(Arc::new(spool), router, policy, loaded, shutdown.clone());
 
-    let settings = Arc::new(inbound::Settings {
-        hostname: cfg.effective_hostname(),
-        listen: cfg.listen.clone(),
-    });
+    let settings = Arc::new(inbound::Settings::from_config(&cfg));
     tracing::info!(address = %local, "listening for SMTP");
     let smtp_task = tokio::spawn(inbound::serve(
         listeners.smtp,
@@ -125,7 +122,13 @@ pub async fn run(
                 token,
                 started: std::time::SystemTime::now(),
             });
-            Some(tokio::spawn(admin::serve(l, state, shutdown.clone())))
+            let extras = admin::Extras::from_config(&cfg).map_err(|e| anyhow::anyhow!(e))?;
+            Some(tokio::spawn(admin::serve_with(
+                l,
+                state,
+                extras,
+                shutdown.clone(),
+            )))
         }
         None => None,
     };

@@ -1,7 +1,10 @@
-//! The local admin HTTP endpoint: health, status (active server and why, queue figures), failback and queue control; state-changing calls need the admin token.
+//! The local admin HTTP endpoint: health, status (active server and why, queue figures, OAuth token state), failback, queue control, OAuth sign-in and a sample mail; state-changing calls need the admin token.
+
+mod oauth;
+mod send_test;
 
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
@@ -11,7 +14,8 @@ use axum::{Json, Router};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::Secret;
+use crate::config::{Config, Secret};
+use crate::oauth::Registry;
 use crate::scheduler::Scheduler;
 
 /// What the handlers need.
@@ -25,24 +29,88 @@ pub struct AdminState {
     pub started: SystemTime,
 }
 
-/// The admin routes.
+/// What the OAuth and send-test routes need besides [`AdminState`].
+#[derive(Clone, Default)]
+pub struct Extras {
+    /// OAuth registries by upstream table (`upstream`, `upstream.alternate`).
+    pub oauth: Vec<(&'static str, Arc<Registry>)>,
+    /// How long `POST /send-test` waits for the first attempt's result.
+    pub send_test_wait: Duration,
+    /// Envelope sender and `From` of the sample mail.
+    pub send_test_from: String,
+    /// Our host name (the sample's `Message-ID`).
+    pub hostname: String,
+}
+
+impl Extras {
+    /// The extras a configuration asks for (the OAuth registries are the
+    /// ones routing uses, see [`crate::oauth::registries`]).
+    pub fn from_config(cfg: &Config) -> Result<Extras, String> {
+        let hostname = cfg.effective_hostname();
+        let mailbox = cfg.upstream.effective_mailbox();
+        Ok(Extras {
+            oauth: crate::oauth::registries(cfg)?,
+            send_test_wait: Duration::from_secs(cfg.upstream.timeout_secs.max(1) * 2),
+            send_test_from: if mailbox.is_empty() {
+                format!("mailbridge@{hostname}")
+            } else {
+                mailbox.to_string()
+            },
+            hostname,
+        })
+    }
+}
+
+/// Handler state of the routes that need [`Extras`].
+pub(crate) struct Ctx {
+    admin: Arc<AdminState>,
+    extras: Extras,
+}
+
+/// The admin routes without OAuth and send-test (see [`routes_with`]).
 pub fn routes(state: Arc<AdminState>) -> Router {
+    routes_with(state, Extras::default())
+}
+
+/// Every admin route: health, status, failback, queue control, and
+/// `/oauth/start`, `/oauth/callback`, `/send-test`.
+pub fn routes_with(state: Arc<AdminState>, extras: Extras) -> Router {
+    let ctx = Arc::new(Ctx {
+        admin: state.clone(),
+        extras,
+    });
+    let with_extras = Router::new()
+        .route("/status", get(status))
+        .route("/oauth/start", get(oauth::start))
+        .route("/oauth/callback", get(oauth::callback));
+    let with_extras = with_extras.route("/send-test", post(send_test::send_test));
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
-        .route("/status", get(status))
         .route("/failback", post(failback))
         .route("/queue/{id}/retry", post(retry))
         .route("/queue/{id}", delete(remove))
         .with_state(state)
+        .merge(with_extras.with_state(ctx))
 }
 
-/// Serve the admin endpoint on a bound listener until `shutdown`.
+/// Serve the admin endpoint on a bound listener until `shutdown` (without
+/// OAuth and send-test; see [`serve_with`]).
 pub async fn serve(
     listener: tokio::net::TcpListener,
     state: Arc<AdminState>,
     shutdown: CancellationToken,
 ) {
-    let app = routes(state);
+    serve_with(listener, state, Extras::default(), shutdown).await
+}
+
+/// Serve every admin route on a bound listener until `shutdown`.
+pub async fn serve_with(
+    listener: tokio::net::TcpListener,
+    state: Arc<AdminState>,
+    extras: Extras,
+    shutdown: CancellationToken,
+) {
+    let app = routes_with(state, extras);
     if let Err(e) = axum::serve(listener, app)
         .with_graceful_shutdown(async move { shutdown.cancelled().await })
         .await
@@ -59,7 +127,12 @@ fn authorized(state: &AdminState, headers: &HeaderMap) -> bool {
     else {
         return false;
     };
-    let want = state.token.expose().as_bytes();
+    token_matches(&state.token, given)
+}
+
+/// `given` equals the admin token (compared in constant time).
+fn token_matches(token: &Secret, given: &str) -> bool {
+    let want = token.expose().as_bytes();
     let given = given.trim().as_bytes();
     // Compare in constant time so the token cannot be guessed byte by byte.
     want.len() == given.len()
@@ -98,8 +171,31 @@ pub fn status_json(state: &AdminState) -> serde_json::Value {
     })
 }
 
-async fn status(State(state): State<Arc<AdminState>>) -> Json<serde_json::Value> {
-    Json(status_json(&state))
+/// The status document with the OAuth token state of every identity
+/// (`"oauth"`: one entry per upstream table; never a token).
+pub fn status_json_with(state: &AdminState, extras: &Extras) -> serde_json::Value {
+    let mut doc = status_json(state);
+    if !extras.oauth.is_empty()
+        && let Some(obj) = doc.as_object_mut()
+    {
+        let oauth: Vec<serde_json::Value> = extras
+            .oauth
+            .iter()
+            .map(|(label, r)| {
+                let mut v = r.status();
+                if let Some(o) = v.as_object_mut() {
+                    o.insert("upstream".into(), json!(label));
+                }
+                v
+            })
+            .collect();
+        obj.insert("oauth".into(), json!(oauth));
+    }
+    doc
+}
+
+async fn status(State(ctx): State<Arc<Ctx>>) -> Json<serde_json::Value> {
+    Json(status_json_with(&ctx.admin, &ctx.extras))
 }
 
 async fn failback(State(state): State<Arc<AdminState>>, headers: HeaderMap) -> Response {

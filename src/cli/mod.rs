@@ -6,6 +6,8 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
+pub mod auth;
+
 use crate::config::Config;
 use crate::spool::{RcptStatus, Spool};
 
@@ -44,6 +46,20 @@ pub enum Command {
         #[command(subcommand)]
         action: QueueAction,
     },
+    /// OAuth sign-in and token state: `auth login [--device]`, `auth status`, `auth logout`.
+    Auth {
+        /// What to do.
+        #[command(subcommand)]
+        action: auth::AuthAction,
+    },
+    /// Send a sample mail through the running relay and show the upstream's answer.
+    SendTest {
+        /// Recipient address.
+        #[arg(long)]
+        to: String,
+    },
+    /// Read a password on stdin and print its argon2id hash for `[[users]] password_hash`.
+    HashPassword,
 }
 
 /// Queue subcommands.
@@ -84,6 +100,10 @@ fn load(path: &Path) -> Result<Config, ExitCode> {
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     let _ = rustls::crypto::ring::default_provider().install_default();
+    if let Command::HashPassword = cli.command {
+        // Needs no configuration.
+        return auth::hash_password_command();
+    }
     let cfg = match load(&cli.config) {
         Ok(c) => c,
         Err(code) => return code,
@@ -101,6 +121,9 @@ pub fn main() -> ExitCode {
         Command::Status => admin_call(&cfg, "GET", "/status", false),
         Command::Failback => admin_call(&cfg, "POST", "/failback", true),
         Command::Queue { action } => queue(&cfg, action),
+        Command::Auth { action } => auth::auth_command(&cfg, action),
+        Command::SendTest { to } => auth::send_test_command(&cfg, &to),
+        Command::HashPassword => auth::hash_password_command(),
     }
 }
 

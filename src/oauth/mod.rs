@@ -1,7 +1,16 @@
-//! OAuth2 access tokens for upstreams: the interface transports ask for a bearer token through, so each transport stays ignorant of flows and refresh.
+//! OAuth2 access tokens for upstreams: the `TokenSource` interface transports ask through (so each stays ignorant of flows and refresh), and behind it the per-identity token managers, flows, provider defaults and token store.
 
-use crate::config::Secret;
+pub mod flows;
+pub mod manager;
+pub mod provider;
+pub mod store;
+
+use std::sync::Arc;
+
+use crate::config::{Config, Secret};
 use crate::transport::BoxFuture;
+
+pub use manager::{Registry, TokenManager};
 
 /// Why no token could be had.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -47,4 +56,40 @@ impl TokenSource for StaticToken {
     fn identity(&self) -> String {
         self.identity.clone()
     }
+}
+
+/// Token sources by identity: the Basic-to-OAuth bridge sends a local
+/// user's mail as that user's mailbox, with that mailbox's tokens.
+pub trait IdentityTokens: Send + Sync {
+    /// The token source for `identity` (a mailbox); empty = the default identity.
+    fn source(&self, identity: &str) -> Arc<dyn TokenSource>;
+}
+
+/// The OAuth registries a configuration needs, one per upstream table with
+/// `auth = "oauth"` (`upstream`, then `upstream.alternate`), shared with
+/// routing through [`Registry::shared`]. Tables with identical OAuth
+/// settings share one registry (and so one refresh per identity).
+pub fn registries(cfg: &Config) -> Result<Vec<(&'static str, Arc<Registry>)>, String> {
+    let mut out: Vec<(&'static str, Arc<Registry>)> = Vec::new();
+    let tables = [
+        ("upstream", Some(&cfg.upstream)),
+        ("upstream.alternate", cfg.upstream.alternate.as_deref()),
+    ];
+    for (label, u) in tables {
+        let Some(u) = u.filter(|u| uses_oauth(u)) else {
+            continue;
+        };
+        let r = Registry::shared(cfg, u).map_err(|e| format!("{label}.{e}"))?;
+        if !out.iter().any(|(_, o)| Arc::ptr_eq(o, &r)) {
+            out.push((label, r));
+        }
+    }
+    Ok(out)
+}
+
+/// True when upstream table `u` authenticates with OAuth.
+pub fn uses_oauth(u: &crate::config::Upstream) -> bool {
+    u.requires_auth
+        && u.auth == crate::config::AuthKind::Oauth
+        && u.protocol != crate::config::Protocol::File
 }

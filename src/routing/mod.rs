@@ -263,7 +263,16 @@ fn transport_for(
         ))),
         Protocol::Smtp | Protocol::Smtps => {
             let server = crate::config::parse_host_port(server, u.port)?;
-            let auth = if u.requires_auth {
+            let auth = if crate::oauth::uses_oauth(u) {
+                // Shared with the admin endpoint and across reloads: one
+                // token manager (and one refresh in flight) per identity.
+                let registry = crate::oauth::Registry::shared(c, u)?;
+                SmtpAuth::XOAuth2 {
+                    user: u.effective_mailbox().to_string(),
+                    tokens: registry.manager(""),
+                    identities: Some(registry),
+                }
+            } else if u.requires_auth {
                 SmtpAuth::Basic {
                     username: u.username.clone(),
                     password: u.password.clone(),
@@ -281,7 +290,9 @@ fn transport_for(
                 hostname: c.effective_hostname(),
                 timeout: std::time::Duration::from_secs(u.timeout_secs),
             };
-            Ok(Arc::new(SmtpTransport::new(settings)?))
+            Ok(Arc::new(
+                SmtpTransport::new(settings)?.with_proxy(&u.proxy)?,
+            ))
         }
         Protocol::Graph | Protocol::Ews => Err(format!(
             "protocol {:?} is not available in this build yet",

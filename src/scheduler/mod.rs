@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use serde::Serialize;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -158,6 +158,29 @@ pub fn apply(
     Next::Retry(wait.map_or(backoff, |w| w.max(backoff)))
 }
 
+/// What one delivery attempt did to a message (observed by `POST /send-test`).
+#[derive(Debug, Clone)]
+pub struct AttemptEvent {
+    /// Queue id.
+    pub id: String,
+    /// Where the message stands after the attempt.
+    pub outcome: AttemptOutcome,
+    /// The upstream's answer: the last error text, or `delivered via <server>`.
+    pub detail: String,
+}
+
+/// Where a message stands after an attempt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AttemptOutcome {
+    /// No recipient pending, none failed.
+    Delivered,
+    /// Some recipients are still pending (transient failure).
+    Deferred,
+    /// Some recipients failed for good (or were given up).
+    Bounced,
+}
+
 /// Queue figures for `status`.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct QueueStats {
@@ -188,6 +211,7 @@ struct Shared {
     policy: RwLock<Policy>,
     stats: Mutex<QueueStats>,
     tx: mpsc::UnboundedSender<Cmd>,
+    events: broadcast::Sender<AttemptEvent>,
 }
 
 /// A handle on the running scheduler.
@@ -228,6 +252,7 @@ impl Scheduler {
             policy: RwLock::new(policy),
             stats: Mutex::new(QueueStats::default()),
             tx,
+            events: broadcast::channel(64).0,
         });
         for m in loaded {
             let _ = shared.tx.send(Cmd::Enqueue(m));
@@ -287,6 +312,11 @@ impl Scheduler {
             s.oldest_age_secs = now_unix().saturating_sub(s.oldest_received_at);
         }
         s
+    }
+
+    /// Every attempt's outcome from now on (lagging receivers lose the oldest).
+    pub fn subscribe(&self) -> broadcast::Receiver<AttemptEvent> {
+        self.shared.events.subscribe()
     }
 
     /// The spool this scheduler drains.
@@ -536,6 +566,22 @@ async fn attempt(s: &Scheduler, mut meta: Meta, born: Instant) -> Option<(Meta, 
             RcptStatus::Pending => {}
         }
     }
+    let outcome = if meta.rcpts.iter().any(|r| r.status == RcptStatus::Failed) {
+        AttemptOutcome::Bounced
+    } else if meta.pending().is_empty() {
+        AttemptOutcome::Delivered
+    } else {
+        AttemptOutcome::Deferred
+    };
+    let detail = match outcome {
+        AttemptOutcome::Delivered => format!("delivered via {server}"),
+        _ => meta.last_error.clone().unwrap_or_default(),
+    };
+    let _ = s.shared.events.send(AttemptEvent {
+        id: id.clone(),
+        outcome,
+        detail,
+    });
     match next {
         Next::Retry(delay) => {
             meta.next_attempt = now_unix() + delay.as_secs();

@@ -2,9 +2,9 @@
 //!
 //! Why not `lettre`: we need one classified result per recipient, the exact
 //! stage of every failure, XOAUTH2 with Gmail's `334` JSON challenge and SMTP
-//! through an HTTP CONNECT proxy. Those fit here as: another
-//! [`SmtpAuth`]/[`Mechanism`] variant, and another way to produce the boxed
-//! byte stream in [`SmtpTransport::open_stream`].
+//! through an HTTP CONNECT proxy. Those are here: [`SmtpAuth::XOAuth2`] (one
+//! forced refresh and one retry on a new connection when the server rejects
+//! the token) and the proxy tunnel in [`SmtpTransport::open_stream`].
 //!
 //! Classification (RFC 5321 §4.2.1, Postfix smtp(8)): anything that says the
 //! server is unusable (refused, timeout, closed, TLS failure, `421`, AUTH
@@ -23,7 +23,8 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use super::{BoxFuture, Delivery, Envelope, Failure, Transport};
-use crate::config::{HostPort, Secret};
+use crate::config::{HostPort, Proxy, Secret};
+use crate::oauth::{IdentityTokens, TokenSource};
 
 /// At most this many idle connections are kept per transport.
 const POOL_MAX_IDLE: usize = 4;
@@ -46,7 +47,7 @@ const WRITE_CHUNK: usize = 32 * 1024;
 const MAX_REPLY_TEXT: usize = 1000;
 
 /// How we authenticate to the upstream.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub enum SmtpAuth {
     /// No AUTH (a relay that trusts our address).
     None,
@@ -57,7 +58,47 @@ pub enum SmtpAuth {
         /// Password; only ever sent base64-encoded inside AUTH.
         password: Secret,
     },
+    /// OAuth2 bearer token with AUTH XOAUTH2 (UPSTREAMS.md §5.1).
+    XOAuth2 {
+        /// Mailbox sent as `user=` when the envelope names no identity.
+        user: String,
+        /// Tokens for `user`.
+        tokens: Arc<dyn TokenSource>,
+        /// Tokens for other mailboxes (`Envelope::identity`, the
+        /// Basic-to-OAuth bridge); `None`: every message goes as `user`.
+        identities: Option<Arc<dyn IdentityTokens>>,
+    },
 }
+
+impl std::fmt::Debug for SmtpAuth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SmtpAuth::None => f.write_str("None"),
+            SmtpAuth::Basic { username, password } => f
+                .debug_struct("Basic")
+                .field("username", username)
+                .field("password", password)
+                .finish(),
+            SmtpAuth::XOAuth2 {
+                user, identities, ..
+            } => f
+                .debug_struct("XOAuth2")
+                .field("user", user)
+                .field("per_identity", &identities.is_some())
+                .finish(),
+        }
+    }
+}
+
+/// The XOAUTH2 initial response: `base64("user=" user ^A "auth=Bearer " token ^A ^A)`.
+pub fn xoauth2_response(user: &str, token: &str) -> String {
+    B64.encode(format!("user={user}\x01auth=Bearer {token}\x01\x01"))
+}
+
+/// What SMTP AUTH disabled for the tenant (`535 5.7.139`) means and how to fix it.
+const SMTP_AUTH_DISABLED_HINT: &str = "SMTP AUTH is disabled for this tenant or mailbox; \
+enable it for the mailbox with `Set-CASMailbox -Identity <mailbox> -SmtpClientAuthenticationDisabled $false` \
+(or tenant-wide with `Set-TransportConfig -SmtpClientAuthenticationDisabled $false`); mail is held until then";
 
 /// Everything an [`SmtpTransport`] needs to reach and use one server.
 #[derive(Debug, Clone)]
@@ -90,15 +131,30 @@ pub struct SmtpTransport {
     server_name: ServerName<'static>,
     /// Idle, authenticated connections ready for a new MAIL FROM.
     pool: Arc<Pool>,
+    /// HTTP proxy to tunnel through with `CONNECT`, if any.
+    proxy: Option<ProxyTunnel>,
 }
 
-/// An authentication mechanism we can speak. XOAUTH2 joins this enum later.
+/// An HTTP proxy reached with `CONNECT host:port`.
+#[derive(Debug, Clone)]
+struct ProxyTunnel {
+    /// Proxy host.
+    host: String,
+    /// Proxy port.
+    port: u16,
+    /// `Proxy-Authorization` value (`Basic …`), when credentials are set.
+    authorization: Option<Secret>,
+}
+
+/// An authentication mechanism we can speak.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mechanism {
     /// RFC 4616, sent as an initial response.
     Plain,
     /// The de-facto `AUTH LOGIN` (username and password prompts).
     Login,
+    /// Google's and Microsoft's OAuth2 bearer mechanism, sent as an initial response.
+    XOAuth2,
 }
 
 impl Mechanism {
@@ -107,6 +163,7 @@ impl Mechanism {
         match self {
             Mechanism::Plain => "PLAIN",
             Mechanism::Login => "LOGIN",
+            Mechanism::XOAuth2 => "XOAUTH2",
         }
     }
 }
@@ -146,7 +203,43 @@ impl SmtpTransport {
             tls,
             server_name,
             pool: Arc::new(Pool::default()),
+            proxy: None,
         })
+    }
+
+    /// Reach the server through the HTTP proxy `proxy` (`CONNECT` tunnel,
+    /// with Basic proxy credentials when a username is set). An empty
+    /// `proxy.url` changes nothing.
+    pub fn with_proxy(mut self, proxy: &Proxy) -> Result<Self, String> {
+        if proxy.url.is_empty() {
+            self.proxy = None;
+            return Ok(self);
+        }
+        let url = url::Url::parse(&proxy.url).map_err(|e| format!("proxy.url: {e}"))?;
+        if url.scheme() != "http" {
+            return Err(format!(
+                "proxy.url: `{}` is not an http:// proxy",
+                proxy.url
+            ));
+        }
+        let host = url
+            .host_str()
+            .ok_or_else(|| format!("proxy.url: `{}` has no host", proxy.url))?
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_string();
+        let authorization = (!proxy.username.is_empty()).then(|| {
+            Secret::new(format!(
+                "Basic {}",
+                B64.encode(format!("{}:{}", proxy.username, proxy.password.expose()))
+            ))
+        });
+        self.proxy = Some(ProxyTunnel {
+            host,
+            port: url.port_or_known_default().unwrap_or(80),
+            authorization,
+        });
+        Ok(self)
     }
 
     /// `smtp://host:port` or `smtps://host:port`.
@@ -159,9 +252,12 @@ impl SmtpTransport {
         format!("{scheme}://{}", self.settings.server)
     }
 
-    /// The raw byte stream to the server. This is where an HTTP CONNECT
-    /// proxy tunnel will be opened instead of a direct TCP connection.
+    /// The raw byte stream to the server: a direct TCP connection, or an
+    /// HTTP `CONNECT` tunnel through the configured proxy.
     async fn open_stream(&self) -> Result<BoxIo, Failure> {
+        if let Some(proxy) = &self.proxy {
+            return self.open_tunnel(proxy).await;
+        }
         let peer = self.peer();
         let t = self.settings.timeout;
         let addr = (
@@ -182,6 +278,81 @@ impl SmtpTransport {
         Ok(Box::new(tcp))
     }
 
+    /// `CONNECT host:port` through `proxy`; any 2xx opens the tunnel, anything
+    /// else is a server failure naming the proxy's status line.
+    async fn open_tunnel(&self, proxy: &ProxyTunnel) -> Result<BoxIo, Failure> {
+        let peer = self.peer();
+        let t = self.settings.timeout;
+        let shown = if proxy.host.contains(':') {
+            format!("http://[{}]:{}", proxy.host, proxy.port)
+        } else {
+            format!("http://{}:{}", proxy.host, proxy.port)
+        };
+        let mut tcp =
+            match tokio::time::timeout(t, TcpStream::connect((proxy.host.as_str(), proxy.port)))
+                .await
+            {
+                Err(_) => {
+                    return Err(Failure::server(format!(
+                        "cannot connect to proxy {shown} (for {peer}): no connection within {t:?}"
+                    )));
+                }
+                Ok(Err(e)) => {
+                    return Err(Failure::server(format!(
+                        "cannot connect to proxy {shown} (for {peer}): {e}"
+                    )));
+                }
+                Ok(Ok(tcp)) => tcp,
+            };
+        let _ = tcp.set_nodelay(true);
+        let target = self.settings.server.to_string();
+        let mut request = format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n");
+        if let Some(auth) = &proxy.authorization {
+            request.push_str(&format!("Proxy-Authorization: {}\r\n", auth.expose()));
+        }
+        request.push_str("\r\n");
+        let exchange = async {
+            tcp.write_all(request.as_bytes()).await?;
+            tcp.flush().await?;
+            // Read the answer byte by byte so no byte of the tunnel (the
+            // server's greeting) is consumed with it.
+            let mut head = Vec::with_capacity(256);
+            while !head.ends_with(b"\r\n\r\n") && !head.ends_with(b"\n\n") {
+                if head.len() >= MAX_REPLY_LINE {
+                    return Err(io::Error::other("proxy answer headers too long"));
+                }
+                head.push(tcp.read_u8().await?);
+            }
+            Ok(head)
+        };
+        let head = match tokio::time::timeout(t, exchange).await {
+            Err(_) => {
+                return Err(Failure::server(format!(
+                    "proxy {shown} did not answer CONNECT {target} within {t:?}"
+                )));
+            }
+            Ok(Err(e)) => {
+                return Err(Failure::server(format!(
+                    "proxy {shown} failed during CONNECT {target}: {e}"
+                )));
+            }
+            Ok(Ok(head)) => head,
+        };
+        let text = String::from_utf8_lossy(&head);
+        let status_line = printable(text.lines().next().unwrap_or("").trim());
+        let ok = status_line.starts_with("HTTP/")
+            && status_line
+                .split_whitespace()
+                .nth(1)
+                .is_some_and(|c| c.len() == 3 && c.starts_with('2'));
+        if !ok {
+            return Err(Failure::server(format!(
+                "proxy {shown} refused CONNECT {target}: {status_line}"
+            )));
+        }
+        Ok(Box::new(tcp))
+    }
+
     /// Wrap `io` in TLS, checking the certificate against `server`.
     async fn handshake(&self, io: BoxIo) -> Result<BoxIo, Failure> {
         let peer = self.peer();
@@ -197,8 +368,116 @@ impl SmtpTransport {
         }
     }
 
-    /// A new connection, greeted, EHLO'd, secured and authenticated: ready for MAIL FROM.
-    async fn connect(&self) -> Result<Conn, Failure> {
+    /// A new connection, greeted, EHLO'd, secured and authenticated as
+    /// `who` (XOAUTH2) or as configured: ready for MAIL FROM.
+    async fn connect(&self, who: Option<&Identity>) -> Result<Conn, Failure> {
+        match who {
+            Some(id) => self.connect_oauth(id).await,
+            None => {
+                let mut conn = self.session().await?;
+                self.authenticate(&mut conn).await?;
+                Ok(conn)
+            }
+        }
+    }
+
+    /// XOAUTH2 as `who`: a token first (no token, no connection); when the
+    /// server rejects it (Microsoft `535 5.7.3`, Gmail's `334` challenge),
+    /// invalidate it, get a fresh one and try once more on a new connection.
+    async fn connect_oauth(&self, who: &Identity) -> Result<Conn, Failure> {
+        let mut first_rejection = String::new();
+        for round in 0..2 {
+            let token = who.tokens.token().await.map_err(|e| {
+                // Not the server's fault: failing over would not help when the
+                // alternate uses the same identity, so the message waits.
+                Failure::transient(format!("no OAuth token for {}: {e}", printable(&who.user)))
+            })?;
+            let mut conn = self.session().await?;
+            match self.xoauth2(&mut conn, &who.user, &token).await? {
+                None => {
+                    conn.user = Some(who.user.clone());
+                    return Ok(conn);
+                }
+                Some(rejection) => {
+                    who.tokens.invalidate(&token);
+                    let _ = conn.command("QUIT").await;
+                    if round == 0 {
+                        tracing::info!(peer = %conn.peer, user = %who.user, reply = %rejection, "XOAUTH2 token rejected; getting a fresh token and retrying once");
+                        first_rejection = rejection;
+                        continue;
+                    }
+                    return Err(Failure::server(format!(
+                        "{} rejected the OAuth token for {} twice, also right after a refresh ({first_rejection}; then {rejection}): \
+check that the signed-in account is {} and may send as it, and that the app has the SMTP.Send (Microsoft) or https://mail.google.com/ (Google) permission",
+                        conn.peer,
+                        printable(&who.user),
+                        printable(&who.user)
+                    )));
+                }
+            }
+        }
+        Err(Failure::server("XOAUTH2 retry loop ended unexpectedly"))
+    }
+
+    /// One `AUTH XOAUTH2`. `Ok(None)`: authenticated; `Ok(Some(reply))`: the
+    /// token was rejected; `Err`: any other failure (never carrying the token).
+    async fn xoauth2(
+        &self,
+        conn: &mut Conn,
+        user: &str,
+        token: &Secret,
+    ) -> Result<Option<String>, Failure> {
+        if !conn.ext.auth_xoauth2 {
+            return Err(Failure::server(format!(
+                "{} does not offer AUTH XOAUTH2, which OAuth needs",
+                conn.peer
+            )));
+        }
+        let initial = xoauth2_response(user, token.expose());
+        let secrets = [token.expose().to_string(), initial.clone()];
+        let stage = "after AUTH XOAUTH2";
+        let reply = conn
+            .command(&format!("AUTH XOAUTH2 {initial}"))
+            .await
+            .map_err(|b| conn.broken(b, stage))?;
+        let reply = if reply.code == 334 {
+            // Gmail: an error challenge (base64 JSON); answer with an empty
+            // line, then the final 535 follows (UPSTREAMS.md §5.1).
+            let challenge = reply
+                .lines
+                .first()
+                .and_then(|l| B64.decode(l.trim()).ok())
+                .map(|b| printable(&String::from_utf8_lossy(&b)))
+                .unwrap_or_default();
+            let last = conn.command("").await.map_err(|b| conn.broken(b, stage))?;
+            if last.code / 100 == 2 {
+                return Ok(None);
+            }
+            let text = redact(&last.text(), &secrets);
+            return Ok(Some(if challenge.is_empty() {
+                text
+            } else {
+                format!("334 {challenge}, then {text}")
+            }));
+        } else {
+            reply
+        };
+        let text = redact(&reply.text(), &secrets);
+        match reply.code {
+            c if c / 100 == 2 => Ok(None),
+            535 if reply.lines.iter().any(|l| l.contains("5.7.139")) => Err(Failure::server(
+                format!("{text} ({stage}, {}): {SMTP_AUTH_DISABLED_HINT}", conn.peer),
+            )),
+            c if c / 100 == 5 => Ok(Some(text)),
+            _ => Err(Failure::server(format!(
+                "authentication failed: {text} ({stage}, {})",
+                conn.peer
+            ))),
+        }
+    }
+
+    /// A new connection, greeted, EHLO'd and secured, not yet authenticated.
+    async fn session(&self) -> Result<Conn, Failure> {
         let mut io = self.open_stream().await?;
         if self.settings.implicit_tls {
             io = self.handshake(io).await?;
@@ -240,7 +519,6 @@ impl SmtpTransport {
             conn.ext = Extensions::default();
             self.hello(&mut conn).await?;
         }
-        self.authenticate(&mut conn).await?;
         Ok(conn)
     }
 
@@ -294,15 +572,17 @@ impl SmtpTransport {
         // server echoes what it got.
         let secrets = [pass.to_string(), pass64.clone(), initial.clone()];
         let stage = format!("after AUTH {}", mech.name());
-        let result = match mech {
-            Mechanism::Plain => conn.command(&format!("AUTH PLAIN {initial}")).await,
-            Mechanism::Login => match conn.command("AUTH LOGIN").await {
+        // Only PLAIN and LOGIN are chosen above; XOAUTH2 is `xoauth2()`.
+        let result = if mech == Mechanism::Login {
+            match conn.command("AUTH LOGIN").await {
                 Ok(r) if r.code == 334 => match conn.command(&B64.encode(username)).await {
                     Ok(r) if r.code == 334 => conn.command(&pass64).await,
                     other => other,
                 },
                 other => other,
-            },
+            }
+        } else {
+            conn.command(&format!("AUTH PLAIN {initial}")).await
         };
         let reply = result.map_err(|b| conn.broken(b, &stage))?;
         if reply.code / 100 == 2 {
@@ -344,11 +624,12 @@ impl SmtpTransport {
         if results.iter().all(Option::is_some) {
             return Ok(finish_results(results));
         }
-        let mut pooled = self.pool.take();
+        let who = self.identity_for(env);
+        let mut pooled = self.pool.take(who.as_ref().map(|w| w.user.as_str()));
         loop {
             let (mut conn, reused) = match pooled.take() {
                 Some(conn) => (conn, true),
-                None => (self.connect().await?, false),
+                None => (self.connect(who.as_ref()).await?, false),
             };
             let mut attempt = results.clone();
             match self
@@ -521,8 +802,40 @@ impl SmtpTransport {
         }
     }
 
+    /// Who to authenticate as for `env` with XOAUTH2 (`None` for other auth).
+    fn identity_for(&self, env: &Envelope) -> Option<Identity> {
+        let SmtpAuth::XOAuth2 {
+            user,
+            tokens,
+            identities,
+        } = &self.settings.auth
+        else {
+            return None;
+        };
+        match (
+            env.identity.as_deref().filter(|i| !i.is_empty()),
+            identities,
+        ) {
+            (Some(id), Some(all)) if !id.eq_ignore_ascii_case(user) => Some(Identity {
+                user: id.to_string(),
+                tokens: all.source(id),
+            }),
+            _ => Some(Identity {
+                user: user.clone(),
+                tokens: tokens.clone(),
+            }),
+        }
+    }
+
     async fn probe_inner(&self) -> Result<(), Failure> {
-        let mut conn = self.connect().await?;
+        let probe = Envelope {
+            id: String::new(),
+            from: String::new(),
+            rcpts: Vec::new(),
+            identity: None,
+        };
+        let who = self.identity_for(&probe);
+        let mut conn = self.connect(who.as_ref()).await?;
         // The answer to QUIT does not matter: the server was usable.
         let _ = conn.command("QUIT").await;
         Ok(())
@@ -610,7 +923,15 @@ fn classify(reply: &Reply, expected_class: u16) -> Class {
     }
 }
 
-/// Any byte stream an SMTP session can run over: TCP, TLS, later a proxy tunnel.
+/// Who an XOAUTH2 connection authenticates as, and where its tokens come from.
+struct Identity {
+    /// The mailbox (`user=`).
+    user: String,
+    /// Its tokens.
+    tokens: Arc<dyn TokenSource>,
+}
+
+/// Any byte stream an SMTP session can run over: TCP (direct or through a proxy tunnel), TLS.
 trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
 type BoxIo = Box<dyn Io>;
@@ -642,6 +963,8 @@ struct Conn {
     born: Instant,
     /// `smtp://host:port`, for failure texts.
     peer: String,
+    /// The mailbox this connection authenticated as with XOAUTH2.
+    user: Option<String>,
 }
 
 impl Conn {
@@ -653,6 +976,7 @@ impl Conn {
             timeout,
             born: Instant::now(),
             peer,
+            user: None,
         }
     }
 
@@ -850,6 +1174,7 @@ struct Extensions {
     smtputf8: bool,
     auth_plain: bool,
     auth_login: bool,
+    auth_xoauth2: bool,
 }
 
 impl Extensions {
@@ -871,6 +1196,7 @@ impl Extensions {
                         match mech.to_ascii_uppercase().as_str() {
                             "PLAIN" => ext.auth_plain = true,
                             "LOGIN" => ext.auth_login = true,
+                            "XOAUTH2" => ext.auth_xoauth2 = true,
                             _ => {}
                         }
                     }
@@ -975,13 +1301,18 @@ impl Pool {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// The most recently used live connection, if any.
-    fn take(&self) -> Option<Conn> {
+    /// The most recently used live connection authenticated as `user`
+    /// (`None`: not authenticated with XOAUTH2), if any.
+    fn take(&self, user: Option<&str>) -> Option<Conn> {
         let mut state = self.lock();
         state
             .idle
             .retain(|(_, since)| since.elapsed() < POOL_IDLE_TIME);
-        state.idle.pop().map(|(conn, _)| conn)
+        let i = state
+            .idle
+            .iter()
+            .rposition(|(conn, _)| conn.user.as_deref() == user)?;
+        Some(state.idle.remove(i).0)
     }
 
     /// Keep `conn` for reuse if there is room; start the reaper if needed.
@@ -1139,6 +1470,49 @@ mod tests {
             r.unwrap().text(),
             "535 5.7.8 Username and Password not accepted. 5.7.8 https://x?"
         );
+    }
+
+    #[test]
+    fn xoauth2_test_vectors_from_upstreams_5_1() {
+        // Microsoft's documentation.
+        assert_eq!(
+            xoauth2_response(
+                "test@contoso.onmicrosoft.com",
+                "EwBAAl3BAAUFFpUAo7J3Ve0bjLBWZWCclRC3EoAA"
+            ),
+            "dXNlcj10ZXN0QGNvbnRvc28ub25taWNyb3NvZnQuY29tAWF1dGg9QmVhcmVyIEV3QkFBbDNCQUFVRkZwVUFvN0ozVmUwYmpMQldaV0NjbFJDM0VvQUEBAQ=="
+        );
+        // Google's documentation.
+        assert_eq!(
+            xoauth2_response(
+                "someuser@example.com",
+                "ya29.vF9dft4qmTc2Nvb3RlckBhdHRhdmlzdGEuY29tCg"
+            ),
+            "dXNlcj1zb21ldXNlckBleGFtcGxlLmNvbQFhdXRoPUJlYXJlciB5YTI5LnZGOWRmdDRxbVRjMk52YjNSbGNrQmhkSFJoZG1semRHRXVZMjl0Q2cBAQ=="
+        );
+        let r = parse(&["250-x\r\n", "250 AUTH LOGIN XOAUTH2\r\n"])
+            .unwrap()
+            .unwrap();
+        let ext = Extensions::parse(&r);
+        assert!(ext.auth_xoauth2 && ext.auth_login && !ext.auth_plain);
+    }
+
+    #[test]
+    fn auth_debug_hides_secrets() {
+        let a = SmtpAuth::Basic {
+            username: "u".into(),
+            password: Secret::new("pw-secret"),
+        };
+        assert!(!format!("{a:?}").contains("pw-secret"));
+        let x = SmtpAuth::XOAuth2 {
+            user: "a@b".into(),
+            tokens: Arc::new(crate::oauth::StaticToken {
+                token: Secret::new("tok-secret"),
+                identity: "a@b".into(),
+            }),
+            identities: None,
+        };
+        assert!(!format!("{x:?}").contains("tok-secret"));
     }
 
     #[test]

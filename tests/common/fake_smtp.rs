@@ -14,6 +14,9 @@
 //! ).await;
 //! // Also: FakeConfig { smtputf8: true, size: None, eightbitmime: false, .. }
 //! // and `.mechanisms(&["LOGIN"])` to advertise only some AUTH mechanisms.
+//! // XOAUTH2 (UPSTREAMS.md §5.1), answering failures like Microsoft or Gmail:
+//! //   .xoauth2(XOAuth2Style::Gmail, Arc::new(|user, token| token == "good"))
+//! // `535 5.7.139` (SMTP AUTH disabled for the tenant) is a Stage::Auth fault.
 //! fake.addr();          // SocketAddr on 127.0.0.1, port chosen by the OS
 //! fake.ca_pem();        // PEM of the CA that signed the server certificate (TLS modes)
 //! fake.messages();      // accepted transactions (Received: envelope, wire bytes, un-stuffed data)
@@ -102,6 +105,34 @@ impl Fault {
     }
 }
 
+/// How the fake rejects a bad XOAUTH2 token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum XOAuth2Style {
+    /// Exchange Online: `535 5.7.3 Authentication unsuccessful [host]`.
+    Microsoft,
+    /// Gmail: `334 <base64 JSON {"status":"400","schemes":"Bearer","scope":…}>`,
+    /// then after the client's empty line `535-5.7.8 Username and Password not accepted…`.
+    Gmail,
+}
+
+/// Decides whether `(user, token)` may log in.
+pub type TokenCheck = Arc<dyn Fn(&str, &str) -> bool + Send + Sync>;
+
+/// XOAUTH2 support: the failure style and the token check.
+#[derive(Clone)]
+pub struct XOAuth2 {
+    /// How failures look.
+    pub style: XOAuth2Style,
+    /// Which `(user, token)` pairs are accepted.
+    pub check: TokenCheck,
+}
+
+impl std::fmt::Debug for XOAuth2 {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "XOAuth2({:?})", self.style)
+    }
+}
+
 /// What the fake offers and how it misbehaves.
 #[derive(Debug, Clone)]
 pub struct FakeConfig {
@@ -119,6 +150,8 @@ pub struct FakeConfig {
     pub smtputf8: bool,
     /// Faults, first match wins.
     pub faults: Vec<(Stage, Fault)>,
+    /// When set, AUTH XOAUTH2 is offered and required before MAIL.
+    pub xoauth2: Option<XOAuth2>,
 }
 
 impl Default for FakeConfig {
@@ -131,6 +164,7 @@ impl Default for FakeConfig {
             eightbitmime: true,
             smtputf8: false,
             faults: Vec::new(),
+            xoauth2: None,
         }
     }
 }
@@ -151,6 +185,12 @@ impl FakeConfig {
         self.auth_mechanisms = mechanisms.iter().map(|m| m.to_string()).collect();
         self
     }
+    /// Offer (only) XOAUTH2 and require it: `check(user, token)` decides.
+    pub fn xoauth2(mut self, style: XOAuth2Style, check: TokenCheck) -> Self {
+        self.xoauth2 = Some(XOAuth2 { style, check });
+        self.auth_mechanisms = vec!["LOGIN".into(), "XOAUTH2".into()];
+        self
+    }
     /// Add a fault.
     pub fn fault(mut self, stage: Stage, fault: Fault) -> Self {
         self.faults.push((stage, fault));
@@ -165,7 +205,7 @@ pub struct Received {
     pub connection: usize,
     /// The session was under TLS.
     pub tls: bool,
-    /// Who authenticated, and how (`PLAIN`/`LOGIN`).
+    /// Who authenticated, and how (`PLAIN`/`LOGIN`/`XOAUTH2`).
     pub auth: Option<(String, String)>,
     /// `MAIL FROM` address (without `<>`).
     pub from: String,
@@ -551,7 +591,8 @@ impl Session {
             lines.push("STARTTLS".into());
         }
         let auth_allowed = self.tls || config.security == Security::Plain;
-        if config.credentials.is_some() && auth_allowed && !config.auth_mechanisms.is_empty() {
+        let wants_auth = config.credentials.is_some() || config.xoauth2.is_some();
+        if wants_auth && auth_allowed && !config.auth_mechanisms.is_empty() {
             lines.push(format!("AUTH {}", config.auth_mechanisms.join(" ")));
         }
         if config.eightbitmime {
@@ -591,7 +632,7 @@ impl Session {
         let config = self.config();
         let (mech, initial) = arg.split_once(' ').unwrap_or((arg, ""));
         let mech = mech.to_ascii_uppercase();
-        let offered = config.credentials.is_some()
+        let offered = (config.credentials.is_some() || config.xoauth2.is_some())
             && (self.tls || config.security == Security::Plain)
             && config
                 .auth_mechanisms
@@ -614,6 +655,54 @@ impl Session {
                 .ok()
                 .map(|b| String::from_utf8_lossy(&b).into_owned())
         };
+        if mech == "XOAUTH2" {
+            let Some(x) = config.xoauth2.clone() else {
+                self.send("504 5.7.4 Unrecognized authentication type")
+                    .await?;
+                return Ok(Next::Continue);
+            };
+            let response = if initial.is_empty() {
+                self.send("334 ").await?;
+                self.read_line().await?.unwrap_or_default()
+            } else {
+                initial.to_string()
+            };
+            // user=<user>^Aauth=Bearer <token>^A^A
+            let parsed = decode(&response).and_then(|s| {
+                let rest = s.strip_prefix("user=")?;
+                let (user, rest) = rest.split_once('\x01')?;
+                let (auth, tail) = rest.split_once('\x01')?;
+                let token = auth.strip_prefix("auth=Bearer ")?;
+                (tail == "\x01").then(|| (user.to_string(), token.to_string()))
+            });
+            if let Some((user, token)) = parsed
+                && (x.check)(&user, &token)
+            {
+                self.auth = Some((user, mech));
+                self.send("235 2.7.0 Authentication successful").await?;
+                return Ok(Next::Continue);
+            }
+            match x.style {
+                XOAuth2Style::Microsoft => {
+                    self.send(&format!(
+                        "535 5.7.3 Authentication unsuccessful [{HOSTNAME}]"
+                    ))
+                    .await?;
+                }
+                XOAuth2Style::Gmail => {
+                    let challenge = B64.encode(
+                        r#"{"status":"400","schemes":"Bearer","scope":"https://mail.google.com/"}"#,
+                    );
+                    self.send(&format!("334 {challenge}")).await?;
+                    // The client must answer with an empty line.
+                    let answer = self.read_line().await?.unwrap_or_default();
+                    lock(&self.shared.commands).push(answer);
+                    self.send("535-5.7.8 Username and Password not accepted. Learn more at\r\n535 5.7.8  https://support.google.com/mail/?p=BadCredentials fake.test - gsmtp")
+                        .await?;
+                }
+            }
+            return Ok(Next::Continue);
+        }
         let given = match mech.as_str() {
             "PLAIN" => {
                 let response = if initial.is_empty() {
@@ -655,7 +744,7 @@ impl Session {
 
     async fn mail_from(&mut self, arg: &str) -> std::io::Result<Next> {
         let config = self.config();
-        if config.credentials.is_some() && self.auth.is_none() {
+        if (config.credentials.is_some() || config.xoauth2.is_some()) && self.auth.is_none() {
             self.send("530 5.7.57 Client not authenticated to send mail")
                 .await?;
             return Ok(Next::Continue);

@@ -4,4 +4,5 @@
 #![allow(dead_code)]
 
 pub mod fake_ews;
+pub mod fake_oauth;
 pub mod fake_smtp;

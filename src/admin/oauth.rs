@@ -1,0 +1,215 @@
+//! The browser side of the authorization code flow: `GET /oauth/start` (admin token, redirects to the provider with state and a PKCE challenge) and `GET /oauth/callback` (redeems the code, readable HTML pages for success and every error).
+
+use std::sync::Arc;
+
+use axum::extract::{Query, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{Html, IntoResponse, Response};
+use serde::Deserialize;
+
+use super::Ctx;
+use crate::config::Secret;
+
+/// `GET /oauth/start` parameters.
+#[derive(Deserialize, Default)]
+pub(super) struct StartQuery {
+    /// The admin token, for a browser that cannot send a header.
+    #[serde(default)]
+    token: Option<String>,
+    /// The mailbox to sign in for; default: the upstream's mailbox.
+    #[serde(default)]
+    identity: Option<String>,
+    /// `upstream` (default) or `alternate`.
+    #[serde(default)]
+    upstream: Option<String>,
+}
+
+/// `GET /oauth/callback` parameters (RFC 6749 §4.1.2).
+#[derive(Deserialize, Default)]
+pub(super) struct CallbackQuery {
+    #[serde(default)]
+    state: Option<String>,
+    #[serde(default)]
+    code: Option<String>,
+    #[serde(default)]
+    error: Option<String>,
+    #[serde(default)]
+    error_description: Option<String>,
+}
+
+/// Escape text for HTML.
+fn escape(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&#39;"),
+            c if c.is_control() => out.push(' '),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// A small self-contained page; `body` is already escaped HTML.
+fn page(code: StatusCode, title: &str, body: &str) -> Response {
+    let html = format!(
+        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>mailbridge: {t}</title>\
+<style>body{{font-family:sans-serif;max-width:40em;margin:3em auto;line-height:1.5}}code{{background:#eee;padding:0 .2em}}</style>\
+</head><body><h1>{t}</h1>{body}</body></html>\n",
+        t = escape(title)
+    );
+    (
+        code,
+        [
+            (header::CACHE_CONTROL, "no-store"),
+            (header::REFERRER_POLICY, "no-referrer"),
+        ],
+        Html(html),
+    )
+        .into_response()
+}
+
+fn error_page(code: StatusCode, what: &str, detail: &str) -> Response {
+    page(
+        code,
+        "Sign-in failed",
+        &format!(
+            "<p>{}</p><p>Nothing was stored. Start again with <code>mailbridge auth login</code> \
+(or <code>mailbridge auth login --device</code> on a headless server).</p>",
+            escape(&format!("{what}: {detail}"))
+        ),
+    )
+}
+
+pub(super) async fn start(
+    State(ctx): State<Arc<Ctx>>,
+    headers: HeaderMap,
+    Query(q): Query<StartQuery>,
+) -> Response {
+    let by_header = super::authorized(&ctx.admin, &headers);
+    let by_query = q
+        .token
+        .as_deref()
+        .is_some_and(|t| super::token_matches(&ctx.admin.token, t));
+    if !by_header && !by_query {
+        return page(
+            StatusCode::UNAUTHORIZED,
+            "Admin token required",
+            "<p>Open the URL printed by <code>mailbridge auth login</code>, or add \
+<code>?token=&lt;admin token&gt;</code> (the token is <code>admin.token</code> in the configuration \
+or the file <code>admin.token</code> in the spool directory).</p>",
+        );
+    }
+    let wanted = q.upstream.as_deref().unwrap_or("upstream");
+    let registry = ctx
+        .extras
+        .oauth
+        .iter()
+        .find(|(label, _)| *label == wanted || label.strip_prefix("upstream.") == Some(wanted))
+        .or_else(|| {
+            (q.upstream.is_none())
+                .then(|| ctx.extras.oauth.first())
+                .flatten()
+        });
+    let Some((_, registry)) = registry else {
+        return page(
+            StatusCode::NOT_FOUND,
+            "OAuth is not configured",
+            &format!(
+                "<p>No upstream named <code>{}</code> uses <code>auth = \"oauth\"</code> \
+(with <code>requires_auth = true</code>).</p>",
+                escape(wanted)
+            ),
+        );
+    };
+    match registry.start_login(q.identity.as_deref()) {
+        Ok(url) => (
+            StatusCode::SEE_OTHER,
+            [
+                (header::LOCATION, url),
+                (header::CACHE_CONTROL, "no-store".to_string()),
+                (header::REFERRER_POLICY, "no-referrer".to_string()),
+            ],
+        )
+            .into_response(),
+        Err(e) => error_page(StatusCode::BAD_REQUEST, "Cannot start the sign-in", &e),
+    }
+}
+
+pub(super) async fn callback(
+    State(ctx): State<Arc<Ctx>>,
+    Query(q): Query<CallbackQuery>,
+) -> Response {
+    let state = q.state.clone().unwrap_or_default();
+    if let Some(error) = q.error.as_deref() {
+        // Whatever the provider said, this sign-in is over.
+        for (_, r) in &ctx.extras.oauth {
+            r.cancel_login(&state);
+        }
+        tracing::warn!(error = %error, "OAuth sign-in refused by the provider");
+        let detail = q.error_description.as_deref().unwrap_or("");
+        return error_page(
+            StatusCode::BAD_REQUEST,
+            &format!("The provider answered `{error}`"),
+            detail.lines().next().unwrap_or(""),
+        );
+    }
+    let Some(registry) = ctx
+        .extras
+        .oauth
+        .iter()
+        .map(|(_, r)| r)
+        .find(|r| !state.is_empty() && r.has_login(&state))
+    else {
+        return error_page(
+            StatusCode::BAD_REQUEST,
+            "Unknown sign-in",
+            "this link was already used, has expired (10 minutes), or was not started by this mailbridge",
+        );
+    };
+    let Some(code) = q.code.filter(|c| !c.is_empty()) else {
+        registry.cancel_login(&state);
+        return error_page(
+            StatusCode::BAD_REQUEST,
+            "No authorization code",
+            "the provider sent neither a code nor an error",
+        );
+    };
+    match registry.finish_login(&state, &Secret::new(code)).await {
+        Ok(identity) => page(
+            StatusCode::OK,
+            "Signed in",
+            &format!(
+                "<p>mailbridge now holds a token for <b>{}</b> and stored its refresh token \
+(mode 0600). Mail waiting for this identity will be delivered at its next attempt.</p>\
+<p>You can close this window.</p>",
+                escape(&identity)
+            ),
+        ),
+        Err(e) => {
+            tracing::warn!(error = %e, "OAuth code exchange failed");
+            error_page(
+                StatusCode::BAD_REQUEST,
+                "The code could not be redeemed",
+                &e,
+            )
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::escape;
+
+    #[test]
+    fn escapes_html() {
+        assert_eq!(
+            escape("<script>\"a\" & 'b'\n"),
+            "&lt;script&gt;&quot;a&quot; &amp; &#39;b&#39; "
+        );
+    }
+}

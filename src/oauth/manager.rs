@@ -1,0 +1,678 @@
+//! One token manager per identity (refresh ahead of expiry, one refresh in flight, rotation persisted, backoff, the re-consent state) and the registry that holds them for an upstream.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use serde_json::json;
+use tokio::time::Instant;
+
+use super::flows::{self, Grant, LoginError, Pkce, Settings, TokenClient};
+use super::store::{StoredGrant, TokenStore};
+use super::{IdentityTokens, TokenError, TokenSource};
+use crate::config::{Config, Flow, Secret, Upstream};
+use crate::transport::BoxFuture;
+
+/// Refresh when less than this remains (or a tenth of the lifetime, if shorter).
+const REFRESH_MARGIN: Duration = Duration::from_secs(300);
+/// First wait after the token endpoint failed; doubles per failure.
+const BACKOFF_FIRST: Duration = Duration::from_secs(30);
+/// Longest wait between calls to a failing token endpoint.
+const BACKOFF_MAX: Duration = Duration::from_secs(15 * 60);
+/// How long a started browser sign-in may take.
+const LOGIN_TTL: Duration = Duration::from_secs(600);
+/// Sign-ins started and not finished, at most (older ones are dropped).
+const MAX_PENDING_LOGINS: usize = 32;
+/// The identity name of an app-only (client credentials) token.
+pub const APP_IDENTITY: &str = "app";
+
+fn now_unix() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// Where an identity stands, for status.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Phase {
+    /// Nothing known yet (no token asked for).
+    Idle,
+    /// A valid token is held or was last obtained.
+    Ok,
+    /// No refresh token: someone must sign in (`mailbridge auth login`).
+    NeedsLogin,
+    /// The grant was refused (`invalid_grant`): sign in again.
+    ReconsentNeeded,
+    /// The token endpoint is unreachable or failing; retrying with backoff.
+    Unavailable,
+    /// The provider refused our configuration (client, secret, scope).
+    Config,
+}
+
+impl Phase {
+    fn name(&self) -> &'static str {
+        match self {
+            Phase::Idle => "idle",
+            Phase::Ok => "ok",
+            Phase::NeedsLogin => "needs_login",
+            Phase::ReconsentNeeded => "reconsent_needed",
+            Phase::Unavailable => "unavailable",
+            Phase::Config => "config_error",
+        }
+    }
+}
+
+struct Access {
+    token: Secret,
+    expires: Instant,
+    lifetime: Duration,
+    expires_unix: u64,
+}
+
+struct State {
+    access: Option<Access>,
+    /// The refresh token in use (as last read from or written to the store).
+    refresh: Option<Secret>,
+    phase: Phase,
+    last_error: Option<String>,
+    /// No call to the token endpoint before this.
+    quiet_until: Option<Instant>,
+    /// The wait after the next failure.
+    next_backoff: Duration,
+    /// The refused refresh token, so only a new sign-in ends the re-consent state.
+    refused: Option<Secret>,
+    /// The error returned while quiet.
+    quiet_error: Option<TokenError>,
+}
+
+/// Tokens for one identity (a mailbox, or [`APP_IDENTITY`]).
+pub struct TokenManager {
+    identity: String,
+    client: TokenClient,
+    store: TokenStore,
+    state: Mutex<State>,
+    /// Held while talking to the token endpoint: one refresh in flight.
+    refreshing: tokio::sync::Mutex<()>,
+}
+
+impl TokenManager {
+    /// A manager for `identity` using `client` and the token `store`.
+    pub fn new(identity: String, client: TokenClient, store: TokenStore) -> Self {
+        TokenManager {
+            identity,
+            client,
+            store,
+            state: Mutex::new(State {
+                access: None,
+                refresh: None,
+                phase: Phase::Idle,
+                last_error: None,
+                quiet_until: None,
+                next_backoff: BACKOFF_FIRST,
+                refused: None,
+                quiet_error: None,
+            }),
+            refreshing: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn app_only(&self) -> bool {
+        self.client.settings().flow == Flow::ClientCredentials
+    }
+
+    /// The held token if it is not due for refresh yet.
+    fn fresh(&self) -> Option<Secret> {
+        let st = self.lock();
+        let a = st.access.as_ref()?;
+        let margin = REFRESH_MARGIN.min(a.lifetime / 10);
+        (Instant::now() + margin < a.expires).then(|| a.token.clone())
+    }
+
+    /// The held token if it has not expired (used when a refresh fails).
+    fn still_valid(&self) -> Option<Secret> {
+        let st = self.lock();
+        let a = st.access.as_ref()?;
+        (Instant::now() < a.expires).then(|| a.token.clone())
+    }
+
+    async fn read_store(&self) -> Result<Option<StoredGrant>, TokenError> {
+        let store = self.store.clone();
+        let id = self.identity.clone();
+        match tokio::task::spawn_blocking(move || store.get(&id)).await {
+            Ok(Ok(g)) => Ok(g),
+            Ok(Err(e)) => Err(TokenError::Config(format!("token store: {e}"))),
+            Err(e) => Err(TokenError::Unavailable(format!("token store reader: {e}"))),
+        }
+    }
+
+    async fn write_store(&self, grant: StoredGrant) {
+        let store = self.store.clone();
+        let id = self.identity.clone();
+        let path = store.path().display().to_string();
+        match tokio::task::spawn_blocking(move || store.put(&id, grant)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::error!(identity = %self.identity, store = %path, error = %e, "cannot write the token store; the new refresh token is kept in memory only")
+            }
+            Err(e) => {
+                tracing::error!(identity = %self.identity, error = %e, "token store writer failed")
+            }
+        }
+    }
+
+    /// Remember a failure: phase, backoff, and one log line per change of state.
+    fn failed(&self, err: &TokenError, refused: Option<Secret>) {
+        let mut st = self.lock();
+        let (phase, wait) = match err {
+            TokenError::Unavailable(_) => (Phase::Unavailable, st.next_backoff),
+            TokenError::Config(_) => (Phase::Config, st.next_backoff),
+            TokenError::ReconsentNeeded(_) => {
+                let phase = if refused.is_some() || st.refused.is_some() {
+                    Phase::ReconsentNeeded
+                } else {
+                    Phase::NeedsLogin
+                };
+                (phase, Duration::ZERO)
+            }
+        };
+        let text = err.to_string();
+        if st.phase != phase || st.last_error.as_deref() != Some(text.as_str()) {
+            match phase {
+                Phase::ReconsentNeeded => {
+                    tracing::error!(identity = %self.identity, error = %text, "OAuth grant refused: re-consent needed (run `mailbridge auth login`); mail is held until then")
+                }
+                Phase::NeedsLogin => {
+                    tracing::warn!(identity = %self.identity, "no OAuth sign-in yet (run `mailbridge auth login`); mail is held until then")
+                }
+                _ => {
+                    tracing::warn!(identity = %self.identity, error = %text, retry_in_secs = wait.as_secs(), "cannot get an OAuth token")
+                }
+            }
+        }
+        st.phase = phase;
+        st.last_error = Some(text);
+        if refused.is_some() {
+            st.refused = refused;
+            st.refresh = None;
+        }
+        if wait > Duration::ZERO {
+            st.quiet_until = Some(Instant::now() + wait);
+            st.next_backoff = (wait * 2).min(BACKOFF_MAX);
+            st.quiet_error = Some(err.clone());
+        }
+    }
+
+    /// Take a new grant into use: memory first, then the store (rotation).
+    async fn install(&self, grant: Grant, refresh_used: Option<Secret>) {
+        let new_refresh = grant.refresh_token.clone().or(refresh_used);
+        {
+            let mut st = self.lock();
+            st.access = Some(Access {
+                token: grant.access_token,
+                expires: Instant::now() + grant.expires_in,
+                lifetime: grant.expires_in,
+                expires_unix: now_unix() + grant.expires_in.as_secs(),
+            });
+            if st.phase != Phase::Ok && st.phase != Phase::Idle {
+                tracing::info!(identity = %self.identity, "OAuth token obtained; delivery resumes");
+            }
+            st.phase = Phase::Ok;
+            st.last_error = None;
+            st.quiet_until = None;
+            st.quiet_error = None;
+            st.next_backoff = BACKOFF_FIRST;
+            st.refused = None;
+            st.refresh = new_refresh.clone();
+        }
+        if self.app_only() || grant.refresh_token.is_none() {
+            // Nothing new to persist (app-only, or a provider that does not rotate).
+            return;
+        }
+        if let Some(rt) = new_refresh {
+            let s = self.client.settings();
+            self.write_store(StoredGrant {
+                refresh_token: rt,
+                client_id: s.client_id.clone(),
+                scope: grant.scope.unwrap_or_else(|| s.scope.clone()),
+                updated_at: now_unix(),
+                reconsent: None,
+            })
+            .await;
+        }
+    }
+
+    /// Store a grant obtained by a sign-in (browser callback or device code).
+    pub async fn complete_login(&self, grant: Grant) {
+        let had_refresh = grant.refresh_token.is_some();
+        self.install(grant, None).await;
+        if !had_refresh && !self.app_only() {
+            tracing::warn!(identity = %self.identity, "the provider sent no refresh token (missing offline_access / access_type=offline?); a new sign-in will be needed when the access token expires");
+        }
+    }
+
+    async fn obtain(&self) -> Result<Secret, TokenError> {
+        if let Some(t) = self.fresh() {
+            return Ok(t);
+        }
+        let _one = self.refreshing.lock().await;
+        // Another task may have refreshed while we waited.
+        if let Some(t) = self.fresh() {
+            return Ok(t);
+        }
+        if self.app_only() {
+            self.quiet_check().await?;
+            return self.fetch_app().await;
+        }
+        // The store is the truth for sign-ins done elsewhere (CLI, callback,
+        // logout); read it before deciding what to do.
+        let stored = self.read_store().await?;
+        let refresh = {
+            let mut st = self.lock();
+            match stored {
+                Some(g) if !g.refresh_token.is_empty() => {
+                    if st.refused.as_ref() == Some(&g.refresh_token) {
+                        None
+                    } else {
+                        if st.refresh.as_ref() != Some(&g.refresh_token)
+                            && st.phase != Phase::Idle
+                            && st.phase != Phase::Ok
+                        {
+                            // A new sign-in happened: start over.
+                            st.quiet_until = None;
+                            st.next_backoff = BACKOFF_FIRST;
+                        }
+                        st.refresh = Some(g.refresh_token.clone());
+                        Some(g.refresh_token)
+                    }
+                }
+                Some(g) => {
+                    if let Some(why) = g.reconsent {
+                        st.last_error.get_or_insert(why);
+                        st.phase = Phase::ReconsentNeeded;
+                    }
+                    st.refresh = None;
+                    None
+                }
+                None => {
+                    // Logged out (or never in): forget what memory held.
+                    st.refresh = None;
+                    st.access = None;
+                    None
+                }
+            }
+        };
+        let Some(refresh) = refresh else {
+            let phase = self.lock().phase.clone();
+            let err = if phase == Phase::ReconsentNeeded {
+                TokenError::ReconsentNeeded(format!(
+                    "the sign-in of {} was refused ({}); run `mailbridge auth login`",
+                    self.identity,
+                    self.lock().last_error.clone().unwrap_or_default()
+                ))
+            } else {
+                TokenError::ReconsentNeeded(format!(
+                    "no OAuth sign-in for {} yet; run `mailbridge auth login`",
+                    self.identity
+                ))
+            };
+            if phase != Phase::ReconsentNeeded {
+                self.failed(&err, None);
+            }
+            return Err(err);
+        };
+        self.quiet_check().await?;
+        match self.client.refresh(&refresh).await {
+            Ok(grant) => {
+                let t = grant.access_token.clone();
+                self.install(grant, Some(refresh)).await;
+                Ok(t)
+            }
+            Err(e @ TokenError::ReconsentNeeded(_)) => {
+                self.failed(&e, Some(refresh));
+                let s = self.client.settings();
+                self.write_store(StoredGrant {
+                    refresh_token: Secret::default(),
+                    client_id: s.client_id.clone(),
+                    scope: s.scope.clone(),
+                    updated_at: now_unix(),
+                    reconsent: Some(e.to_string()),
+                })
+                .await;
+                Err(e)
+            }
+            Err(e) => {
+                self.failed(&e, None);
+                // A token that has not expired yet still works meanwhile.
+                self.still_valid().ok_or(e)
+            }
+        }
+    }
+
+    /// `Err` while backing off after a failure (no call to the endpoint).
+    async fn quiet_check(&self) -> Result<(), TokenError> {
+        let st = self.lock();
+        match (st.quiet_until, &st.quiet_error) {
+            (Some(until), Some(e)) if Instant::now() < until => {
+                let wait = until - Instant::now();
+                Err(match e {
+                    TokenError::Unavailable(t) => {
+                        TokenError::Unavailable(format!("{t} (next try in {}s)", wait.as_secs()))
+                    }
+                    other => other.clone(),
+                })
+            }
+            _ => Ok(()),
+        }
+    }
+
+    async fn fetch_app(&self) -> Result<Secret, TokenError> {
+        match self.client.client_credentials().await {
+            Ok(grant) => {
+                let t = grant.access_token.clone();
+                self.install(grant, None).await;
+                Ok(t)
+            }
+            Err(e) => {
+                self.failed(&e, None);
+                self.still_valid().ok_or(e)
+            }
+        }
+    }
+
+    /// Forget the in-memory tokens (after `auth logout`).
+    pub fn forget(&self) {
+        let mut st = self.lock();
+        st.access = None;
+        st.refresh = None;
+        st.phase = Phase::NeedsLogin;
+    }
+
+    /// This identity's state for `GET /status`: never a token.
+    pub fn status(&self) -> serde_json::Value {
+        let st = self.lock();
+        let expires = st.access.as_ref().map(|a| a.expires_unix);
+        let retry_in = st
+            .quiet_until
+            .map(|u| u.saturating_duration_since(Instant::now()).as_secs())
+            .filter(|s| *s > 0);
+        json!({
+            "identity": self.identity,
+            "state": st.phase.name(),
+            "access_token_expires_at": expires,
+            "has_refresh_token": st.refresh.is_some(),
+            "last_error": st.last_error,
+            "retry_in_secs": retry_in,
+        })
+    }
+
+    /// The current phase.
+    pub fn phase(&self) -> Phase {
+        self.lock().phase.clone()
+    }
+}
+
+impl TokenSource for TokenManager {
+    fn token(&self) -> BoxFuture<'_, Result<Secret, TokenError>> {
+        Box::pin(self.obtain())
+    }
+
+    fn invalidate(&self, rejected: &Secret) {
+        let mut st = self.lock();
+        if st.access.as_ref().is_some_and(|a| &a.token == rejected) {
+            st.access = None;
+        }
+    }
+
+    fn identity(&self) -> String {
+        self.identity.clone()
+    }
+}
+
+/// A browser sign-in waiting for its callback.
+struct PendingLogin {
+    pkce: Pkce,
+    identity: String,
+    started: Instant,
+}
+
+/// The token managers of one upstream's OAuth settings, by identity, plus
+/// the browser sign-ins in progress.
+pub struct Registry {
+    settings: Arc<Settings>,
+    client: TokenClient,
+    store: TokenStore,
+    managers: Mutex<HashMap<String, Arc<TokenManager>>>,
+    pending: Mutex<HashMap<String, PendingLogin>>,
+}
+
+/// Registries alive in this process, so routing, admin and a reload share
+/// one manager (and one refresh in flight) per identity.
+static REGISTRIES: Mutex<Vec<Weak<Registry>>> = Mutex::new(Vec::new());
+
+impl Registry {
+    /// A registry for `settings` (not shared; see [`Registry::shared`]).
+    pub fn new(settings: Settings) -> Result<Arc<Registry>, String> {
+        let http = settings.http_client()?;
+        let settings = Arc::new(settings);
+        Ok(Arc::new(Registry {
+            client: TokenClient::new(settings.clone(), http),
+            store: TokenStore::new(settings.store.clone()),
+            settings,
+            managers: Mutex::new(HashMap::new()),
+            pending: Mutex::new(HashMap::new()),
+        }))
+    }
+
+    /// The registry for upstream table `u` of `cfg`: the one already alive
+    /// in this process for the same settings, else a new one.
+    pub fn shared(cfg: &Config, u: &Upstream) -> Result<Arc<Registry>, String> {
+        let settings = Settings::from_upstream(cfg, u)?;
+        let mut all = REGISTRIES.lock().unwrap_or_else(|p| p.into_inner());
+        all.retain(|w| w.strong_count() > 0);
+        if let Some(r) = all
+            .iter()
+            .filter_map(Weak::upgrade)
+            .find(|r| *r.settings == settings)
+        {
+            return Ok(r);
+        }
+        let r = Registry::new(settings)?;
+        all.push(Arc::downgrade(&r));
+        Ok(r)
+    }
+
+    /// The settings in use.
+    pub fn settings(&self) -> &Settings {
+        &self.settings
+    }
+
+    /// The token store.
+    pub fn store(&self) -> &TokenStore {
+        &self.store
+    }
+
+    /// The token endpoint client.
+    pub fn client(&self) -> &TokenClient {
+        &self.client
+    }
+
+    /// The identity used when none is named.
+    pub fn default_identity(&self) -> &str {
+        &self.settings.default_identity
+    }
+
+    fn key(&self, identity: &str) -> String {
+        if self.settings.flow == Flow::ClientCredentials {
+            APP_IDENTITY.to_string()
+        } else if identity.is_empty() {
+            self.settings.default_identity.to_ascii_lowercase()
+        } else {
+            identity.to_ascii_lowercase()
+        }
+    }
+
+    /// The manager for `identity` (the default identity when empty). With
+    /// client credentials every identity shares the one app-only token.
+    pub fn manager(&self, identity: &str) -> Arc<TokenManager> {
+        let key = self.key(identity);
+        let mut m = self.managers.lock().unwrap_or_else(|p| p.into_inner());
+        m.entry(key.clone())
+            .or_insert_with(|| {
+                Arc::new(TokenManager::new(
+                    key,
+                    self.client.clone(),
+                    self.store.clone(),
+                ))
+            })
+            .clone()
+    }
+
+    /// Start a browser sign-in for `identity`: the provider URL to send the
+    /// browser to (state single-use, valid 10 minutes, PKCE S256).
+    pub fn start_login(&self, identity: Option<&str>) -> Result<String, String> {
+        if self.settings.flow == Flow::ClientCredentials {
+            return Err("flow = \"client_credentials\" needs no sign-in".into());
+        }
+        let identity = self.key(identity.unwrap_or(""));
+        if identity.is_empty() {
+            return Err(
+                "no identity: set upstream.mailbox (or username) or pass ?identity=".into(),
+            );
+        }
+        let pkce = Pkce::new();
+        let state = flows::random_state();
+        let url = flows::authorize_url(&self.settings, &state, &pkce.challenge, Some(&identity))?;
+        let mut p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        p.retain(|_, l| l.started.elapsed() < LOGIN_TTL);
+        while p.len() >= MAX_PENDING_LOGINS {
+            let Some(oldest) = p
+                .iter()
+                .min_by_key(|(_, l)| l.started)
+                .map(|(k, _)| k.clone())
+            else {
+                break;
+            };
+            p.remove(&oldest);
+        }
+        p.insert(
+            state,
+            PendingLogin {
+                pkce,
+                identity,
+                started: Instant::now(),
+            },
+        );
+        Ok(url)
+    }
+
+    /// True when `state` belongs to a sign-in started here (and not expired).
+    pub fn has_login(&self, state: &str) -> bool {
+        let p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        p.get(state)
+            .is_some_and(|l| l.started.elapsed() < LOGIN_TTL)
+    }
+
+    /// Finish a browser sign-in: `state` must be one we issued (used once,
+    /// within 10 minutes); the code is redeemed and the tokens stored.
+    /// Returns the identity signed in.
+    pub async fn finish_login(&self, state: &str, code: &Secret) -> Result<String, String> {
+        let login = {
+            let mut p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+            p.remove(state)
+        };
+        let Some(login) = login.filter(|l| l.started.elapsed() < LOGIN_TTL) else {
+            return Err("unknown, expired or already used sign-in (state); start again".into());
+        };
+        let grant = self
+            .client
+            .exchange_code(code, &login.pkce.verifier)
+            .await
+            .map_err(|e| LoginError::from(e).to_string())?;
+        self.manager(&login.identity).complete_login(grant).await;
+        tracing::info!(identity = %login.identity, "OAuth sign-in completed");
+        Ok(login.identity)
+    }
+
+    /// Forget a pending sign-in (the provider answered `error=`).
+    pub fn cancel_login(&self, state: &str) -> bool {
+        let mut p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        p.remove(state).is_some()
+    }
+
+    /// Every identity's state: the default one, the configured users'
+    /// mailboxes, those in the store and those asked for. Never a token.
+    pub fn status(&self) -> serde_json::Value {
+        let mut names: Vec<String> = Vec::new();
+        if self.settings.flow == Flow::ClientCredentials {
+            names.push(APP_IDENTITY.into());
+        } else {
+            if !self.settings.default_identity.is_empty() {
+                names.push(self.key(""));
+            }
+            names.extend(self.settings.known_identities.iter().map(|i| self.key(i)));
+            if let Ok(all) = self.store.all() {
+                names.extend(all.into_keys());
+            }
+        }
+        {
+            let m = self.managers.lock().unwrap_or_else(|p| p.into_inner());
+            names.extend(m.keys().cloned());
+        }
+        names.sort();
+        names.dedup();
+        let stored = self.store.all().unwrap_or_default();
+        let identities: Vec<serde_json::Value> = names
+            .iter()
+            .map(|n| {
+                let existing = self
+                    .managers
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .get(n)
+                    .cloned();
+                match existing {
+                    Some(m) if m.phase() != Phase::Idle => m.status(),
+                    _ => {
+                        let (state, err) = match stored.get(n) {
+                            _ if self.settings.flow == Flow::ClientCredentials => ("idle", None),
+                            Some(g) if !g.refresh_token.is_empty() => ("ok", None),
+                            Some(g) if g.reconsent.is_some() => {
+                                ("reconsent_needed", g.reconsent.clone())
+                            }
+                            _ => ("needs_login", None),
+                        };
+                        json!({
+                            "identity": n,
+                            "state": state,
+                            "access_token_expires_at": null,
+                            "has_refresh_token": stored.get(n).is_some_and(|g| !g.refresh_token.is_empty()),
+                            "last_error": err,
+                            "retry_in_secs": null,
+                        })
+                    }
+                }
+            })
+            .collect();
+        json!({
+            "provider": format!("{:?}", self.settings.provider).to_lowercase(),
+            "flow": match self.settings.flow {
+                Flow::AuthorizationCode => "authorization_code",
+                Flow::DeviceCode => "device_code",
+                Flow::ClientCredentials => "client_credentials",
+            },
+            "token_endpoint": self.settings.endpoints.token,
+            "identities": identities,
+        })
+    }
+}
+
+impl IdentityTokens for Registry {
+    fn source(&self, identity: &str) -> Arc<dyn TokenSource> {
+        self.manager(identity)
+    }
+}
