@@ -294,11 +294,53 @@ fn transport_for(
                 SmtpTransport::new(settings)?.with_proxy(&u.proxy)?,
             ))
         }
-        Protocol::Graph | Protocol::Ews => Err(format!(
-            "protocol {:?} is not available in this build yet",
-            u.protocol
-        )
-        .to_lowercase()),
+        Protocol::Ews => {
+            use crate::transport::ews::{
+                DEFAULT_SERVER_VERSION, EwsAuth, EwsSettings, EwsTransport,
+            };
+            let auth = if crate::oauth::uses_oauth(u) {
+                let registry = crate::oauth::Registry::shared(c, u)?;
+                let app_only = u.oauth.flow == crate::config::Flow::ClientCredentials;
+                // Delegated tokens are per mailbox; an app-only token impersonates any.
+                let per_mailbox = if app_only {
+                    Default::default()
+                } else {
+                    c.users
+                        .iter()
+                        .filter(|usr| !usr.mailbox.is_empty())
+                        .map(|usr| {
+                            let m: Arc<dyn crate::oauth::TokenSource> =
+                                registry.manager(&usr.mailbox);
+                            (usr.mailbox.to_ascii_lowercase(), m)
+                        })
+                        .collect()
+                };
+                EwsAuth::Bearer {
+                    tokens: registry.manager(""),
+                    per_mailbox,
+                }
+            } else {
+                EwsAuth::Basic {
+                    username: u.username.clone(),
+                    password: u.password.clone(),
+                }
+            };
+            let settings = EwsSettings {
+                connect_url: u.connect_url.clone(),
+                impersonate: crate::oauth::uses_oauth(u)
+                    && u.oauth.flow == crate::config::Flow::ClientCredentials,
+                auth,
+                mailbox: u.effective_mailbox().to_string(),
+                save_to_sent_items: u.save_to_sent_items,
+                server_version: DEFAULT_SERVER_VERSION.to_string(),
+                ca_file: (!u.tls_ca_file.is_empty())
+                    .then(|| c.path(std::path::Path::new(&u.tls_ca_file))),
+                proxy: u.proxy.clone(),
+                timeout: std::time::Duration::from_secs(u.timeout_secs),
+            };
+            Ok(Arc::new(EwsTransport::new(settings)?))
+        }
+        Protocol::Graph => Err("protocol \"graph\" is not available in this build yet".into()),
     }
 }
 
