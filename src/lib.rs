@@ -62,6 +62,8 @@ pub struct Listeners {
     pub smtp: TcpListener,
     /// The admin listener, if enabled.
     pub admin: Option<TcpListener>,
+    /// The implicit-TLS SMTP listener (`listen.implicit_tls_address`), if any.
+    pub smtps: Option<TcpListener>,
 }
 
 /// Run mailbridge until `shutdown` is cancelled: load the spool, start the
@@ -75,11 +77,15 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let local = listeners.smtp.local_addr().context("SMTP listener")?;
-    if !local.ip().is_loopback() {
-        anyhow::bail!(
-            "listen.address: {local} is not a loopback address, and mailbridge will not run as an open relay; \
-             listen on 127.0.0.1 (or ::1)"
-        );
+    let settings = Arc::new(inbound::Settings::from_config(&cfg).map_err(|e| anyhow::anyhow!(e))?);
+    // Never an open relay: a listener beyond loopback needs AUTH or a real allow-list.
+    settings
+        .check_exposure(local)
+        .map_err(|e| anyhow::anyhow!(e))?;
+    if let Some(l) = &listeners.smtps {
+        settings
+            .check_exposure(l.local_addr().context("implicit-TLS listener")?)
+            .map_err(|e| anyhow::anyhow!(e))?;
     }
     let spool_dir = cfg.path(&cfg.spool.path);
     let max = cfg.spool.max_messages;
@@ -103,8 +109,18 @@ pub async fn run(
     let (sched, sched_task) =
         scheduler::Scheduler::start(Arc::new(spool), router, policy, loaded, shutdown.clone());
 
-    let settings = Arc::new(inbound::Settings::from_config(&cfg));
     tracing::info!(address = %local, "listening for SMTP");
+    let smtps_task = listeners.smtps.map(|l| {
+        if let Ok(a) = l.local_addr() {
+            tracing::info!(address = %a, "listening for SMTP with implicit TLS");
+        }
+        tokio::spawn(inbound::serve_implicit_tls(
+            l,
+            settings.clone(),
+            Arc::new(sched.clone()),
+            shutdown.clone(),
+        ))
+    });
     let smtp_task = tokio::spawn(inbound::serve(
         listeners.smtp,
         settings,
@@ -144,6 +160,9 @@ pub async fn run(
     shutdown.cancelled().await;
     tracing::info!("shutting down");
     let _ = smtp_task.await;
+    if let Some(t) = smtps_task {
+        let _ = t.await;
+    }
     let _ = sched_task.await;
     if let Some(t) = admin_task {
         let _ = t.await;

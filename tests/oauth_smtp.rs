@@ -493,6 +493,7 @@ async fn the_relay_delivers_as_the_mapped_identity_and_holds_mail_on_reconsent()
         mailbridge::Listeners {
             smtp: smtp_listener,
             admin: None,
+            smtps: None,
         },
         shutdown.clone(),
     ));

@@ -193,7 +193,27 @@ fn run(cfg: Config, path: PathBuf) -> ExitCode {
             }
             s.cancel();
         });
-        crate::run(cfg, Some(path), crate::Listeners { smtp, admin }, shutdown).await
+        let smtps = if cfg.listen.implicit_tls_address.is_empty() {
+            None
+        } else {
+            Some(
+                tokio::net::TcpListener::bind(&cfg.listen.implicit_tls_address)
+                    .await
+                    .map_err(|e| {
+                        anyhow::anyhow!(
+                            "listen.implicit_tls_address: cannot listen on {}: {e}",
+                            cfg.listen.implicit_tls_address
+                        )
+                    })?,
+            )
+        };
+        crate::run(
+            cfg,
+            Some(path),
+            crate::Listeners { smtp, admin, smtps },
+            shutdown,
+        )
+        .await
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -19,12 +19,27 @@
 //!   (`listen.bare_line_endings = "reject"`). Either way only `CRLF.CRLF`
 //!   ends a message, so nothing can be smuggled past this relay.
 //! - The `250` after DATA is written only once [`Sink::accept`] returned `Ok`.
+//! - Text lines longer than 1000 octets (RFC 5321 §4.5.3.1.6) are accepted
+//!   and passed on unchanged, never truncated or folded: only the total
+//!   size is limited (`552 5.3.4`). Refusing them would turn away the
+//!   legacy clients this relay exists for; the upstream decides for itself.
+//! - TLS: STARTTLS is offered when `listen.tls_cert`/`tls_key` are set, and
+//!   [`serve_implicit_tls`] serves the port-465-style listener. TLS 1.2+.
+//! - Access: `listen.allow_clients` (`554 5.7.1` at connect), connections in
+//!   total and per client IP (`421 4.7.0`), sender and recipient domain lists
+//!   (`550 5.7.1`), AUTH policy (see [`session`] and [`auth`]). The limits
+//!   count per listener: the STARTTLS and implicit-TLS listeners each have
+//!   their own.
 
+pub mod access;
+pub mod auth;
 pub mod data;
 pub mod parser;
 pub mod session;
+pub mod tls;
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -36,6 +51,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use session::{Session, Step};
+use tls::Stream;
 
 /// A message the session accepted; the sink makes it durable.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -82,22 +98,69 @@ pub trait Sink: Send + Sync + 'static {
     fn accept(&self, msg: Incoming) -> crate::transport::BoxFuture<'_, Result<(), SinkError>>;
 }
 
-/// Settings of the listener, built from config.
+/// Settings of the listener, built from config by [`Settings::from_config`]
+/// (which loads the certificate and checks the users), or by
+/// [`Settings::new`] and the `with_*` methods in tests.
 #[derive(Debug, Clone)]
 pub struct Settings {
     /// Our name in the greeting, replies and `Received:` headers.
     pub hostname: String,
     /// Limits, timeouts and policies (`[listen]` in the config).
     pub listen: crate::config::Listen,
+    /// Who may AUTH; empty = AUTH is not offered.
+    pub users: Arc<auth::Users>,
+    /// Server TLS configuration; `None` = no STARTTLS, no implicit TLS.
+    pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// Whether a client address counts as loopback, where
+    /// `auth_cleartext_loopback` may allow AUTH without TLS. Replaceable so
+    /// tests on 127.0.0.1 can play a remote client.
+    pub loopback: fn(IpAddr) -> bool,
 }
 
 impl Settings {
-    /// The settings a configuration asks for.
-    pub fn from_config(cfg: &crate::config::Config) -> Self {
+    /// Settings with no users and no TLS (whatever `listen.tls_*` say).
+    pub fn new(hostname: impl Into<String>, listen: crate::config::Listen) -> Settings {
         Settings {
-            hostname: cfg.effective_hostname(),
-            listen: cfg.listen.clone(),
+            hostname: hostname.into(),
+            listen,
+            users: Arc::new(auth::Users::default()),
+            tls: None,
+            loopback: access::is_loopback,
         }
+    }
+
+    /// The settings a configuration asks for: loads `listen.tls_cert` and
+    /// `listen.tls_key` (relative to the config file) and checks every
+    /// user's hash. The error names the config key at fault.
+    pub fn from_config(cfg: &crate::config::Config) -> Result<Settings, String> {
+        let mut s =
+            Settings::new(cfg.effective_hostname(), cfg.listen.clone()).with_users(&cfg.users)?;
+        let l = &cfg.listen;
+        if !l.tls_cert.is_empty() || !l.tls_key.is_empty() {
+            s = s.with_tls_files(
+                &cfg.path(Path::new(&l.tls_cert)),
+                &cfg.path(Path::new(&l.tls_key)),
+            )?;
+        }
+        Ok(s)
+    }
+
+    /// These users may AUTH.
+    pub fn with_users(mut self, users: &[crate::config::User]) -> Result<Settings, String> {
+        self.users = Arc::new(auth::Users::new(users)?);
+        Ok(self)
+    }
+
+    /// Offer TLS with this certificate chain and key (PEM files).
+    pub fn with_tls_files(mut self, cert: &Path, key: &Path) -> Result<Settings, String> {
+        self.tls = Some(tls::server_config(cert, key)?);
+        Ok(self)
+    }
+
+    /// Refuse a listener on a non-loopback `local` address that nothing
+    /// protects (see [`access::check_exposure`]): call before serving.
+    pub fn check_exposure(&self, local: SocketAddr) -> Result<(), String> {
+        access::check_exposure(local, &self.listen, !self.users.is_empty())
     }
 }
 
@@ -107,17 +170,63 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 /// the input buffer of a session.
 const READ_CHUNK: usize = 8192;
 
+/// At most this many argon2 checks run at once in the whole process (each
+/// takes tens of MiB and milliseconds of CPU); further AUTH attempts wait.
+static VERIFY_SLOTS: Semaphore = Semaphore::const_new(4);
+
+/// Whether a listener speaks TLS from the first byte.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// Cleartext, with STARTTLS when configured (port 25/587 style).
+    StartTls,
+    /// TLS from the first byte (port 465 style).
+    Implicit,
+}
+
 /// Serve SMTP on an already-bound listener until `shutdown` is cancelled;
 /// then stop accepting, let sessions in DATA finish, answer others `421 4.3.2`
 /// and return once all sessions ended (bounded by a grace period of 30 s,
-/// after which the remaining sessions are closed).
+/// after which the remaining sessions are closed). STARTTLS is offered when
+/// `settings.tls` is set.
 pub async fn serve(
     listener: TcpListener,
     settings: Arc<Settings>,
     sink: Arc<dyn Sink>,
     shutdown: CancellationToken,
 ) {
+    serve_mode(listener, settings, sink, shutdown, Mode::StartTls).await
+}
+
+/// Like [`serve`], but every connection starts with a TLS handshake
+/// (implicit TLS, the `listen.implicit_tls_address` listener). Without
+/// `settings.tls` it logs an error and returns at once. Connections refused
+/// for the total or per-IP limit are closed without a word (a cleartext
+/// `421` means nothing to a TLS client); a client outside `allow_clients`
+/// hears `554 5.7.1` once TLS is up.
+pub async fn serve_implicit_tls(
+    listener: TcpListener,
+    settings: Arc<Settings>,
+    sink: Arc<dyn Sink>,
+    shutdown: CancellationToken,
+) {
+    if settings.tls.is_none() {
+        tracing::error!(
+            "inbound: implicit-TLS listener without listen.tls_cert/tls_key; not serving it"
+        );
+        return;
+    }
+    serve_mode(listener, settings, sink, shutdown, Mode::Implicit).await
+}
+
+async fn serve_mode(
+    listener: TcpListener,
+    settings: Arc<Settings>,
+    sink: Arc<dyn Sink>,
+    shutdown: CancellationToken,
+    mode: Mode,
+) {
     let slots = Arc::new(Semaphore::new(settings.listen.max_connections.max(1)));
+    let per_ip = access::PerIp::new(settings.listen.max_connections_per_ip);
     let tracker = TaskTracker::new();
     // Cancelled when the grace period is over.
     let hard_stop = CancellationToken::new();
@@ -137,21 +246,27 @@ pub async fn serve(
                 }
             }
         };
-        match slots.clone().try_acquire_owned() {
-            Ok(permit) => {
-                let conn = Connection {
-                    settings: settings.clone(),
-                    sink: sink.clone(),
-                    shutdown: shutdown.clone(),
-                    hard_stop: hard_stop.clone(),
-                };
-                tracker.spawn(conn.run(stream, peer, permit));
-            }
-            Err(_) => {
-                tracing::warn!(client = %peer, "inbound: too many connections");
-                tracker.spawn(refuse(stream));
-            }
-        }
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
+            tracing::warn!(client = %peer, "inbound: too many connections");
+            tracker.spawn(refuse(stream, mode, b"421 4.7.0 Too many connections\r\n"));
+            continue;
+        };
+        let Some(ip_slot) = per_ip.enter(peer.ip()) else {
+            tracing::warn!(client = %peer, "inbound: too many connections from this address");
+            tracker.spawn(refuse(
+                stream,
+                mode,
+                b"421 4.7.0 Too many connections from your address\r\n",
+            ));
+            continue;
+        };
+        let conn = Connection {
+            settings: settings.clone(),
+            sink: sink.clone(),
+            shutdown: shutdown.clone(),
+            hard_stop: hard_stop.clone(),
+        };
+        tracker.spawn(conn.run(stream, peer, mode, (permit, ip_slot)));
     }
     drop(listener);
     tracker.close();
@@ -165,16 +280,20 @@ pub async fn serve(
     }
 }
 
-/// Answer a connection over the limit and close it.
-async fn refuse(mut stream: TcpStream) {
+/// Answer a connection over a limit and close it (on the implicit-TLS
+/// listener, just close it).
+async fn refuse(mut stream: TcpStream, mode: Mode, reply: &'static [u8]) {
     let _ = timeout(Duration::from_secs(10), async {
-        stream
-            .write_all(b"421 4.7.0 Too many connections\r\n")
-            .await?;
+        if mode == Mode::StartTls {
+            stream.write_all(reply).await?;
+        }
         stream.shutdown().await
     })
     .await;
 }
+
+/// Held while a session runs: its connection slot and its per-IP count.
+type Slots = (OwnedSemaphorePermit, access::IpSlot);
 
 /// What one connection task needs.
 struct Connection {
@@ -186,12 +305,60 @@ struct Connection {
 
 impl Connection {
     /// Drive one session over one socket until it closes.
-    async fn run(self, mut stream: TcpStream, peer: SocketAddr, permit: OwnedSemaphorePermit) {
+    async fn run(self, tcp: TcpStream, peer: SocketAddr, mode: Mode, slots: Slots) {
         tracing::debug!(client = %peer, "inbound: connection");
+        let idle = Duration::from_secs(self.settings.listen.idle_timeout_secs);
+        let mut session = Session::new(self.settings.clone(), peer);
+        let mut stream = Stream::Plain(tcp);
+        if mode == Mode::Implicit {
+            match self.handshake(stream, peer, idle).await {
+                Some(s) => stream = s,
+                None => return,
+            }
+            session.tls_established();
+        }
+        let stream = self.drive(stream, &mut session, peer).await;
+        // Free the slots before the client can see the close, so a client that
+        // saw this connection end can connect again at once.
+        drop(slots);
+        if let Some(mut stream) = stream {
+            let _ = timeout(Duration::from_secs(5), stream.shutdown()).await;
+        }
+    }
+
+    /// The TLS handshake on a plain stream, bounded by `limit`; `None` when it
+    /// failed (the socket is dropped, which closes it).
+    async fn handshake(&self, stream: Stream, peer: SocketAddr, limit: Duration) -> Option<Stream> {
+        let (Stream::Plain(tcp), Some(config)) = (stream, self.settings.tls.clone()) else {
+            return None;
+        };
+        let acceptor = tokio_rustls::TlsAcceptor::from(config);
+        tokio::select! {
+            r = timeout(limit, acceptor.accept(tcp)) => match r {
+                Ok(Ok(tls)) => Some(Stream::Tls(Box::new(tls))),
+                Ok(Err(e)) => {
+                    tracing::info!(client = %peer, error = %e, "inbound: TLS handshake failed");
+                    None
+                }
+                Err(_) => {
+                    tracing::info!(client = %peer, "inbound: TLS handshake timed out");
+                    None
+                }
+            },
+            _ = self.hard_stop.cancelled() => None,
+        }
+    }
+
+    /// The session loop; returns the stream unless it was lost (failed handshake).
+    async fn drive(
+        &self,
+        mut stream: Stream,
+        session: &mut Session,
+        peer: SocketAddr,
+    ) -> Option<Stream> {
         let listen = &self.settings.listen;
         let idle = Duration::from_secs(listen.idle_timeout_secs);
         let data_time = Duration::from_secs(listen.data_timeout_secs);
-        let mut session = Session::new(self.settings.clone(), peer);
         let mut input = Vec::with_capacity(READ_CHUNK);
         let mut chunk = vec![0u8; READ_CHUNK];
         // The DATA timeout covers the whole transfer, not each read.
@@ -200,7 +367,11 @@ impl Connection {
             let step = session.feed(&mut input);
             // Replies go out before anything that may wait (RFC 2920 §3.2 (5)).
             let out = session.take_output();
-            if !out.is_empty() && !matches!(timeout(idle, stream.write_all(&out)).await, Ok(Ok(())))
+            if !out.is_empty()
+                && !matches!(
+                    timeout(idle, write_flush(&mut stream, &out)).await,
+                    Ok(Ok(()))
+                )
             {
                 break;
             }
@@ -210,6 +381,32 @@ impl Connection {
                     // The sink logs the outcome (queued / refused) with the queue id.
                     let result = self.sink.accept(msg).await;
                     session.sink_result(result);
+                }
+                Step::StartTls => {
+                    // The session dropped what was pipelined; so must we.
+                    input.clear();
+                    stream = self.handshake(stream, peer, idle).await?;
+                    session.tls_established();
+                }
+                Step::Authenticate { user, password } => {
+                    let users = self.settings.users.clone();
+                    let verify = async {
+                        let Ok(permit) = VERIFY_SLOTS.acquire().await else {
+                            return false;
+                        };
+                        let ok = tokio::task::spawn_blocking(move || {
+                            users.verify(&user, password.expose().as_bytes())
+                        })
+                        .await
+                        .unwrap_or(false);
+                        drop(permit);
+                        ok
+                    };
+                    let ok = tokio::select! {
+                        ok = verify => ok,
+                        _ = self.hard_stop.cancelled() => break,
+                    };
+                    session.auth_result(ok);
                 }
                 Step::NeedInput => {
                     if !session.in_data() && self.shutdown.is_cancelled() {
@@ -243,11 +440,14 @@ impl Connection {
                 }
             }
         }
-        // Free the slot before the client can see the close, so a client that
-        // saw this connection end can connect again at once.
-        drop(permit);
-        let _ = timeout(Duration::from_secs(5), stream.shutdown()).await;
+        Some(stream)
     }
+}
+
+/// Write all of `out` and flush it (TLS buffers until flushed).
+async fn write_flush(stream: &mut Stream, out: &[u8]) -> std::io::Result<()> {
+    stream.write_all(out).await?;
+    stream.flush().await
 }
 
 /// When the next read must arrive by. Between commands: `idle` from now. In

@@ -8,19 +8,32 @@
 //! close. The driver writes the queued replies before it blocks on a read, so
 //! a pipelined group is answered in one write, in order.
 //!
-//! Room for STARTTLS and AUTH: both are recognised by the parser and answered
-//! `502 5.5.1` for now. STARTTLS will become a `Step::StartTls` returned after
-//! the `220` reply with the input buffer cleared (anything pipelined behind
-//! STARTTLS is discarded, CVE-2011-0411), and a `tls_established` call that
-//! resets the session to "no HELO yet". AUTH will become a `Phase` that reads
-//! continuation lines the same way `Phase::Data` reads the message.
+//! STARTTLS: the `220` reply is queued, everything the client pipelined
+//! behind the command is dropped from the input buffer (CVE-2011-0411) and
+//! [`Step::StartTls`] asks the driver for the handshake; the driver then calls
+//! [`Session::tls_established`], which forgets everything learnt in cleartext
+//! (HELO, transaction, authentication) as RFC 3207 §4.2 asks.
+//!
+//! AUTH (PLAIN, LOGIN): continuation lines are read in `Phase::Auth`; the
+//! decoded user name and password go out as [`Step::Authenticate`] and the
+//! driver answers with [`Session::auth_result`] (the argon2 check is slow and
+//! runs off the session). AUTH is offered and accepted only when users exist
+//! and the connection is TLS, or the client is loopback and
+//! `auth_cleartext_loopback` is set; otherwise `538 5.7.11`.
+//!
+//! Access: a client outside `allow_clients` gets `554 5.7.1` instead of the
+//! greeting and nothing else; sender and recipient domain lists give
+//! `550 5.7.1`.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use super::access;
+use super::auth::{self, Mechanism};
 use super::data::{self, DataOutcome, DataReader};
 use super::parser::{self, Command, Line, ParseError, Role};
 use super::{Incoming, Settings, SinkError};
+use crate::config::Secret;
 
 /// What the driver must do next.
 #[derive(Debug)]
@@ -30,6 +43,20 @@ pub enum Step {
     /// A message is complete: write the queued replies, give it to the sink
     /// and report the result with [`Session::sink_result`] before feeding again.
     Message(Incoming),
+    /// Write the queued replies (ending with `220 2.0.0 Ready to start TLS`),
+    /// do the TLS handshake on the socket, then call
+    /// [`Session::tls_established`] (or close if it failed). Input received
+    /// before the handshake has been discarded and must stay discarded.
+    StartTls,
+    /// Write the queued replies, check `password` for `user` (argon2, on a
+    /// blocking thread) and report with [`Session::auth_result`] before
+    /// feeding again.
+    Authenticate {
+        /// The user name the client gave.
+        user: String,
+        /// The password (never printed).
+        password: Secret,
+    },
     /// Write the queued replies and close the connection.
     Close,
 }
@@ -43,8 +70,23 @@ enum Phase {
     Data(DataReader),
     /// A message was handed to the driver; waiting for the sink's answer.
     Sink { id: String },
+    /// Reading an AUTH continuation line after a `334`.
+    Auth(AuthWait),
+    /// Credentials were handed to the driver; waiting for its verdict.
+    Verifying { user: String },
     /// Done; nothing more is read.
     Closed,
+}
+
+/// Which AUTH continuation line the session waits for.
+#[derive(Debug)]
+enum AuthWait {
+    /// The PLAIN response (after `AUTH PLAIN` without an initial response).
+    Plain,
+    /// The LOGIN user name.
+    LoginUser,
+    /// The LOGIN password for `user`.
+    LoginPassword { user: String },
 }
 
 /// The open mail transaction (after `MAIL FROM`).
@@ -70,6 +112,14 @@ pub struct Session {
     helo: Option<(String, bool)>,
     tx: Option<Transaction>,
     errors: u32,
+    /// TLS is active (after STARTTLS, or on the implicit-TLS listener).
+    tls: bool,
+    /// The client counts as loopback (cleartext AUTH may be allowed).
+    loopback: bool,
+    /// The user the client authenticated as.
+    auth_user: Option<String>,
+    /// Failed AUTH attempts in this session.
+    auth_failures: u32,
     /// Skipping the rest of an over-long command line, up to its LF.
     discarding: bool,
     out: Vec<u8>,
@@ -112,14 +162,75 @@ impl Session {
             helo: None,
             tx: None,
             errors: 0,
+            tls: false,
+            loopback: false,
+            auth_user: None,
+            auth_failures: 0,
             discarding: false,
             out: Vec::new(),
             new_id,
             now,
         };
+        s.loopback = (s.settings.loopback)(client.ip());
+        if !access::client_allowed(&s.settings.listen.allow_clients, client.ip()) {
+            tracing::warn!(client = %client, "inbound: client not in listen.allow_clients");
+            s.close_with("554 5.7.1 Access denied");
+            return s;
+        }
         let greeting = format!("220 {} ESMTP mailbridge", s.settings.hostname);
         s.reply(&greeting);
         s
+    }
+
+    /// TLS is now active (the STARTTLS handshake succeeded, or this is the
+    /// implicit-TLS listener before any input): start over with no HELO, no
+    /// transaction and no authentication, as RFC 3207 §4.2 asks.
+    pub fn tls_established(&mut self) {
+        self.tls = true;
+        if self.is_closed() {
+            return;
+        }
+        self.phase = Phase::Command;
+        self.helo = None;
+        self.tx = None;
+        self.auth_user = None;
+        self.discarding = false;
+    }
+
+    /// Whether TLS is active.
+    pub fn is_tls(&self) -> bool {
+        self.tls
+    }
+
+    /// The user the client authenticated as, if any.
+    pub fn auth_user(&self) -> Option<&str> {
+        self.auth_user.as_deref()
+    }
+
+    /// The driver's verdict on the credentials of the last [`Step::Authenticate`].
+    pub fn auth_result(&mut self, ok: bool) {
+        let Phase::Verifying { user } = std::mem::replace(&mut self.phase, Phase::Command) else {
+            return;
+        };
+        if ok {
+            tracing::info!(client = %self.client, user = %user, "inbound: authenticated");
+            self.auth_user = Some(user);
+            self.reply("235 2.7.0 Authentication successful");
+            return;
+        }
+        self.auth_failures += 1;
+        tracing::warn!(client = %self.client, user = %user, failures = self.auth_failures, "inbound: authentication failed");
+        self.reply("535 5.7.8 Authentication credentials invalid");
+        if self.auth_failures >= self.settings.listen.max_auth_failures.max(1) {
+            self.close_with("421 4.7.0 Too many authentication failures");
+        }
+    }
+
+    /// AUTH may be offered and used now: there are users, and the
+    /// connection is TLS or a loopback client allowed to use cleartext.
+    fn auth_allowed(&self) -> bool {
+        !self.settings.users.is_empty()
+            && (self.tls || (self.loopback && self.settings.listen.auth_cleartext_loopback))
     }
 
     /// Replies queued since the last call, in order.
@@ -166,6 +277,26 @@ impl Session {
                 // The driver must report the sink result first; treat a missing
                 // one as a failure rather than acknowledging anything.
                 Phase::Sink { .. } => self.sink_result(Err(SinkError::Io)),
+                // Likewise for credentials: no verdict is a failure.
+                Phase::Verifying { .. } => self.auth_result(false),
+                Phase::Auth(_) => {
+                    match parser::split_line(&input[pos..], self.settings.listen.max_command_length)
+                    {
+                        Line::Incomplete => break Step::NeedInput,
+                        Line::TooLong => {
+                            self.phase = Phase::Command;
+                            self.discarding = true;
+                            self.error(REPLY_TOO_LONG);
+                        }
+                        Line::Complete(line, n) => {
+                            let start = pos;
+                            pos += n;
+                            if let Some(step) = self.auth_line(&input[start..start + line.len()]) {
+                                break step;
+                            }
+                        }
+                    }
+                }
                 Phase::Data(reader) => {
                     let (n, outcome) = reader.feed(&input[pos..]);
                     pos += n;
@@ -201,7 +332,19 @@ impl Session {
                         Line::Complete(line, n) => {
                             let start = pos;
                             pos += n;
-                            self.command(&input[start..start + line.len()]);
+                            match self.command(&input[start..start + line.len()]) {
+                                None => {}
+                                Some(Step::StartTls) => {
+                                    // CVE-2011-0411: nothing sent before the
+                                    // handshake may count as sent inside it.
+                                    if pos < input.len() {
+                                        tracing::info!(client = %self.client, bytes = input.len() - pos, "inbound: discarded input pipelined after STARTTLS");
+                                    }
+                                    pos = input.len();
+                                    break Step::StartTls;
+                                }
+                                Some(step) => break step,
+                            }
                         }
                     }
                 }
@@ -246,7 +389,119 @@ impl Session {
         }
     }
 
-    fn command(&mut self, line: &[u8]) {
+    /// One AUTH continuation line.
+    fn auth_line(&mut self, line: &[u8]) -> Option<Step> {
+        let Phase::Auth(wait) = std::mem::replace(&mut self.phase, Phase::Command) else {
+            return None;
+        };
+        if line == b"*" {
+            self.error("501 5.7.0 Authentication aborted");
+            return None;
+        }
+        let Some(decoded) = auth::decode_response(line) else {
+            self.error("501 5.5.2 Cannot decode response");
+            return None;
+        };
+        match wait {
+            AuthWait::Plain => self.plain(&decoded),
+            AuthWait::LoginUser => {
+                self.login_user(decoded);
+                None
+            }
+            AuthWait::LoginPassword { user } => match String::from_utf8(decoded) {
+                Ok(password) => {
+                    self.phase = Phase::Verifying { user: user.clone() };
+                    Some(Step::Authenticate {
+                        user,
+                        password: Secret::new(password),
+                    })
+                }
+                Err(_) => {
+                    self.error("501 5.5.2 Cannot decode response");
+                    None
+                }
+            },
+        }
+    }
+
+    /// A decoded PLAIN response: credentials for the driver, or an error.
+    fn plain(&mut self, decoded: &[u8]) -> Option<Step> {
+        match auth::split_plain(decoded) {
+            Some((user, password)) => {
+                self.phase = Phase::Verifying { user: user.clone() };
+                Some(Step::Authenticate { user, password })
+            }
+            None => {
+                self.error("501 5.5.2 Cannot decode response");
+                None
+            }
+        }
+    }
+
+    /// A decoded LOGIN user name: ask for the password.
+    fn login_user(&mut self, decoded: Vec<u8>) {
+        match String::from_utf8(decoded) {
+            Ok(user) if !user.is_empty() => {
+                self.phase = Phase::Auth(AuthWait::LoginPassword { user });
+                // "Password:"
+                self.reply("334 UGFzc3dvcmQ6");
+            }
+            _ => self.error("501 5.5.2 Cannot decode response"),
+        }
+    }
+
+    /// `AUTH mechanism [initial-response]`.
+    fn auth_command(&mut self, mechanism: &str, initial: Option<Secret>) -> Option<Step> {
+        if self.settings.users.is_empty() {
+            self.error(REPLY_NOT_IMPLEMENTED);
+        } else if !self.helo.as_ref().is_some_and(|(_, esmtp)| *esmtp) {
+            self.error("503 5.5.1 Error: send EHLO first");
+        } else if self.auth_user.is_some() {
+            self.error("503 5.5.1 Error: already authenticated");
+        } else if self.tx.is_some() {
+            self.error("503 5.5.1 Error: MAIL transaction in progress");
+        } else if !self.auth_allowed() {
+            self.error("538 5.7.11 Encryption required for requested authentication mechanism");
+        } else {
+            let initial = initial.map(|i| auth::decode_response(i.expose().as_bytes()));
+            match (Mechanism::from_name(mechanism), initial) {
+                (None, _) => self.error("504 5.5.4 Unrecognized authentication type"),
+                (Some(_), Some(None)) => self.error("501 5.5.2 Cannot decode response"),
+                (Some(Mechanism::Plain), Some(Some(decoded))) => return self.plain(&decoded),
+                (Some(Mechanism::Plain), None) => {
+                    self.phase = Phase::Auth(AuthWait::Plain);
+                    self.reply("334 ");
+                }
+                (Some(Mechanism::Login), Some(Some(decoded))) => self.login_user(decoded),
+                (Some(Mechanism::Login), None) => {
+                    self.phase = Phase::Auth(AuthWait::LoginUser);
+                    // "Username:"
+                    self.reply("334 VXNlcm5hbWU6");
+                }
+            }
+        }
+        None
+    }
+
+    /// `STARTTLS`: the `220`, then [`Step::StartTls`].
+    fn starttls(&mut self) -> Option<Step> {
+        if self.settings.tls.is_none() {
+            self.error(REPLY_NOT_IMPLEMENTED);
+        } else if self.tls {
+            self.error("503 5.5.1 Error: TLS already active");
+        } else if self.helo.is_none() {
+            self.error("503 5.5.1 Error: send HELO/EHLO first");
+        } else if self.tx.is_some() {
+            self.error("503 5.5.1 Error: MAIL transaction in progress");
+        } else {
+            self.reply("220 2.0.0 Ready to start TLS");
+            return Some(Step::StartTls);
+        }
+        None
+    }
+
+    /// One command line; a step when the driver must act before the next one.
+    fn command(&mut self, line: &[u8]) -> Option<Step> {
         let cmd = match parser::parse(line) {
             Ok(cmd) => cmd,
             Err(e) => {
@@ -261,7 +516,8 @@ impl Session {
                     }
                     ParseError::UnknownParameter => "555 5.5.4 Unsupported parameter".to_string(),
                 };
-                return self.error(&line);
+                self.error(&line);
+                return None;
             }
         };
         let limits = &self.settings.listen;
@@ -269,12 +525,27 @@ impl Session {
             Command::Ehlo(name) => {
                 self.helo = Some((name, true));
                 self.tx = None;
-                let host = &self.settings.hostname;
-                let size = limits.max_message_size;
-                let lines = format!(
-                    "250-{host}\r\n250-SIZE {size}\r\n250-8BITMIME\r\n250-SMTPUTF8\r\n250-ENHANCEDSTATUSCODES\r\n250 PIPELINING"
-                );
-                self.reply(&lines);
+                let mut lines = vec![
+                    self.settings.hostname.clone(),
+                    format!("SIZE {}", limits.max_message_size),
+                    "8BITMIME".into(),
+                    "SMTPUTF8".into(),
+                    "ENHANCEDSTATUSCODES".into(),
+                ];
+                if self.settings.tls.is_some() && !self.tls {
+                    lines.push("STARTTLS".into());
+                }
+                if self.auth_allowed() {
+                    lines.push("AUTH PLAIN LOGIN".into());
+                }
+                lines.push("PIPELINING".into());
+                let last = lines.len() - 1;
+                let text: Vec<String> = lines
+                    .iter()
+                    .enumerate()
+                    .map(|(i, l)| format!("250{}{l}", if i == last { ' ' } else { '-' }))
+                    .collect();
+                self.reply(&text.join("\r\n"));
             }
             Command::Helo(name) => {
                 self.helo = Some((name, false));
@@ -285,6 +556,9 @@ impl Session {
             Command::Mail(_) if self.helo.is_none() => {
                 self.error("503 5.5.1 Error: send HELO/EHLO first")
             }
+            Command::Mail(_) if limits.require_auth && self.auth_user.is_none() => {
+                self.error("530 5.7.0 Authentication required")
+            }
             Command::Mail(_) if self.tx.is_some() => {
                 self.error("503 5.5.1 Error: nested MAIL command")
             }
@@ -293,6 +567,9 @@ impl Session {
                     self.reply(REPLY_TOO_BIG);
                 } else if !m.address.is_ascii() && !m.smtputf8 {
                     self.error("553 5.6.7 Non-ASCII sender address needs SMTPUTF8");
+                } else if !access::domain_allowed(&limits.allowed_sender_domains, &m.address) {
+                    tracing::info!(client = %self.client, from = %m.address, "inbound: sender domain not allowed");
+                    self.error("550 5.7.1 Sender address rejected: domain not allowed");
                 } else {
                     self.tx = Some(Transaction {
                         from: m.address,
@@ -310,6 +587,12 @@ impl Session {
                     Some(tx) if !addr.is_ascii() && !tx.smtputf8 => {
                         self.error("553 5.6.7 Non-ASCII recipient address needs SMTPUTF8")
                     }
+                    Some(_)
+                        if !access::domain_allowed(&limits.allowed_recipient_domains, &addr) =>
+                    {
+                        tracing::info!(client = %self.client, rcpt = %addr, "inbound: recipient domain not allowed");
+                        self.error("550 5.7.1 Relay access denied")
+                    }
                     Some(tx) if tx.rcpts.contains(&addr) => self.reply("250 2.1.5 Ok"),
                     Some(tx) if tx.rcpts.len() >= max => {
                         self.reply("452 4.5.3 Too many recipients")
@@ -322,7 +605,8 @@ impl Session {
             }
             Command::Data => {
                 if self.tx.as_ref().is_none_or(|tx| tx.rcpts.is_empty()) {
-                    return self.error("503 5.5.1 Error: need RCPT command");
+                    self.error("503 5.5.1 Error: need RCPT command");
+                    return None;
                 }
                 self.phase = Phase::Data(DataReader::new(
                     limits.max_message_size,
@@ -341,11 +625,12 @@ impl Session {
             Command::Help => {
                 self.reply("214 2.0.0 Commands: EHLO HELO MAIL RCPT DATA RSET NOOP QUIT VRFY HELP")
             }
-            Command::StartTls | Command::Auth | Command::NotImplemented => {
-                self.error(REPLY_NOT_IMPLEMENTED)
-            }
+            Command::StartTls => return self.starttls(),
+            Command::Auth { mechanism, initial } => return self.auth_command(&mechanism, initial),
+            Command::NotImplemented => self.error(REPLY_NOT_IMPLEMENTED),
             Command::Http => self.close_with("554 5.7.0 Error: this is an SMTP server, not HTTP"),
         }
+        None
     }
 
     /// The DATA transfer ended: a message for the sink, or an error reply.
@@ -393,7 +678,14 @@ impl Session {
             std::net::IpAddr::V4(v4) => v4.to_string(),
             std::net::IpAddr::V6(v6) => format!("IPv6:{v6}"),
         };
-        let with = if esmtp { "ESMTP" } else { "SMTP" };
+        // RFC 3848: S for TLS, A for authenticated.
+        let with = match (esmtp, self.tls, self.auth_user.is_some()) {
+            (false, _, _) => "SMTP",
+            (true, false, false) => "ESMTP",
+            (true, true, false) => "ESMTPS",
+            (true, false, true) => "ESMTPA",
+            (true, true, true) => "ESMTPSA",
+        };
         // Folded like Postfix's, so the line stays short whatever the names.
         let mut received = format!(
             "Received: from {helo} ([{ip}])\r\n\tby {host} (mailbridge) with {with} id {id}"
@@ -414,389 +706,11 @@ impl Session {
             message_id: Some(message_id),
             smtputf8: tx.smtputf8,
             eight_bit: tx.eight_bit,
-            auth_user: None,
+            auth_user: self.auth_user.clone(),
         })
     }
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::config::{BareLineEndings, Listen};
-
-    const DATE: &str = "Tue, 2 Jan 2024 03:04:05 +0000";
-    const EHLO_REPLY: &str = "250-mx.test\r\n250-SIZE 10000\r\n250-8BITMIME\r\n250-SMTPUTF8\r\n250-ENHANCEDSTATUSCODES\r\n250 PIPELINING\r\n";
-
-    fn listen() -> Listen {
-        Listen {
-            max_message_size: 10_000,
-            max_command_length: 512,
-            ..Listen::default()
-        }
-    }
-
-    fn session_with(listen: Listen) -> Session {
-        let settings = Arc::new(Settings {
-            hostname: "mx.test".into(),
-            listen,
-        });
-        let mut n = 0;
-        let ids: IdSource = Box::new(move || {
-            n += 1;
-            format!("ID{n}")
-        });
-        let clock: Clock = Box::new(|| {
-            chrono::DateTime::parse_from_rfc3339("2024-01-02T03:04:05+00:00").unwrap_or_default()
-        });
-        let client = SocketAddr::from(([192, 0, 2, 7], 40000));
-        Session::with_sources(settings, client, ids, clock)
-    }
-
-    /// What a driver would see: all output, the messages, and whether it closed.
-    struct Run {
-        out: String,
-        msgs: Vec<Incoming>,
-        closed: bool,
-    }
-
-    /// Drive `s` with `input` cut into `chunk`-byte pieces, answering the sink with `results` in turn (then Ok).
-    fn drive(
-        s: &mut Session,
-        input: &[u8],
-        chunk: usize,
-        results: &[Result<(), SinkError>],
-    ) -> Run {
-        let mut run = Run {
-            out: String::new(),
-            msgs: vec![],
-            closed: false,
-        };
-        let mut buf = Vec::new();
-        let mut results = results.iter().copied();
-        let mut chunks = input.chunks(chunk.max(1));
-        loop {
-            let step = s.feed(&mut buf);
-            run.out.push_str(&String::from_utf8_lossy(&s.take_output()));
-            match step {
-                Step::Close => {
-                    run.closed = true;
-                    return run;
-                }
-                Step::Message(m) => {
-                    run.msgs.push(m);
-                    s.sink_result(results.next().unwrap_or(Ok(())));
-                }
-                Step::NeedInput => match chunks.next() {
-                    Some(c) => buf.extend_from_slice(c),
-                    None => return run,
-                },
-            }
-        }
-    }
-
-    fn run(input: &str) -> Run {
-        drive(
-            &mut session_with(listen()),
-            input.as_bytes(),
-            usize::MAX,
-            &[],
-        )
-    }
-
-    const TRANSACTION: &str = "EHLO client.example\r\nMAIL FROM:<a@example.com> BODY=8BITMIME\r\nRCPT TO:<b@example.org>\r\nDATA\r\nSubject: hi\r\n\r\nHello\r\n..dot\r\n.\r\nQUIT\r\n";
-
-    #[test]
-    fn pipelined_transaction_exact_bytes() {
-        let r = run(TRANSACTION);
-        let expected = format!(
-            "220 mx.test ESMTP mailbridge\r\n{EHLO_REPLY}250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n354 End data with <CR><LF>.<CR><LF>\r\n250 2.0.0 Ok: queued as ID1\r\n221 2.0.0 Bye\r\n"
-        );
-        assert_eq!(r.out, expected);
-        assert!(r.closed);
-        assert_eq!(r.msgs.len(), 1);
-        let m = &r.msgs[0];
-        let body = format!(
-            "Received: from client.example ([192.0.2.7])\r\n\tby mx.test (mailbridge) with ESMTP id ID1\r\n\tfor <b@example.org>; {DATE}\r\nSubject: hi\r\nMessage-ID: <ID1@mx.test>\r\nDate: {DATE}\r\n\r\nHello\r\n.dot\r\n"
-        );
-        assert_eq!(String::from_utf8_lossy(&m.body), body);
-        assert_eq!(
-            (
-                m.id.as_str(),
-                m.from.as_str(),
-                m.rcpts.as_slice(),
-                m.helo.as_str()
-            ),
-            (
-                "ID1",
-                "a@example.com",
-                &["b@example.org".to_string()][..],
-                "client.example"
-            )
-        );
-        assert_eq!(m.message_id.as_deref(), Some("<ID1@mx.test>"));
-        assert!(m.eight_bit && !m.smtputf8);
-    }
-
-    #[test]
-    fn any_chunking_gives_the_same_bytes() {
-        let whole = run(TRANSACTION);
-        for chunk in [1, 2, 3, 5, 7, 64] {
-            let r = drive(
-                &mut session_with(listen()),
-                TRANSACTION.as_bytes(),
-                chunk,
-                &[],
-            );
-            assert_eq!(r.out, whole.out, "chunk {chunk}");
-            assert_eq!(r.msgs, whole.msgs, "chunk {chunk}");
-        }
-    }
-
-    #[test]
-    fn commands_may_end_in_bare_lf() {
-        let r = run("helo c\nnoop\nquit\n");
-        assert_eq!(
-            r.out,
-            "220 mx.test ESMTP mailbridge\r\n250 mx.test\r\n250 2.0.0 Ok\r\n221 2.0.0 Bye\r\n"
-        );
-    }
-
-    #[test]
-    fn existing_headers_kept_helo_is_smtp_several_rcpts() {
-        let r = run(
-            "HELO c\r\nMAIL FROM:<>\r\nRCPT TO:<x@y.z>\r\nRCPT TO:<w@y.z>\r\nRCPT TO:<x@y.z>\r\nDATA\r\nMessage-Id: <m@c>\r\nDate: then\r\n\r\nb\r\n.\r\n",
-        );
-        assert_eq!(r.msgs.len(), 1, "{}", r.out);
-        let m = &r.msgs[0];
-        assert_eq!(m.from, "");
-        assert_eq!(m.rcpts, ["x@y.z", "w@y.z"]);
-        assert_eq!(m.message_id.as_deref(), Some("<m@c>"));
-        let body = format!(
-            "Received: from c ([192.0.2.7])\r\n\tby mx.test (mailbridge) with SMTP id ID1; {DATE}\r\nMessage-Id: <m@c>\r\nDate: then\r\n\r\nb\r\n"
-        );
-        assert_eq!(String::from_utf8_lossy(&m.body), body);
-    }
-
-    #[test]
-    fn recipient_limit_keeps_earlier_ones() {
-        let mut input = String::from("EHLO c\r\nMAIL FROM:<a@b.c>\r\n");
-        for i in 0..101 {
-            input.push_str(&format!("RCPT TO:<r{i}@b.c>\r\n"));
-        }
-        input.push_str("DATA\r\nx\r\n.\r\n");
-        let r = run(&input);
-        let expected = format!(
-            "220 mx.test ESMTP mailbridge\r\n{EHLO_REPLY}250 2.1.0 Ok\r\n{}452 4.5.3 Too many recipients\r\n354 End data with <CR><LF>.<CR><LF>\r\n250 2.0.0 Ok: queued as ID1\r\n",
-            "250 2.1.5 Ok\r\n".repeat(100)
-        );
-        assert_eq!(r.out, expected);
-        assert_eq!(r.msgs[0].rcpts.len(), 100);
-        assert_eq!(r.msgs[0].rcpts[99], "r99@b.c");
-    }
-
-    #[test]
-    fn rset_and_sequence_errors() {
-        let r = run(
-            "MAIL FROM:<a@b.c>\r\nEHLO c\r\nRCPT TO:<a@b.c>\r\nDATA\r\nMAIL FROM:<a@b.c>\r\nMAIL FROM:<a@b.c>\r\nRCPT TO:<d@e.f>\r\nRSET\r\nDATA\r\nRCPT TO:<d@e.f>\r\n",
-        );
-        let expected = format!(
-            "220 mx.test ESMTP mailbridge\r\n503 5.5.1 Error: send HELO/EHLO first\r\n{EHLO_REPLY}503 5.5.1 Error: need MAIL command\r\n503 5.5.1 Error: need RCPT command\r\n250 2.1.0 Ok\r\n503 5.5.1 Error: nested MAIL command\r\n250 2.1.5 Ok\r\n250 2.0.0 Ok\r\n503 5.5.1 Error: need RCPT command\r\n503 5.5.1 Error: need MAIL command\r\n"
-        );
-        assert_eq!(r.out, expected);
-        assert!(!r.closed);
-    }
-
-    #[test]
-    fn syntax_and_parameter_errors() {
-        let r = run(
-            "EHLO c\r\nFOO\r\nMAIL FROM:<a@b.c> RET=FULL\r\nMAIL FROM:<bad>\r\nMAIL FROM:<a@b.c\r\nMAIL FROM:<ü@b.c>\r\nMAIL FROM:<ü@b.c> SMTPUTF8\r\nRCPT TO:<nope>\r\nRCPT TO:<ö@b.c>\r\nVRFY x\r\nHELP\r\nNOOP\r\nAUTH PLAIN\r\nSTARTTLS\r\n",
-        );
-        let expected = format!(
-            "220 mx.test ESMTP mailbridge\r\n{EHLO_REPLY}500 5.5.2 Error: command not recognized\r\n555 5.5.4 Unsupported parameter\r\n553 5.1.7 Bad sender address syntax\r\n501 5.5.4 Syntax: MAIL FROM:<address>\r\n553 5.6.7 Non-ASCII sender address needs SMTPUTF8\r\n250 2.1.0 Ok\r\n553 5.1.3 Bad recipient address syntax\r\n250 2.1.5 Ok\r\n252 2.5.2 Cannot VRFY user, but will accept message and attempt delivery\r\n214 2.0.0 Commands: EHLO HELO MAIL RCPT DATA RSET NOOP QUIT VRFY HELP\r\n250 2.0.0 Ok\r\n502 5.5.1 Error: command not implemented\r\n502 5.5.1 Error: command not implemented\r\n"
-        );
-        assert_eq!(r.out, expected);
-        assert!(!r.closed);
-    }
-
-    #[test]
-    fn too_many_errors_closes() {
-        let r = drive(
-            &mut session_with(Listen {
-                max_errors: 2,
-                ..listen()
-            }),
-            b"X\r\nY\r\nNOOP\r\nZ\r\nNOOP\r\n",
-            usize::MAX,
-            &[],
-        );
-        let e = "500 5.5.2 Error: command not recognized\r\n";
-        assert_eq!(
-            r.out,
-            format!(
-                "220 mx.test ESMTP mailbridge\r\n{e}{e}250 2.0.0 Ok\r\n{e}421 4.7.0 Too many errors\r\n"
-            )
-        );
-        assert!(r.closed);
-    }
-
-    #[test]
-    fn http_is_closed_at_once() {
-        let r = run("GET / HTTP/1.1\r\nHost: x\r\n\r\n");
-        assert_eq!(
-            r.out,
-            "220 mx.test ESMTP mailbridge\r\n554 5.7.0 Error: this is an SMTP server, not HTTP\r\n"
-        );
-        assert!(r.closed);
-    }
-
-    #[test]
-    fn long_command_line_is_refused_with_bounded_memory() {
-        let mut s = session_with(listen());
-        let mut buf = Vec::new();
-        let mut out = String::new();
-        let chunk = vec![b'A'; 8192];
-        for _ in 0..(10 << 20) / 8192 {
-            buf.extend_from_slice(&chunk);
-            assert!(matches!(s.feed(&mut buf), Step::NeedInput));
-            assert!(buf.len() < 512, "{}", buf.len());
-            out.push_str(&String::from_utf8_lossy(&s.take_output()));
-        }
-        buf.extend_from_slice(b"AAAA\r\nNOOP\r\n");
-        assert!(matches!(s.feed(&mut buf), Step::NeedInput));
-        out.push_str(&String::from_utf8_lossy(&s.take_output()));
-        assert_eq!(
-            out,
-            "220 mx.test ESMTP mailbridge\r\n500 5.5.2 Line too long\r\n250 2.0.0 Ok\r\n"
-        );
-        // Exactly the limit (CRLF included) is still a command.
-        let line = format!("NOOP {}\r\n", "x".repeat(512 - 7));
-        let r = drive(
-            &mut session_with(listen()),
-            line.as_bytes(),
-            usize::MAX,
-            &[],
-        );
-        assert_eq!(r.out, "220 mx.test ESMTP mailbridge\r\n250 2.0.0 Ok\r\n");
-        let line = format!("NOOP {}\r\n", "x".repeat(512 - 6));
-        let r = drive(
-            &mut session_with(listen()),
-            line.as_bytes(),
-            usize::MAX,
-            &[],
-        );
-        assert_eq!(
-            r.out,
-            "220 mx.test ESMTP mailbridge\r\n500 5.5.2 Line too long\r\n"
-        );
-    }
-
-    const START: &str = "EHLO c\r\nMAIL FROM:<a@b.c>\r\nRCPT TO:<d@e.f>\r\nDATA\r\n";
-    const HEAD: &str = "220 mx.test ESMTP mailbridge\r\n";
-    const OK_TO_DATA: &str =
-        "250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n354 End data with <CR><LF>.<CR><LF>\r\n";
-
-    #[test]
-    fn size_limits() {
-        let r = run("EHLO c\r\nMAIL FROM:<a@b.c> SIZE=10001\r\nMAIL FROM:<a@b.c> SIZE=10000\r\n");
-        assert_eq!(
-            r.out,
-            format!(
-                "{HEAD}{EHLO_REPLY}552 5.3.4 Message size exceeds fixed maximum message size\r\n250 2.1.0 Ok\r\n"
-            )
-        );
-        let big = "x".repeat(10_001);
-        let r = run(&format!("{START}{big}\r\n.\r\nNOOP\r\n"));
-        assert_eq!(
-            r.out,
-            format!(
-                "{HEAD}{EHLO_REPLY}{OK_TO_DATA}552 5.3.4 Message size exceeds fixed maximum message size\r\n250 2.0.0 Ok\r\n"
-            )
-        );
-        assert!(r.msgs.is_empty());
-    }
-
-    #[test]
-    fn sink_failures_and_loops() {
-        let input =
-            format!("{START}x\r\n.\r\nMAIL FROM:<a@b.c>\r\nRCPT TO:<d@e.f>\r\nDATA\r\ny\r\n.\r\n");
-        let r = drive(
-            &mut session_with(listen()),
-            input.as_bytes(),
-            usize::MAX,
-            &[Err(SinkError::Io), Err(SinkError::Full)],
-        );
-        assert_eq!(
-            r.out,
-            format!(
-                "{HEAD}{EHLO_REPLY}{OK_TO_DATA}451 4.3.0 Error: queue file write error\r\n{OK_TO_DATA}452 4.3.1 Insufficient system storage\r\n"
-            )
-        );
-        let hops = "Received: x\r\n".repeat(31);
-        let r = run(&format!("{START}{hops}\r\nb\r\n.\r\n"));
-        assert_eq!(
-            r.out,
-            format!("{HEAD}{EHLO_REPLY}{OK_TO_DATA}554 5.4.6 Too many hops (mail loop)\r\n")
-        );
-        assert!(r.msgs.is_empty());
-        let hops = "Received: x\r\n".repeat(30);
-        assert_eq!(run(&format!("{START}{hops}\r\nb\r\n.\r\n")).msgs.len(), 1);
-    }
-
-    #[test]
-    fn bare_line_endings_policies() {
-        let input = format!("{START}a\nb\r\n.\r\n");
-        let r = run(&input);
-        assert!(String::from_utf8_lossy(&r.msgs[0].body).ends_with("\r\n\r\na\r\nb\r\n"));
-        let r = drive(
-            &mut session_with(Listen {
-                bare_line_endings: BareLineEndings::Reject,
-                ..listen()
-            }),
-            input.as_bytes(),
-            usize::MAX,
-            &[],
-        );
-        assert_eq!(
-            r.out,
-            format!(
-                "{HEAD}{EHLO_REPLY}{OK_TO_DATA}550 5.6.11 Bare CR or LF not allowed; use CRLF line endings\r\n"
-            )
-        );
-        assert!(r.msgs.is_empty());
-    }
-
-    #[test]
-    fn smuggled_transaction_stays_inside_the_message() {
-        let r = run(&format!(
-            "{START}hello\n.\nMAIL FROM:<evil@x.y>\r\nRCPT TO:<victim@x.y>\r\nDATA\r\nevil\r\n.\r\nQUIT\r\n"
-        ));
-        assert_eq!(r.msgs.len(), 1);
-        assert_eq!(
-            r.out,
-            format!(
-                "{HEAD}{EHLO_REPLY}{OK_TO_DATA}250 2.0.0 Ok: queued as ID1\r\n221 2.0.0 Bye\r\n"
-            )
-        );
-        assert!(String::from_utf8_lossy(&r.msgs[0].body).ends_with(
-            "hello\r\n.\r\nMAIL FROM:<evil@x.y>\r\nRCPT TO:<victim@x.y>\r\nDATA\r\nevil\r\n"
-        ));
-    }
-
-    #[test]
-    fn timeout_and_shutdown_replies() {
-        let mut s = session_with(listen());
-        s.timeout();
-        assert_eq!(
-            s.take_output(),
-            b"220 mx.test ESMTP mailbridge\r\n421 4.4.2 mx.test Error: timeout exceeded\r\n"
-        );
-        assert!(matches!(s.feed(&mut b"NOOP\r\n".to_vec()), Step::Close));
-        let mut s = session_with(listen());
-        s.shutdown();
-        s.shutdown();
-        assert_eq!(
-            s.take_output(),
-            b"220 mx.test ESMTP mailbridge\r\n421 4.3.2 mx.test Service shutting down\r\n"
-        );
-    }
-}
+#[path = "session_tests.rs"]
+mod tests;

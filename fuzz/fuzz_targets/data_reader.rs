@@ -1,0 +1,57 @@
+//! Fuzz the DATA reader: arbitrary bytes in arbitrary chunks; only canonical output, and the same result however the input is cut.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+use mailbridge::config::BareLineEndings;
+use mailbridge::inbound::data::{DataOutcome, DataReader};
+
+fn canonical(b: &[u8]) -> bool {
+    b.iter().enumerate().all(|(i, &c)| match c {
+        b'\r' => b.get(i + 1) == Some(&b'\n'),
+        b'\n' => i > 0 && b[i - 1] == b'\r',
+        _ => true,
+    })
+}
+
+/// Feed `input` in pieces of `step` bytes; what was used and the outcome.
+fn read(
+    input: &[u8],
+    step: usize,
+    max: usize,
+    policy: BareLineEndings,
+) -> (usize, Option<DataOutcome>) {
+    let mut r = DataReader::new(max, policy);
+    let mut pos = 0;
+    for piece in input.chunks(step.max(1)) {
+        let (n, out) = r.feed(piece);
+        if out.is_some() {
+            return (pos + n, out);
+        }
+        assert_eq!(n, piece.len());
+        pos += n;
+    }
+    (pos, None)
+}
+
+fuzz_target!(|data: &[u8]| {
+    let (head, input) = data.split_at(data.len().min(2));
+    let step = head.first().copied().unwrap_or(1) as usize % 17 + 1;
+    let max = head.get(1).copied().unwrap_or(255) as usize * 16 + 1;
+    for policy in [BareLineEndings::Normalize, BareLineEndings::Reject] {
+        let whole = read(input, usize::MAX, max, policy);
+        assert_eq!(read(input, step, max, policy), whole);
+        if let (used, Some(out)) = &whole {
+            // The data ends only right after a CRLF "." CRLF at a real line start.
+            let with_start = [b"\r\n", &input[..*used]].concat();
+            assert!(with_start.ends_with(b"\r\n.\r\n"));
+            assert_eq!(
+                with_start.windows(5).position(|w| w == b"\r\n.\r\n"),
+                Some(with_start.len() - 5)
+            );
+            if let DataOutcome::Complete(body) = out {
+                assert!(canonical(body), "{body:?}");
+                assert!(body.len() <= max);
+            }
+        }
+    }
+});
