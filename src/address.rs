@@ -10,11 +10,11 @@ pub fn is_valid_mailbox(addr: &str) -> bool {
     if local.is_empty() || local.len() > 64 || domain.is_empty() || domain.len() > 255 {
         return false;
     }
-    if addr
-        .chars()
-        .any(|c| c.is_control() || c == ' ' || c == '<' || c == '>')
-        && !local.starts_with('"')
-    {
+    // Control characters (tab included) are never allowed, even quoted.
+    if addr.chars().any(|c| c.is_control()) {
+        return false;
+    }
+    if addr.chars().any(|c| c == ' ' || c == '<' || c == '>') && !local.starts_with('"') {
         return false;
     }
     if domain.starts_with('[') {
@@ -51,7 +51,16 @@ mod tests {
             assert!(is_valid_mailbox(ok), "{ok}");
         }
         for bad in [
-            "", "a", "@b", "a@", "a@b..c", "a@-b", "a b@c", "a@b\r\n", "a@b c",
+            "",
+            "a",
+            "@b",
+            "a@",
+            "a@b..c",
+            "a@-b",
+            "a b@c",
+            "a@b\r\n",
+            "a@b c",
+            "\"a\tb\"@c",
         ] {
             assert!(!is_valid_mailbox(bad), "{bad}");
         }
