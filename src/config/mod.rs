@@ -206,7 +206,9 @@ impl Default for SpoolConfig {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DeliveryConfig {
-    /// Deliveries in flight at once (Exchange Online allows 3 SMTP connections per mailbox).
+    /// Deliveries in flight at once, across all upstreams. Per-mailbox limits
+    /// (Graph 4, Exchange Online SMTP 3) are enforced by the throttle, so this
+    /// should stay above them.
     pub concurrency: usize,
     /// First retry delay in seconds; doubled per attempt, with jitter.
     pub retry_initial_secs: u64,
@@ -219,7 +221,7 @@ pub struct DeliveryConfig {
 impl Default for DeliveryConfig {
     fn default() -> Self {
         DeliveryConfig {
-            concurrency: 3,
+            concurrency: 10,
             retry_initial_secs: 60,
             retry_max_secs: 3600,
             give_up_after_secs: 5 * 86400,
@@ -868,6 +870,15 @@ impl Config {
         }
         let base = self.base_dir.clone();
         validate_upstream(&mut self.upstream, "upstream", &base)?;
+        if self.upstream.protocol == Protocol::Graph
+            && self.upstream.large_messages == LargeMessages::Alternate
+            && self.upstream.alternate.is_none()
+        {
+            return Err(bad(
+                "upstream.large_messages",
+                "\"alternate\" needs an [upstream.alternate]".into(),
+            ));
+        }
         if let Some(alt) = self.upstream.alternate.as_deref_mut() {
             if alt.alternate.is_some() {
                 return Err(bad(

@@ -6,6 +6,9 @@ use serde::Serialize;
 
 use crate::transport::{Delivery, Envelope, Failure, Transport};
 
+mod build;
+pub use build::from_config;
+
 /// One configured server.
 pub struct Route {
     /// `primary` or `alternate`.
@@ -247,123 +250,4 @@ mod tests {
         );
         assert_eq!(r.state().active, "primary");
     }
-}
-
-/// Build the transport for one server of an upstream table.
-fn transport_for(
-    c: &crate::config::Config,
-    u: &crate::config::Upstream,
-    server: &str,
-) -> Result<Arc<dyn Transport>, String> {
-    use crate::config::Protocol;
-    use crate::transport::smtp::{SmtpAuth, SmtpSettings, SmtpTransport};
-    match u.protocol {
-        Protocol::File => Ok(Arc::new(crate::transport::file::FileTransport::new(
-            c.path(&u.outbox),
-        ))),
-        Protocol::Smtp | Protocol::Smtps => {
-            let server = crate::config::parse_host_port(server, u.port)?;
-            let auth = if crate::oauth::uses_oauth(u) {
-                // Shared with the admin endpoint and across reloads: one
-                // token manager (and one refresh in flight) per identity.
-                let registry = crate::oauth::Registry::shared(c, u)?;
-                SmtpAuth::XOAuth2 {
-                    user: u.effective_mailbox().to_string(),
-                    tokens: registry.manager(""),
-                    identities: Some(registry),
-                }
-            } else if u.requires_auth {
-                SmtpAuth::Basic {
-                    username: u.username.clone(),
-                    password: u.password.clone(),
-                }
-            } else {
-                SmtpAuth::None
-            };
-            let settings = SmtpSettings {
-                server,
-                implicit_tls: u.protocol == Protocol::Smtps,
-                starttls: u.protocol == Protocol::Smtp && u.tls,
-                ca_file: (!u.tls_ca_file.is_empty())
-                    .then(|| c.path(std::path::Path::new(&u.tls_ca_file))),
-                auth,
-                hostname: c.effective_hostname(),
-                timeout: std::time::Duration::from_secs(u.timeout_secs),
-            };
-            Ok(Arc::new(
-                SmtpTransport::new(settings)?.with_proxy(&u.proxy)?,
-            ))
-        }
-        Protocol::Ews => {
-            use crate::transport::ews::{
-                DEFAULT_SERVER_VERSION, EwsAuth, EwsSettings, EwsTransport,
-            };
-            let auth = if crate::oauth::uses_oauth(u) {
-                let registry = crate::oauth::Registry::shared(c, u)?;
-                let app_only = u.oauth.flow == crate::config::Flow::ClientCredentials;
-                // Delegated tokens are per mailbox; an app-only token impersonates any.
-                let per_mailbox = if app_only {
-                    Default::default()
-                } else {
-                    c.users
-                        .iter()
-                        .filter(|usr| !usr.mailbox.is_empty())
-                        .map(|usr| {
-                            let m: Arc<dyn crate::oauth::TokenSource> =
-                                registry.manager(&usr.mailbox);
-                            (usr.mailbox.to_ascii_lowercase(), m)
-                        })
-                        .collect()
-                };
-                EwsAuth::Bearer {
-                    tokens: registry.manager(""),
-                    per_mailbox,
-                }
-            } else {
-                EwsAuth::Basic {
-                    username: u.username.clone(),
-                    password: u.password.clone(),
-                }
-            };
-            let settings = EwsSettings {
-                connect_url: u.connect_url.clone(),
-                impersonate: crate::oauth::uses_oauth(u)
-                    && u.oauth.flow == crate::config::Flow::ClientCredentials,
-                auth,
-                mailbox: u.effective_mailbox().to_string(),
-                save_to_sent_items: u.save_to_sent_items,
-                server_version: DEFAULT_SERVER_VERSION.to_string(),
-                ca_file: (!u.tls_ca_file.is_empty())
-                    .then(|| c.path(std::path::Path::new(&u.tls_ca_file))),
-                proxy: u.proxy.clone(),
-                timeout: std::time::Duration::from_secs(u.timeout_secs),
-            };
-            Ok(Arc::new(EwsTransport::new(settings)?))
-        }
-        Protocol::Graph => Err("protocol \"graph\" is not available in this build yet".into()),
-    }
-}
-
-/// The router a configuration describes: `[upstream]` as primary, and as
-/// alternate either `[upstream.alternate]` (any protocol) or
-/// `upstream.alternate_server` with the primary's settings.
-pub fn from_config(c: &crate::config::Config) -> Result<Router, String> {
-    let u = &c.upstream;
-    let primary = transport_for(c, u, &u.server).map_err(|e| format!("upstream: {e}"))?;
-    let alternate = if let Some(alt) = u.alternate.as_deref() {
-        Some(transport_for(c, alt, &alt.server).map_err(|e| format!("upstream.alternate: {e}"))?)
-    } else if !u.alternate_server.is_empty()
-        && matches!(
-            u.protocol,
-            crate::config::Protocol::Smtp | crate::config::Protocol::Smtps
-        )
-    {
-        Some(
-            transport_for(c, u, &u.alternate_server)
-                .map_err(|e| format!("upstream.alternate_server: {e}"))?,
-        )
-    } else {
-        None
-    };
-    Ok(Router::new(primary, alternate))
 }

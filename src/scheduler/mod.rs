@@ -1,6 +1,7 @@
 //! The one owner of "what is due when": it hands due messages to the router, applies each attempt's outcome to the spool, retries with backoff and jitter, and bounces what fails for good.
 
 pub mod dsn;
+pub mod governor;
 pub mod sink;
 
 use std::collections::{BTreeSet, HashMap};

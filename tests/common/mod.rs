@@ -4,5 +4,6 @@
 #![allow(dead_code)]
 
 pub mod fake_ews;
+pub mod fake_graph;
 pub mod fake_oauth;
 pub mod fake_smtp;

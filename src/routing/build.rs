@@ -1,0 +1,236 @@
+//! Builds the routes a configuration describes: one transport per upstream table, behind the per-mailbox throttle its service needs.
+
+use std::sync::Arc;
+
+use super::Router;
+use crate::scheduler::governor::{Governed, Limits};
+use crate::transport::Transport;
+
+/// Build the transport for one server of an upstream table.
+fn transport_for(
+    c: &crate::config::Config,
+    u: &crate::config::Upstream,
+    server: &str,
+    alternate: Option<Arc<dyn Transport>>,
+) -> Result<Arc<dyn Transport>, String> {
+    let t = ungoverned(c, u, server, alternate)?;
+    Ok(match limits_for(u, server) {
+        Some(limits) => Arc::new(Governed::new(t, limits)),
+        None => t,
+    })
+}
+
+/// True for Exchange Online (and its national clouds): its SMTP AUTH limits apply.
+fn is_exchange_online(host: &str) -> bool {
+    let h = host.to_ascii_lowercase();
+    [
+        "office365.com",
+        "office365.us",
+        "outlook.com",
+        "partner.outlook.cn",
+    ]
+    .iter()
+    .any(|d| h == *d || h.ends_with(&format!(".{d}")))
+}
+
+/// The per-mailbox throttle an upstream gets (UPSTREAMS §3): Graph 4 in
+/// flight and 10,000 requests per 10 minutes; EWS 27 in flight (30 per minute
+/// in Exchange Online); Exchange Online SMTP 3 connections and 30 messages
+/// per minute; other servers only what is configured.
+fn limits_for(u: &crate::config::Upstream, server: &str) -> Option<Limits> {
+    use crate::config::Protocol;
+    let mailbox = u.effective_mailbox();
+    match u.protocol {
+        Protocol::File => None,
+        Protocol::Graph => Some(Limits::graph(u.max_in_flight, mailbox)),
+        Protocol::Ews => {
+            let online = crate::transport::ews::exchange_online_notice(&u.connect_url).is_some();
+            let per_minute = if u.messages_per_minute == 0 && online {
+                30
+            } else {
+                u.messages_per_minute
+            };
+            let in_flight = if u.max_in_flight == 0 {
+                crate::transport::ews::DEFAULT_MAX_IN_FLIGHT
+            } else {
+                u.max_in_flight
+            };
+            Some(Limits {
+                max_in_flight: in_flight,
+                messages_per_minute: per_minute,
+                default_key: mailbox.to_string(),
+                ..Limits::none()
+            })
+        }
+        Protocol::Smtp | Protocol::Smtps => {
+            let host = crate::config::parse_host_port(server, u.port)
+                .map(|h| h.host)
+                .unwrap_or_default();
+            let office365 = is_exchange_online(&host)
+                || (crate::oauth::uses_oauth(u)
+                    && u.oauth.provider == crate::config::Provider::Office365);
+            if office365 {
+                Some(Limits::exchange_smtp(
+                    u.max_in_flight,
+                    u.messages_per_minute,
+                    mailbox,
+                ))
+            } else if u.max_in_flight > 0 || u.messages_per_minute > 0 {
+                Some(Limits {
+                    max_in_flight: u.max_in_flight,
+                    messages_per_minute: u.messages_per_minute,
+                    default_key: mailbox.to_string(),
+                    ..Limits::none()
+                })
+            } else {
+                None
+            }
+        }
+    }
+}
+
+/// The transport itself, before any throttle.
+fn ungoverned(
+    c: &crate::config::Config,
+    u: &crate::config::Upstream,
+    server: &str,
+    alternate: Option<Arc<dyn Transport>>,
+) -> Result<Arc<dyn Transport>, String> {
+    use crate::config::Protocol;
+    use crate::transport::smtp::{SmtpAuth, SmtpSettings, SmtpTransport};
+    match u.protocol {
+        Protocol::File => Ok(Arc::new(crate::transport::file::FileTransport::new(
+            c.path(&u.outbox),
+        ))),
+        Protocol::Smtp | Protocol::Smtps => {
+            let server = crate::config::parse_host_port(server, u.port)?;
+            let auth = if crate::oauth::uses_oauth(u) {
+                // Shared with the admin endpoint and across reloads: one
+                // token manager (and one refresh in flight) per identity.
+                let registry = crate::oauth::Registry::shared(c, u)?;
+                SmtpAuth::XOAuth2 {
+                    user: u.effective_mailbox().to_string(),
+                    tokens: registry.manager(""),
+                    identities: Some(registry),
+                }
+            } else if u.requires_auth {
+                SmtpAuth::Basic {
+                    username: u.username.clone(),
+                    password: u.password.clone(),
+                }
+            } else {
+                SmtpAuth::None
+            };
+            let settings = SmtpSettings {
+                server,
+                implicit_tls: u.protocol == Protocol::Smtps,
+                starttls: u.protocol == Protocol::Smtp && u.tls,
+                ca_file: (!u.tls_ca_file.is_empty())
+                    .then(|| c.path(std::path::Path::new(&u.tls_ca_file))),
+                auth,
+                hostname: c.effective_hostname(),
+                timeout: std::time::Duration::from_secs(u.timeout_secs),
+            };
+            Ok(Arc::new(
+                SmtpTransport::new(settings)?.with_proxy(&u.proxy)?,
+            ))
+        }
+        Protocol::Ews => {
+            use crate::transport::ews::{
+                DEFAULT_SERVER_VERSION, EwsAuth, EwsSettings, EwsTransport,
+            };
+            let auth = if crate::oauth::uses_oauth(u) {
+                let registry = crate::oauth::Registry::shared(c, u)?;
+                let app_only = u.oauth.flow == crate::config::Flow::ClientCredentials;
+                // Delegated tokens are per mailbox; an app-only token impersonates any.
+                let per_mailbox = if app_only {
+                    Default::default()
+                } else {
+                    c.users
+                        .iter()
+                        .filter(|usr| !usr.mailbox.is_empty())
+                        .map(|usr| {
+                            let m: Arc<dyn crate::oauth::TokenSource> =
+                                registry.manager(&usr.mailbox);
+                            (usr.mailbox.to_ascii_lowercase(), m)
+                        })
+                        .collect()
+                };
+                EwsAuth::Bearer {
+                    tokens: registry.manager(""),
+                    per_mailbox,
+                }
+            } else {
+                EwsAuth::Basic {
+                    username: u.username.clone(),
+                    password: u.password.clone(),
+                }
+            };
+            let settings = EwsSettings {
+                connect_url: u.connect_url.clone(),
+                impersonate: crate::oauth::uses_oauth(u)
+                    && u.oauth.flow == crate::config::Flow::ClientCredentials,
+                auth,
+                mailbox: u.effective_mailbox().to_string(),
+                save_to_sent_items: u.save_to_sent_items,
+                server_version: DEFAULT_SERVER_VERSION.to_string(),
+                ca_file: (!u.tls_ca_file.is_empty())
+                    .then(|| c.path(std::path::Path::new(&u.tls_ca_file))),
+                proxy: u.proxy.clone(),
+                timeout: std::time::Duration::from_secs(u.timeout_secs),
+            };
+            Ok(Arc::new(EwsTransport::new(settings)?))
+        }
+        Protocol::Graph => {
+            use crate::transport::graph::{GraphSettings, GraphTransport};
+            let registry = crate::oauth::Registry::shared(c, u)?;
+            let ca =
+                (!u.tls_ca_file.is_empty()).then(|| c.path(std::path::Path::new(&u.tls_ca_file)));
+            let client = crate::http::client(
+                ca.as_deref(),
+                &u.proxy,
+                std::time::Duration::from_secs(u.timeout_secs),
+            )?;
+            let mut settings = GraphSettings::new(
+                &u.graph_endpoint,
+                u.effective_mailbox(),
+                registry.manager(""),
+                client,
+            );
+            settings.identity_tokens = Some(registry);
+            settings.save_to_sent_items = u.save_to_sent_items;
+            settings.large_messages = u.large_messages;
+            settings.alternate = alternate;
+            Ok(Arc::new(GraphTransport::new(settings)?))
+        }
+    }
+}
+
+/// The router a configuration describes: `[upstream]` as primary, and as
+/// alternate either `[upstream.alternate]` (any protocol) or
+/// `upstream.alternate_server` with the primary's settings.
+pub fn from_config(c: &crate::config::Config) -> Result<Router, String> {
+    let u = &c.upstream;
+    // The alternate first: Graph may hand it the messages too large for Graph.
+    let alternate = if let Some(alt) = u.alternate.as_deref() {
+        Some(
+            transport_for(c, alt, &alt.server, None)
+                .map_err(|e| format!("upstream.alternate: {e}"))?,
+        )
+    } else if !u.alternate_server.is_empty()
+        && matches!(
+            u.protocol,
+            crate::config::Protocol::Smtp | crate::config::Protocol::Smtps
+        )
+    {
+        Some(
+            transport_for(c, u, &u.alternate_server, None)
+                .map_err(|e| format!("upstream.alternate_server: {e}"))?,
+        )
+    } else {
+        None
+    };
+    let primary =
+        transport_for(c, u, &u.server, alternate.clone()).map_err(|e| format!("upstream: {e}"))?;
+    Ok(Router::new(primary, alternate))
+}

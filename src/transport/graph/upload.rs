@@ -1,0 +1,386 @@
+//! Graph's path for messages over its 4 MB request limit: a JSON draft, attachments (small ones inline, large ones through an upload session in chunks), then `send` (UPSTREAMS §2.4; needs `Mail.ReadWrite`).
+//!
+//! MIME cannot take upload sessions, so the message is parsed (mail-parser)
+//! and rebuilt as Graph JSON: subject, the HTML body (else the text body),
+//! `From:`, `Reply-To:`, the recipients as [`super::headers::prepare`]
+//! decided, the `Message-ID`, and the `X-` headers (Graph accepts only those
+//! as `internetMessageHeaders`). Inline parts keep their `Content-ID`, so
+//! `cid:` images still show. S/MIME signatures and exact MIME structure are
+//! lost: that is the price of the JSON path. When any step fails the draft
+//! is deleted (best effort) so retries do not pile drafts up.
+
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as B64;
+use mail_parser::{MessageParser, MimeHeaders};
+use serde_json::{Value, json};
+
+use super::headers::{Mailbox, Prepared};
+use super::{GraphTransport, accepted};
+use crate::oauth::TokenSource;
+use crate::transport::Failure;
+
+/// Attachments below this go in one request (Graph: under 3 MB).
+const SMALL_ATTACHMENT: usize = 3 * 1024 * 1024;
+/// Graph's largest attachment.
+const MAX_ATTACHMENT: usize = 150 * 1024 * 1024;
+
+fn recipients(list: &[Mailbox]) -> Value {
+    Value::Array(
+        list.iter()
+            .map(|m| match &m.name {
+                Some(n) => json!({"emailAddress": {"name": n, "address": m.address}}),
+                None => json!({"emailAddress": {"address": m.address}}),
+            })
+            .collect(),
+    )
+}
+
+/// One attachment to upload.
+struct Part {
+    name: String,
+    content_type: String,
+    bytes: Vec<u8>,
+    inline: bool,
+    content_id: Option<String>,
+}
+
+/// The draft JSON and the attachments of `prepared`.
+fn build(prepared: &Prepared) -> Result<(Value, Vec<Part>), Failure> {
+    let msg = MessageParser::new()
+        .parse(&prepared.message)
+        .ok_or_else(|| {
+            Failure::permanent("message too large for one Graph request and not parseable as MIME")
+        })?;
+    let body = match msg.body_html(0) {
+        Some(html) => json!({"contentType": "HTML", "content": html}),
+        None => json!({"contentType": "Text", "content": msg.body_text(0).unwrap_or_default()}),
+    };
+    let mut draft = json!({
+        "subject": msg.subject().unwrap_or(""),
+        "body": body,
+        "toRecipients": recipients(&prepared.to),
+        "ccRecipients": recipients(&prepared.cc),
+        "bccRecipients": recipients(&prepared.bcc),
+    });
+    if let Some(from) = &prepared.from {
+        draft["from"] = recipients(std::slice::from_ref(from))[0].clone();
+    }
+    if let Some(rt) = msg.reply_to() {
+        let list: Vec<Mailbox> = rt
+            .iter()
+            .filter_map(|a| {
+                Some(Mailbox {
+                    name: a.name().map(str::to_string),
+                    address: a.address()?.to_string(),
+                })
+            })
+            .collect();
+        draft["replyTo"] = recipients(&list);
+    }
+    if let Some(id) = msg.message_id() {
+        draft["internetMessageId"] = json!(format!("<{id}>"));
+    }
+    let custom: Vec<Value> = msg
+        .headers_raw()
+        .filter(|(name, _)| name.len() > 2 && name[..2].eq_ignore_ascii_case("x-"))
+        .map(|(name, value)| json!({"name": name, "value": value.replace(['\r', '\n'], "").trim()}))
+        .collect();
+    if !custom.is_empty() {
+        draft["internetMessageHeaders"] = Value::Array(custom);
+    }
+    let mut parts = Vec::new();
+    for (i, a) in msg.attachments().enumerate() {
+        let disposition = a
+            .content_disposition()
+            .map(|d| d.ctype().to_ascii_lowercase());
+        let content_id = a
+            .content_id()
+            .map(|c| {
+                c.trim()
+                    .trim_start_matches('<')
+                    .trim_end_matches('>')
+                    .to_string()
+            })
+            .filter(|c| !c.is_empty());
+        let inline = match disposition.as_deref() {
+            Some("inline") => true,
+            Some(_) => false,
+            None => content_id.is_some(),
+        };
+        let content_type = a
+            .content_type()
+            .map(|c| match c.subtype() {
+                Some(s) => format!("{}/{}", c.ctype(), s),
+                None => c.ctype().to_string(),
+            })
+            .unwrap_or_else(|| "application/octet-stream".into());
+        let name = a.attachment_name().map(str::to_string).unwrap_or_else(|| {
+            if a.is_message() {
+                format!("message-{}.eml", i + 1)
+            } else {
+                format!("attachment-{}", i + 1)
+            }
+        });
+        let bytes = a.contents().to_vec();
+        if bytes.len() > MAX_ATTACHMENT {
+            return Err(Failure::permanent(format!(
+                "552 5.3.4 attachment `{name}` is {} bytes; Microsoft Graph takes at most 150 MB",
+                bytes.len()
+            )));
+        }
+        parts.push(Part {
+            name,
+            content_type,
+            bytes,
+            inline,
+            content_id,
+        });
+    }
+    Ok((draft, parts))
+}
+
+/// Send a large message as draft + attachments + send.
+pub(super) async fn send(
+    t: &GraphTransport,
+    tokens: &dyn TokenSource,
+    mailbox: &str,
+    prepared: &Prepared,
+) -> Result<(), Failure> {
+    let (draft, parts) = build(prepared)?;
+    let draft_body =
+        serde_json::to_vec(&draft).map_err(|e| Failure::permanent(format!("draft: {e}")))?;
+    if draft_body.len() > t.settings().max_request_bytes {
+        return Err(Failure::permanent(format!(
+            "552 5.3.4 the message body alone is {} bytes as Graph JSON, over the {} byte request limit",
+            draft_body.len(),
+            t.settings().max_request_bytes
+        )));
+    }
+    let client = &t.settings().client;
+    let url = t.url(mailbox, &["messages"]);
+    let a = t
+        .call(tokens, "createMessage", |token| {
+            client
+                .post(url.clone())
+                .bearer_auth(token)
+                .header(reqwest::header::CONTENT_TYPE, "application/json")
+                .body(draft_body.clone())
+        })
+        .await?;
+    if !(200..300).contains(&a.status) {
+        return Err(t.failure("createMessage", &a));
+    }
+    let id = serde_json::from_slice::<Value>(&a.body)
+        .ok()
+        .and_then(|v| v.get("id").and_then(|i| i.as_str()).map(str::to_string))
+        .filter(|id| !id.is_empty())
+        .ok_or_else(|| Failure::transient("Graph createMessage: the answer has no message id"))?;
+    let result = fill_and_send(t, tokens, mailbox, &id, &parts).await;
+    if result.is_err() {
+        let url = t.url(mailbox, &["messages", &id]);
+        let _ = t
+            .call(tokens, "deleteDraft", |token| {
+                client.delete(url.clone()).bearer_auth(token)
+            })
+            .await;
+    }
+    result
+}
+
+async fn fill_and_send(
+    t: &GraphTransport,
+    tokens: &dyn TokenSource,
+    mailbox: &str,
+    id: &str,
+    parts: &[Part],
+) -> Result<(), Failure> {
+    let client = &t.settings().client;
+    let max = t.settings().max_request_bytes;
+    for p in parts {
+        let encoded = p.bytes.len().div_ceil(3) * 4;
+        if p.bytes.len() < SMALL_ATTACHMENT && encoded + 4096 <= max {
+            let mut att = json!({
+                "@odata.type": "#microsoft.graph.fileAttachment",
+                "name": p.name,
+                "contentType": p.content_type,
+                "contentBytes": B64.encode(&p.bytes),
+                "isInline": p.inline,
+            });
+            if let Some(cid) = &p.content_id {
+                att["contentId"] = json!(cid);
+            }
+            let body = serde_json::to_vec(&att)
+                .map_err(|e| Failure::permanent(format!("attachment: {e}")))?;
+            let url = t.url(mailbox, &["messages", id, "attachments"]);
+            let a = t
+                .call(tokens, "addAttachment", |token| {
+                    client
+                        .post(url.clone())
+                        .bearer_auth(token)
+                        .header(reqwest::header::CONTENT_TYPE, "application/json")
+                        .body(body.clone())
+                })
+                .await?;
+            if !(200..300).contains(&a.status) {
+                return Err(t.failure("addAttachment", &a));
+            }
+        } else {
+            upload_session(t, tokens, mailbox, id, p).await?;
+        }
+    }
+    let url = t.url(mailbox, &["messages", id, "send"]);
+    let a = t
+        .call(tokens, "send", |token| {
+            client
+                .post(url.clone())
+                .bearer_auth(token)
+                .header(reqwest::header::CONTENT_LENGTH, "0")
+        })
+        .await?;
+    accepted("send", &a, t)
+}
+
+/// The first offset of a `nextExpectedRanges` answer (`["2097152-"]`).
+fn next_expected(body: &[u8]) -> Option<usize> {
+    let v: Value = serde_json::from_slice(body).ok()?;
+    let ranges = v
+        .get("nextExpectedRanges")
+        .or_else(|| v.get("NextExpectedRanges"))?;
+    let first = ranges.as_array()?.first()?.as_str()?;
+    first.split('-').next()?.trim().parse().ok()
+}
+
+async fn upload_session(
+    t: &GraphTransport,
+    tokens: &dyn TokenSource,
+    mailbox: &str,
+    id: &str,
+    p: &Part,
+) -> Result<(), Failure> {
+    let client = &t.settings().client;
+    let total = p.bytes.len();
+    let mut item = json!({
+        "attachmentType": "file",
+        "name": p.name,
+        "size": total,
+        "contentType": p.content_type,
+        "isInline": p.inline,
+    });
+    if let Some(cid) = &p.content_id {
+        item["contentId"] = json!(cid);
+    }
+    let body = serde_json::to_vec(&json!({"AttachmentItem": item}))
+        .map_err(|e| Failure::permanent(format!("upload session: {e}")))?;
+    let url = t.url(
+        mailbox,
+        &["messages", id, "attachments", "createUploadSession"],
+    );
+    let a = t
+        .call(tokens, "createUploadSession", |token| {
+            client
+                .post(url.clone())
+                .bearer_auth(token)
+                .header(reqwest::header::CONTENT_TYPE, "application/json")
+                .body(body.clone())
+        })
+        .await?;
+    if !(200..300).contains(&a.status) {
+        return Err(t.failure("createUploadSession", &a));
+    }
+    let upload_url = serde_json::from_slice::<Value>(&a.body)
+        .ok()
+        .and_then(|v| {
+            v.get("uploadUrl")
+                .and_then(|u| u.as_str())
+                .map(str::to_string)
+        })
+        .and_then(|u| url::Url::parse(&u).ok())
+        .ok_or_else(|| {
+            Failure::transient("Graph createUploadSession: the answer has no usable uploadUrl")
+        })?;
+    let chunk = t
+        .settings()
+        .upload_chunk_bytes
+        .min(t.settings().max_request_bytes);
+    let mut offset = 0usize;
+    // Each chunk once, plus room for a few resumes the server asks for.
+    let mut budget = total / chunk + 8;
+    while offset < total {
+        if budget == 0 {
+            return Err(Failure::transient(
+                "Graph upload: the server keeps asking for the same range",
+            ));
+        }
+        budget -= 1;
+        let end = (offset + chunk).min(total);
+        // The upload URL carries its own token: no Authorization header.
+        let req = client
+            .put(upload_url.clone())
+            .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
+            .header(
+                reqwest::header::CONTENT_RANGE,
+                format!("bytes {}-{}/{}", offset, end - 1, total),
+            )
+            .body(p.bytes[offset..end].to_vec());
+        let a = t.send("upload", req).await?;
+        match a.status {
+            201 => return Ok(()),
+            200 | 202 => {
+                offset = next_expected(&a.body)
+                    .filter(|n| *n <= total)
+                    .unwrap_or(end);
+            }
+            _ => return Err(t.failure("upload", &a)),
+        }
+    }
+    // Every byte sent but no 201: the session is not complete.
+    Err(Failure::transient(
+        "Graph upload: all bytes sent but the upload session did not complete",
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn draft_from_mime_keeps_inline_images_and_x_headers() {
+        let m = b"From: Desk <desk@contoso.com>\r\nTo: a@b.test\r\nReply-To: r@b.test\r\nSubject: Report\r\nMessage-ID: <1@x>\r\nX-Ticket: 42\r\nMIME-Version: 1.0\r\nContent-Type: multipart/related; boundary=B\r\n\r\n--B\r\nContent-Type: text/html\r\n\r\n<img src=\"cid:img1\">\r\n--B\r\nContent-Type: image/png\r\nContent-ID: <img1>\r\nContent-Transfer-Encoding: base64\r\n\r\naGVsbG8=\r\n--B\r\nContent-Type: application/pdf; name=r.pdf\r\nContent-Disposition: attachment; filename=r.pdf\r\n\r\nPDF\r\n--B--\r\n";
+        let p = super::super::headers::prepare(m, &["a@b.test".into(), "h@b.test".into()]);
+        let (draft, parts) = build(&p).unwrap();
+        assert_eq!(draft["subject"], "Report");
+        assert_eq!(draft["body"]["contentType"], "HTML");
+        assert_eq!(
+            draft["toRecipients"][0]["emailAddress"]["address"],
+            "a@b.test"
+        );
+        assert_eq!(
+            draft["bccRecipients"][0]["emailAddress"]["address"],
+            "h@b.test"
+        );
+        assert_eq!(draft["from"]["emailAddress"]["name"], "Desk");
+        assert_eq!(draft["replyTo"][0]["emailAddress"]["address"], "r@b.test");
+        assert_eq!(draft["internetMessageId"], "<1@x>");
+        assert_eq!(draft["internetMessageHeaders"][0]["name"], "X-Ticket");
+        assert_eq!(parts.len(), 2);
+        assert_eq!(
+            (parts[0].inline, parts[0].content_id.as_deref()),
+            (true, Some("img1"))
+        );
+        assert_eq!(parts[0].bytes, b"hello");
+        assert_eq!((parts[1].inline, parts[1].name.as_str()), (false, "r.pdf"));
+    }
+
+    #[test]
+    fn next_expected_ranges() {
+        assert_eq!(
+            next_expected(br#"{"nextExpectedRanges":["2097152"]}"#),
+            Some(2097152)
+        );
+        assert_eq!(
+            next_expected(br#"{"NextExpectedRanges":["10-99"]}"#),
+            Some(10)
+        );
+        assert_eq!(next_expected(b"{}"), None);
+    }
+}
