@@ -2,7 +2,9 @@
 //!
 //! One attempt is one `POST` of a `CreateItem` request (UPSTREAMS.md §4.2).
 //! EWS takes the recipients from the MIME headers, so recipients that are
-//! only in the envelope are added as one `Bcc:` field ([`with_envelope_bcc`]).
+//! only in the envelope are added as one `Bcc:` field, and header recipients
+//! outside the envelope are dropped ([`crate::message::recipients::prepare`],
+//! shared with Graph).
 //! The outcome is all-or-nothing: every recipient of the envelope shares it.
 //!
 //! Classification (UPSTREAMS.md §4.3), in this file only:
@@ -382,7 +384,7 @@ impl EwsTransport {
             return Ok(Vec::new());
         }
         let target = self.target(env);
-        let mime = with_envelope_bcc(message, &env.rcpts);
+        let mime = crate::message::recipients::prepare(message, &env.rcpts).message;
         let body = create_item_request(
             &self.settings.server_version,
             self.settings.impersonate.then_some(target.mailbox),
@@ -563,67 +565,6 @@ fn get_folder_request(version: &str, impersonate: Option<&str>) -> String {
          <m:FolderIds><t:DistinguishedFolderId Id=\"sentitems\"/></m:FolderIds></m:GetFolder>",
     );
     out.push_str("</soap:Body></soap:Envelope>\r\n");
-    out
-}
-
-/// The message with one `Bcc:` field naming exactly the recipients of
-/// `rcpts` that its `To:`/`Cc:` fields do not (compared without case), so
-/// that EWS and Graph, which take recipients from the headers, deliver to
-/// them without showing them to the others. Existing `Bcc:` fields are
-/// removed first: they may name addresses that are not (or no longer)
-/// envelope recipients. Nothing else changes.
-///
-/// Could be shared with the Graph transport (same rule there).
-pub fn with_envelope_bcc(message: &[u8], rcpts: &[String]) -> Vec<u8> {
-    let mut visible: Vec<String> = Vec::new();
-    if let Some(parsed) = mail_parser::MessageParser::default().parse_headers(message) {
-        for list in parsed.all_to().chain(parsed.all_cc()) {
-            for a in list.iter() {
-                if let Some(addr) = a.address() {
-                    visible.push(addr.trim().to_ascii_lowercase());
-                }
-            }
-        }
-    }
-    let mut hidden: Vec<&str> = Vec::new();
-    for r in rcpts {
-        // SMTP cannot carry these; never let one break the header.
-        if r.is_empty() || r.chars().any(|c| c.is_control()) {
-            continue;
-        }
-        let low = r.to_ascii_lowercase();
-        if !visible.contains(&low) && !hidden.iter().any(|h| h.eq_ignore_ascii_case(r)) {
-            hidden.push(r);
-        }
-    }
-    let (fields, _) = crate::message::fields(message);
-    let header_end = fields.last().map(|f| f.end).unwrap_or(0);
-    let mut out = Vec::with_capacity(message.len() + 32 * hidden.len() + 8);
-    let mut pos = 0;
-    for f in fields.iter().filter(|f| f.name.eq_ignore_ascii_case("Bcc")) {
-        out.extend_from_slice(&message[pos..f.start]);
-        pos = f.end;
-    }
-    out.extend_from_slice(&message[pos..header_end]);
-    if !hidden.is_empty() {
-        let mut line_len = 4;
-        out.extend_from_slice(b"Bcc:");
-        for (i, addr) in hidden.iter().enumerate() {
-            if i > 0 {
-                out.push(b',');
-                line_len += 1;
-                if line_len + 1 + addr.len() > 76 {
-                    out.extend_from_slice(b"\r\n");
-                    line_len = 0;
-                }
-            }
-            out.push(b' ');
-            out.extend_from_slice(addr.as_bytes());
-            line_len += 1 + addr.len();
-        }
-        out.extend_from_slice(b"\r\n");
-    }
-    out.extend_from_slice(&message[header_end.max(pos)..]);
     out
 }
 
@@ -1100,39 +1041,6 @@ mod tests {
         assert!(r.contains("<m:CreateItem MessageDisposition=\"SendAndSaveCopy\"><m:SavedItemFolderId><t:DistinguishedFolderId Id=\"sentitems\"/></m:SavedItemFolderId><m:Items>"));
     }
 
-    fn rcpts(r: &[&str]) -> Vec<String> {
-        r.iter().map(|s| s.to_string()).collect()
-    }
-
-    #[test]
-    fn bcc_names_exactly_the_envelope_only_recipients() {
-        let m = b"From: a@x\r\nTo: \"B\" <B@x>, c@x\r\nCc: group: d@x;\r\nBcc: old@x\r\nSubject: s\r\n\r\nbody\r\nTo: e@x\r\n";
-        let out = with_envelope_bcc(m, &rcpts(&["b@x", "d@x", "e@x", "f@x", "E@X"]));
-        assert_eq!(
-            String::from_utf8(out).unwrap(),
-            "From: a@x\r\nTo: \"B\" <B@x>, c@x\r\nCc: group: d@x;\r\nSubject: s\r\nBcc: e@x, f@x\r\n\r\nbody\r\nTo: e@x\r\n"
-        );
-        let out = with_envelope_bcc(m, &rcpts(&["b@x"]));
-        assert_eq!(
-            String::from_utf8(out).unwrap(),
-            "From: a@x\r\nTo: \"B\" <B@x>, c@x\r\nCc: group: d@x;\r\nSubject: s\r\n\r\nbody\r\nTo: e@x\r\n"
-        );
-    }
-
-    #[test]
-    fn long_bcc_is_folded() {
-        let many: Vec<String> = (0..10)
-            .map(|i| format!("recipient{i}@example.com"))
-            .collect();
-        let out = with_envelope_bcc(b"Subject: s\r\n\r\nb", &many);
-        let s = String::from_utf8(out).unwrap();
-        assert!(s.lines().all(|l| l.len() <= 78), "{s}");
-        let (head, _) = s.split_once("\r\n\r\n").unwrap();
-        let bcc = head.split_once("Bcc:").unwrap().1.replace("\r\n", "");
-        let listed: Vec<&str> = bcc.split(',').map(str::trim).collect();
-        assert_eq!(listed, many.iter().map(String::as_str).collect::<Vec<_>>());
-    }
-
     #[test]
     fn xml_reader_is_forgiving() {
         let e = xml::parse(
@@ -1169,11 +1077,6 @@ mod tests {
         #[test]
         fn classify_never_panics_on_xmlish(body in "[<>/=\"'a-z:&#;! \\[\\]A-Z0-9-]{0,200}") {
             let _ = classify(500, body.as_bytes(), None);
-        }
-
-        #[test]
-        fn bcc_never_panics(msg in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..300)) {
-            let _ = with_envelope_bcc(&msg, &["a@b".to_string()]);
         }
     }
 

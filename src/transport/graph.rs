@@ -2,7 +2,7 @@
 //!
 //! What goes where:
 //!
-//! - **Send** (`deliver`): the header is rewritten first ([`headers::prepare`]:
+//! - **Send** (`deliver`): the header is rewritten first ([`recipients::prepare`]:
 //!   exactly the envelope recipients, Bcc hidden, `From:` names Graph
 //!   rejects defused), then the whole message goes base64-encoded as
 //!   `text/plain` to `{endpoint}/v1.0/users/{mailbox}/sendMail`. The mailbox
@@ -38,7 +38,6 @@
 //! sends nor for `send` on a draft (only for JSON `sendMail`, UPSTREAMS §2.2);
 //! a copy is always kept.
 
-pub mod headers;
 mod upload;
 
 use std::sync::Arc;
@@ -48,6 +47,7 @@ use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
 
 use crate::config::LargeMessages;
+use crate::message::recipients;
 use crate::oauth::{IdentityTokens, TokenSource};
 use crate::transport::{BoxFuture, Delivery, Envelope, Failure, Transport};
 
@@ -278,7 +278,7 @@ impl GraphTransport {
         let identity = env.identity.as_deref().filter(|s| !s.trim().is_empty());
         let mailbox = identity.unwrap_or(&self.s.mailbox);
         let tokens = self.tokens_for(mailbox, identity.is_some());
-        let prepared = headers::prepare(message, &env.rcpts);
+        let prepared = recipients::prepare(message, &env.rcpts);
         let encoded_len = prepared.message.len().div_ceil(3) * 4;
         if encoded_len > self.s.max_request_bytes {
             return match self.s.large_messages {

@@ -2,7 +2,7 @@
 //!
 //! MIME cannot take upload sessions, so the message is parsed (mail-parser)
 //! and rebuilt as Graph JSON: subject, the HTML body (else the text body),
-//! `From:`, `Reply-To:`, the recipients as [`super::headers::prepare`]
+//! `From:`, `Reply-To:`, the recipients as [`crate::message::recipients::prepare`]
 //! decided, the `Message-ID`, and the `X-` headers (Graph accepts only those
 //! as `internetMessageHeaders`). Inline parts keep their `Content-ID`, so
 //! `cid:` images still show. S/MIME signatures and exact MIME structure are
@@ -14,8 +14,8 @@ use base64::engine::general_purpose::STANDARD as B64;
 use mail_parser::{MessageParser, MimeHeaders};
 use serde_json::{Value, json};
 
-use super::headers::{Mailbox, Prepared};
 use super::{GraphTransport, accepted};
+use crate::message::recipients::{Mailbox, Prepared};
 use crate::oauth::TokenSource;
 use crate::transport::Failure;
 
@@ -346,7 +346,7 @@ mod tests {
     #[test]
     fn draft_from_mime_keeps_inline_images_and_x_headers() {
         let m = b"From: Desk <desk@contoso.com>\r\nTo: a@b.test\r\nReply-To: r@b.test\r\nSubject: Report\r\nMessage-ID: <1@x>\r\nX-Ticket: 42\r\nMIME-Version: 1.0\r\nContent-Type: multipart/related; boundary=B\r\n\r\n--B\r\nContent-Type: text/html\r\n\r\n<img src=\"cid:img1\">\r\n--B\r\nContent-Type: image/png\r\nContent-ID: <img1>\r\nContent-Transfer-Encoding: base64\r\n\r\naGVsbG8=\r\n--B\r\nContent-Type: application/pdf; name=r.pdf\r\nContent-Disposition: attachment; filename=r.pdf\r\n\r\nPDF\r\n--B--\r\n";
-        let p = super::super::headers::prepare(m, &["a@b.test".into(), "h@b.test".into()]);
+        let p = crate::message::recipients::prepare(m, &["a@b.test".into(), "h@b.test".into()]);
         let (draft, parts) = build(&p).unwrap();
         assert_eq!(draft["subject"], "Report");
         assert_eq!(draft["body"]["contentType"], "HTML");

@@ -1,5 +1,7 @@
 //! Header-level edits on canonical (CRLF) messages: finding header fields and applying the seed's "Sender Name" / "Reply to" rewrite.
 
+pub mod recipients;
+
 /// One header field: its name and the byte range of the whole field
 /// (name, value and folded continuation lines, final CRLF included).
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -1,4 +1,4 @@
-//! Graph (and EWS) take recipients from the MIME headers, not from an envelope: this rewrites To/Cc/Bcc so exactly the envelope recipients receive the message, and defuses `From:` display names Graph rejects.
+//! Graph and EWS take recipients from the MIME headers, not from an envelope: this rewrites To/Cc/Bcc so exactly the envelope recipients receive the message, and defuses `From:` display names Graph rejects.
 //!
 //! The envelope is authoritative: only envelope recipients may receive the
 //! message, each exactly once, and Bcc recipients must stay hidden.
@@ -307,5 +307,14 @@ mod tests {
         );
         let p = prepare(b"Subject: no newline", &rc(&["a@b.test"]));
         assert_eq!(text(&p), "Subject: no newline\r\nBcc: a@b.test\r\n");
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn never_panics_and_keeps_the_body(msg in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..300)) {
+            let p = prepare(&msg, &["a@b".to_string()]);
+            let (_, body) = fields(&msg);
+            proptest::prop_assert!(p.message.ends_with(&msg[body..]));
+        }
     }
 }
