@@ -118,7 +118,9 @@ pub struct Listen {
     pub max_received_headers: usize,
     /// Policy for bare CR / bare LF in DATA.
     pub bare_line_endings: BareLineEndings,
-    /// Simultaneous sessions from one client IP.
+    /// Simultaneous sessions from one client IP. On the default loopback
+    /// listener every local application shares 127.0.0.1, so keep this well
+    /// above the number of sessions one host opens at once.
     pub max_connections_per_ip: usize,
     /// Certificate chain (PEM) for STARTTLS and the implicit-TLS listener; empty = no TLS.
     pub tls_cert: String,
@@ -153,7 +155,7 @@ impl Default for Listen {
             max_errors: 10,
             max_received_headers: 30,
             bare_line_endings: BareLineEndings::Normalize,
-            max_connections_per_ip: 20,
+            max_connections_per_ip: 50,
             tls_cert: String::new(),
             tls_key: String::new(),
             implicit_tls_address: String::new(),

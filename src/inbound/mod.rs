@@ -317,9 +317,8 @@ impl Connection {
             }
             session.tls_established();
         }
-        let stream = self.drive(stream, &mut session, peer).await;
-        // Free the slots before the client can see the close, so a client that
-        // saw this connection end can connect again at once.
+        let mut slots = Some(slots);
+        let stream = self.drive(stream, &mut session, peer, &mut slots).await;
         drop(slots);
         if let Some(mut stream) = stream {
             let _ = timeout(Duration::from_secs(5), stream.shutdown()).await;
@@ -355,6 +354,7 @@ impl Connection {
         mut stream: Stream,
         session: &mut Session,
         peer: SocketAddr,
+        slots: &mut Option<Slots>,
     ) -> Option<Stream> {
         let listen = &self.settings.listen;
         let idle = Duration::from_secs(listen.idle_timeout_secs);
@@ -365,6 +365,12 @@ impl Connection {
         let mut data_deadline: Option<Instant> = None;
         loop {
             let step = session.feed(&mut input);
+            if matches!(step, Step::Close) {
+                // Free the slots before the client can read the last reply
+                // (221, 421): a client that saw this session end may connect
+                // again at once and must find its slot free.
+                slots.take();
+            }
             // Replies go out before anything that may wait (RFC 2920 §3.2 (5)).
             let out = session.take_output();
             if !out.is_empty()

@@ -12,6 +12,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Condvar, Mutex};
 
 pub use meta::{Meta, Rcpt, RcptStatus};
 
@@ -63,6 +64,60 @@ pub struct Spool {
     corrupt: PathBuf,
     max_messages: usize,
     count: AtomicUsize,
+    queue_sync: DirSync,
+}
+
+/// Group commit of one directory's fsync: every caller returns only after an
+/// fsync that *started after* its call, but concurrent callers share one
+/// fsync instead of queueing one each (20 sessions storing at once cost one
+/// or two directory syncs, not twenty).
+#[derive(Debug, Default)]
+struct DirSync {
+    state: Mutex<SyncState>,
+    done: Condvar,
+}
+
+#[derive(Debug, Default)]
+struct SyncState {
+    /// Tickets handed out so far.
+    issued: u64,
+    /// Every ticket up to this one is covered by a completed fsync.
+    synced: u64,
+    /// An fsync is running now.
+    running: bool,
+}
+
+impl DirSync {
+    fn lock(&self) -> std::sync::MutexGuard<'_, SyncState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn sync(&self, dir: &Path) -> io::Result<()> {
+        let mut st = self.lock();
+        st.issued += 1;
+        let ticket = st.issued;
+        loop {
+            if st.synced >= ticket {
+                return Ok(());
+            }
+            if !st.running {
+                // Run one fsync for every ticket issued so far.
+                st.running = true;
+                let covers = st.issued;
+                drop(st);
+                let result = sync_dir(dir);
+                st = self.lock();
+                st.running = false;
+                if result.is_ok() {
+                    st.synced = st.synced.max(covers);
+                }
+                self.done.notify_all();
+                // On failure the waiters run their own fsync and see their own result.
+                return result;
+            }
+            st = self.done.wait(st).unwrap_or_else(|p| p.into_inner());
+        }
+    }
 }
 
 fn sync_dir(dir: &Path) -> io::Result<()> {
@@ -112,6 +167,7 @@ impl Spool {
             corrupt: root.join("corrupt"),
             max_messages,
             count: AtomicUsize::new(0),
+            queue_sync: DirSync::default(),
         };
         for d in [&spool.root, &spool.queue, &spool.tmp, &spool.corrupt] {
             fs::create_dir_all(d)?;
@@ -247,7 +303,7 @@ impl Spool {
         write_synced(&tmp_meta, &json)?;
         fs::rename(&tmp_body, self.body_path(&meta.id))?;
         fs::rename(&tmp_meta, self.meta_path(&meta.id))?;
-        sync_dir(&self.queue)
+        self.queue_sync.sync(&self.queue)
     }
 
     /// Replace an entry's metadata atomically.
@@ -262,7 +318,7 @@ impl Spool {
             let _ = fs::remove_file(&tmp);
         }
         result?;
-        sync_dir(&self.queue)
+        self.queue_sync.sync(&self.queue)
     }
 
     /// Read a message body.
@@ -283,6 +339,11 @@ impl Spool {
     }
 
     /// Remove an entry (metadata first, so a crash leaves at most an orphan body).
+    ///
+    /// The directory is not fsynced: if the machine loses power before the
+    /// kernel writes the unlink, the message comes back at start and is
+    /// delivered again. At-least-once is the promise (as Postfix's), and it
+    /// saves an fsync per message.
     pub fn remove(&self, id: &str) -> io::Result<()> {
         let had = match fs::remove_file(self.meta_path(id)) {
             Ok(()) => true,
@@ -297,7 +358,7 @@ impl Spool {
         if had {
             self.count.fetch_sub(1, Ordering::SeqCst);
         }
-        sync_dir(&self.queue)
+        Ok(())
     }
 
     /// Every committed entry's metadata, read from disk (for the CLI).
@@ -421,6 +482,37 @@ mod tests {
         s.update(&m).unwrap();
         let (_, loaded, _) = Spool::open(dir.path(), 10).unwrap();
         assert_eq!(loaded[0].attempts, 3);
+    }
+
+    #[test]
+    fn concurrent_stores_share_directory_syncs() {
+        let dir = tempfile::tempdir().unwrap();
+        let (s, _, _) = Spool::open(dir.path(), 1000).unwrap();
+        let s = std::sync::Arc::new(s);
+        let threads: Vec<_> = (0..8)
+            .map(|t| {
+                let s = s.clone();
+                std::thread::spawn(move || {
+                    for i in 0..20 {
+                        let id = format!("t{t}m{i}");
+                        s.store(&meta(&id, b"x"), b"x").unwrap();
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        let st = s.queue_sync.state.lock().unwrap();
+        assert_eq!(st.issued, 160);
+        assert_eq!(
+            st.synced, 160,
+            "every store was covered by a completed sync"
+        );
+        assert!(!st.running);
+        drop(st);
+        let (_, loaded, _) = Spool::open(dir.path(), 1000).unwrap();
+        assert_eq!(loaded.len(), 160);
     }
 
     #[test]

@@ -1,0 +1,268 @@
+//! Classification of an EWS reply (HTTP status, SOAP response or fault) into delivered, transient, permanent or server failure.
+
+use std::time::Duration;
+
+use super::xml;
+use super::{DEFAULT_BACKOFF, MAX_BACKOFF, clean};
+use crate::transport::Failure;
+
+/// EWS codes that say "later" rather than "never" (ews-throttling-in-exchange
+/// and the EWS `ResponseCode` reference: throttling, mailbox moves, store and
+/// server hiccups).
+const TRANSIENT_CODES: &[&str] = &[
+    "ErrorServerBusy",
+    "ErrorExceededConnectionCount",
+    "ErrorInternalServerTransientError",
+    "ErrorInternalServerError",
+    "ErrorMailboxStoreUnavailable",
+    "ErrorMailboxMoveInProgress",
+    "ErrorTimeoutExpired",
+    "ErrorConnectionFailed",
+    "ErrorTooManyObjectsOpened",
+    "ErrorBatchProcessingStopped",
+    "ErrorProxyRequestProcessingFailed",
+];
+
+/// What a SOAP response says, by local element name (prefixes vary:
+/// `s:`/`soap:`, `m:`, `e:`, `a:`).
+#[derive(Debug, Default, PartialEq, Eq)]
+pub(super) struct SoapReply {
+    /// `ResponseClass` of the first `…ResponseMessage`.
+    response_class: Option<String>,
+    /// First `ResponseCode` (response message, or a fault's `detail`).
+    response_code: Option<String>,
+    /// `MessageText` (response message) or `Message` (fault detail).
+    message_text: Option<String>,
+    /// `faultcode` without its prefix (`ErrorServerBusy`, `Client`, …).
+    fault_code: Option<String>,
+    /// `faultstring`.
+    fault_string: Option<String>,
+    /// `MessageXml/Value Name="BackOffMilliseconds"`.
+    back_off_ms: Option<u64>,
+    /// `MessageXml/Value Name="InnerErrorResponseCode"` (ErrorInternalServerError wraps ErrorServerBusy).
+    inner_code: Option<String>,
+    /// True when an `Envelope` element was seen at all.
+    is_soap: bool,
+}
+
+impl SoapReply {
+    pub(super) fn parse(body: &[u8]) -> SoapReply {
+        let text = String::from_utf8_lossy(body);
+        let elements = xml::parse(&text);
+        let first_text = |name: &str| {
+            elements
+                .iter()
+                .find(|e| e.name == name)
+                .map(|e| e.text.trim().to_string())
+        };
+        let value_named = |n: &str| {
+            elements
+                .iter()
+                .find(|e| e.name == "Value" && e.attr("Name") == Some(n))
+                .map(|e| e.text.trim().to_string())
+        };
+        SoapReply {
+            response_class: elements
+                .iter()
+                .find(|e| e.name.ends_with("ResponseMessage") && e.attr("ResponseClass").is_some())
+                .and_then(|e| e.attr("ResponseClass"))
+                .map(str::to_string),
+            response_code: first_text("ResponseCode"),
+            message_text: first_text("MessageText").or_else(|| first_text("Message")),
+            fault_code: first_text("faultcode").map(|c| match c.rsplit_once(':') {
+                Some((_, local)) => local.to_string(),
+                None => c,
+            }),
+            fault_string: first_text("faultstring"),
+            back_off_ms: value_named("BackOffMilliseconds").and_then(|v| v.parse().ok()),
+            inner_code: value_named("InnerErrorResponseCode"),
+            is_soap: elements.iter().any(|e| e.name == "Envelope"),
+        }
+    }
+
+    /// The EWS error code: the response code, else the fault code.
+    fn code(&self) -> Option<&str> {
+        self.response_code
+            .as_deref()
+            .filter(|c| !c.is_empty())
+            .or(self.fault_code.as_deref())
+    }
+}
+
+/// Classify one HTTP reply to a `CreateItem` (see the module docs).
+/// `retry_after` is the HTTP `Retry-After`, honoured with 503.
+pub(super) fn classify(
+    status: u16,
+    body: &[u8],
+    retry_after: Option<Duration>,
+) -> Result<(), Failure> {
+    let soap = SoapReply::parse(body);
+    if status == 200
+        && soap.response_class.as_deref() == Some("Success")
+        && soap.response_code.as_deref().is_none_or(|c| c == "NoError")
+    {
+        return Ok(());
+    }
+    if let Some(code) = soap.code().filter(|c| c.starts_with("Error")) {
+        let detail = soap
+            .message_text
+            .as_deref()
+            .or(soap.fault_string.as_deref())
+            .map(clean)
+            .unwrap_or_default();
+        let text = if detail.is_empty() {
+            code.to_string()
+        } else {
+            format!("{code}: {detail}")
+        };
+        let busy =
+            code == "ErrorServerBusy" || soap.inner_code.as_deref() == Some("ErrorServerBusy");
+        if busy {
+            let wait = soap
+                .back_off_ms
+                .map(|ms| Duration::from_millis(ms).min(MAX_BACKOFF))
+                .unwrap_or(DEFAULT_BACKOFF);
+            let text = format!("{text} (server busy; back off {} ms)", wait.as_millis());
+            return Err(Failure::transient(text).with_not_before(wait));
+        }
+        if TRANSIENT_CODES.contains(&code) {
+            let f = Failure::transient(text);
+            return Err(match soap.back_off_ms.filter(|ms| *ms > 0) {
+                Some(ms) => f.with_not_before(Duration::from_millis(ms).min(MAX_BACKOFF)),
+                None => f,
+            });
+        }
+        return Err(Failure::permanent(text));
+    }
+    let what = if soap.is_soap {
+        let fault = soap
+            .fault_string
+            .as_deref()
+            .or(soap.fault_code.as_deref())
+            .map(clean)
+            .unwrap_or_else(|| "no ResponseCode".into());
+        format!("unexpected SOAP response: {fault}")
+    } else {
+        "no SOAP response".to_string()
+    };
+    match status {
+        // 200 without a verdict: whether it was sent is unknown; retrying
+        // risks a duplicate, giving up risks a loss. Retry.
+        200 => Err(Failure::transient(format!("HTTP 200, {what}"))),
+        503 => {
+            let f = Failure::server(format!("HTTP 503 Service Unavailable ({what})"));
+            Err(match retry_after {
+                Some(d) => f.with_not_before(d),
+                None => f,
+            })
+        }
+        403 => Err(Failure::server(format!(
+            "HTTP 403 Forbidden: EWS is disabled for this mailbox, app or organisation ({what})"
+        ))),
+        413 => Err(Failure::permanent(format!(
+            "HTTP 413: message too large for the EWS endpoint ({what})"
+        ))),
+        s => Err(Failure::server(format!("HTTP {s} ({what})"))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::transport::ews::soap::{NS_MESSAGES, NS_TYPES};
+    use crate::transport::{Scope, Severity};
+
+    const SERVER_BUSY: &str = r#"<s:Envelope xmlns:s="http://schemas.xmlsoap.org/soap/envelope/"><s:Body><s:Fault>
+ <faultcode xmlns:a="http://schemas.microsoft.com/exchange/services/2006/types">a:ErrorServerBusy</faultcode>
+ <faultstring xml:lang="en-US">The server cannot service this request right now. Try again later.</faultstring>
+ <detail>
+  <e:ResponseCode xmlns:e="http://schemas.microsoft.com/exchange/services/2006/errors">ErrorServerBusy</e:ResponseCode>
+  <e:Message xmlns:e="http://schemas.microsoft.com/exchange/services/2006/errors">The server cannot service this request right now. Try again later.</e:Message>
+  <t:MessageXml xmlns:t="http://schemas.microsoft.com/exchange/services/2006/types"><t:Value Name="BackOffMilliseconds">25</t:Value></t:MessageXml>
+ </detail></s:Fault></s:Body></s:Envelope>"#;
+
+    fn response(class: &str, code: &str, text: &str) -> String {
+        format!(
+            r#"<?xml version="1.0" encoding="utf-8"?><s:Envelope xmlns:s="http://schemas.xmlsoap.org/soap/envelope/"><s:Body><m:CreateItemResponse xmlns:m="{NS_MESSAGES}" xmlns:t="{NS_TYPES}"><m:ResponseMessages><m:CreateItemResponseMessage ResponseClass="{class}">{text}<m:ResponseCode>{code}</m:ResponseCode><m:Items/></m:CreateItemResponseMessage></m:ResponseMessages></m:CreateItemResponse></s:Body></s:Envelope>"#
+        )
+    }
+
+    #[test]
+    fn success_is_delivered() {
+        assert!(classify(200, response("Success", "NoError", "").as_bytes(), None).is_ok());
+    }
+
+    #[test]
+    fn server_busy_backs_off() {
+        let f = classify(500, SERVER_BUSY.as_bytes(), None).unwrap_err();
+        assert_eq!(f.severity, Severity::Transient);
+        assert_eq!(f.scope, Scope::Message);
+        assert_eq!(f.not_before, Some(Duration::from_millis(25)));
+        assert!(
+            f.text.starts_with("ErrorServerBusy: The server cannot"),
+            "{}",
+            f.text
+        );
+        let no_hint =
+            SERVER_BUSY.replace(r#"<t:Value Name="BackOffMilliseconds">25</t:Value>"#, "");
+        let f = classify(500, no_hint.as_bytes(), None).unwrap_err();
+        assert_eq!(f.not_before, Some(DEFAULT_BACKOFF));
+    }
+
+    #[test]
+    fn inner_server_busy_counts_as_busy() {
+        let body = response(
+            "Error",
+            "ErrorInternalServerError",
+            r#"<m:MessageText>An internal server error occurred.</m:MessageText><m:MessageXml><t:Value Name="InnerErrorResponseCode">ErrorServerBusy</t:Value><t:Value Name="BackOffMilliseconds">3000</t:Value></m:MessageXml>"#,
+        );
+        let f = classify(200, body.as_bytes(), None).unwrap_err();
+        assert_eq!(f.severity, Severity::Transient);
+        assert_eq!(f.not_before, Some(Duration::from_secs(3)));
+    }
+
+    #[test]
+    fn permission_errors_are_permanent_with_the_code() {
+        for code in [
+            "ErrorSendAsDenied",
+            "ErrorAccessDenied",
+            "ErrorInvalidRecipients",
+            "ErrorMessageSizeExceeded",
+            "ErrorMimeContentConversionFailed",
+            "ErrorSomethingNew",
+        ] {
+            let body = response(
+                "Error",
+                code,
+                "<m:MessageText>Nope &amp; never &lt;sorry&gt;.</m:MessageText>",
+            );
+            let f = classify(200, body.as_bytes(), None).unwrap_err();
+            assert_eq!(f.severity, Severity::Permanent, "{code}");
+            assert_eq!(f.text, format!("{code}: Nope & never <sorry>."));
+        }
+    }
+
+    #[test]
+    fn http_statuses() {
+        let f = classify(503, b"<html>busy</html>", Some(Duration::from_secs(7))).unwrap_err();
+        assert!(f.fails_over());
+        assert_eq!(f.not_before, Some(Duration::from_secs(7)));
+        assert!(classify(502, b"", None).unwrap_err().fails_over());
+        assert!(classify(403, b"", None).unwrap_err().fails_over());
+        let f = classify(200, b"<html/>", None).unwrap_err();
+        assert_eq!((f.severity, f.scope), (Severity::Transient, Scope::Message));
+        let f = classify(500, b"<s:Envelope><s:Body><s:Fault><faultcode>s:Client</faultcode><faultstring>bad</faultstring></s:Fault></s:Body></s:Envelope>", None).unwrap_err();
+        assert!(f.fails_over() && f.text.contains("bad"), "{}", f.text);
+    }
+    proptest::proptest! {
+        #[test]
+        fn classify_never_panics(body in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..400), status in 100u16..600) {
+            let _ = classify(status, &body, None);
+        }
+
+        #[test]
+        fn classify_never_panics_on_xmlish(body in "[<>/=\"'a-z:&#;! \\[\\]A-Z0-9-]{0,200}") {
+            let _ = classify(500, body.as_bytes(), None);
+        }
+    }
+}
