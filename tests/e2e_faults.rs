@@ -44,24 +44,22 @@ fn fsync_failure_gives_451_and_leaves_nothing() {
     let before = spool_files(&d);
     assert_eq!(before, 2, "one committed entry: .eml + .json");
 
-    fiu_ctrl(d.pid(), &ctrl, "enable name=posix/io/sync/fsync,failinfo=5");
+    // The spool syncs files with fdatasync and directories with fsync: fail both.
+    fiu_ctrl(d.pid(), &ctrl, "enable name=posix/io/sync/*,failinfo=5");
     let r = smtp_send(d.smtp, "app@legacy.local", &["b@example.com"], MSG);
     assert!(r.starts_with("451 4.3.0"), "{r}");
     assert_eq!(spool_files(&d), before, "no half entry");
 
-    fiu_ctrl(
-        d.pid(),
-        &ctrl,
-        "enable name=posix/io/sync/fsync,failinfo=28",
-    );
+    fiu_ctrl(d.pid(), &ctrl, "enable name=posix/io/sync/*,failinfo=28");
     let r = smtp_send(d.smtp, "app@legacy.local", &["c@example.com"], MSG);
     assert!(
         r.starts_with("452 4.3.1"),
-        "ENOSPC is 'insufficient storage': {r}"
+        "ENOSPC is 'insufficient storage': {r}\n{}",
+        d.log()
     );
     assert_eq!(spool_files(&d), before);
 
-    fiu_ctrl(d.pid(), &ctrl, "disable name=posix/io/sync/fsync");
+    fiu_ctrl(d.pid(), &ctrl, "disable name=posix/io/sync/*");
     let r = smtp_send(d.smtp, "app@legacy.local", &["d@example.com"], MSG);
     assert!(r.starts_with("250"), "still serving after the faults: {r}");
     assert_eq!(spool_files(&d), before + 2);
@@ -102,9 +100,9 @@ fn the_250_is_written_only_after_the_spool_is_synced() {
     let pos = |what: &dyn Fn(&str) -> bool| lines.iter().position(|l| what(l));
     let reply = pos(&|l: &str| l.contains(&format!("250 2.0.0 Ok: queued as {id}")))
         .expect("the 250 write");
-    let body_sync = pos(&|l: &str| l.contains("fsync(") && l.contains(&format!("tmp/{id}.eml")))
+    let body_sync = pos(&|l: &str| l.contains("sync(") && l.contains(&format!("tmp/{id}.eml")))
         .expect("fsync of the body");
-    let meta_sync = pos(&|l: &str| l.contains("fsync(") && l.contains(&format!("tmp/{id}.json")))
+    let meta_sync = pos(&|l: &str| l.contains("sync(") && l.contains(&format!("tmp/{id}.json")))
         .expect("fsync of the metadata");
     let commit = pos(&|l: &str| l.contains("rename") && l.contains(&format!("queue/{id}.json")))
         .expect("rename into queue/");

@@ -124,7 +124,10 @@ fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
-/// Write `data` to `path` (new file, mode 0600) and fsync it.
+/// Write `data` to `path` (new file, mode 0600) and sync it. `fdatasync`
+/// suffices for a new file: it flushes the data and the metadata needed to
+/// read it back (size, blocks); the name becomes durable by the rename and
+/// the directory fsync that follow.
 fn write_synced(path: &Path, data: &[u8]) -> io::Result<()> {
     use std::os::unix::fs::OpenOptionsExt;
     let mut f = OpenOptions::new()
@@ -134,7 +137,7 @@ fn write_synced(path: &Path, data: &[u8]) -> io::Result<()> {
         .mode(0o600)
         .open(path)?;
     f.write_all(data)?;
-    f.sync_all()
+    f.sync_data()
 }
 
 /// Write `data` to `path` atomically: a temp file beside it, fsync, rename, fsync the directory.
