@@ -64,10 +64,7 @@ fn runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
     // reqwest's builder needs a process-wide rustls provider (main installs
     // it too; this keeps the functions usable on their own).
     let _ = rustls::crypto::ring::default_provider().install_default();
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| fail(format!("cannot start the runtime: {e}")))
+    super::cli_runtime().map_err(fail)
 }
 
 /// The upstream table the command is about, if it uses OAuth.
@@ -231,12 +228,7 @@ fn browser_login(
         path.push_str(&query);
     }
     let answer = rt.block_on(async {
-        let client = reqwest::Client::builder()
-            .no_proxy()
-            .redirect(reqwest::redirect::Policy::none())
-            .timeout(Duration::from_secs(30))
-            .build()
-            .map_err(|e| e.to_string())?;
+        let client = super::admin_client(Duration::from_secs(30))?;
         let resp = client
             .get(&path)
             .bearer_auth(token.expose())
@@ -314,11 +306,7 @@ fn live_status(cfg: &Config) -> Option<String> {
     let rt = runtime().ok()?;
     let url = format!("http://{}/status", cfg.admin.address);
     rt.block_on(async {
-        let client = reqwest::Client::builder()
-            .no_proxy()
-            .timeout(Duration::from_secs(10))
-            .build()
-            .ok()?;
+        let client = super::admin_client(Duration::from_secs(10)).ok()?;
         let v: serde_json::Value = client.get(&url).send().await.ok()?.json().await.ok()?;
         let oauth = v.get("oauth")?;
         serde_json::to_string_pretty(oauth).ok()
@@ -368,27 +356,14 @@ pub fn send_test_command(cfg: &Config, to: &str) -> ExitCode {
     let url = format!("http://{}/send-test", cfg.admin.address);
     let wait = Duration::from_secs(cfg.upstream.timeout_secs.max(1) * 2 + 30);
     let answer = rt.block_on(async {
-        let client = reqwest::Client::builder()
-            .no_proxy()
-            .timeout(wait)
-            .build()
-            .map_err(|e| e.to_string())?;
+        let client = super::admin_client(wait)?;
         let resp = client
             .post(&url)
             .bearer_auth(token.expose())
             .json(&serde_json::json!({ "to": to }))
             .send()
             .await
-            .map_err(|e| {
-                if e.is_connect() {
-                    format!(
-                        "mailbridge is not running (nothing answers at {})",
-                        cfg.admin.address
-                    )
-                } else {
-                    e.to_string()
-                }
-            })?;
+            .map_err(|e| super::admin_error(cfg, &e))?;
         let status = resp.status().as_u16();
         let body: serde_json::Value = resp.json().await.map_err(|e| e.to_string())?;
         Ok::<_, String>((status, body))

@@ -225,6 +225,38 @@ fn run(cfg: Config, path: PathBuf) -> ExitCode {
     }
 }
 
+/// A client for the local admin endpoint: never through a proxy, no
+/// redirects followed (the OAuth start answers with one to read).
+pub(crate) fn admin_client(timeout: std::time::Duration) -> Result<reqwest::Client, String> {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    reqwest::Client::builder()
+        .no_proxy()
+        .redirect(reqwest::redirect::Policy::none())
+        .timeout(timeout)
+        .build()
+        .map_err(|e| format!("HTTP client: {e}"))
+}
+
+/// What to tell the operator when an admin request failed.
+pub(crate) fn admin_error(cfg: &Config, e: &reqwest::Error) -> String {
+    if e.is_connect() {
+        format!(
+            "mailbridge is not running (nothing answers at {})",
+            cfg.admin.address
+        )
+    } else {
+        e.to_string()
+    }
+}
+
+/// A single-threaded runtime for one CLI command.
+pub(crate) fn cli_runtime() -> Result<tokio::runtime::Runtime, String> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the runtime: {e}"))
+}
+
 /// The answer of an admin call: HTTP status and body.
 enum AdminAnswer {
     Reply(u16, String),
@@ -249,22 +281,15 @@ fn admin_request(cfg: &Config, method: &str, path: &str, auth: bool) -> AdminAns
     } else {
         None
     };
-    let rt = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
+    let rt = match cli_runtime() {
         Ok(rt) => rt,
-        Err(e) => return AdminAnswer::Unreachable(e.to_string()),
+        Err(e) => return AdminAnswer::Unreachable(e),
     };
     let url = format!("http://{}{}", cfg.admin.address, path);
     rt.block_on(async move {
-        let client = match reqwest::Client::builder()
-            .no_proxy()
-            .timeout(std::time::Duration::from_secs(30))
-            .build()
-        {
+        let client = match admin_client(std::time::Duration::from_secs(30)) {
             Ok(c) => c,
-            Err(e) => return AdminAnswer::Unreachable(e.to_string()),
+            Err(e) => return AdminAnswer::Unreachable(e),
         };
         let method = reqwest::Method::from_bytes(method.as_bytes()).unwrap_or(reqwest::Method::GET);
         let mut req = client.request(method, &url);
@@ -276,11 +301,7 @@ fn admin_request(cfg: &Config, method: &str, path: &str, auth: bool) -> AdminAns
                 let status = resp.status().as_u16();
                 AdminAnswer::Reply(status, resp.text().await.unwrap_or_default())
             }
-            Err(e) if e.is_connect() => AdminAnswer::Unreachable(format!(
-                "mailbridge is not running (nothing answers at {})",
-                cfg.admin.address
-            )),
-            Err(e) => AdminAnswer::Unreachable(e.to_string()),
+            Err(e) => AdminAnswer::Unreachable(admin_error(cfg, &e)),
         }
     })
 }
