@@ -158,18 +158,7 @@ pub(super) async fn send(
     }
     let client = &t.settings().client;
     let url = t.url(mailbox, &["messages"]);
-    let a = t
-        .call(tokens, "createMessage", |token| {
-            client
-                .post(url.clone())
-                .bearer_auth(token)
-                .header(reqwest::header::CONTENT_TYPE, "application/json")
-                .body(draft_body.clone())
-        })
-        .await?;
-    if !(200..300).contains(&a.status) {
-        return Err(t.failure("createMessage", &a));
-    }
+    let a = post_json(t, tokens, "createMessage", &url, draft_body).await?;
     let id = serde_json::from_slice::<Value>(&a.body)
         .ok()
         .and_then(|v| v.get("id").and_then(|i| i.as_str()).map(str::to_string))
@@ -185,6 +174,31 @@ pub(super) async fn send(
             .await;
     }
     result
+}
+
+/// POST a JSON body to a Graph API `url` as step `what`; any 2xx answer is
+/// returned, anything else is classified into a failure.
+async fn post_json(
+    t: &GraphTransport,
+    tokens: &dyn TokenSource,
+    what: super::Call,
+    url: &url::Url,
+    body: Vec<u8>,
+) -> Result<super::Answer, Failure> {
+    let client = &t.settings().client;
+    let a = t
+        .call(tokens, what, |token| {
+            client
+                .post(url.clone())
+                .bearer_auth(token)
+                .header(reqwest::header::CONTENT_TYPE, "application/json")
+                .body(body.clone())
+        })
+        .await?;
+    if !(200..300).contains(&a.status) {
+        return Err(t.failure(what, &a));
+    }
+    Ok(a)
 }
 
 async fn fill_and_send(
@@ -212,18 +226,7 @@ async fn fill_and_send(
             let body = serde_json::to_vec(&att)
                 .map_err(|e| Failure::permanent(format!("attachment: {e}")))?;
             let url = t.url(mailbox, &["messages", id, "attachments"]);
-            let a = t
-                .call(tokens, "addAttachment", |token| {
-                    client
-                        .post(url.clone())
-                        .bearer_auth(token)
-                        .header(reqwest::header::CONTENT_TYPE, "application/json")
-                        .body(body.clone())
-                })
-                .await?;
-            if !(200..300).contains(&a.status) {
-                return Err(t.failure("addAttachment", &a));
-            }
+            post_json(t, tokens, "addAttachment", &url, body).await?;
         } else {
             upload_session(t, tokens, mailbox, id, p).await?;
         }
@@ -275,18 +278,7 @@ async fn upload_session(
         mailbox,
         &["messages", id, "attachments", "createUploadSession"],
     );
-    let a = t
-        .call(tokens, "createUploadSession", |token| {
-            client
-                .post(url.clone())
-                .bearer_auth(token)
-                .header(reqwest::header::CONTENT_TYPE, "application/json")
-                .body(body.clone())
-        })
-        .await?;
-    if !(200..300).contains(&a.status) {
-        return Err(t.failure("createUploadSession", &a));
-    }
+    let a = post_json(t, tokens, "createUploadSession", &url, body).await?;
     let upload_url = serde_json::from_slice::<Value>(&a.body)
         .ok()
         .and_then(|v| {
