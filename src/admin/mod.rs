@@ -84,11 +84,18 @@ pub fn routes_with(state: Arc<AdminState>, extras: Extras) -> Router {
         .route("/oauth/start", get(oauth::start))
         .route("/oauth/callback", get(oauth::callback));
     let with_extras = with_extras.route("/send-test", post(send_test::send_test));
-    Router::new()
-        .route("/healthz", get(|| async { "ok\n" }))
+    // State-changing calls need the admin token.
+    let protected = Router::new()
         .route("/failback", post(failback))
         .route("/queue/{id}/retry", post(retry))
         .route("/queue/{id}", delete(remove))
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            require_token,
+        ));
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .merge(protected)
         .with_state(state)
         .merge(with_extras.with_state(ctx))
 }
@@ -117,6 +124,18 @@ pub async fn serve_with(
     {
         tracing::error!(error = %e, "admin endpoint stopped");
     }
+}
+
+/// Refuse a request without the admin token.
+async fn require_token(
+    State(state): State<Arc<AdminState>>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    if !authorized(&state, req.headers()) {
+        return unauthorized();
+    }
+    next.run(req).await
 }
 
 fn authorized(state: &AdminState, headers: &HeaderMap) -> bool {
@@ -198,23 +217,13 @@ async fn status(State(ctx): State<Arc<Ctx>>) -> Json<serde_json::Value> {
     Json(status_json_with(&ctx.admin, &ctx.extras))
 }
 
-async fn failback(State(state): State<Arc<AdminState>>, headers: HeaderMap) -> Response {
-    if !authorized(&state, &headers) {
-        return unauthorized();
-    }
+async fn failback(State(state): State<Arc<AdminState>>) -> Response {
     let router = state.scheduler.router();
     let changed = router.failback("failback requested by operator");
     Json(json!({ "changed": changed, "route": router.state() })).into_response()
 }
 
-async fn retry(
-    State(state): State<Arc<AdminState>>,
-    headers: HeaderMap,
-    Path(id): Path<String>,
-) -> Response {
-    if !authorized(&state, &headers) {
-        return unauthorized();
-    }
+async fn retry(State(state): State<Arc<AdminState>>, Path(id): Path<String>) -> Response {
     if state.scheduler.retry_now(&id).await {
         Json(json!({ "id": id, "retry": "now" })).into_response()
     } else {
@@ -222,14 +231,7 @@ async fn retry(
     }
 }
 
-async fn remove(
-    State(state): State<Arc<AdminState>>,
-    headers: HeaderMap,
-    Path(id): Path<String>,
-) -> Response {
-    if !authorized(&state, &headers) {
-        return unauthorized();
-    }
+async fn remove(State(state): State<Arc<AdminState>>, Path(id): Path<String>) -> Response {
     match state.scheduler.delete(&id).await {
         Ok(true) => Json(json!({ "id": id, "deleted": true })).into_response(),
         Ok(false) => error(StatusCode::NOT_FOUND, "no such message in the queue"),
