@@ -315,6 +315,11 @@ pub struct OAuth {
     pub client_secret_env: String,
     /// File holding the client secret.
     pub client_secret_file: String,
+    /// Certificate (PEM) registered with Entra ID, for `client_credentials`
+    /// with a signed client assertion instead of a secret.
+    pub client_certificate_file: String,
+    /// Private key (PEM, PKCS#8 RSA) of `client_certificate_file`.
+    pub client_key_file: String,
     /// Authorization URL; empty = the provider's.
     pub authorization_url: String,
     /// Token URL; empty = the provider's.
@@ -340,6 +345,8 @@ impl Default for OAuth {
             client_secret: Secret::default(),
             client_secret_env: String::new(),
             client_secret_file: String::new(),
+            client_certificate_file: String::new(),
+            client_key_file: String::new(),
             authorization_url: String::new(),
             token_url: String::new(),
             device_authorization_url: String::new(),
@@ -655,10 +662,27 @@ fn validate_upstream(u: &mut Upstream, prefix: &str, base: &Path) -> Result<(), 
                 "is required when auth = \"oauth\"".into(),
             ));
         }
-        if o.flow == Flow::ClientCredentials && o.client_secret.is_empty() {
+        if o.client_certificate_file.is_empty() != o.client_key_file.is_empty() {
+            return Err(bad(
+                "oauth.client_key_file",
+                "client_certificate_file and client_key_file go together".into(),
+            ));
+        }
+        for (k, v) in [
+            ("oauth.client_certificate_file", &o.client_certificate_file),
+            ("oauth.client_key_file", &o.client_key_file),
+        ] {
+            if !v.is_empty() && !base.join(v).is_file() {
+                return Err(bad(k, format!("`{v}` is not a readable file")));
+            }
+        }
+        if o.flow == Flow::ClientCredentials
+            && o.client_secret.is_empty()
+            && o.client_certificate_file.is_empty()
+        {
             return Err(bad(
                 "oauth.client_secret",
-                "is required for flow = \"client_credentials\"".into(),
+                "is required for flow = \"client_credentials\" (or client_certificate_file and client_key_file)".into(),
             ));
         }
         if o.provider == Provider::Custom && (o.token_url.is_empty() || o.scope.is_empty()) {
