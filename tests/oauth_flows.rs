@@ -470,3 +470,117 @@ async fn configuration_errors_client_credentials_and_google() {
     secrets.extend(g.secrets());
     logs.assert_clean(&secrets, &[&e.to_string(), &e2.to_string(), &url]);
 }
+
+#[tokio::test]
+async fn client_credentials_with_a_certificate() {
+    use base64::Engine as _;
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64URL;
+    use mailbridge::oauth::assertion::{ASSERTION_TYPE, ClientCertificate};
+
+    let (logs, _guard) = LogCapture::start();
+    let fake = FakeOAuth::start(Shape::Entra).await;
+    let data = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data");
+    let read = |n: &str| std::fs::read(data.join(n)).unwrap();
+    fake.register_certificate(&read("client-cert.pem"), &read("client-key.pem"));
+    let keys = |cert: &str, key: &str| {
+        format!(
+            "client_certificate_file = \"{}\"\nclient_key_file = \"{}\"\n",
+            data.join(cert).display(),
+            data.join(key).display()
+        )
+    };
+    let cert_cfg = |dir: &std::path::Path, cert: &str, key: &str| {
+        oauth_config(
+            dir,
+            &fake,
+            NO_SMTP.parse().unwrap(),
+            "client_credentials",
+            "127.0.0.1:1",
+            &keys(cert, key),
+        )
+    };
+
+    // The certificate alone (no secret): a signed assertion gets the app token.
+    let dir = tempfile::tempdir().unwrap();
+    let cfg1 = cert_cfg(dir.path(), "client-cert.pem", "client-key.pem");
+    let mut s = Settings::from_upstream(&cfg1, &cfg1.upstream).unwrap();
+    s.client_secret = Secret::default();
+    assert!(s.client_certificate.is_some());
+    let reg = Registry::new(s).unwrap();
+    let t = reg.manager("").token().await.unwrap();
+    assert!(fake.valid_token("anyone@contoso.com", t.expose()));
+    let form = fake.set(|s| s.forms.last().cloned().unwrap());
+    assert_eq!(form["grant_type"], "client_credentials");
+    assert_eq!(form["client_assertion_type"], ASSERTION_TYPE);
+    assert_eq!(form["client_assertion"].split('.').count(), 3);
+    assert!(!form.contains_key("client_secret"));
+
+    // Secret and certificate both configured: the certificate is used.
+    let dir1b = tempfile::tempdir().unwrap();
+    let cfg1b = cert_cfg(dir1b.path(), "client-cert.pem", "client-key.pem");
+    registry(&cfg1b).manager("").token().await.unwrap();
+    let form = fake.set(|s| s.forms.last().cloned().unwrap());
+    assert!(form.contains_key("client_assertion") && !form.contains_key("client_secret"));
+    assert_eq!(fake.calls("client_credentials"), 2);
+
+    // A certificate the application does not know: invalid_client, a configuration problem.
+    let dir2 = tempfile::tempdir().unwrap();
+    let cfg2 = cert_cfg(dir2.path(), "other-cert.pem", "other-key.pem");
+    let e = registry(&cfg2).manager("").token().await.unwrap_err();
+    assert!(
+        matches!(&e, TokenError::Config(t) if t.contains("AADSTS700027")),
+        "{e}"
+    );
+
+    // A tampered assertion (claims changed after signing) fails the signature check.
+    let c = ClientCertificate::from_pem(&read("client-cert.pem"), &read("client-key.pem")).unwrap();
+    let jwt = c
+        .assertion(common::fake_oauth::CLIENT_ID, &fake.token_url())
+        .unwrap();
+    let parts: Vec<&str> = jwt.expose().split('.').collect();
+    let mut claims: serde_json::Value =
+        serde_json::from_slice(&B64URL.decode(parts[1]).unwrap()).unwrap();
+    claims["exp"] = serde_json::json!(claims["exp"].as_u64().unwrap() + 86400);
+    let forged = format!(
+        "{}.{}.{}",
+        parts[0],
+        B64URL.encode(claims.to_string()),
+        parts[2]
+    );
+    let resp = reqwest::Client::new()
+        .post(fake.token_url())
+        .form(&[
+            ("client_id", common::fake_oauth::CLIENT_ID),
+            ("grant_type", "client_credentials"),
+            ("scope", "https://outlook.office365.com/.default"),
+            ("client_assertion_type", ASSERTION_TYPE),
+            ("client_assertion", &forged),
+        ])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 401);
+    let body = resp.text().await.unwrap();
+    assert!(
+        body.contains("invalid_client") && body.contains("AADSTS700027"),
+        "{body}"
+    );
+
+    // Certificate and key that do not match: refused when the settings are built.
+    let dir3 = tempfile::tempdir().unwrap();
+    let cfg3 = cert_cfg(dir3.path(), "client-cert.pem", "other-key.pem");
+    let e3 = mailbridge::oauth::registries(&cfg3).err().unwrap();
+    assert!(e3.starts_with("upstream.oauth.client_key_file:"), "{e3}");
+
+    let mut secrets = all_secrets(&fake);
+    secrets.push(jwt.expose().to_string());
+    for k in ["client-key.pem", "other-key.pem"] {
+        let pem = String::from_utf8(read(k)).unwrap();
+        secrets.extend(
+            pem.lines()
+                .filter(|l| !l.starts_with("-----"))
+                .map(String::from),
+        );
+    }
+    logs.assert_clean(&secrets, &[&e.to_string(), &e3]);
+}

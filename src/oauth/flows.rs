@@ -9,6 +9,7 @@ use serde::Deserialize;
 use sha2::Digest as _;
 
 use super::TokenError;
+use super::assertion::{self, ClientCertificate};
 use super::provider::{self, Endpoints, Resource};
 use crate::config::{Config, Flow, Provider, Proxy, Secret, Upstream};
 
@@ -29,6 +30,9 @@ pub struct Settings {
     pub client_id: String,
     /// Its secret (may be empty for public clients).
     pub client_secret: Secret,
+    /// Certificate credentials (`client_certificate_file` + `client_key_file`):
+    /// when set, requests carry a signed JWT assertion instead of the secret.
+    pub client_certificate: Option<ClientCertificate>,
     /// Authorize, token and device endpoints.
     pub endpoints: Endpoints,
     /// The scope requested (configured or the default).
@@ -55,6 +59,7 @@ impl PartialEq for Settings {
             && self.flow == o.flow
             && self.client_id == o.client_id
             && self.client_secret == o.client_secret
+            && self.client_certificate == o.client_certificate
             && self.endpoints == o.endpoints
             && self.scope == o.scope
             && self.redirect_url == o.redirect_url
@@ -92,6 +97,22 @@ impl Settings {
         if o.token_store.is_empty() {
             return Err("oauth.token_store: is empty".into());
         }
+        let client_certificate = match (
+            o.client_certificate_file.is_empty(),
+            o.client_key_file.is_empty(),
+        ) {
+            (true, true) => None,
+            (false, false) => Some(ClientCertificate::load(
+                &cfg.path(std::path::Path::new(&o.client_certificate_file)),
+                &cfg.path(std::path::Path::new(&o.client_key_file)),
+            )?),
+            _ => {
+                return Err(
+                    "oauth.client_key_file: client_certificate_file and client_key_file go together"
+                        .into(),
+                );
+            }
+        };
         let default_identity = u.effective_mailbox().to_string();
         let mut known: Vec<String> = cfg
             .users
@@ -106,6 +127,7 @@ impl Settings {
             flow: o.flow,
             client_id: o.client_id.clone(),
             client_secret: o.client_secret.clone(),
+            client_certificate,
             endpoints,
             scope,
             redirect_url: o.redirect_url.clone(),
@@ -358,10 +380,28 @@ impl TokenClient {
     ) -> Result<(u16, Vec<u8>), TokenError> {
         let s = &self.settings;
         let mut all: Vec<(&str, &str)> = vec![("client_id", s.client_id.as_str())];
-        if !s.client_secret.is_empty() {
+        // A fresh assertion per request (each has its own jti and lifetime);
+        // the token URL is its audience, also for the device endpoint's
+        // requests, as Entra expects.
+        let assertion = match &s.client_certificate {
+            Some(c) => Some(
+                c.assertion(&s.client_id, &s.endpoints.token)
+                    .map_err(TokenError::Config)?,
+            ),
+            None => None,
+        };
+        if let Some(a) = &assertion {
+            all.push(("client_assertion_type", assertion::ASSERTION_TYPE));
+            all.push(("client_assertion", a.expose()));
+        } else if !s.client_secret.is_empty() {
             all.push(("client_secret", s.client_secret.expose()));
         }
         all.extend_from_slice(form);
+        let mut secrets = secrets.to_vec();
+        if let Some(a) = &assertion {
+            secrets.push(a.expose());
+        }
+        let secrets = secrets.as_slice();
         let resp = self
             .http
             .post(url)
@@ -460,11 +500,11 @@ impl TokenClient {
         self.simple(&form, &[refresh_token.expose()]).await
     }
 
-    /// App-only token with the client secret.
+    /// App-only token with the client secret or the client certificate.
     pub async fn client_credentials(&self) -> Result<Grant, TokenError> {
-        if self.settings.client_secret.is_empty() {
+        if self.settings.client_secret.is_empty() && self.settings.client_certificate.is_none() {
             return Err(TokenError::Config(
-                "oauth.client_secret is required for flow = \"client_credentials\"".into(),
+                "oauth.client_secret (or client_certificate_file and client_key_file) is required for flow = \"client_credentials\"".into(),
             ));
         }
         let scope = self.settings.scope.clone();

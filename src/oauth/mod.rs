@@ -1,5 +1,6 @@
 //! OAuth2 access tokens for upstreams: the `TokenSource` interface transports ask through (so each stays ignorant of flows and refresh), and behind it the per-identity token managers, flows, provider defaults and token store.
 
+pub mod assertion;
 pub mod flows;
 pub mod manager;
 pub mod provider;

@@ -13,6 +13,7 @@
 //! fake.calls("refresh_token");  // token calls by grant type
 //! fake.valid_token("a@x", "at-…");  // for the XOAUTH2 fake SMTP
 //! fake.secrets();               // every secret issued or configured, for log checks
+//! fake.register_certificate(cert_pem, key_pem); // accept client_assertion JWTs signed by it
 //! ```
 
 use std::collections::HashMap;
@@ -97,6 +98,9 @@ pub struct FakeState {
     pub forms: Vec<HashMap<String, String>>,
     /// When each device poll arrived (tokio time).
     pub device_polls: Vec<tokio::time::Instant>,
+    /// The registered certificate: its `x5t` and RSA public key (RSAPublicKey
+    /// DER); `client_assertion`s are verified against it.
+    pub certificate: Option<RegisteredCert>,
     codes: HashMap<String, Code>,
     /// refresh token → (identity, scope)
     refresh_tokens: HashMap<String, String>,
@@ -105,6 +109,17 @@ pub struct FakeState {
     device_codes: HashMap<String, usize>,
     issued: usize,
     authorize_requests: Vec<HashMap<String, String>>,
+}
+
+/// A certificate registered on the fake application.
+#[derive(Debug, Clone)]
+pub struct RegisteredCert {
+    /// base64url(SHA-1(cert DER)).
+    pub x5t: String,
+    /// RSAPublicKey DER (what `ring`'s RSA verification takes).
+    pub public_key: Vec<u8>,
+    /// The expected `aud`: the token URL.
+    pub audience: String,
 }
 
 #[derive(Debug, Clone)]
@@ -237,6 +252,27 @@ impl FakeOAuth {
         lock(&self.inner).access_tokens.clear();
     }
 
+    /// Register a certificate (PEM) and take the public key of its PKCS#8
+    /// RSA private key (PEM) as the one assertions must be signed with.
+    pub fn register_certificate(&self, cert_pem: &[u8], key_pem: &[u8]) {
+        use ring::signature::KeyPair as _;
+        use rustls_pki_types::pem::PemObject as _;
+        let cert = rustls_pki_types::CertificateDer::from_pem_slice(cert_pem).expect("cert PEM");
+        let key = rustls_pki_types::PrivatePkcs8KeyDer::from_pem_slice(key_pem).expect("key PEM");
+        let pair =
+            ring::signature::RsaKeyPair::from_pkcs8(key.secret_pkcs8_der()).expect("RSA key");
+        let x5t = B64URL.encode(ring::digest::digest(
+            &ring::digest::SHA1_FOR_LEGACY_USE_ONLY,
+            cert.as_ref(),
+        ));
+        let reg = RegisteredCert {
+            x5t,
+            public_key: pair.public_key().as_ref().to_vec(),
+            audience: self.token_url(),
+        };
+        lock(&self.inner).certificate = Some(reg);
+    }
+
     /// The query parameters of every authorize request.
     pub fn authorize_requests(&self) -> Vec<HashMap<String, String>> {
         lock(&self.inner).authorize_requests.clone()
@@ -257,6 +293,7 @@ impl FakeOAuth {
                 "code",
                 "device_code",
                 "client_secret",
+                "client_assertion",
             ] {
                 if let Some(v) = f.get(k) {
                     all.push(v.clone());
@@ -429,6 +466,18 @@ async fn token(
             "Invalid client secret provided.",
         );
     }
+    let assertion = get("client_assertion");
+    if !assertion.is_empty()
+        && let Err((code, text)) = check_assertion(&st, &get("client_assertion_type"), &assertion)
+    {
+        return oauth_error(
+            shape,
+            StatusCode::UNAUTHORIZED,
+            "invalid_client",
+            code,
+            text,
+        );
+    }
     let scope = get("scope");
     match grant.as_str() {
         "authorization_code" => {
@@ -533,7 +582,7 @@ async fn token(
             issue(&inner, &mut st, &identity, &scope, rotate)
         }
         "client_credentials" => {
-            if secret.is_empty() {
+            if secret.is_empty() && assertion.is_empty() {
                 return oauth_error(
                     shape,
                     StatusCode::BAD_REQUEST,
@@ -610,6 +659,83 @@ async fn token(
             "The app requested an unsupported grant type.",
         ),
     }
+}
+
+/// Entra's checks of a certificate client assertion (RFC 7523): the JWT's
+/// form, `alg`, `x5t`, RS256 signature, `aud`, `iss` = `sub` = client id,
+/// and lifetime. `Err` is the AADSTS code and text.
+fn check_assertion(
+    st: &FakeState,
+    assertion_type: &str,
+    jwt: &str,
+) -> Result<(), (u32, &'static str)> {
+    const MALFORMED: (u32, &str) = (50027, "JWT token is invalid or malformed.");
+    if assertion_type != "urn:ietf:params:oauth:client-assertion-type:jwt-bearer" {
+        return Err((
+            700013,
+            "The client_assertion_type is not supported or is missing.",
+        ));
+    }
+    let Some(cert) = &st.certificate else {
+        return Err((
+            700027,
+            "The certificate with identifier used to sign the client assertion is not registered on application.",
+        ));
+    };
+    let parts: Vec<&str> = jwt.split('.').collect();
+    let [h, c, sig] = parts[..] else {
+        return Err(MALFORMED);
+    };
+    let json = |p: &str| -> Option<serde_json::Value> {
+        serde_json::from_slice(&B64URL.decode(p).ok()?).ok()
+    };
+    let (Some(header), Some(claims), Ok(sig)) = (json(h), json(c), B64URL.decode(sig)) else {
+        return Err(MALFORMED);
+    };
+    if header["alg"] != "RS256" {
+        return Err((5002738, "Invalid JWT token. 'alg' is not supported."));
+    }
+    if header["x5t"] != cert.x5t.as_str() {
+        return Err((
+            700027,
+            "The certificate with identifier used to sign the client assertion is not registered on application.",
+        ));
+    }
+    let key = ring::signature::UnparsedPublicKey::new(
+        &ring::signature::RSA_PKCS1_2048_8192_SHA256,
+        &cert.public_key,
+    );
+    if key.verify(format!("{h}.{c}").as_bytes(), &sig).is_err() {
+        return Err((700027, "Client assertion failed signature validation."));
+    }
+    if claims["aud"] != cert.audience.as_str() {
+        return Err((
+            700016,
+            "Client assertion audience claim does not match Realm issuer.",
+        ));
+    }
+    if claims["iss"] != CLIENT_ID || claims["sub"] != CLIENT_ID {
+        return Err((
+            700021,
+            "Client assertion application identifier doesn't match 'client_id' parameter.",
+        ));
+    }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let exp = claims["exp"].as_u64().unwrap_or(0);
+    let nbf = claims["nbf"].as_u64().unwrap_or(u64::MAX);
+    if exp <= now || nbf > now + 300 || exp > now + 3600 {
+        return Err((
+            700024,
+            "Client assertion is not within its valid time range.",
+        ));
+    }
+    if claims["jti"].as_str().is_none_or(str::is_empty) {
+        return Err(MALFORMED);
+    }
+    Ok(())
 }
 
 async fn devicecode(
