@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use clap::Subcommand;
 
-use crate::config::{Config, Flow, Upstream};
+use crate::config::{Config, Flow};
 use crate::oauth::flows::{LoginError, Settings};
 use crate::oauth::{Registry, TokenSource};
 
@@ -68,7 +68,8 @@ fn runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
 }
 
 /// The upstream table the command is about, if it uses OAuth.
-fn table(cfg: &Config, alternate: bool) -> Result<(&'static str, &Upstream), ExitCode> {
+/// The upstream table an auth command works on, and its OAuth registry.
+fn registry_for(cfg: &Config, alternate: bool) -> Result<(&'static str, Arc<Registry>), ExitCode> {
     let (label, u) = if alternate {
         match cfg.upstream.alternate.as_deref() {
             Some(u) => ("upstream.alternate", u),
@@ -82,13 +83,10 @@ fn table(cfg: &Config, alternate: bool) -> Result<(&'static str, &Upstream), Exi
             "{label} does not use OAuth (set requires_auth = true and auth = \"oauth\")"
         )));
     }
-    Ok((label, u))
-}
-
-fn registry(cfg: &Config, label: &str, u: &Upstream) -> Result<Arc<Registry>, ExitCode> {
-    Settings::from_upstream(cfg, u)
+    let reg = Settings::from_upstream(cfg, u)
         .and_then(Registry::new)
-        .map_err(|e| bad_config(format!("{label}.{e}")))
+        .map_err(|e| bad_config(format!("{label}.{e}")))?;
+    Ok((label, reg))
 }
 
 /// Run `mailbridge auth <action>`.
@@ -108,12 +106,8 @@ pub fn auth_command(cfg: &Config, action: AuthAction) -> ExitCode {
 }
 
 fn login(cfg: &Config, device: bool, identity: Option<String>, alternate: bool) -> ExitCode {
-    let (label, u) = match table(cfg, alternate) {
+    let (label, reg) = match registry_for(cfg, alternate) {
         Ok(t) => t,
-        Err(c) => return c,
-    };
-    let reg = match registry(cfg, label, u) {
-        Ok(r) => r,
         Err(c) => return c,
     };
     let rt = match runtime() {
@@ -274,12 +268,8 @@ fn browser_login(
 }
 
 fn status(cfg: &Config, alternate: bool) -> ExitCode {
-    let (label, u) = match table(cfg, alternate) {
+    let (_, reg) = match registry_for(cfg, alternate) {
         Ok(t) => t,
-        Err(c) => return c,
-    };
-    let reg = match registry(cfg, label, u) {
-        Ok(r) => r,
         Err(c) => return c,
     };
     // The running relay knows more (expiry, backoff); fall back to the store.
@@ -314,12 +304,8 @@ fn live_status(cfg: &Config) -> Option<String> {
 }
 
 fn logout(cfg: &Config, identity: Option<String>, alternate: bool) -> ExitCode {
-    let (label, u) = match table(cfg, alternate) {
+    let (_, reg) = match registry_for(cfg, alternate) {
         Ok(t) => t,
-        Err(c) => return c,
-    };
-    let reg = match registry(cfg, label, u) {
-        Ok(r) => r,
         Err(c) => return c,
     };
     let who = reg.manager(identity.as_deref().unwrap_or("")).identity();

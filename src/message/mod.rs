@@ -81,9 +81,13 @@ pub fn format_mailbox(name: &str, addr: &str) -> String {
 /// the message is sent from that address (with `sender_name` as display
 /// name), and the original `From` is kept as `Reply-To` unless the message
 /// has one. When `reply_to` is empty the message is returned unchanged.
-pub fn rewrite_from(msg: &[u8], sender_name: &str, reply_to: &str) -> Vec<u8> {
+pub fn rewrite_from<'a>(
+    msg: &'a [u8],
+    sender_name: &str,
+    reply_to: &str,
+) -> std::borrow::Cow<'a, [u8]> {
     if reply_to.is_empty() {
-        return msg.to_vec();
+        return std::borrow::Cow::Borrowed(msg);
     }
     let (fs, _) = fields(msg);
     let from = fs.iter().find(|f| f.name.eq_ignore_ascii_case("From"));
@@ -104,7 +108,7 @@ pub fn rewrite_from(msg: &[u8], sender_name: &str, reply_to: &str) -> Vec<u8> {
         pos = f.end;
     }
     out.extend_from_slice(&msg[pos..]);
-    out
+    std::borrow::Cow::Owned(out)
 }
 
 #[cfg(test)]
@@ -129,7 +133,7 @@ mod tests {
     fn rewrite_keeps_original_as_reply_to() {
         let out = rewrite_from(MSG, "Help Desk", "desk@contoso.com");
         assert_eq!(
-            String::from_utf8(out).unwrap(),
+            String::from_utf8(out.into_owned()).unwrap(),
             "From: \"Help Desk\" <desk@contoso.com>\r\nSubject: hi\r\nReply-To: App <app@legacy.local>\r\nTo: a@b,\r\n c@d\r\n\r\nbody\r\n"
         );
     }
@@ -138,14 +142,18 @@ mod tests {
     fn rewrite_keeps_existing_reply_to_and_adds_missing_from() {
         let m = b"Reply-To: x@y\r\nFrom: a@b\r\n\r\n.";
         assert_eq!(
-            rewrite_from(m, "", "s@t"),
+            &*rewrite_from(m, "", "s@t"),
             b"From: <s@t>\r\nReply-To: x@y\r\n\r\n."
         );
         assert_eq!(
-            rewrite_from(b"Subject: s\r\n\r\nb", "", "s@t"),
+            &*rewrite_from(b"Subject: s\r\n\r\nb", "", "s@t"),
             b"From: <s@t>\r\nSubject: s\r\n\r\nb"
         );
-        assert_eq!(rewrite_from(MSG, "x", ""), MSG);
+        assert_eq!(&*rewrite_from(MSG, "x", ""), MSG);
+        assert!(
+            matches!(rewrite_from(MSG, "x", ""), std::borrow::Cow::Borrowed(_)),
+            "no copy when nothing changes"
+        );
     }
 
     #[test]
