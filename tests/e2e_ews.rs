@@ -4,45 +4,26 @@ mod common;
 mod daemon;
 
 use common::fake_ews::{FakeAuth, FakeEws, Reply};
-use daemon::{Daemon, smtp_send, write_config};
+use daemon::Daemon;
 use std::sync::Arc;
 
 const MSG: &str =
     "From: App <app@legacy.local>\r\nTo: boss@contoso.com\r\nSubject: via EWS\r\n\r\nhello\r\n";
 
 async fn start(fake: &FakeEws) -> (tempfile::TempDir, Arc<Daemon>) {
-    let dir = tempfile::tempdir().unwrap();
-    write_config(
-        dir.path(),
-        &format!(
-            "protocol = \"ews\"\nconnect_url = \"{}\"\nrequires_auth = true\nusername = \"relay@contoso.com\"\npassword = \"Ews-Pa55\"\ntimeout_secs = 5",
-            fake.url()
-        ),
-    );
-    let path = dir.path().to_path_buf();
-    let d = tokio::task::spawn_blocking(move || Daemon::start(&path))
-        .await
-        .unwrap();
-    (dir, Arc::new(d))
+    daemon::start_in_tempdir(format!(
+        "protocol = \"ews\"\nconnect_url = \"{}\"\nrequires_auth = true\nusername = \"relay@contoso.com\"\npassword = \"Ews-Pa55\"\ntimeout_secs = 5",
+        fake.url()
+    ))
+    .await
 }
 
 async fn send(d: &Arc<Daemon>, rcpts: &'static [&'static str]) -> String {
-    let addr = d.smtp;
-    tokio::task::spawn_blocking(move || smtp_send(addr, "app@legacy.local", rcpts, MSG))
-        .await
-        .unwrap()
+    daemon::send_async(d, "app@legacy.local", rcpts, MSG).await
 }
 
-async fn wait(d: &Daemon, what: &str, mut check: impl FnMut() -> bool) {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    while !check() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "timed out waiting for {what}; log:\n{}",
-            d.log()
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
+async fn wait(d: &Daemon, what: &str, check: impl FnMut() -> bool) {
+    daemon::wait_async(d, what, check).await
 }
 
 fn created(fake: &FakeEws) -> Vec<String> {

@@ -6,7 +6,7 @@ mod daemon;
 use common::fake_graph::{FakeGraph, GraphConfig, Reply};
 use common::fake_oauth::{CLIENT_ID, CLIENT_SECRET, FakeOAuth, Shape, TENANT};
 use common::fake_smtp::{FakeConfig, FakeSmtp};
-use daemon::{Daemon, smtp_send, write_config};
+use daemon::Daemon;
 use std::sync::Arc;
 
 const MSG: &str =
@@ -31,32 +31,15 @@ async fn setup() -> (Arc<FakeOAuth>, FakeGraph) {
 }
 
 async fn start(upstream: String) -> (tempfile::TempDir, Arc<Daemon>) {
-    let dir = tempfile::tempdir().unwrap();
-    write_config(dir.path(), &upstream);
-    let path = dir.path().to_path_buf();
-    let d = tokio::task::spawn_blocking(move || Daemon::start(&path))
-        .await
-        .unwrap();
-    (dir, Arc::new(d))
+    daemon::start_in_tempdir(upstream).await
 }
 
 async fn send(d: &Arc<Daemon>, rcpts: &'static [&'static str]) -> String {
-    let addr = d.smtp;
-    tokio::task::spawn_blocking(move || smtp_send(addr, "app@legacy.local", rcpts, MSG))
-        .await
-        .unwrap()
+    daemon::send_async(d, "app@legacy.local", rcpts, MSG).await
 }
 
-async fn wait(d: &Daemon, what: &str, mut check: impl FnMut() -> bool) {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    while !check() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "timed out waiting for {what}; log:\n{}",
-            d.log()
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
+async fn wait(d: &Daemon, what: &str, check: impl FnMut() -> bool) {
+    daemon::wait_async(d, what, check).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

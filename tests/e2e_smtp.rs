@@ -21,17 +21,12 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> 
 
 /// Write the config into a new temp dir and start the daemon there.
 async fn start(upstream: String) -> (tempfile::TempDir, Arc<Daemon>) {
-    let dir = tempfile::tempdir().unwrap();
-    write_config(dir.path(), &upstream);
-    let path = dir.path().to_path_buf();
-    let d = blocking(move || Daemon::start(&path)).await;
-    (dir, Arc::new(d))
+    daemon::start_in_tempdir(upstream).await
 }
 
 /// Send `MSG` through the daemon; returns the final reply.
 async fn send(d: &Arc<Daemon>, from: &'static str, rcpts: &'static [&'static str]) -> String {
-    let addr = d.smtp;
-    blocking(move || smtp_send(addr, from, rcpts, MSG)).await
+    daemon::send_async(d, from, rcpts, MSG).await
 }
 
 /// A primary that answers every connection with 421.
@@ -284,14 +279,8 @@ async fn full_queue_answers_452_and_secrets_stay_out_of_logs() {
     assert_eq!(up.messages().len(), 0);
 }
 
-async fn wait(d: &Daemon, what: &str, mut check: impl FnMut() -> bool) {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    while !check() {
-        if std::time::Instant::now() > deadline {
-            panic!("timed out waiting for {what}; log:\n{}", d.log());
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
+async fn wait(d: &Daemon, what: &str, check: impl FnMut() -> bool) {
+    daemon::wait_async(d, what, check).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -301,3 +301,41 @@ pub fn smtp_send(addr: SocketAddr, from: &str, rcpts: &[&str], body: &str) -> St
     cmd(&mut s, "QUIT");
     r
 }
+
+/// For async tests: write `dir/config.toml` with `upstream` in a new temp
+/// dir and start the daemon there, off the runtime's worker threads.
+pub async fn start_in_tempdir(upstream: String) -> (tempfile::TempDir, Arc<Daemon>) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    write_config(dir.path(), &upstream);
+    let path = dir.path().to_path_buf();
+    let d = tokio::task::spawn_blocking(move || Daemon::start(&path))
+        .await
+        .expect("start task");
+    (dir, Arc::new(d))
+}
+
+/// For async tests: send `body` through the daemon; returns the final reply.
+pub async fn send_async(
+    d: &Daemon,
+    from: &'static str,
+    rcpts: &'static [&'static str],
+    body: &'static str,
+) -> String {
+    let addr = d.smtp;
+    tokio::task::spawn_blocking(move || smtp_send(addr, from, rcpts, body))
+        .await
+        .expect("send task")
+}
+
+/// For async tests: wait (at most 30 s) until `check` is true, polling every 20 ms.
+pub async fn wait_async(d: &Daemon, what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !check() {
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {what}; log:\n{}",
+            d.log()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
