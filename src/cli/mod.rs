@@ -109,8 +109,18 @@ pub fn main() -> ExitCode {
         Err(code) => return code,
     };
     match cli.command {
-        Command::Run => run(cfg, cli.config),
+        Command::Run => {
+            if let Err(e) = cfg.check_environment() {
+                eprintln!("mailbridge: {}: {e}", cli.config.display());
+                return ExitCode::from(FAILED);
+            }
+            run(cfg, cli.config)
+        }
         Command::Check => {
+            if let Err(e) = cfg.check_environment() {
+                eprintln!("mailbridge: {}: {e}", cli.config.display());
+                return ExitCode::from(BAD_CONFIG);
+            }
             print!("{}", cfg.to_masked_toml());
             for n in cfg.notices() {
                 eprintln!("mailbridge: notice: {n}");
