@@ -223,8 +223,9 @@ fn browser_login(
     }
     let answer = rt.block_on(async {
         let client = super::admin_client(Duration::from_secs(30))?;
+        // POST with the token in a header: it never appears in a URL.
         let resp = client
-            .get(&path)
+            .post(&path)
             .bearer_auth(token.expose())
             .send()
             .await
@@ -293,11 +294,18 @@ fn live_status(cfg: &Config) -> Option<String> {
     if cfg.admin.address.is_empty() {
         return None;
     }
+    let token = crate::admin_token(cfg, false).ok()?;
     let rt = runtime().ok()?;
     let url = format!("http://{}/status", cfg.admin.address);
     rt.block_on(async {
         let client = super::admin_client(Duration::from_secs(10)).ok()?;
-        let v: serde_json::Value = client.get(&url).send().await.ok()?.json().await.ok()?;
+        let resp = client
+            .get(&url)
+            .bearer_auth(token.expose())
+            .send()
+            .await
+            .ok()?;
+        let v: serde_json::Value = resp.error_for_status().ok()?.json().await.ok()?;
         let oauth = v.get("oauth")?;
         serde_json::to_string_pretty(oauth).ok()
     })

@@ -128,7 +128,7 @@ pub fn main() -> ExitCode {
             eprintln!("mailbridge: {} is valid", cli.config.display());
             ExitCode::SUCCESS
         }
-        Command::Status => admin_call(&cfg, "GET", "/status", false),
+        Command::Status => admin_call(&cfg, "GET", "/status", true),
         Command::Failback => admin_call(&cfg, "POST", "/failback", true),
         Command::Queue { action } => queue(&cfg, action),
         Command::Auth { action } => auth::auth_command(&cfg, action),
