@@ -135,7 +135,9 @@ async fn authorization_code_flow_end_to_end_through_the_admin_endpoint() {
         .send()
         .await
         .unwrap();
-    assert_eq!(r.status(), 401);
+    assert_eq!(r.status(), 400, "an unknown query parameter");
+    let page = r.text().await.unwrap();
+    assert!(!page.contains(ADMIN_TOKEN), "{page}");
     assert!(fake.authorize_requests().is_empty());
 
     // What `auth login` does, then a browser following the redirects:
