@@ -110,14 +110,20 @@ pub fn check_log_level(level: &str) -> Result<(), String> {
         .map_err(|e| format!("`{level}` is not a tracing filter: {e}"))
 }
 
-/// Certificates in a PEM file; an error when it cannot be read or holds none.
+/// Certificates in a PEM file; an error when it cannot be read, holds none,
+/// or holds one that cannot serve as a trust anchor.
 pub fn count_pem_certificates(path: &Path) -> Result<usize, String> {
     use rustls_pki_types::CertificateDer;
     use rustls_pki_types::pem::PemObject;
     let data = std::fs::read(path).map_err(|e| format!("cannot read `{}`: {e}", path.display()))?;
     let mut n = 0;
+    // The same test the TLS client makes at start: each one must be usable as a root.
+    let mut roots = rustls::RootCertStore::empty();
     for c in CertificateDer::pem_slice_iter(&data) {
-        c.map_err(|e| format!("`{}` is not valid PEM: {e}", path.display()))?;
+        let c = c.map_err(|e| format!("`{}` is not valid PEM: {e}", path.display()))?;
+        roots
+            .add(c)
+            .map_err(|e| format!("`{}`: unusable certificate: {e}", path.display()))?;
         n += 1;
     }
     if n == 0 {

@@ -83,8 +83,14 @@ fn tls_ca_file_must_hold_pem_certificates() {
     .unwrap();
     std::fs::write(dir.path().join("ca.pem"), good).unwrap();
     std::fs::create_dir(dir.path().join("adir")).unwrap();
+    // PEM framing around bytes that are no certificate.
+    std::fs::write(
+        dir.path().join("bad-der.pem"),
+        "-----BEGIN CERTIFICATE-----\nAAECAwQFBgcICQ==\n-----END CERTIFICATE-----\n",
+    )
+    .unwrap();
     let base = "[upstream]\nprotocol = \"smtp\"\nserver = \"a\"\n";
-    for f in ["junk.pem", "key.pem", "missing.pem", "adir"] {
+    for f in ["junk.pem", "key.pem", "missing.pem", "adir", "bad-der.pem"] {
         let e = parse_in(dir.path(), &format!("{base}tls_ca_file = \"{f}\"")).unwrap_err();
         assert!(e.contains(": upstream.tls_ca_file: "), "{f}: {e}");
     }
