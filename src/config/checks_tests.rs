@@ -232,7 +232,15 @@ fn remote_admin_needs_allow_remote() {
         e.contains(": admin.address: ") && e.contains("admin.allow_remote"),
         "{e}"
     );
-    parse("[admin]\naddress = \"0.0.0.0:8025\"\nallow_remote = true").unwrap();
+    let c = parse("[admin]\naddress = \"0.0.0.0:8025\"\nallow_remote = true").unwrap();
+    assert!(
+        c.notices()
+            .iter()
+            .any(|n| n.starts_with("admin.address: 0.0.0.0:8025 is reachable")),
+        "{:?}",
+        c.notices()
+    );
+    assert!(parse("").unwrap().notices().is_empty());
     refused("[admin]\nhostnames = [\"a b\"]", "admin.hostnames[0]");
     parse("[admin]\nhostnames = [\"relay.contoso.com\"]").unwrap();
 }

@@ -1009,6 +1009,15 @@ impl Config {
         if !self.users.is_empty() && !self.listen.require_auth {
             out.push("listen.require_auth = false with [[users]]: clients that do not authenticate may still send, as the default identity".into());
         }
+        if self.admin.allow_remote
+            && self
+                .admin
+                .address
+                .parse::<SocketAddr>()
+                .is_ok_and(|a| !a.ip().to_canonical().is_loopback())
+        {
+            out.push(format!("admin.address: {} is reachable from the network over plain HTTP (admin.allow_remote = true): the admin token and status cross it unencrypted", self.admin.address));
+        }
         let mut ups = vec![("upstream", &self.upstream)];
         if let Some(a) = self.upstream.alternate.as_deref() {
             ups.push(("upstream.alternate", a));

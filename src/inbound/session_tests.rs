@@ -819,3 +819,38 @@ fn bind_sender_checks_the_from_header_after_data() {
     );
     assert_eq!(r.msgs.len(), 1, "{}", r.out);
 }
+
+#[test]
+fn settings_from_config_bind_each_user_to_its_address() {
+    let hash = crate::inbound::auth::cheap_hash("pw");
+    let text = format!(
+        "[listen]\nbind_sender = true\n[upstream]\nmailbox = \"relay@b.c\"\n\
+         [[users]]\nname = \"app\"\npassword_hash = \"{hash}\"\nmailbox = \"app@b.c\"\n\
+         [[users]]\nname = \"printer@b.c\"\npassword_hash = \"{hash}\"\n\
+         [[users]]\nname = \"scanner\"\npassword_hash = \"{hash}\"\n"
+    );
+    let cfg = crate::config::Config::from_toml(&text, "t.toml", std::path::Path::new(".")).unwrap();
+    let s = Settings::from_config(&cfg).unwrap();
+    let mut got: Vec<_> = s
+        .senders
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    got.sort();
+    assert_eq!(
+        got,
+        [
+            ("app", "app@b.c"),
+            ("printer@b.c", "printer@b.c"),
+            ("scanner", "relay@b.c")
+        ]
+    );
+    // Without bind_sender nobody is bound.
+    let cfg = crate::config::Config::from_toml(
+        &text.replace("bind_sender = true", "bind_sender = false"),
+        "t.toml",
+        std::path::Path::new("."),
+    )
+    .unwrap();
+    assert!(Settings::from_config(&cfg).unwrap().senders.is_empty());
+}
