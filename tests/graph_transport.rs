@@ -11,9 +11,12 @@ use base64::engine::general_purpose::STANDARD as B64;
 use common::fake_graph::{FakeGraph, GraphConfig, Reply};
 use mailbridge::config::{LargeMessages, Secret};
 use mailbridge::oauth::{IdentityTokens, StaticToken, TokenError, TokenSource};
+use mailbridge::routing::Router;
 use mailbridge::scheduler::governor::{Governed, Limits};
 use mailbridge::transport::graph::{GraphSettings, GraphTransport};
-use mailbridge::transport::{BoxFuture, Delivery, Envelope, Failure, Severity, Transport};
+use mailbridge::transport::{
+    BoxFuture, Delivery, Enhanced, Envelope, Failure, Scope, Severity, Transport,
+};
 
 const MSG: &str = "From: Help Desk <desk@contoso.com>\r\nTo: Boss <boss@example.com>\r\nSubject: Ticket 42\r\nMessage-ID: <42@desk>\r\n\r\nHello.\r\n";
 
@@ -523,37 +526,55 @@ async fn large_messages_can_go_to_the_alternate_instead() {
     let mut s = settings(&fake, token("token-1"));
     s.large_messages = LargeMessages::Alternate;
     s.max_request_bytes = 64 * 1024;
-    s.alternate = Some(alt.clone());
-    let t = GraphTransport::new(s.clone()).expect("transport");
+    let graph: Arc<dyn Transport> = Arc::new(GraphTransport::new(s.clone()).expect("transport"));
+    // Graph alone: the message is not for this route.
     let m = big_message(&pattern(1000, 1), &pattern(100_000, 2));
-    assert!(all_ok(&t.deliver(&env(&["boss@example.com"]), &m).await, 1));
+    let f = err(graph.deliver(&env(&["boss@example.com"]), &m).await);
+    assert_eq!((f.scope, f.severity), (Scope::Route, Severity::Permanent));
+    assert!(
+        f.text
+            .starts_with("552 5.3.4 message too large for Microsoft Graph"),
+        "{}",
+        f.text
+    );
+    assert_eq!(f.enhanced, Some(Enhanced::new(5, 3, 4)));
+
+    // Behind the router: the alternate carries it, and says so; the active
+    // route stays the primary.
+    let router = Router::new(graph.clone(), Some(alt.clone()));
+    let d = router.deliver(&env(&["boss@example.com"]), &m).await;
+    assert!(all_ok(&d.result, 1));
+    assert_eq!(
+        (d.route, d.server.as_str()),
+        ("alternate", "smtp://smtp.office365.com:587")
+    );
+    assert_eq!(router.state().active, "primary");
     assert_eq!(
         alt.got.lock().unwrap_or_else(|p| p.into_inner()).clone(),
         [(vec!["boss@example.com".to_string()], m.len())]
     );
     assert!(fake.requests().is_empty());
     // Small ones still go to Graph.
-    assert!(all_ok(
-        &t.deliver(&env(&["boss@example.com"]), MSG.as_bytes()).await,
-        1
-    ));
+    let d = router
+        .deliver(&env(&["boss@example.com"]), MSG.as_bytes())
+        .await;
+    assert!(all_ok(&d.result, 1));
+    assert_eq!(d.route, "primary");
     assert_eq!(fake.sent().len(), 1);
 
-    // The alternate being down does not make the router fail over (it
-    // would try the same alternate again, and switch routes).
+    // The alternate being down: retry later, without switching routes.
     let down = Arc::new(Recorder {
         got: Mutex::new(Vec::new()),
         answer: || Err(Failure::server("connection refused")),
     });
-    s.alternate = Some(down);
-    let t = GraphTransport::new(s.clone()).expect("transport");
-    let f = err(t.deliver(&env(&["boss@example.com"]), &m).await);
+    let router = Router::new(graph.clone(), Some(down));
+    let f = err(router.deliver(&env(&["boss@example.com"]), &m).await.result);
     assert_eq!((f.severity, f.fails_over()), (Severity::Transient, false));
+    assert_eq!(router.state().active, "primary");
 
     // No alternate: a clear bounce.
-    s.alternate = None;
-    let t = GraphTransport::new(s).expect("transport");
-    let f = err(t.deliver(&env(&["boss@example.com"]), &m).await);
+    let router = Router::new(graph, None);
+    let f = err(router.deliver(&env(&["boss@example.com"]), &m).await.result);
     assert_eq!(f.severity, Severity::Permanent);
     assert!(
         f.text

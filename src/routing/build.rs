@@ -11,9 +11,8 @@ fn transport_for(
     c: &crate::config::Config,
     u: &crate::config::Upstream,
     server: &str,
-    alternate: Option<Arc<dyn Transport>>,
 ) -> Result<Arc<dyn Transport>, String> {
-    let t = ungoverned(c, u, server, alternate)?;
+    let t = ungoverned(c, u, server)?;
     Ok(match limits_for(u, server) {
         Some(limits) => Arc::new(Governed::new(t, limits)),
         None => t,
@@ -94,7 +93,6 @@ fn ungoverned(
     c: &crate::config::Config,
     u: &crate::config::Upstream,
     server: &str,
-    alternate: Option<Arc<dyn Transport>>,
 ) -> Result<Arc<dyn Transport>, String> {
     use crate::config::Protocol;
     use crate::transport::smtp::{SmtpAuth, SmtpSettings, SmtpTransport};
@@ -200,7 +198,6 @@ fn ungoverned(
             settings.identity_tokens = Some(registry);
             settings.save_to_sent_items = u.save_to_sent_items;
             settings.large_messages = u.large_messages;
-            settings.alternate = alternate;
             Ok(Arc::new(GraphTransport::new(settings)?))
         }
     }
@@ -211,12 +208,8 @@ fn ungoverned(
 /// `upstream.alternate_server` with the primary's settings.
 pub fn from_config(c: &crate::config::Config) -> Result<Router, String> {
     let u = &c.upstream;
-    // The alternate first: Graph may hand it the messages too large for Graph.
     let alternate = if let Some(alt) = u.alternate.as_deref() {
-        Some(
-            transport_for(c, alt, &alt.server, None)
-                .map_err(|e| format!("upstream.alternate: {e}"))?,
-        )
+        Some(transport_for(c, alt, &alt.server).map_err(|e| format!("upstream.alternate: {e}"))?)
     } else if !u.alternate_server.is_empty()
         && matches!(
             u.protocol,
@@ -224,13 +217,12 @@ pub fn from_config(c: &crate::config::Config) -> Result<Router, String> {
         )
     {
         Some(
-            transport_for(c, u, &u.alternate_server, None)
+            transport_for(c, u, &u.alternate_server)
                 .map_err(|e| format!("upstream.alternate_server: {e}"))?,
         )
     } else {
         None
     };
-    let primary =
-        transport_for(c, u, &u.server, alternate.clone()).map_err(|e| format!("upstream: {e}"))?;
+    let primary = transport_for(c, u, &u.server).map_err(|e| format!("upstream: {e}"))?;
     Ok(Router::new(primary, alternate))
 }

@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::routing::Router;
 use crate::spool::{Meta, RcptStatus, Spool};
-use crate::transport::{Delivery, Envelope, Failure, Severity};
+use crate::transport::{Delivery, Enhanced, Envelope, Failure, FailureClass, Severity};
 
 /// Retry and rewrite policy (from `[delivery]` and `[upstream]`).
 #[derive(Debug, Clone)]
@@ -81,6 +81,11 @@ pub enum Next {
 
 /// Record the outcome of delivering to `tried` in `meta` and decide what
 /// comes next. `age` is how long the message has been queued.
+///
+/// Each recipient keeps the failure's class, reply code and enhanced status
+/// code for the DSN. An attempt whose only failures were throttling (the
+/// mailbox's budget upstream, not this message) is not counted towards the
+/// backoff: it is retried as soon as the upstream's pause ends.
 pub fn apply(
     meta: &mut Meta,
     tried: &[String],
@@ -88,9 +93,10 @@ pub fn apply(
     age: Duration,
     policy: &Policy,
 ) -> Next {
-    meta.attempts += 1;
     let mut wait: Option<Duration> = None;
     let mut last: Option<String> = None;
+    let mut failures = 0usize;
+    let mut throttled = 0usize;
     let mut record = |meta: &mut Meta, addr: &str, outcome: Result<(), &Failure>| {
         let Some(r) = meta
             .rcpts
@@ -103,14 +109,26 @@ pub fn apply(
             Ok(()) => {
                 r.status = RcptStatus::Delivered;
                 r.last_error = None;
+                r.class = None;
+                r.reply_code = None;
+                r.enhanced = None;
             }
             Err(f) => {
+                failures += 1;
                 r.last_error = Some(f.text.clone());
+                r.class = Some(f.class());
+                r.reply_code = f.reply_code;
+                r.enhanced = f.enhanced;
                 last = Some(f.text.clone());
                 if f.severity == Severity::Permanent {
                     r.status = RcptStatus::Failed;
-                } else if let Some(nb) = f.not_before {
-                    wait = Some(wait.map_or(nb, |w| w.max(nb)));
+                } else {
+                    if f.throttled {
+                        throttled += 1;
+                    }
+                    if let Some(nb) = f.not_before {
+                        wait = Some(wait.map_or(nb, |w| w.max(nb)));
+                    }
                 }
             }
         }
@@ -132,6 +150,10 @@ pub fn apply(
             }
         }
     }
+    let only_throttled = failures > 0 && throttled == failures;
+    if !only_throttled {
+        meta.attempts += 1;
+    }
     if last.is_some() {
         meta.last_error = last;
     }
@@ -139,25 +161,38 @@ pub fn apply(
         return Next::Done;
     }
     if age >= policy.give_up_after {
-        let why = format!(
+        meta.last_error = Some(format!(
             "gave up after {} attempts over {}h: {}",
             meta.attempts,
             age.as_secs() / 3600,
             meta.last_error.as_deref().unwrap_or("no answer")
-        );
+        ));
+        // Each recipient keeps its last upstream answer (the DSN's
+        // Diagnostic-Code) and is reported as 4.4.7, delivery time expired.
         for r in meta
             .rcpts
             .iter_mut()
             .filter(|r| r.status == RcptStatus::Pending)
         {
             r.status = RcptStatus::Failed;
-            r.last_error = Some(why.clone());
+            r.class = Some(FailureClass::Expired);
+            r.enhanced = Some(Enhanced::new(4, 4, 7));
+            if r.last_error.is_none() {
+                r.last_error = Some("no answer from the upstream".into());
+            }
         }
         return Next::Done;
+    }
+    if only_throttled {
+        // First in line again as soon as the pause ends; no backoff.
+        return Next::Retry(wait.unwrap_or(THROTTLED_RETRY));
     }
     let backoff = policy.backoff(meta.attempts);
     Next::Retry(wait.map_or(backoff, |w| w.max(backoff)))
 }
+
+/// Retry delay after throttling that named no wait.
+const THROTTLED_RETRY: Duration = Duration::from_secs(10);
 
 /// What one delivery attempt did to a message (observed by `POST /send-test`).
 #[derive(Debug, Clone)]
@@ -555,8 +590,8 @@ async fn attempt(s: &Scheduler, mut meta: Meta, born: Instant) -> Option<(Meta, 
     let router = s.router();
     let message_id = meta.message_id.clone().unwrap_or_default();
     tracing::info!(id = %id, message_id = %message_id, attempt = meta.attempts + 1, rcpts = env.rcpts.len(), "attempt");
-    let result = router.deliver(&env, &outgoing).await;
-    let server = router.state().server;
+    let routed = router.deliver(&env, &outgoing).await;
+    let (result, route, server) = (routed.result, routed.route, routed.server);
     let before: Vec<RcptStatus> = meta.rcpts.iter().map(|r| r.status).collect();
     let next = apply(&mut meta, &env.rcpts, &result, born.elapsed(), &policy);
     for (r, was) in meta.rcpts.iter().zip(before) {
@@ -565,7 +600,7 @@ async fn attempt(s: &Scheduler, mut meta: Meta, born: Instant) -> Option<(Meta, 
         }
         match r.status {
             RcptStatus::Delivered => {
-                tracing::info!(id = %id, message_id = %message_id, to = %r.addr, via = %server, "delivered")
+                tracing::info!(id = %id, message_id = %message_id, to = %r.addr, route, via = %server, "delivered")
             }
             RcptStatus::Failed => {
                 tracing::warn!(id = %id, message_id = %message_id, to = %r.addr, error = r.last_error.as_deref().unwrap_or(""), "bounced")
@@ -581,7 +616,7 @@ async fn attempt(s: &Scheduler, mut meta: Meta, born: Instant) -> Option<(Meta, 
         AttemptOutcome::Deferred
     };
     let detail = match outcome {
-        AttemptOutcome::Delivered => format!("delivered via {server}"),
+        AttemptOutcome::Delivered => format!("delivered via {server} ({route} route)"),
         _ => meta.last_error.clone().unwrap_or_default(),
     };
     let _ = s.shared.events.send(AttemptEvent {
@@ -726,10 +761,79 @@ mod tests {
     }
 
     #[test]
+    fn failures_keep_their_class_and_status_codes() {
+        let mut m = meta();
+        let tried = m.pending();
+        let r: Delivery = Ok(vec![
+            Err(Failure::permanent("550 5.1.1 unknown")
+                .with_reply(550, Some(Enhanced::new(5, 1, 1)))),
+            Err(Failure::transient("451 4.3.0 later").with_reply(451, None)),
+        ]);
+        assert!(matches!(
+            apply(&mut m, &tried, &r, Duration::ZERO, &policy()),
+            Next::Retry(_)
+        ));
+        let (a, b) = (&m.rcpts[0], &m.rcpts[1]);
+        assert_eq!(
+            (a.status, a.class, a.reply_code, a.enhanced),
+            (
+                RcptStatus::Failed,
+                Some(FailureClass::Message),
+                Some(550),
+                Some(Enhanced::new(5, 1, 1))
+            )
+        );
+        assert_eq!(
+            (b.status, b.class, b.reply_code, b.enhanced),
+            (
+                RcptStatus::Pending,
+                Some(FailureClass::Message),
+                Some(451),
+                None
+            )
+        );
+        // Delivered later: the record is cleared.
+        apply(
+            &mut m,
+            &["b@x".into()],
+            &Ok(vec![Ok(())]),
+            Duration::ZERO,
+            &policy(),
+        );
+        assert_eq!(
+            (m.rcpts[1].status, m.rcpts[1].class, m.rcpts[1].reply_code),
+            (RcptStatus::Delivered, None, None)
+        );
+    }
+
+    #[test]
+    fn throttling_does_not_burn_the_backoff() {
+        let mut m = meta();
+        let tried = m.pending();
+        let r: Delivery = Err(Failure::throttled("429", Duration::from_secs(3)));
+        for _ in 0..5 {
+            assert_eq!(
+                apply(&mut m, &tried, &r, Duration::ZERO, &policy()),
+                Next::Retry(Duration::from_secs(3)),
+                "exactly the pause, no backoff"
+            );
+        }
+        assert_eq!(m.attempts, 0);
+        assert_eq!(m.rcpts[0].class, Some(FailureClass::Throttled));
+        // A failure of the message itself counts.
+        let r: Delivery = Err(Failure::transient("451 4.3.0 later"));
+        assert!(
+            matches!(apply(&mut m, &tried, &r, Duration::ZERO, &policy()), Next::Retry(d) if d >= Duration::from_secs(45))
+        );
+        assert_eq!(m.attempts, 1);
+    }
+
+    #[test]
     fn gives_up_after_the_configured_age() {
         let mut m = meta();
         let tried = m.pending();
-        let r: Delivery = Err(Failure::server("connection refused"));
+        let r: Delivery = Err(Failure::server("451 4.3.0 connection refused")
+            .with_reply(451, Some(Enhanced::new(4, 3, 0))));
         assert_eq!(
             apply(
                 &mut m,
@@ -742,11 +846,24 @@ mod tests {
         );
         assert!(m.rcpts.iter().all(|r| r.status == RcptStatus::Failed));
         assert!(
-            m.rcpts[0]
-                .last_error
+            m.last_error
                 .as_deref()
                 .unwrap()
                 .starts_with("gave up after 1 attempts")
+        );
+        let r = &m.rcpts[0];
+        assert_eq!(
+            (r.class, r.enhanced, r.reply_code),
+            (
+                Some(FailureClass::Expired),
+                Some(Enhanced::new(4, 4, 7)),
+                Some(451)
+            )
+        );
+        assert_eq!(
+            r.last_error.as_deref(),
+            Some("451 4.3.0 connection refused"),
+            "the last upstream answer is kept"
         );
     }
 
