@@ -179,7 +179,7 @@ async fn give_up_sends_one_dsn_through_the_same_route() {
         "{text}"
     );
     assert!(
-        text.contains("Status: 4.4.7") && text.contains("gave up after"),
+        text.contains("Status: 4.4.7") && text.contains("delivery time expired"),
         "{text}"
     );
     // Attempts stopped once the message was given up.
@@ -202,5 +202,67 @@ async fn a_failing_dsn_is_never_bounced_again() {
     let calls = t.calls();
     assert_eq!(calls.len(), 2, "the message, then its DSN, then nothing");
     assert!(calls[1].1.from.is_empty());
+    stop.cancel();
+}
+
+/// Panics on its first `panics` calls, then delivers.
+struct Panicky {
+    panics: std::sync::atomic::AtomicUsize,
+    calls: Mutex<Vec<Instant>>,
+}
+
+impl Transport for Panicky {
+    fn describe(&self) -> String {
+        "panicky://".into()
+    }
+    fn deliver<'a>(&'a self, env: &'a Envelope, _: &'a [u8]) -> BoxFuture<'a, Delivery> {
+        self.calls.lock().unwrap().push(Instant::now());
+        let left = self.panics.load(std::sync::atomic::Ordering::SeqCst);
+        Box::pin(async move {
+            if left > 0 {
+                self.panics
+                    .store(left - 1, std::sync::atomic::Ordering::SeqCst);
+                panic!("transport bug");
+            }
+            all_ok(env)
+        })
+    }
+    fn probe(&self) -> BoxFuture<'_, Result<(), Failure>> {
+        Box::pin(async { Ok(()) })
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_panicking_attempt_is_rescheduled_not_stuck_in_flight() {
+    let t = Arc::new(Panicky {
+        panics: 2.into(),
+        calls: Mutex::new(Vec::new()),
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let (spool, _, _) = Spool::open(dir.path(), 100).unwrap();
+    let spool = Arc::new(spool);
+    let stop = CancellationToken::new();
+    let (s, _task) = Scheduler::start(
+        spool.clone(),
+        Arc::new(Router::new(t.clone(), None)),
+        policy(86400),
+        Vec::new(),
+        stop.clone(),
+    );
+    enqueue(&s, &spool, "p1", "app@legacy.local", &["a@x.test"]);
+    enqueue(&s, &spool, "p2", "app@legacy.local", &["b@x.test"]);
+    until(|| t.calls.lock().unwrap().len() == 2).await;
+    // Both attempts panicked; neither message is in flight any more.
+    until(|| s.stats().in_flight == 0).await;
+    assert_eq!(s.delete("p2").await, Ok(true), "not stuck in flight");
+    // p1 is retried after the backoff and delivered.
+    until(|| spool.is_empty()).await;
+    let calls = t.calls.lock().unwrap().clone();
+    assert_eq!(calls.len(), 3, "two panics, then one delivery");
+    let gap = calls[2] - calls[0];
+    assert!(
+        gap >= Duration::from_secs(45) && gap <= Duration::from_secs(76),
+        "{gap:?}"
+    );
     stop.cancel();
 }

@@ -382,6 +382,9 @@ async fn run_loop(
     let mut items: HashMap<String, Item> = HashMap::new();
     let mut due: BTreeSet<(Instant, String)> = BTreeSet::new();
     let mut running: JoinSet<(String, Option<(Meta, Duration)>)> = JoinSet::new();
+    // Which message each attempt is for: a panicking attempt loses its
+    // output, not its message.
+    let mut tasks: HashMap<tokio::task::Id, String> = HashMap::new();
     let sched = Scheduler {
         shared: shared.clone(),
     };
@@ -404,10 +407,12 @@ async fn run_loop(
             };
             item.in_flight = true;
             let (meta, born, s) = (item.meta.clone(), item.born, sched.clone());
-            running.spawn(async move {
+            let task_id = id.clone();
+            let handle = running.spawn(async move {
                 let outcome = attempt(&s, meta, born).await;
-                (id, outcome)
+                (task_id, outcome)
             });
+            tasks.insert(handle.id(), id);
         }
         // Publishing walks the whole queue: on a large queue do it at most
         // twice a second, so a backlog does not make every event O(n).
@@ -471,8 +476,17 @@ async fn run_loop(
                     let _ = reply.send(answer);
                 }
             },
-            Some(done) = running.join_next(), if !running.is_empty() => {
+            Some(done) = running.join_next_with_id(), if !running.is_empty() => {
                 match done {
+                    Ok((task, _)) => {
+                        tasks.remove(&task);
+                    }
+                    Err(ref e) => {
+                        let id = tasks.remove(&e.id());
+                        rescue(&shared, &mut items, &mut due, id, e);
+                    }
+                }
+                match done.map(|(_, out)| out) {
                     Ok((id, Some((meta, delay)))) => {
                         if let Some(item) = items.get_mut(&id) {
                             item.in_flight = false;
@@ -484,7 +498,7 @@ async fn run_loop(
                     Ok((id, None)) => {
                         items.remove(&id);
                     }
-                    Err(e) => tracing::error!(error = %e, "delivery task failed"),
+                    Err(_) => {}
                 }
             }
             _ = sleep_until_opt(next) => {}
@@ -505,6 +519,45 @@ async fn run_loop(
             }
         }
     }
+}
+
+/// An attempt that panicked (or was cancelled): its message is no longer in
+/// flight. It counts as a failed attempt and is retried after the backoff,
+/// so a message that always panics is tried at the retry pace and bounced
+/// when its lifetime runs out, never stuck.
+fn rescue(
+    shared: &Shared,
+    items: &mut HashMap<String, Item>,
+    due: &mut BTreeSet<(Instant, String)>,
+    id: Option<String>,
+    e: &tokio::task::JoinError,
+) {
+    let Some(id) = id else {
+        tracing::error!(error = %e, "delivery task failed");
+        return;
+    };
+    let Some(item) = items.get_mut(&id) else {
+        return;
+    };
+    let policy = shared
+        .policy
+        .read()
+        .map(|p| p.clone())
+        .unwrap_or_else(|p| p.into_inner().clone());
+    item.meta.attempts += 1;
+    item.meta.last_error = Some("the delivery attempt failed unexpectedly (internal error)".into());
+    let delay = policy.backoff(item.meta.attempts);
+    item.meta.next_attempt = now_unix() + delay.as_secs();
+    item.in_flight = false;
+    item.due = Instant::now() + delay;
+    due.insert((item.due, id.clone()));
+    tracing::error!(id = %id, error = %e, retry_in_secs = delay.as_secs(), "delivery attempt panicked; rescheduled");
+    let (spool, meta) = (shared.spool.clone(), item.meta.clone());
+    tokio::task::spawn_blocking(move || {
+        if let Err(e) = spool.update(&meta) {
+            tracing::error!(id = %meta.id, error = %e, "cannot update metadata");
+        }
+    });
 }
 
 async fn sleep_until_opt(t: Option<Instant>) {
