@@ -149,6 +149,40 @@ async fn retry_after_pushes_the_next_attempt_out() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn throttled_mail_is_retried_when_the_pause_ends_without_backoff() {
+    let t = Scripted::new(vec![
+        |_| {
+            Err(Failure::throttled(
+                "432 4.3.2 sender thread limit exceeded",
+                Duration::from_secs(30),
+            ))
+        },
+        |_| {
+            Err(Failure::throttled(
+                "432 4.3.2 sender thread limit exceeded",
+                Duration::from_secs(30),
+            ))
+        },
+        |_| {
+            Err(Failure::throttled(
+                "432 4.3.2 sender thread limit exceeded",
+                Duration::from_secs(30),
+            ))
+        },
+        all_ok,
+    ]);
+    let (s, spool, _dir, stop) = start(t.clone(), policy(86400)).await;
+    enqueue(&s, &spool, "t1", "app@legacy.local", &["a@x.test"]);
+    until(|| t.calls().len() == 4 && spool.is_empty()).await;
+    let c = t.calls();
+    // Exactly the pause each time: no backoff (60 s, 120 s, ...) and no jitter.
+    for w in c.windows(2) {
+        assert_eq!(w[1].0 - w[0].0, Duration::from_secs(30));
+    }
+    stop.cancel();
+}
+
+#[tokio::test(start_paused = true)]
 async fn give_up_sends_one_dsn_through_the_same_route() {
     // Everything to x.test fails transiently forever; the sender's domain works.
     let t = Scripted::new(vec![|env| {

@@ -32,10 +32,11 @@ fn is_exchange_online(host: &str) -> bool {
     .any(|d| h == *d || h.ends_with(&format!(".{d}")))
 }
 
-/// The per-mailbox throttle an upstream gets (UPSTREAMS §3): Graph 4 in
-/// flight and 10,000 requests per 10 minutes; EWS 27 in flight (30 per minute
-/// in Exchange Online); Exchange Online SMTP 3 connections and 30 messages
-/// per minute; other servers only what is configured.
+/// The per-mailbox throttle an upstream gets: Graph 4 in flight, 10,000
+/// requests per 10 minutes, 150 MB per 5 minutes and 10,000 recipients a
+/// day; EWS 27 in flight (in Exchange Online also 30 per minute and 10,000
+/// recipients a day); Exchange Online SMTP 3 connections, 30 messages per
+/// minute and 10,000 recipients a day; other servers only what is configured.
 fn limits_for(u: &crate::config::Upstream, server: &str) -> Option<Limits> {
     use crate::config::Protocol;
     let mailbox = u.effective_mailbox();
@@ -44,22 +45,17 @@ fn limits_for(u: &crate::config::Upstream, server: &str) -> Option<Limits> {
         Protocol::Graph => Some(Limits::graph(u.max_in_flight, mailbox)),
         Protocol::Ews => {
             let online = crate::transport::ews::exchange_online_notice(&u.connect_url).is_some();
-            let per_minute = if u.messages_per_minute == 0 && online {
-                30
-            } else {
-                u.messages_per_minute
-            };
             let in_flight = if u.max_in_flight == 0 {
                 crate::transport::ews::DEFAULT_MAX_IN_FLIGHT
             } else {
                 u.max_in_flight
             };
-            Some(Limits {
-                max_in_flight: in_flight,
-                messages_per_minute: per_minute,
-                default_key: mailbox.to_string(),
-                ..Limits::none()
-            })
+            Some(Limits::ews(
+                in_flight,
+                u.messages_per_minute,
+                online,
+                mailbox,
+            ))
         }
         Protocol::Smtp | Protocol::Smtps => {
             let host = crate::config::parse_host_port(server, u.port)

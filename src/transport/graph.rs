@@ -56,6 +56,8 @@ use crate::transport::{
 
 /// Graph's request size limit, after base64 (UPSTREAMS §2.4).
 pub const MAX_REQUEST_BYTES: usize = 4 * 1024 * 1024;
+/// Header bytes the recipient rewrite may add, counted in [`Transport::request_bytes`].
+const REQUEST_SLACK: usize = 4096;
 /// Longest `Retry-After` honoured as given; longer ones are cut to this.
 pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
 
@@ -452,6 +454,19 @@ impl Transport for GraphTransport {
         Box::pin(self.deliver_inner(env, message))
     }
 
+    /// What one attempt uploads: the base64 MIME (plus headers added for
+    /// the recipients); on the upload path at most the same (attachments
+    /// travel base64 in the draft or raw in upload-session chunks); nothing
+    /// when the message is left to the next route.
+    fn request_bytes(&self, message: &[u8]) -> u64 {
+        let encoded = (message.len() + REQUEST_SLACK).div_ceil(3) * 4;
+        if encoded > self.s.max_request_bytes && self.s.large_messages == LargeMessages::Alternate {
+            0
+        } else {
+            encoded as u64
+        }
+    }
+
     /// Fetch a token and look the mailbox up. Any answer but 401, 404,
     /// 429 and 5xx counts as usable (an app with only `Mail.Send` gets 403
     /// here, and can still send).
@@ -521,6 +536,21 @@ mod tests {
         for bad in ["graph.microsoft.com", "ftp://x", "https://x/?a=b", ""] {
             assert!(transport(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn request_bytes_cover_base64_and_nothing_when_left_to_another_route() {
+        let t = transport("https://graph.microsoft.com").unwrap();
+        let m = vec![b'x'; 300_000];
+        let n = t.request_bytes(&m);
+        assert!((400_000..=410_000).contains(&n), "{n}");
+        // Over 4 MB: the upload path counts the whole message too.
+        assert!(t.request_bytes(&vec![b'x'; 6_000_000]) >= 8_000_000);
+        let mut s = t.settings().clone();
+        s.large_messages = LargeMessages::Alternate;
+        let t = GraphTransport::new(s).unwrap();
+        assert_eq!(t.request_bytes(&vec![b'x'; 6_000_000]), 0);
+        assert!(t.request_bytes(&m) >= 400_000);
     }
 
     #[test]

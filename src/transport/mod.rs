@@ -209,6 +209,27 @@ impl std::fmt::Display for Failure {
     }
 }
 
+/// Result of one attempt: `Err` when the whole attempt failed (nothing was
+/// delivered), else one entry per recipient of the envelope, in order.
+pub type Delivery = Result<Vec<Result<(), Failure>>, Failure>;
+
+/// An upstream that can take a message. One implementation per protocol.
+pub trait Transport: Send + Sync {
+    /// Short description for status and logs, e.g. `smtp://smtp.office365.com:587`. No secrets.
+    fn describe(&self) -> String;
+    /// Deliver `message` (canonical CRLF, not dot-stuffed) to `env.rcpts`.
+    fn deliver<'a>(&'a self, env: &'a Envelope, message: &'a [u8]) -> BoxFuture<'a, Delivery>;
+    /// The request bytes delivering `message` will upload, for a governor's
+    /// byte budget (Graph: 150 MB per 5 minutes). An estimate that must not
+    /// be low; the default is the message's size.
+    fn request_bytes(&self, message: &[u8]) -> u64 {
+        message.len() as u64
+    }
+    /// Check that the server is reachable and usable, without sending mail
+    /// (used by the automatic failback probe).
+    fn probe(&self) -> BoxFuture<'_, Result<(), Failure>>;
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -225,19 +246,4 @@ mod tests {
         );
         assert!(!Failure::route("x").fails_over());
     }
-}
-
-/// Result of one attempt: `Err` when the whole attempt failed (nothing was
-/// delivered), else one entry per recipient of the envelope, in order.
-pub type Delivery = Result<Vec<Result<(), Failure>>, Failure>;
-
-/// An upstream that can take a message. One implementation per protocol.
-pub trait Transport: Send + Sync {
-    /// Short description for status and logs, e.g. `smtp://smtp.office365.com:587`. No secrets.
-    fn describe(&self) -> String;
-    /// Deliver `message` (canonical CRLF, not dot-stuffed) to `env.rcpts`.
-    fn deliver<'a>(&'a self, env: &'a Envelope, message: &'a [u8]) -> BoxFuture<'a, Delivery>;
-    /// Check that the server is reachable and usable, without sending mail
-    /// (used by the automatic failback probe).
-    fn probe(&self) -> BoxFuture<'_, Result<(), Failure>>;
 }
