@@ -209,6 +209,8 @@ async fn run(sc: &Scenario, scale: f64) -> Figures {
         sender_name: String::new(),
         reply_to: String::new(),
         identities: HashMap::new(),
+        dsn_from: MAILBOX.into(),
+        dsn_from_name: "Mail Delivery System".into(),
     };
     let shutdown = CancellationToken::new();
     let (sched, sched_task) = Scheduler::start(

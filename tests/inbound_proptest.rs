@@ -53,6 +53,7 @@ prop_compose! {
             size: nums.0, received_at: nums.1, attempts: nums.2, next_attempt: nums.3,
             last_error, message_id, client,
             smtputf8: flags.0, is_dsn: flags.1, auth_user,
+            bounce_undeliverable: flags.0 && flags.1,
         }
     }
 }

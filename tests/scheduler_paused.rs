@@ -57,6 +57,8 @@ fn policy(give_up: u64) -> Policy {
         sender_name: String::new(),
         reply_to: String::new(),
         identities: Default::default(),
+        dsn_from: "desk@relay.test".into(),
+        dsn_from_name: "Mail Delivery System".into(),
     }
 }
 
@@ -227,15 +229,41 @@ async fn give_up_sends_one_dsn_through_the_same_route() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn a_failing_dsn_is_never_bounced_again() {
+async fn a_failing_dsn_is_never_bounced_again_and_never_dropped() {
     let t = Scripted::new(vec![|_| Err(Failure::permanent("550 5.1.1 no such user"))]);
-    let (s, spool, _dir, stop) = start(t.clone(), policy(3600)).await;
+    let (s, spool, dir, stop) = start(t.clone(), policy(3600)).await;
     enqueue(&s, &spool, "m4", "app@legacy.local", &["a@x.test"]);
-    until(|| t.calls().len() == 2 && spool.is_empty()).await;
+    until(|| t.calls().len() == 2 && s.stats().bounce_undeliverable == 1).await;
     tokio::time::sleep(Duration::from_secs(7200)).await;
     let calls = t.calls();
     assert_eq!(calls.len(), 2, "the message, then its DSN, then nothing");
-    assert!(calls[1].1.from.is_empty());
+    assert!(
+        calls[1].1.from.is_empty(),
+        "the DSN's envelope sender is <>"
+    );
+    let dsn_text = String::from_utf8_lossy(&calls[1].2).into_owned();
+    assert!(
+        dsn_text.contains("From: \"Mail Delivery System\" <desk@relay.test>\r\n"),
+        "{dsn_text}"
+    );
+    // Kept, visible, on disk: the original is gone, the DSN stays.
+    let (_, on_disk, _) = Spool::open(dir.path(), 100).unwrap();
+    assert_eq!(on_disk.len(), 1);
+    assert_eq!(on_disk[0].id, "m4-dsn");
+    assert!(on_disk[0].bounce_undeliverable);
+    assert_eq!(on_disk[0].state(), "bounce_undeliverable");
+    let stats = s.stats();
+    assert_eq!(
+        (stats.depth, stats.deferred, stats.bounce_undeliverable),
+        (1, 0, 1)
+    );
+    // The operator retries it: one more attempt, then held again.
+    assert!(s.retry_now("m4-dsn").await);
+    until(|| t.calls().len() == 3).await;
+    until(|| s.stats().bounce_undeliverable == 1 && s.stats().in_flight == 0).await;
+    // The operator deletes it.
+    assert_eq!(s.delete("m4-dsn").await, Ok(true));
+    until(|| spool.is_empty()).await;
     stop.cancel();
 }
 

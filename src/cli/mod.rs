@@ -358,8 +358,8 @@ fn queue(cfg: &Config, action: QueueAction) -> ExitCode {
             };
             let now = crate::scheduler::now_unix();
             println!(
-                "{:<24} {:>5} {:>8} {:>7} {:<30} LAST ERROR",
-                "ID", "AGE", "ATTEMPTS", "PENDING", "FROM"
+                "{:<24} {:>5} {:>8} {:>7} {:<20} {:<30} LAST ERROR",
+                "ID", "AGE", "ATTEMPTS", "PENDING", "STATE", "FROM"
             );
             for m in &metas {
                 let pending = m
@@ -369,11 +369,12 @@ fn queue(cfg: &Config, action: QueueAction) -> ExitCode {
                     .count();
                 let from = if m.from.is_empty() { "<>" } else { &m.from };
                 println!(
-                    "{:<24} {:>5} {:>8} {:>7} {:<30} {}",
+                    "{:<24} {:>5} {:>8} {:>7} {:<20} {:<30} {}",
                     m.id,
                     age(now.saturating_sub(m.received_at)),
                     m.attempts,
                     format!("{pending}/{}", m.rcpts.len()),
+                    m.state(),
                     from,
                     m.last_error.as_deref().unwrap_or("-")
                 );

@@ -218,6 +218,9 @@ pub struct DeliveryConfig {
     pub retry_max_secs: u64,
     /// Age in seconds after which a message still not delivered is bounced (default 5 days).
     pub give_up_after_secs: u64,
+    /// Display name on the `From:` of delivery status notifications; the
+    /// address is the mailbox the upstream sends as (default "Mail Delivery System").
+    pub dsn_from_name: String,
 }
 
 impl Default for DeliveryConfig {
@@ -227,6 +230,7 @@ impl Default for DeliveryConfig {
             retry_initial_secs: 60,
             retry_max_secs: 3600,
             give_up_after_secs: 5 * 86400,
+            dsn_from_name: "Mail Delivery System".into(),
         }
     }
 }

@@ -19,8 +19,16 @@ fn status_code(r: &Rcpt) -> Enhanced {
 }
 
 /// Build the DSN for the failed recipients of `meta`, whose message is
-/// `original`. `now` is the RFC 5322 date to stamp.
-pub fn build(meta: &Meta, original: &[u8], hostname: &str, now: &str, dsn_id: &str) -> Vec<u8> {
+/// `original`. `from` is the `From:` value (the sending mailbox, so that
+/// the upstream lets it out), `now` the RFC 5322 date to stamp.
+pub fn build(
+    meta: &Meta,
+    original: &[u8],
+    hostname: &str,
+    from: &str,
+    now: &str,
+    dsn_id: &str,
+) -> Vec<u8> {
     let boundary = format!("{dsn_id}/{hostname}");
     let failed: Vec<_> = meta
         .rcpts
@@ -72,7 +80,7 @@ pub fn build(meta: &Meta, original: &[u8], hostname: &str, now: &str, dsn_id: &s
     let mut out = Vec::with_capacity(human.len() + status.len() + headers.len() + 1024);
     out.extend_from_slice(
         format!(
-            "From: Mail Delivery System <MAILER-DAEMON@{hostname}>\r\n\
+            "From: {from}\r\n\
              To: <{to}>\r\n\
              Subject: Undelivered Mail Returned to Sender\r\n\
              Date: {now}\r\n\
@@ -140,11 +148,13 @@ mod tests {
             &m,
             b"Subject: hello\r\nFrom: a@b\r\n\r\nsecret body\r\n",
             "relay.local",
+            "\"Mail Delivery System\" <desk@contoso.com>",
             "Thu, 1 Jan 1970 00:00:00 +0000",
             "q1b",
         );
         let s = String::from_utf8(d).unwrap();
         assert!(s.contains("To: <app@legacy.local>\r\n"));
+        assert!(s.contains("From: \"Mail Delivery System\" <desk@contoso.com>\r\n"));
         assert!(s.contains("Content-Type: multipart/report; report-type=delivery-status;"));
         assert!(s.contains("Final-Recipient: rfc822; bad@x\r\nAction: failed\r\nStatus: 5.1.1\r\nDiagnostic-Code: smtp; 550 5.1.1 <bad@x>: user unknown\r\n"));
         assert!(!s.contains("rfc822; ok@x"));
@@ -158,7 +168,7 @@ mod tests {
         let mut m = Meta::new("q2".into(), "app@x".into(), vec!["r@y".into()], 0, 0);
         m.rcpts[0].status = RcptStatus::Failed;
         f(&mut m.rcpts[0]);
-        String::from_utf8(build(&m, b"Subject: s\r\n\r\n", "h", "d", "q2b")).unwrap()
+        String::from_utf8(build(&m, b"Subject: s\r\n\r\n", "h", "<d@h>", "d", "q2b")).unwrap()
     }
 
     #[test]

@@ -37,6 +37,12 @@ pub struct Policy {
     pub reply_to: String,
     /// Local user name → upstream mailbox (the Basic-to-OAuth bridge).
     pub identities: std::collections::HashMap<String, String>,
+    /// The mailbox the upstream sends as: the address on a DSN's `From:`,
+    /// so that Exchange's send-as rule lets it out. Empty =
+    /// `MAILER-DAEMON@<hostname>`.
+    pub dsn_from: String,
+    /// Display name on a DSN's `From:` (`delivery.dsn_from_name`).
+    pub dsn_from_name: String,
 }
 
 impl Policy {
@@ -55,7 +61,32 @@ impl Policy {
                 .iter()
                 .map(|u| (u.name.clone(), u.mailbox.clone()))
                 .collect(),
+            dsn_from: Some(c.upstream.effective_mailbox())
+                .filter(|m| m.contains('@'))
+                .unwrap_or_default()
+                .to_string(),
+            dsn_from_name: c.delivery.dsn_from_name.clone(),
         }
+    }
+
+    /// The upstream mailbox a message goes out as: the mapped identity of
+    /// its local user, else `None` (the configured default).
+    pub fn identity_for(&self, meta: &Meta) -> Option<String> {
+        meta.auth_user
+            .as_ref()
+            .and_then(|u| self.identities.get(u))
+            .filter(|m| !m.is_empty())
+            .cloned()
+    }
+
+    /// The `From:` of a DSN for `meta`: the mailbox its original went out
+    /// as, with the configured display name.
+    pub fn dsn_from_header(&self, meta: &Meta) -> String {
+        let addr = self
+            .identity_for(meta)
+            .or_else(|| (!self.dsn_from.is_empty()).then(|| self.dsn_from.clone()))
+            .unwrap_or_else(|| format!("MAILER-DAEMON@{}", self.hostname));
+        crate::message::format_mailbox(&self.dsn_from_name, &addr)
     }
 
     /// The delay before attempt `attempts + 1`: doubling from `retry_initial`,
@@ -226,6 +257,9 @@ pub struct QueueStats {
     pub in_flight: usize,
     /// Messages that failed at least one attempt and wait for a retry.
     pub deferred: usize,
+    /// DSNs that could not be delivered, kept until an operator retries or
+    /// deletes them (state `bounce_undeliverable` in the queue list).
+    pub bounce_undeliverable: usize,
     /// Age of the oldest message, in seconds.
     pub oldest_age_secs: u64,
     /// When the oldest message arrived (Unix seconds).
@@ -437,12 +471,25 @@ async fn run_loop(
                     if let Some(old) = items.get(&meta.id) {
                         due.remove(&(old.due, meta.id.clone()));
                     }
-                    due.insert((at, meta.id.clone()));
+                    if !meta.bounce_undeliverable {
+                        due.insert((at, meta.id.clone()));
+                    }
                     items.insert(meta.id.clone(), Item { meta, due: at, born, in_flight: false });
                 }
                 Some(Cmd::RetryNow(id, reply)) => {
                     let found = match items.get_mut(&id) {
                         Some(item) if !item.in_flight => {
+                            if item.meta.bounce_undeliverable {
+                                // The operator asks for another go: its
+                                // recipients are pending again.
+                                item.meta.bounce_undeliverable = false;
+                                for r in &mut item.meta.rcpts {
+                                    if r.status == RcptStatus::Failed {
+                                        r.status = RcptStatus::Pending;
+                                    }
+                                }
+                                tracing::info!(id = %id, "undeliverable DSN retried by operator");
+                            }
                             due.remove(&(item.due, id.clone()));
                             item.due = Instant::now();
                             due.insert((item.due, id.clone()));
@@ -491,8 +538,11 @@ async fn run_loop(
                         if let Some(item) = items.get_mut(&id) {
                             item.in_flight = false;
                             item.due = Instant::now() + delay;
+                            // Held for the operator: not due again by itself.
+                            if !meta.bounce_undeliverable {
+                                due.insert((item.due, id));
+                            }
                             item.meta = meta;
-                            due.insert((item.due, id));
                         }
                     }
                     Ok((id, None)) => {
@@ -580,7 +630,14 @@ fn publish_stats(shared: &Shared, items: &HashMap<String, Item>, in_flight: usiz
     };
     s.depth = items.len();
     s.in_flight = in_flight;
-    s.deferred = items.values().filter(|i| i.meta.attempts > 0).count();
+    s.deferred = items
+        .values()
+        .filter(|i| i.meta.attempts > 0 && !i.meta.bounce_undeliverable)
+        .count();
+    s.bounce_undeliverable = items
+        .values()
+        .filter(|i| i.meta.bounce_undeliverable)
+        .count();
     s.oldest_received_at = items
         .values()
         .map(|i| i.meta.received_at)
@@ -628,12 +685,7 @@ async fn attempt(s: &Scheduler, mut meta: Meta, born: Instant) -> Option<(Meta, 
     } else {
         policy.reply_to.clone()
     };
-    let identity = meta
-        .auth_user
-        .as_ref()
-        .and_then(|u| policy.identities.get(u))
-        .filter(|m| !m.is_empty())
-        .cloned();
+    let identity = policy.identity_for(&meta);
     let env = Envelope {
         id: id.clone(),
         from,
@@ -691,15 +743,34 @@ async fn attempt(s: &Scheduler, mut meta: Meta, born: Instant) -> Option<(Meta, 
             Some((meta, delay))
         }
         Next::Done => {
-            let failed = meta.rcpts.iter().any(|r| r.status == RcptStatus::Failed);
-            if failed && !meta.is_dsn && !meta.from.is_empty() {
-                if let Err(e) = queue_dsn(s, &meta, &body, &policy).await {
-                    // Keep the message (all final) so the DSN is retried after a restart.
-                    tracing::error!(id = %id, error = %e, "cannot queue DSN; keeping message");
-                    return Some((meta, policy.retry_max));
+            match dsn_decision(&meta) {
+                Dsn::Send => {
+                    if let Err(e) = queue_dsn(s, &meta, &body, &policy).await {
+                        // Keep the message (all final) so the DSN is retried after a restart.
+                        tracing::error!(id = %id, error = %e, "cannot queue DSN; keeping message");
+                        return Some((meta, policy.retry_max));
+                    }
                 }
-            } else if failed {
-                tracing::warn!(id = %id, "no DSN: the sender is <> or the message is itself a DSN");
+                Dsn::Undeliverable => {
+                    // Never bounce a bounce, never drop it either: it stays
+                    // queued, visible, until an operator retries or deletes it.
+                    meta.bounce_undeliverable = true;
+                    tracing::warn!(id = %id, to = %meta.rcpts.first().map(|r| r.addr.as_str()).unwrap_or(""), error = meta.last_error.as_deref().unwrap_or(""), "DSN could not be delivered; kept in the queue as bounce_undeliverable until an operator retries or deletes it");
+                    let m = meta.clone();
+                    let sp = spool.clone();
+                    match tokio::task::spawn_blocking(move || sp.update(&m)).await {
+                        Ok(Ok(())) => {}
+                        Ok(Err(e)) => {
+                            tracing::error!(id = %id, error = %e, "cannot update metadata")
+                        }
+                        Err(e) => tracing::error!(id = %id, error = %e, "metadata writer failed"),
+                    }
+                    return Some((meta, Duration::ZERO));
+                }
+                Dsn::NoSender => {
+                    tracing::warn!(id = %id, "no DSN: the envelope sender is <>");
+                }
+                Dsn::NotNeeded => {}
             }
             // Two unlinks, no fsync: quick enough to do in place.
             if let Err(e) = spool.remove(&id) {
@@ -710,13 +781,41 @@ async fn attempt(s: &Scheduler, mut meta: Meta, born: Instant) -> Option<(Meta, 
     }
 }
 
+/// What becomes of a message whose recipients are all final.
+#[derive(Debug, PartialEq, Eq)]
+enum Dsn {
+    /// Every recipient was delivered.
+    NotNeeded,
+    /// Some failed: tell the sender.
+    Send,
+    /// Some failed, but the sender is `<>`: nobody to tell.
+    NoSender,
+    /// This is a DSN that failed itself: keep it as `bounce_undeliverable`.
+    Undeliverable,
+}
+
+/// The one place that decides whether a DSN is created (add sending
+/// policies here).
+fn dsn_decision(meta: &Meta) -> Dsn {
+    if !meta.rcpts.iter().any(|r| r.status == RcptStatus::Failed) {
+        Dsn::NotNeeded
+    } else if meta.is_dsn {
+        Dsn::Undeliverable
+    } else if meta.from.is_empty() {
+        Dsn::NoSender
+    } else {
+        Dsn::Send
+    }
+}
+
 /// Store and schedule the DSN for `meta`. Its id is derived from the
 /// original's, so a crash between storing it and removing the original
 /// rewrites the same DSN instead of sending two.
 async fn queue_dsn(s: &Scheduler, meta: &Meta, body: &[u8], policy: &Policy) -> Result<(), String> {
     let dsn_id = format!("{}-dsn", meta.id);
     let date = chrono::Utc::now().to_rfc2822();
-    let text = dsn::build(meta, body, &policy.hostname, &date, &dsn_id);
+    let from = policy.dsn_from_header(meta);
+    let text = dsn::build(meta, body, &policy.hostname, &from, &date, &dsn_id);
     let mut m = Meta::new(
         dsn_id.clone(),
         String::new(),
@@ -725,6 +824,8 @@ async fn queue_dsn(s: &Scheduler, meta: &Meta, body: &[u8], policy: &Policy) -> 
         now_unix(),
     );
     m.is_dsn = true;
+    // Out as the same mailbox as the original (its identity, if mapped).
+    m.auth_user = meta.auth_user.clone();
     m.message_id = Some(format!("<{dsn_id}@{}>", policy.hostname));
     let spool = s.shared.spool.clone();
     let m2 = m.clone();
@@ -758,6 +859,8 @@ mod tests {
             sender_name: String::new(),
             reply_to: String::new(),
             identities: Default::default(),
+            dsn_from: "desk@relay.test".into(),
+            dsn_from_name: "Mail Delivery System".into(),
         }
     }
 

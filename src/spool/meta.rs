@@ -89,6 +89,10 @@ pub struct Meta {
     /// The local user the client authenticated as, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub auth_user: Option<String>,
+    /// This DSN could not be delivered either: it stays in the queue, not
+    /// retried, until an operator retries or deletes it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub bounce_undeliverable: bool,
 }
 
 impl Meta {
@@ -108,6 +112,7 @@ impl Meta {
             smtputf8: false,
             is_dsn: false,
             auth_user: None,
+            bounce_undeliverable: false,
         }
     }
 
@@ -120,6 +125,18 @@ impl Meta {
             return Err("empty recipient".into());
         }
         Ok(())
+    }
+
+    /// Where the message stands, for the queue list: `queued`, `deferred`
+    /// (an attempt failed, more will follow) or `bounce_undeliverable`.
+    pub fn state(&self) -> &'static str {
+        if self.bounce_undeliverable {
+            "bounce_undeliverable"
+        } else if self.attempts > 0 {
+            "deferred"
+        } else {
+            "queued"
+        }
     }
 
     /// Recipients still to be delivered.

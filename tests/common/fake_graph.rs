@@ -65,6 +65,9 @@ pub struct GraphConfig {
     pub latency: (Duration, Duration),
     /// Seed for the latency draw.
     pub seed: u64,
+    /// Exchange's send-as rule: a MIME `sendMail` whose `From:` is not the
+    /// mailbox in the URL gets `403 ErrorSendAsDenied`.
+    pub strict_send_as: bool,
 }
 
 impl Default for GraphConfig {
@@ -76,6 +79,7 @@ impl Default for GraphConfig {
             throttle_retry_after: 1,
             latency: (Duration::ZERO, Duration::ZERO),
             seed: 1,
+            strict_send_as: false,
         }
     }
 }
@@ -635,6 +639,13 @@ async fn route(
             let Ok(mime) = B64.decode(&text) else {
                 return (400, None, Reply::invalid_base64().body, None);
             };
+            if st.cfg.strict_send_as
+                && super::header_from(&mime).as_deref()
+                    != Some(mailbox.to_ascii_lowercase().as_str())
+            {
+                let r = Reply::send_as_denied();
+                return (r.status, None, r.body, None);
+            }
             let recipients = mime_recipients(&mime);
             if recipients.is_empty() {
                 return answer(
