@@ -86,7 +86,12 @@ impl Policy {
             .identity_for(meta)
             .or_else(|| (!self.dsn_from.is_empty()).then(|| self.dsn_from.clone()))
             .unwrap_or_else(|| format!("MAILER-DAEMON@{}", self.hostname));
-        crate::message::format_mailbox(&self.dsn_from_name, &addr)
+        let name: String = self
+            .dsn_from_name
+            .chars()
+            .map(|c| if c.is_control() { ' ' } else { c })
+            .collect();
+        crate::message::format_mailbox(name.trim(), &addr)
     }
 
     /// The delay before attempt `attempts + 1`: doubling from `retry_initial`,

@@ -393,10 +393,9 @@ fn answer(req: &mut Request, auth: &FakeAuth, scripted: Reply, send_as: Option<&
     if let (Some(allowed), Some(mime)) = (send_as, req.mime.as_deref())
         && scripted == Reply::Success
         && super::header_from(mime).as_deref() != Some(allowed)
+        && let Reply::Error { code, text } = Reply::send_as_denied()
     {
-        if let Reply::Error { code, text } = Reply::send_as_denied() {
-            return xml(StatusCode::OK, &error_response(&code, &text));
-        }
+        return xml(StatusCode::OK, &error_response(&code, &text));
     }
     match scripted {
         Reply::Success => xml(StatusCode::OK, &success(req.operation.as_deref())),
