@@ -677,3 +677,61 @@ async fn network_failures_are_server_failures() {
     assert!(f.fails_over(), "{f}");
     assert!(t.probe().await.is_err());
 }
+
+#[tokio::test(start_paused = true)]
+async fn the_governor_keeps_to_the_upload_budget_the_fake_enforces() {
+    let span = Duration::from_secs(300);
+    let cfg = GraphConfig {
+        upload_budget: Some((1_000_000, span)),
+        ..GraphConfig::default()
+    };
+    let body = "x".repeat(200_000);
+    let message = format!("{MSG}{body}\r\n");
+    let send = |t: Arc<dyn Transport>, n: usize| {
+        let message = message.clone();
+        async move {
+            let mut out = Vec::new();
+            let mut set = tokio::task::JoinSet::new();
+            for _ in 0..n {
+                let (t, m) = (t.clone(), message.clone());
+                set.spawn(
+                    async move { t.deliver(&env(&["boss@example.com"]), m.as_bytes()).await },
+                );
+            }
+            while let Some(r) = set.join_next().await {
+                out.push(r.expect("task"));
+            }
+            out
+        }
+    };
+    // Without the byte budget the fake answers 429 past 1 MB.
+    let fake = FakeGraph::start(cfg.clone()).await;
+    let plain: Arc<dyn Transport> = Arc::new(Governed::new(
+        Arc::new(graph(&fake)),
+        Limits {
+            bytes_budget: None,
+            hold_retries: 0,
+            ..Limits::graph(4, "desk@contoso.com")
+        },
+    ));
+    let _ = send(plain, 8).await;
+    assert!(fake.requests().iter().any(|r| r.status == 429));
+
+    // With it: no 429, and never more than 1 MB in any 5 minutes.
+    let fake = FakeGraph::start(cfg).await;
+    let limits = Limits {
+        bytes_budget: Some((1_000_000, span)),
+        ..Limits::graph(4, "desk@contoso.com")
+    };
+    let governed: Arc<dyn Transport> = Arc::new(Governed::new(Arc::new(graph(&fake)), limits));
+    let t0 = tokio::time::Instant::now();
+    let results = send(governed, 8).await;
+    assert!(results.iter().all(|r| all_ok(r, 1)), "{results:?}");
+    assert!(fake.requests().iter().all(|r| r.status == 202));
+    let sent = fake.sent();
+    assert_eq!(sent.len(), 8);
+    // ~270 KB each: three per window.
+    let at: Vec<u64> = sent.iter().map(|s| (s.arrived - t0).as_secs()).collect();
+    assert!(at.iter().filter(|s| **s < 300).count() <= 3, "{at:?}");
+    assert!(*at.iter().max().unwrap() >= 600, "{at:?}");
+}
