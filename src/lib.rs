@@ -13,6 +13,7 @@ pub mod http;
 pub mod inbound;
 pub mod message;
 pub mod oauth;
+pub mod outcome;
 pub mod routing;
 pub mod scheduler;
 pub mod spool;

@@ -85,7 +85,12 @@ async fn throttling_delays_and_denial_bounces() {
         graph.sent().len() == 1 && d.queued() == 0
     })
     .await;
-    assert!(d.log().contains("deferred"), "{}", d.log());
+    // Held in its slot through the pause, not sent to the back of the queue.
+    assert!(
+        d.log().contains("holding the message until the pause ends"),
+        "{}",
+        d.log()
+    );
 
     graph.push(Reply::send_as_denied());
     let r = send(&d, &["boss@contoso.com"]).await;
@@ -97,6 +102,11 @@ async fn throttling_delays_and_denial_bounces() {
     assert!(
         dsn.contains("ErrorSendAsDenied") && dsn.contains("multipart/report"),
         "{dsn}"
+    );
+    assert!(dsn.contains("Status: 5.7.1\r\n"), "{dsn}");
+    assert!(
+        dsn.contains("From: \"Mail Delivery System\" <relay@contoso.com>\r\n"),
+        "the DSN is from the mailbox: {dsn}"
     );
 }
 

@@ -11,9 +11,12 @@ use base64::engine::general_purpose::STANDARD as B64;
 use common::fake_graph::{FakeGraph, GraphConfig, Reply};
 use mailbridge::config::{LargeMessages, Secret};
 use mailbridge::oauth::{IdentityTokens, StaticToken, TokenError, TokenSource};
+use mailbridge::routing::Router;
 use mailbridge::scheduler::governor::{Governed, Limits};
 use mailbridge::transport::graph::{GraphSettings, GraphTransport};
-use mailbridge::transport::{BoxFuture, Delivery, Envelope, Failure, Severity, Transport};
+use mailbridge::transport::{
+    BoxFuture, Delivery, Enhanced, Envelope, Failure, Scope, Severity, Transport,
+};
 
 const MSG: &str = "From: Help Desk <desk@contoso.com>\r\nTo: Boss <boss@example.com>\r\nSubject: Ticket 42\r\nMessage-ID: <42@desk>\r\n\r\nHello.\r\n";
 
@@ -523,37 +526,55 @@ async fn large_messages_can_go_to_the_alternate_instead() {
     let mut s = settings(&fake, token("token-1"));
     s.large_messages = LargeMessages::Alternate;
     s.max_request_bytes = 64 * 1024;
-    s.alternate = Some(alt.clone());
-    let t = GraphTransport::new(s.clone()).expect("transport");
+    let graph: Arc<dyn Transport> = Arc::new(GraphTransport::new(s.clone()).expect("transport"));
+    // Graph alone: the message is not for this route.
     let m = big_message(&pattern(1000, 1), &pattern(100_000, 2));
-    assert!(all_ok(&t.deliver(&env(&["boss@example.com"]), &m).await, 1));
+    let f = err(graph.deliver(&env(&["boss@example.com"]), &m).await);
+    assert_eq!((f.scope, f.severity), (Scope::Route, Severity::Permanent));
+    assert!(
+        f.text
+            .starts_with("552 5.3.4 message too large for Microsoft Graph"),
+        "{}",
+        f.text
+    );
+    assert_eq!(f.enhanced, Some(Enhanced::new(5, 3, 4)));
+
+    // Behind the router: the alternate carries it, and says so; the active
+    // route stays the primary.
+    let router = Router::new(graph.clone(), Some(alt.clone()));
+    let d = router.deliver(&env(&["boss@example.com"]), &m).await;
+    assert!(all_ok(&d.result, 1));
+    assert_eq!(
+        (d.route, d.server.as_str()),
+        ("alternate", "smtp://smtp.office365.com:587")
+    );
+    assert_eq!(router.state().active, "primary");
     assert_eq!(
         alt.got.lock().unwrap_or_else(|p| p.into_inner()).clone(),
         [(vec!["boss@example.com".to_string()], m.len())]
     );
     assert!(fake.requests().is_empty());
     // Small ones still go to Graph.
-    assert!(all_ok(
-        &t.deliver(&env(&["boss@example.com"]), MSG.as_bytes()).await,
-        1
-    ));
+    let d = router
+        .deliver(&env(&["boss@example.com"]), MSG.as_bytes())
+        .await;
+    assert!(all_ok(&d.result, 1));
+    assert_eq!(d.route, "primary");
     assert_eq!(fake.sent().len(), 1);
 
-    // The alternate being down does not make the router fail over (it
-    // would try the same alternate again, and switch routes).
+    // The alternate being down: retry later, without switching routes.
     let down = Arc::new(Recorder {
         got: Mutex::new(Vec::new()),
         answer: || Err(Failure::server("connection refused")),
     });
-    s.alternate = Some(down);
-    let t = GraphTransport::new(s.clone()).expect("transport");
-    let f = err(t.deliver(&env(&["boss@example.com"]), &m).await);
+    let router = Router::new(graph.clone(), Some(down));
+    let f = err(router.deliver(&env(&["boss@example.com"]), &m).await.result);
     assert_eq!((f.severity, f.fails_over()), (Severity::Transient, false));
+    assert_eq!(router.state().active, "primary");
 
     // No alternate: a clear bounce.
-    s.alternate = None;
-    let t = GraphTransport::new(s).expect("transport");
-    let f = err(t.deliver(&env(&["boss@example.com"]), &m).await);
+    let router = Router::new(graph, None);
+    let f = err(router.deliver(&env(&["boss@example.com"]), &m).await.result);
     assert_eq!(f.severity, Severity::Permanent);
     assert!(
         f.text
@@ -627,11 +648,10 @@ async fn a_429_pauses_the_mailbox_for_retry_after() {
     ));
     let t0 = tokio::time::Instant::now();
     let results = burst(governed.clone(), 5).await;
-    let failed: Vec<&Failure> = results.iter().filter_map(|r| r.as_ref().err()).collect();
-    assert_eq!(failed.len(), 1);
-    assert_eq!(failed[0].not_before, Some(Duration::from_secs(30)));
+    // The throttled message was held and retried: everything is delivered.
+    assert!(results.iter().all(|r| all_ok(r, 1)), "{results:?}");
     let sent = fake.sent();
-    assert_eq!(sent.len(), 4);
+    assert_eq!(sent.len(), 5);
     // Nobody was sent before the 30 s pause ended.
     assert!(
         sent.iter()
@@ -641,8 +661,8 @@ async fn a_429_pauses_the_mailbox_for_retry_after() {
     );
     assert_eq!(
         fake.requests().len(),
-        5,
-        "no retry storm: one request per message"
+        6,
+        "no retry storm: one request per message and one retry for the throttled one"
     );
     assert_eq!(governed.governor().stats().throttled, 1);
 }
@@ -656,4 +676,62 @@ async fn network_failures_are_server_failures() {
     let f = err(t.deliver(&env(&["boss@example.com"]), MSG.as_bytes()).await);
     assert!(f.fails_over(), "{f}");
     assert!(t.probe().await.is_err());
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_governor_keeps_to_the_upload_budget_the_fake_enforces() {
+    let span = Duration::from_secs(300);
+    let cfg = GraphConfig {
+        upload_budget: Some((1_000_000, span)),
+        ..GraphConfig::default()
+    };
+    let body = "x".repeat(200_000);
+    let message = format!("{MSG}{body}\r\n");
+    let send = |t: Arc<dyn Transport>, n: usize| {
+        let message = message.clone();
+        async move {
+            let mut out = Vec::new();
+            let mut set = tokio::task::JoinSet::new();
+            for _ in 0..n {
+                let (t, m) = (t.clone(), message.clone());
+                set.spawn(
+                    async move { t.deliver(&env(&["boss@example.com"]), m.as_bytes()).await },
+                );
+            }
+            while let Some(r) = set.join_next().await {
+                out.push(r.expect("task"));
+            }
+            out
+        }
+    };
+    // Without the byte budget the fake answers 429 past 1 MB.
+    let fake = FakeGraph::start(cfg.clone()).await;
+    let plain: Arc<dyn Transport> = Arc::new(Governed::new(
+        Arc::new(graph(&fake)),
+        Limits {
+            bytes_budget: None,
+            hold_retries: 0,
+            ..Limits::graph(4, "desk@contoso.com")
+        },
+    ));
+    let _ = send(plain, 8).await;
+    assert!(fake.requests().iter().any(|r| r.status == 429));
+
+    // With it: no 429, and never more than 1 MB in any 5 minutes.
+    let fake = FakeGraph::start(cfg).await;
+    let limits = Limits {
+        bytes_budget: Some((1_000_000, span)),
+        ..Limits::graph(4, "desk@contoso.com")
+    };
+    let governed: Arc<dyn Transport> = Arc::new(Governed::new(Arc::new(graph(&fake)), limits));
+    let t0 = tokio::time::Instant::now();
+    let results = send(governed, 8).await;
+    assert!(results.iter().all(|r| all_ok(r, 1)), "{results:?}");
+    assert!(fake.requests().iter().all(|r| r.status == 202));
+    let sent = fake.sent();
+    assert_eq!(sent.len(), 8);
+    // ~270 KB each: three per window.
+    let at: Vec<u64> = sent.iter().map(|s| (s.arrived - t0).as_secs()).collect();
+    assert!(at.iter().filter(|s| **s < 300).count() <= 3, "{at:?}");
+    assert!(*at.iter().max().unwrap() >= 600, "{at:?}");
 }

@@ -18,8 +18,21 @@ fn status() -> impl Strategy<Value = RcptStatus> {
 }
 
 prop_compose! {
-    fn rcpt()(addr in "\\PC{0,40}", status in status(), last_error in proptest::option::of("\\PC{0,60}")) -> Rcpt {
-        Rcpt { addr, status, last_error }
+    fn rcpt()(
+        addr in "\\PC{0,40}",
+        status in status(),
+        last_error in proptest::option::of("\\PC{0,60}"),
+        reply_code in proptest::option::of(200u16..600),
+        enhanced in proptest::option::of((prop_oneof![Just(2u8), Just(4), Just(5)], 0u16..1000, 0u16..1000)),
+    ) -> Rcpt {
+        Rcpt {
+            status,
+            last_error,
+            reply_code,
+            enhanced: enhanced.map(|(c, s, d)| mailbridge::outcome::Enhanced::new(c, s, d)),
+            class: reply_code.map(|_| mailbridge::outcome::FailureClass::Message),
+            ..Rcpt::pending(addr)
+        }
     }
 }
 
@@ -40,6 +53,7 @@ prop_compose! {
             size: nums.0, received_at: nums.1, attempts: nums.2, next_attempt: nums.3,
             last_error, message_id, client,
             smtputf8: flags.0, is_dsn: flags.1, auth_user,
+            bounce_undeliverable: flags.0 && flags.1,
         }
     }
 }

@@ -58,6 +58,8 @@ fn policy(give_up: u64) -> Policy {
         reply_to: String::new(),
         identities: Default::default(),
         dsn: mailbridge::scheduler::dsn_policy::DsnPolicy::any(),
+        dsn_from: "desk@relay.test".into(),
+        dsn_from_name: "Mail Delivery System".into(),
     }
 }
 
@@ -150,6 +152,40 @@ async fn retry_after_pushes_the_next_attempt_out() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn throttled_mail_is_retried_when_the_pause_ends_without_backoff() {
+    let t = Scripted::new(vec![
+        |_| {
+            Err(Failure::throttled(
+                "432 4.3.2 sender thread limit exceeded",
+                Duration::from_secs(30),
+            ))
+        },
+        |_| {
+            Err(Failure::throttled(
+                "432 4.3.2 sender thread limit exceeded",
+                Duration::from_secs(30),
+            ))
+        },
+        |_| {
+            Err(Failure::throttled(
+                "432 4.3.2 sender thread limit exceeded",
+                Duration::from_secs(30),
+            ))
+        },
+        all_ok,
+    ]);
+    let (s, spool, _dir, stop) = start(t.clone(), policy(86400)).await;
+    enqueue(&s, &spool, "t1", "app@legacy.local", &["a@x.test"]);
+    until(|| t.calls().len() == 4 && spool.is_empty()).await;
+    let c = t.calls();
+    // Exactly the pause each time: no backoff (60 s, 120 s, ...) and no jitter.
+    for w in c.windows(2) {
+        assert_eq!(w[1].0 - w[0].0, Duration::from_secs(30));
+    }
+    stop.cancel();
+}
+
+#[tokio::test(start_paused = true)]
 async fn give_up_sends_one_dsn_through_the_same_route() {
     // Everything to x.test fails transiently forever; the sender's domain works.
     let t = Scripted::new(vec![|env| {
@@ -180,7 +216,7 @@ async fn give_up_sends_one_dsn_through_the_same_route() {
         "{text}"
     );
     assert!(
-        text.contains("Status: 4.4.7") && text.contains("gave up after"),
+        text.contains("Status: 4.4.7") && text.contains("delivery time expired"),
         "{text}"
     );
     // Attempts stopped once the message was given up.
@@ -194,15 +230,103 @@ async fn give_up_sends_one_dsn_through_the_same_route() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn a_failing_dsn_is_never_bounced_again() {
+async fn a_failing_dsn_is_never_bounced_again_and_never_dropped() {
     let t = Scripted::new(vec![|_| Err(Failure::permanent("550 5.1.1 no such user"))]);
-    let (s, spool, _dir, stop) = start(t.clone(), policy(3600)).await;
+    let (s, spool, dir, stop) = start(t.clone(), policy(3600)).await;
     enqueue(&s, &spool, "m4", "app@legacy.local", &["a@x.test"]);
-    until(|| t.calls().len() == 2 && spool.is_empty()).await;
+    until(|| t.calls().len() == 2 && s.stats().bounce_undeliverable == 1).await;
     tokio::time::sleep(Duration::from_secs(7200)).await;
     let calls = t.calls();
     assert_eq!(calls.len(), 2, "the message, then its DSN, then nothing");
-    assert!(calls[1].1.from.is_empty());
+    assert!(
+        calls[1].1.from.is_empty(),
+        "the DSN's envelope sender is <>"
+    );
+    let dsn_text = String::from_utf8_lossy(&calls[1].2).into_owned();
+    assert!(
+        dsn_text.contains("From: \"Mail Delivery System\" <desk@relay.test>\r\n"),
+        "{dsn_text}"
+    );
+    // Kept, visible, on disk: the original is gone, the DSN stays.
+    let (_, on_disk, _) = Spool::open(dir.path(), 100).unwrap();
+    assert_eq!(on_disk.len(), 1);
+    assert_eq!(on_disk[0].id, "m4-dsn");
+    assert!(on_disk[0].bounce_undeliverable);
+    assert_eq!(on_disk[0].state(), "bounce_undeliverable");
+    let stats = s.stats();
+    assert_eq!(
+        (stats.depth, stats.deferred, stats.bounce_undeliverable),
+        (1, 0, 1)
+    );
+    // The operator retries it: one more attempt, then held again.
+    assert!(s.retry_now("m4-dsn").await);
+    until(|| t.calls().len() == 3).await;
+    until(|| s.stats().bounce_undeliverable == 1 && s.stats().in_flight == 0).await;
+    // The operator deletes it.
+    assert_eq!(s.delete("m4-dsn").await, Ok(true));
+    until(|| spool.is_empty()).await;
+    stop.cancel();
+}
+
+/// Panics on its first `panics` calls, then delivers.
+struct Panicky {
+    panics: std::sync::atomic::AtomicUsize,
+    calls: Mutex<Vec<Instant>>,
+}
+
+impl Transport for Panicky {
+    fn describe(&self) -> String {
+        "panicky://".into()
+    }
+    fn deliver<'a>(&'a self, env: &'a Envelope, _: &'a [u8]) -> BoxFuture<'a, Delivery> {
+        self.calls.lock().unwrap().push(Instant::now());
+        let left = self.panics.load(std::sync::atomic::Ordering::SeqCst);
+        Box::pin(async move {
+            if left > 0 {
+                self.panics
+                    .store(left - 1, std::sync::atomic::Ordering::SeqCst);
+                panic!("transport bug");
+            }
+            all_ok(env)
+        })
+    }
+    fn probe(&self) -> BoxFuture<'_, Result<(), Failure>> {
+        Box::pin(async { Ok(()) })
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_panicking_attempt_is_rescheduled_not_stuck_in_flight() {
+    let t = Arc::new(Panicky {
+        panics: 2.into(),
+        calls: Mutex::new(Vec::new()),
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let (spool, _, _) = Spool::open(dir.path(), 100).unwrap();
+    let spool = Arc::new(spool);
+    let stop = CancellationToken::new();
+    let (s, _task) = Scheduler::start(
+        spool.clone(),
+        Arc::new(Router::new(t.clone(), None)),
+        policy(86400),
+        Vec::new(),
+        stop.clone(),
+    );
+    enqueue(&s, &spool, "p1", "app@legacy.local", &["a@x.test"]);
+    enqueue(&s, &spool, "p2", "app@legacy.local", &["b@x.test"]);
+    until(|| t.calls.lock().unwrap().len() == 2).await;
+    // Both attempts panicked; neither message is in flight any more.
+    until(|| s.stats().in_flight == 0).await;
+    assert_eq!(s.delete("p2").await, Ok(true), "not stuck in flight");
+    // p1 is retried after the backoff and delivered.
+    until(|| spool.is_empty()).await;
+    let calls = t.calls.lock().unwrap().clone();
+    assert_eq!(calls.len(), 3, "two panics, then one delivery");
+    let gap = calls[2] - calls[0];
+    assert!(
+        gap >= Duration::from_secs(45) && gap <= Duration::from_secs(76),
+        "{gap:?}"
+    );
     stop.cancel();
 }
 

@@ -397,11 +397,12 @@ fn queue(cfg: &Config, action: QueueAction) -> ExitCode {
             };
             let now = crate::scheduler::now_unix();
             outln!(
-                "{:<24} {:>5} {:>8} {:>7} {:<30} LAST ERROR",
+                "{:<24} {:>5} {:>8} {:>7} {:<20} {:<30} LAST ERROR",
                 "ID",
                 "AGE",
                 "ATTEMPTS",
                 "PENDING",
+                "STATE",
                 "FROM"
             );
             for m in &metas {
@@ -413,11 +414,12 @@ fn queue(cfg: &Config, action: QueueAction) -> ExitCode {
                 let from = if m.from.is_empty() { "<>" } else { &m.from };
                 let from = crate::text::for_log(from);
                 outln!(
-                    "{:<24} {:>5} {:>8} {:>7} {:<30} {}",
+                    "{:<24} {:>5} {:>8} {:>7} {:<20} {:<30} {}",
                     m.id,
                     age(now.saturating_sub(m.received_at)),
                     m.attempts,
                     format!("{pending}/{}", m.rcpts.len()),
+                    m.state(),
                     from,
                     crate::text::for_log(m.last_error.as_deref().unwrap_or("-"))
                 );

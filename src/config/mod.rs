@@ -226,6 +226,9 @@ pub struct DeliveryConfig {
     pub give_up_after_secs: u64,
     /// Which senders get a delivery status notification (bounce).
     pub dsn_to: DsnTo,
+    /// Display name on the `From:` of delivery status notifications; the
+    /// address is the mailbox the upstream sends as (default "Mail Delivery System").
+    pub dsn_from_name: String,
 }
 
 /// Which senders a DSN may go to (so mailbridge cannot be used for backscatter).
@@ -249,6 +252,7 @@ impl Default for DeliveryConfig {
             retry_max_secs: 3600,
             give_up_after_secs: 5 * 86400,
             dsn_to: DsnTo::default(),
+            dsn_from_name: "Mail Delivery System".into(),
         }
     }
 }

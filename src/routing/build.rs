@@ -11,9 +11,8 @@ fn transport_for(
     c: &crate::config::Config,
     u: &crate::config::Upstream,
     server: &str,
-    alternate: Option<Arc<dyn Transport>>,
 ) -> Result<Arc<dyn Transport>, String> {
-    let t = ungoverned(c, u, server, alternate)?;
+    let t = ungoverned(c, u, server)?;
     Ok(match limits_for(u, server) {
         Some(limits) => Arc::new(Governed::new(t, limits)),
         None => t,
@@ -33,10 +32,11 @@ fn is_exchange_online(host: &str) -> bool {
     .any(|d| h == *d || h.ends_with(&format!(".{d}")))
 }
 
-/// The per-mailbox throttle an upstream gets (UPSTREAMS §3): Graph 4 in
-/// flight and 10,000 requests per 10 minutes; EWS 27 in flight (30 per minute
-/// in Exchange Online); Exchange Online SMTP 3 connections and 30 messages
-/// per minute; other servers only what is configured.
+/// The per-mailbox throttle an upstream gets: Graph 4 in flight, 10,000
+/// requests per 10 minutes, 150 MB per 5 minutes and 10,000 recipients a
+/// day; EWS 27 in flight (in Exchange Online also 30 per minute and 10,000
+/// recipients a day); Exchange Online SMTP 3 connections, 30 messages per
+/// minute and 10,000 recipients a day; other servers only what is configured.
 fn limits_for(u: &crate::config::Upstream, server: &str) -> Option<Limits> {
     use crate::config::Protocol;
     let mailbox = u.effective_mailbox();
@@ -45,22 +45,17 @@ fn limits_for(u: &crate::config::Upstream, server: &str) -> Option<Limits> {
         Protocol::Graph => Some(Limits::graph(u.max_in_flight, mailbox)),
         Protocol::Ews => {
             let online = crate::transport::ews::exchange_online_notice(&u.connect_url).is_some();
-            let per_minute = if u.messages_per_minute == 0 && online {
-                30
-            } else {
-                u.messages_per_minute
-            };
             let in_flight = if u.max_in_flight == 0 {
                 crate::transport::ews::DEFAULT_MAX_IN_FLIGHT
             } else {
                 u.max_in_flight
             };
-            Some(Limits {
-                max_in_flight: in_flight,
-                messages_per_minute: per_minute,
-                default_key: mailbox.to_string(),
-                ..Limits::none()
-            })
+            Some(Limits::ews(
+                in_flight,
+                u.messages_per_minute,
+                online,
+                mailbox,
+            ))
         }
         Protocol::Smtp | Protocol::Smtps => {
             let host = crate::config::parse_host_port(server, u.port)
@@ -94,7 +89,6 @@ fn ungoverned(
     c: &crate::config::Config,
     u: &crate::config::Upstream,
     server: &str,
-    alternate: Option<Arc<dyn Transport>>,
 ) -> Result<Arc<dyn Transport>, String> {
     use crate::config::Protocol;
     use crate::transport::smtp::{SmtpAuth, SmtpSettings, SmtpTransport};
@@ -200,7 +194,6 @@ fn ungoverned(
             settings.identity_tokens = Some(registry);
             settings.save_to_sent_items = u.save_to_sent_items;
             settings.large_messages = u.large_messages;
-            settings.alternate = alternate;
             Ok(Arc::new(GraphTransport::new(settings)?))
         }
     }
@@ -211,12 +204,8 @@ fn ungoverned(
 /// `upstream.alternate_server` with the primary's settings.
 pub fn from_config(c: &crate::config::Config) -> Result<Router, String> {
     let u = &c.upstream;
-    // The alternate first: Graph may hand it the messages too large for Graph.
     let alternate = if let Some(alt) = u.alternate.as_deref() {
-        Some(
-            transport_for(c, alt, &alt.server, None)
-                .map_err(|e| format!("upstream.alternate: {e}"))?,
-        )
+        Some(transport_for(c, alt, &alt.server).map_err(|e| format!("upstream.alternate: {e}"))?)
     } else if !u.alternate_server.is_empty()
         && matches!(
             u.protocol,
@@ -224,13 +213,12 @@ pub fn from_config(c: &crate::config::Config) -> Result<Router, String> {
         )
     {
         Some(
-            transport_for(c, u, &u.alternate_server, None)
+            transport_for(c, u, &u.alternate_server)
                 .map_err(|e| format!("upstream.alternate_server: {e}"))?,
         )
     } else {
         None
     };
-    let primary =
-        transport_for(c, u, &u.server, alternate.clone()).map_err(|e| format!("upstream: {e}"))?;
+    let primary = transport_for(c, u, &u.server).map_err(|e| format!("upstream: {e}"))?;
     Ok(Router::new(primary, alternate))
 }

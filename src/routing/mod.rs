@@ -4,7 +4,7 @@ use std::sync::{Arc, Mutex};
 
 use serde::Serialize;
 
-use crate::transport::{Delivery, Envelope, Failure, Transport};
+use crate::transport::{Delivery, Envelope, Failure, Scope, Severity, Transport};
 
 mod build;
 pub use build::from_config;
@@ -15,6 +15,18 @@ pub struct Route {
     pub label: &'static str,
     /// How to reach it.
     pub transport: Arc<dyn Transport>,
+}
+
+/// The outcome of [`Router::deliver`] and the route that carried it (or,
+/// when nothing was delivered, the route the attempt started on).
+#[derive(Debug)]
+pub struct Routed {
+    /// What the transport answered.
+    pub result: Delivery,
+    /// `primary` or `alternate`.
+    pub route: &'static str,
+    /// That route's server, e.g. `smtp://smtp.office365.com:587`.
+    pub server: String,
 }
 
 /// Which server is in use, since when and why (shown by `status`).
@@ -111,37 +123,74 @@ impl Router {
 
     /// Deliver through the active server; when it fails as a server (refused,
     /// timeout, TLS, 421, authentication), try the other one in the same
-    /// attempt and, if that one answers, make it the active one.
-    pub async fn deliver(&self, env: &Envelope, message: &[u8]) -> Delivery {
+    /// attempt and, if that one answers, make it the active one. When a
+    /// route cannot carry this message ([`Scope::Route`], e.g. too large for
+    /// Graph), the next route is tried for this message only and the active
+    /// route stays. The answer names the route that carried the message.
+    pub async fn deliver(&self, env: &Envelope, message: &[u8]) -> Routed {
         let start = self.active_index();
         let mut last: Option<Failure> = None;
+        let mut handed_over = false;
+        let mut transient: Option<Failure> = None;
         for step in 0..self.routes.len() {
             let idx = (start + step) % self.routes.len();
             let route = &self.routes[idx];
-            match route.transport.deliver(env, message).await {
+            let result = route.transport.deliver(env, message).await;
+            let skip = match &result {
+                Err(f) if f.scope == Scope::Route => {
+                    tracing::info!(id = %env.id, route = route.label, server = %route.transport.describe(), reason = %f, "this route cannot carry the message; trying the next one");
+                    handed_over = true;
+                    true
+                }
                 Err(f) if f.fails_over() => {
                     tracing::info!(id = %env.id, route = route.label, server = %route.transport.describe(), error = %f, "server unavailable");
-                    last = Some(match last {
-                        None => f,
-                        Some(prev) => Failure {
-                            text: format!("{}; {}: {}", prev.text, route.label, f.text),
-                            ..f
-                        },
-                    });
+                    true
                 }
-                result => {
-                    if idx != start {
-                        let why = last.as_ref().map(|f| f.text.clone()).unwrap_or_default();
-                        self.switch(
-                            idx,
-                            format!("{} unavailable: {why}", self.routes[start].label),
-                        );
-                    }
-                    return result;
+                _ => false,
+            };
+            if !skip {
+                if idx != start && !handed_over {
+                    let why = last.as_ref().map(|f| f.text.clone()).unwrap_or_default();
+                    self.switch(
+                        idx,
+                        format!("{} unavailable: {why}", self.routes[start].label),
+                    );
                 }
+                return Routed {
+                    result,
+                    route: route.label,
+                    server: route.transport.describe(),
+                };
             }
+            let Err(f) = result else { continue };
+            if f.severity == Severity::Transient && transient.is_none() {
+                transient = Some(f.clone());
+            }
+            last = Some(match last {
+                None => f,
+                Some(prev) => Failure {
+                    text: format!("{}; {}: {}", prev.text, route.label, f.text),
+                    ..f
+                },
+            });
         }
-        Err(last.unwrap_or_else(|| Failure::server("no upstream configured")))
+        let mut f = last.unwrap_or_else(|| Failure::server("no upstream configured"));
+        // A route that cannot carry the message is final only when no route
+        // failed in a way that may pass: retry later rather than bounce.
+        if let Some(t) = transient
+            && f.severity == Severity::Permanent
+        {
+            f = Failure { text: f.text, ..t };
+        }
+        if handed_over && f.scope != Scope::Route {
+            // Not a reason to switch routes elsewhere: this message only.
+            f.scope = Scope::Message;
+        }
+        Routed {
+            result: Err(f),
+            route: self.routes[start].label,
+            server: self.routes[start].transport.describe(),
+        }
     }
 
     /// Return to the primary (operator action, reload or successful probe).
@@ -205,10 +254,10 @@ mod tests {
         let p = t("p", || Err(Failure::server("connection refused")));
         let a = t("a", || Ok(vec![Ok(())]));
         let r = Router::new(p.clone(), Some(a.clone()));
-        assert!(r.deliver(&env(), b"x").await.is_ok());
+        assert!(r.deliver(&env(), b"x").await.result.is_ok());
         assert_eq!(r.state().active, "alternate");
         assert!(r.state().reason.contains("connection refused"));
-        assert!(r.deliver(&env(), b"x").await.is_ok());
+        assert!(r.deliver(&env(), b"x").await.result.is_ok());
         assert_eq!(
             (
                 p.calls.load(Ordering::SeqCst),
@@ -238,12 +287,54 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_route_that_cannot_carry_the_message_hands_it_on_without_switching() {
+        let p = t("p", || Err(Failure::route("552 5.3.4 too large for p")));
+        let a = t("a", || Ok(vec![Ok(())]));
+        let r = Router::new(p.clone(), Some(a.clone()));
+        let d = r.deliver(&env(), b"x").await;
+        assert!(d.result.is_ok());
+        assert_eq!((d.route, d.server.as_str()), ("alternate", "a"));
+        assert_eq!(r.state().active, "primary", "the active route stays");
+        // The alternate down: retry later, no switch, no bounce.
+        let down = t("a", || Err(Failure::server("refused")));
+        let r = Router::new(p.clone(), Some(down));
+        let f = r.deliver(&env(), b"x").await.result.unwrap_err();
+        assert_eq!((f.severity, f.fails_over()), (Severity::Transient, false));
+        assert!(
+            f.text.contains("too large") && f.text.contains("refused"),
+            "{f}"
+        );
+        assert_eq!(r.state().active, "primary");
+        // Running on the alternate, which is down: the primary cannot carry
+        // it either, but the alternate may come back: still transient.
+        let r = Router::new(p.clone(), Some(t("a", || Err(Failure::server("refused")))));
+        r.switch(1, "test".into());
+        let f = r.deliver(&env(), b"x").await.result.unwrap_err();
+        assert_eq!(f.severity, Severity::Transient, "{f}");
+        // No other route: a bounce with the route's reason.
+        let r = Router::new(p, None);
+        let f = r.deliver(&env(), b"x").await.result.unwrap_err();
+        assert_eq!(f.severity, Severity::Permanent);
+        assert!(f.text.starts_with("552 5.3.4"), "{f}");
+    }
+
+    #[tokio::test]
+    async fn the_answer_names_the_route_that_carried_it() {
+        let r = Router::new(
+            t("p", || Err(Failure::server("refused"))),
+            Some(t("a", || Ok(vec![Ok(())]))),
+        );
+        let d = r.deliver(&env(), b"x").await;
+        assert_eq!((d.route, d.server.as_str()), ("alternate", "a"));
+    }
+
+    #[tokio::test]
     async fn both_down_reports_both() {
         let r = Router::new(
             t("p", || Err(Failure::server("refused"))),
             Some(t("a", || Err(Failure::server("timeout")))),
         );
-        let e = r.deliver(&env(), b"x").await.unwrap_err();
+        let e = r.deliver(&env(), b"x").await.result.unwrap_err();
         assert!(
             e.fails_over() && e.text.contains("refused") && e.text.contains("timeout"),
             "{e}"

@@ -15,16 +15,26 @@
 //!    key until then: every waiting attempt waits, not only the one that was
 //!    throttled. This is what prevents retry storms: after the pause at most
 //!    `max_in_flight` attempts start again, never the whole backlog.
-//! 3. **Budget**: at most `n` attempts start within any window (Graph: 10,000
-//!    requests per 10 minutes per app and mailbox).
+//! 3. **Budgets**: sliding windows, each checked before an attempt starts so
+//!    that it is never exceeded (the attempt waits until the window has
+//!    room, it does not provoke a 429 first): requests (Graph: 10,000 per 10
+//!    minutes per app and mailbox), request bytes (Graph: 150 MB uploaded
+//!    per 5 minutes; the transport says what an attempt will upload,
+//!    [`Transport::request_bytes`], upload-session chunks included) and
+//!    recipients (Exchange Online: 10,000 per day, rolling).
 //! 4. **Pacing**: an optional messages-per-minute rate, spread evenly (one
 //!    start every `60 s / rate`; Exchange Online: 30 per minute), so a surge
 //!    is smoothed instead of being carried over by Exchange.
+//! 5. **Held, not requeued**: an attempt the upstream throttles
+//!    ([`Failure::throttled`]: 429, `432 4.3.2`, EWS server busy) keeps its
+//!    slot and is tried again as soon as the pause ends, up to
+//!    [`Limits::hold_retries`] times, so the mail that was first stays first
+//!    and newer mail waits behind it.
 //!
 //! An attempt counts as one request. Graph's large-message path (draft,
 //! attachment uploads, send) makes several requests in one attempt, one at a
-//! time, so it never exceeds its slot; it does undercount the budget, which
-//! matters only when many messages are over 4 MB.
+//! time, so it never exceeds its slot; its bytes are counted in full, its
+//! request count undercounted by a few per message over 4 MB.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -47,6 +57,16 @@ pub struct Limits {
     pub app_in_flight: usize,
     /// At most `.0` attempts start in any window of `.1` (Graph: 10,000 per 10 minutes).
     pub budget: Option<(u32, Duration)>,
+    /// At most `.0` request bytes are sent in any window of `.1` (Graph:
+    /// 150 MB per 5 minutes), as [`Transport::request_bytes`] reckons them.
+    pub bytes_budget: Option<(u64, Duration)>,
+    /// At most `.0` recipients in any window of `.1` (Exchange Online:
+    /// 10,000 per day, rolling).
+    pub recipients_budget: Option<(u64, Duration)>,
+    /// How often an attempt throttled by the upstream is retried in place
+    /// (holding its slot) once the pause ends, before the failure goes back
+    /// to the scheduler.
+    pub hold_retries: u32,
     /// Messages per minute per key, spread evenly; 0 = no pacing.
     pub messages_per_minute: u32,
     /// Longest pause a single `not_before` can impose (guards against absurd
@@ -63,33 +83,85 @@ impl Limits {
             max_in_flight: 0,
             app_in_flight: 0,
             budget: None,
+            bytes_budget: None,
+            recipients_budget: None,
+            hold_retries: 0,
             messages_per_minute: 0,
             max_pause: Duration::from_secs(3600),
             default_key: String::new(),
         }
     }
 
-    /// Microsoft Graph: `max_in_flight` requests per app and mailbox (0 = 4)
-    /// and 10,000 requests per 10 minutes (UPSTREAMS §3.1).
+    /// Microsoft Graph: `max_in_flight` requests per app and mailbox (0 = 4),
+    /// 10,000 requests per 10 minutes and 150 MB of request bodies per 5
+    /// minutes (UPSTREAMS §3.1), and Exchange Online's 10,000 recipients per
+    /// day, which still apply after Graph's 202 (§3.2).
     pub fn graph(max_in_flight: usize, default_key: &str) -> Limits {
         Limits {
             max_in_flight: if max_in_flight == 0 { 4 } else { max_in_flight },
             budget: Some((10_000, Duration::from_secs(600))),
+            bytes_budget: Some((GRAPH_UPLOAD_BYTES, Duration::from_secs(300))),
+            recipients_budget: Some(EXCHANGE_RECIPIENTS_PER_DAY),
+            hold_retries: HOLD_RETRIES,
             default_key: default_key.to_string(),
             ..Limits::none()
         }
     }
 
-    /// Exchange Online SMTP AUTH: `connections` per mailbox (0 = 3) and
-    /// `per_minute` messages per minute (0 = 30) (UPSTREAMS §3.2).
+    /// Exchange Online SMTP AUTH: `connections` per mailbox (0 = 3),
+    /// `per_minute` messages per minute (0 = 30) and 10,000 recipients per
+    /// day (UPSTREAMS §3.2).
     pub fn exchange_smtp(connections: usize, per_minute: u32, default_key: &str) -> Limits {
         Limits {
             max_in_flight: if connections == 0 { 3 } else { connections },
             messages_per_minute: if per_minute == 0 { 30 } else { per_minute },
+            recipients_budget: Some(EXCHANGE_RECIPIENTS_PER_DAY),
+            hold_retries: HOLD_RETRIES,
             default_key: default_key.to_string(),
             ..Limits::none()
         }
     }
+
+    /// EWS: `max_in_flight` requests per mailbox (EWSMaxConcurrency, 27) and
+    /// `per_minute` messages; Exchange Online adds 30 messages per minute
+    /// (when `per_minute` is 0) and 10,000 recipients per day (UPSTREAMS
+    /// §3.2, §4.3).
+    pub fn ews(
+        max_in_flight: usize,
+        per_minute: u32,
+        exchange_online: bool,
+        default_key: &str,
+    ) -> Limits {
+        Limits {
+            max_in_flight,
+            messages_per_minute: if per_minute == 0 && exchange_online {
+                30
+            } else {
+                per_minute
+            },
+            recipients_budget: exchange_online.then_some(EXCHANGE_RECIPIENTS_PER_DAY),
+            hold_retries: HOLD_RETRIES,
+            default_key: default_key.to_string(),
+            ..Limits::none()
+        }
+    }
+}
+
+/// Graph's upload budget per app and mailbox: "150 MB" per 5 minutes, read
+/// as decimal megabytes (the smaller reading).
+pub const GRAPH_UPLOAD_BYTES: u64 = 150_000_000;
+/// Exchange Online's recipient rate limit: 10,000 per rolling 24 hours.
+pub const EXCHANGE_RECIPIENTS_PER_DAY: (u64, Duration) = (10_000, Duration::from_secs(86_400));
+/// Default for [`Limits::hold_retries`] on Microsoft upstreams.
+pub const HOLD_RETRIES: u32 = 3;
+
+/// What one attempt takes from the budgets.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Cost {
+    /// Request bytes ([`Transport::request_bytes`]).
+    pub bytes: u64,
+    /// Recipients.
+    pub recipients: u64,
 }
 
 /// Figures for status and benchmarks.
@@ -116,10 +188,52 @@ struct Gate {
 struct GateState {
     /// No attempt starts before this.
     paused_until: Option<Instant>,
-    /// Start times inside the budget window, oldest first.
-    window: VecDeque<Instant>,
+    /// Starts inside the request budget's window.
+    requests: Window,
+    /// Request bytes inside the byte budget's window.
+    bytes: Window,
+    /// Recipients inside the recipient budget's window.
+    recipients: Window,
     /// The earliest start the pacing allows for the next attempt.
     next_start: Option<Instant>,
+}
+
+/// A sliding window of amounts spent, oldest first.
+#[derive(Default)]
+struct Window {
+    spent: VecDeque<(Instant, u64)>,
+    sum: u64,
+}
+
+impl Window {
+    /// When `need` more fits under `max` per `span`: `None` if it fits now,
+    /// else the instant enough of the oldest spending leaves the window. An
+    /// amount larger than `max` on its own waits for an empty window.
+    fn full_until(&mut self, max: u64, span: Duration, need: u64, now: Instant) -> Option<Instant> {
+        while let Some(&(t, n)) = self.spent.front() {
+            if t + span > now {
+                break;
+            }
+            self.spent.pop_front();
+            self.sum -= n;
+        }
+        if self.spent.is_empty() || self.sum.saturating_add(need) <= max {
+            return None;
+        }
+        let mut left = self.sum;
+        for &(t, n) in &self.spent {
+            left -= n;
+            if left.saturating_add(need) <= max || left == 0 {
+                return Some((t + span).max(now));
+            }
+        }
+        None
+    }
+
+    fn spend(&mut self, at: Instant, n: u64) {
+        self.spent.push_back((at, n));
+        self.sum += n;
+    }
 }
 
 /// Held while an attempt runs; dropping it frees the slot.
@@ -194,9 +308,14 @@ impl Governor {
     }
 
     /// Wait until an attempt for `key` may start: a free slot, no pause, room
-    /// in the budget and the pacing interval passed. Waiters are served in
-    /// arrival order.
+    /// in every budget and the pacing interval passed. Waiters are served in
+    /// arrival order. An attempt that costs nothing but a request.
     pub async fn acquire(&self, key: &str) -> Permit {
+        self.acquire_for(key, Cost::default()).await
+    }
+
+    /// [`Governor::acquire`] for an attempt of `cost`.
+    pub async fn acquire_for(&self, key: &str, cost: Cost) -> Permit {
         let gate = self.gate(key);
         // Slot of the key first, then the app-wide one: a waiter for a busy
         // key must not sit on an app-wide slot another key could use.
@@ -208,16 +327,27 @@ impl Governor {
             Some(s) => s.clone().acquire_owned().await.ok(),
             None => None,
         };
+        self.start(&gate, cost).await;
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        Permit {
+            _slot: slot,
+            _app: app,
+            in_flight: self.in_flight.clone(),
+        }
+    }
+
+    /// With a slot held: wait for the pause to end, reserve a start time
+    /// within every budget and on the pacing grid, and wait for it.
+    async fn start(&self, gate: &Gate, cost: Cost) {
         let interval = (self.limits.messages_per_minute > 0)
             .then(|| Duration::from_secs(60) / self.limits.messages_per_minute);
-        // Reserve a start time: after any pause, within the budget, on the pacing grid.
         let start = loop {
             let wait = {
                 let mut st = lock(&gate.state);
                 let now = Instant::now();
                 if let Some(p) = st.paused_until.filter(|p| *p > now) {
                     p
-                } else if let Some(free) = self.budget_full_until(&mut st, now) {
+                } else if let Some(free) = self.budgets_full_until(&mut st, cost, now) {
                     free
                 } else {
                     let at = match (interval, st.next_start) {
@@ -228,7 +358,13 @@ impl Governor {
                         st.next_start = Some(at + i);
                     }
                     if self.limits.budget.is_some() {
-                        st.window.push_back(at);
+                        st.requests.spend(at, 1);
+                    }
+                    if self.limits.bytes_budget.is_some() {
+                        st.bytes.spend(at, cost.bytes);
+                    }
+                    if self.limits.recipients_budget.is_some() {
+                        st.recipients.spend(at, cost.recipients);
                     }
                     break at;
                 }
@@ -245,24 +381,27 @@ impl Governor {
             }
         }
         self.started.fetch_add(1, Ordering::Relaxed);
-        self.in_flight.fetch_add(1, Ordering::Relaxed);
-        Permit {
-            _slot: slot,
-            _app: app,
-            in_flight: self.in_flight.clone(),
-        }
     }
 
-    /// When the budget is used up: the instant its oldest start leaves the window.
-    fn budget_full_until(&self, st: &mut GateState, now: Instant) -> Option<Instant> {
-        let (max, window) = self.limits.budget?;
-        while st.window.front().is_some_and(|t| *t + window <= now) {
-            st.window.pop_front();
+    /// When some budget has no room for `cost`: the latest instant any of
+    /// them has room again (checked again then).
+    fn budgets_full_until(&self, st: &mut GateState, cost: Cost, now: Instant) -> Option<Instant> {
+        let mut until: Option<Instant> = None;
+        let mut wait = |t: Option<Instant>| {
+            if let Some(t) = t {
+                until = Some(until.map_or(t, |u| u.max(t)));
+            }
+        };
+        if let Some((max, span)) = self.limits.budget {
+            wait(st.requests.full_until(u64::from(max), span, 1, now));
         }
-        if st.window.len() < max as usize {
-            return None;
+        if let Some((max, span)) = self.limits.bytes_budget {
+            wait(st.bytes.full_until(max, span, cost.bytes, now));
         }
-        st.window.front().map(|oldest| (*oldest + window).max(now))
+        if let Some((max, span)) = self.limits.recipients_budget {
+            wait(st.recipients.full_until(max, span, cost.recipients, now));
+        }
+        until
     }
 
     /// Stop every attempt for `key` from starting for `wait` (capped by
@@ -344,13 +483,32 @@ impl Transport for Governed {
 
     fn deliver<'a>(&'a self, env: &'a Envelope, message: &'a [u8]) -> BoxFuture<'a, Delivery> {
         Box::pin(async move {
-            let key = self.governor.key_for(env);
-            let permit = self.governor.acquire(&key).await;
-            let result = self.inner.deliver(env, message).await;
-            self.governor.observe(&key, &result);
+            let g = &self.governor;
+            let key = g.key_for(env);
+            let cost = Cost {
+                bytes: self.inner.request_bytes(message),
+                recipients: env.rcpts.len() as u64,
+            };
+            let permit = g.acquire_for(&key, cost).await;
+            let mut result = self.inner.deliver(env, message).await;
+            g.observe(&key, &result);
+            // Throttled: keep the slot and go again when the pause ends, so
+            // this message is not overtaken by mail that arrived later.
+            let mut held = 0;
+            while held < g.limits.hold_retries && matches!(&result, Err(f) if f.throttled) {
+                held += 1;
+                tracing::info!(id = %env.id, key = %key, retry = held, "throttled: holding the message until the pause ends");
+                g.start(&g.gate(&key), cost).await;
+                result = self.inner.deliver(env, message).await;
+                g.observe(&key, &result);
+            }
             drop(permit);
             result
         })
+    }
+
+    fn request_bytes(&self, message: &[u8]) -> u64 {
+        self.inner.request_bytes(message)
     }
 
     fn probe(&self) -> BoxFuture<'_, Result<(), Failure>> {
@@ -382,6 +540,7 @@ mod tests {
         now: AtomicUsize,
         peak: AtomicUsize,
         calls: Mutex<Vec<(Instant, Option<String>)>>,
+        ids: Mutex<Vec<String>>,
         script: Mutex<VecDeque<Delivery>>,
     }
 
@@ -392,6 +551,7 @@ mod tests {
                 now: AtomicUsize::new(0),
                 peak: AtomicUsize::new(0),
                 calls: Mutex::new(Vec::new()),
+                ids: Mutex::new(Vec::new()),
                 script: Mutex::new(VecDeque::new()),
             })
         }
@@ -407,6 +567,7 @@ mod tests {
         fn deliver<'a>(&'a self, env: &'a Envelope, _: &'a [u8]) -> BoxFuture<'a, Delivery> {
             Box::pin(async move {
                 lock(&self.calls).push((Instant::now(), env.identity.clone()));
+                lock(&self.ids).push(env.id.clone());
                 let n = self.now.fetch_add(1, Ordering::SeqCst) + 1;
                 self.peak.fetch_max(n, Ordering::SeqCst);
                 tokio::time::sleep(self.latency).await;
@@ -622,5 +783,159 @@ mod tests {
             )]),
         );
         assert_eq!(g.paused_for("j"), None);
+    }
+
+    fn env_n(id: &str, rcpts: usize) -> Envelope {
+        Envelope {
+            id: id.into(),
+            from: "a@b".into(),
+            rcpts: (0..rcpts).map(|i| format!("r{i}@d")).collect(),
+            identity: None,
+        }
+    }
+
+    /// Start `n` deliveries of `size`-byte messages with `rcpts` recipients,
+    /// in order; the start times.
+    async fn sized(
+        g: &Arc<Governed>,
+        inner: &Slow,
+        n: usize,
+        size: usize,
+        rcpts: usize,
+    ) -> Vec<Duration> {
+        let t0 = Instant::now();
+        let mut set = tokio::task::JoinSet::new();
+        for i in 0..n {
+            let g = g.clone();
+            set.spawn(async move {
+                g.deliver(&env_n(&i.to_string(), rcpts), &vec![b'x'; size])
+                    .await
+            });
+            tokio::task::yield_now().await;
+        }
+        while set.join_next().await.is_some() {}
+        inner.starts().iter().map(|t| *t - t0).collect()
+    }
+
+    /// The most spent in any window of `span` starting at a start.
+    fn peak(starts: &[Duration], each: u64, span: Duration) -> u64 {
+        starts
+            .iter()
+            .map(|s| {
+                starts
+                    .iter()
+                    .filter(|o| **o >= *s && **o < *s + span)
+                    .count() as u64
+                    * each
+            })
+            .max()
+            .unwrap_or(0)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_byte_budget_is_never_exceeded() {
+        let inner = Slow::new(10);
+        let span = Duration::from_secs(300);
+        let limits = Limits {
+            bytes_budget: Some((1000, span)),
+            ..Limits::none()
+        };
+        let g = Arc::new(Governed::new(inner.clone(), limits));
+        let starts = sized(&g, &inner, 7, 400, 1).await;
+        // Two fit per window (800 bytes), the third waits for the first two to leave.
+        let secs: Vec<u64> = starts.iter().map(|s| s.as_secs()).collect();
+        assert_eq!(secs, [0, 0, 300, 300, 600, 600, 900], "{starts:?}");
+        assert!(peak(&starts, 400, span) <= 1000);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn graph_limits_count_request_bytes_and_hold_a_surge_to_150_mb() {
+        // 100 messages of 2 MB (2.7 MB after base64): about 55 fit in 5 minutes.
+        let inner = Slow::new(1000);
+        let limits = Limits::graph(4, "desk@contoso.com");
+        assert_eq!(
+            limits.bytes_budget,
+            Some((150_000_000, Duration::from_secs(300)))
+        );
+        let g = Arc::new(Governed::new(inner.clone(), limits));
+        let starts = sized(&g, &inner, 100, 2_000_000, 1).await;
+        // Slow counts the message size as request bytes (the default).
+        assert!(peak(&starts, 2_000_000, Duration::from_secs(300)) <= 150_000_000);
+        assert_eq!(
+            starts
+                .iter()
+                .filter(|s| **s < Duration::from_secs(300))
+                .count(),
+            75
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_recipient_budget_holds_a_day() {
+        let inner = Slow::new(10);
+        let g = Arc::new(Governed::new(
+            inner.clone(),
+            Limits::exchange_smtp(3, 6000, "desk@contoso.com"),
+        ));
+        // 21 messages of 500 recipients: 20 today, the 21st a day after the first.
+        let starts = sized(&g, &inner, 21, 10, 500).await;
+        assert_eq!(starts.len(), 21);
+        assert!(starts[19] < Duration::from_secs(60), "{starts:?}");
+        assert_eq!(starts[20], Duration::from_secs(86_400));
+        assert!(peak(&starts, 500, Duration::from_secs(86_400)) <= 10_000);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_throttled_message_is_held_and_goes_first_when_the_pause_ends() {
+        let inner = Slow::new(100);
+        lock(&inner.script).push_back(Err(Failure::throttled(
+            "Graph 429 TooManyRequests",
+            Duration::from_secs(10),
+        )));
+        let g = Arc::new(Governed::new(
+            inner.clone(),
+            Limits::graph(1, "desk@contoso.com"),
+        ));
+        let t0 = Instant::now();
+        let first = {
+            let g = g.clone();
+            tokio::spawn(async move { g.deliver(&env_n("first", 1), b"m").await })
+        };
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        // Newer mail arrives during the pause.
+        let mut later = tokio::task::JoinSet::new();
+        for i in 0..3 {
+            let g = g.clone();
+            later.spawn(async move { g.deliver(&env_n(&format!("later{i}"), 1), b"m").await });
+            tokio::task::yield_now().await;
+        }
+        assert!(first.await.unwrap().is_ok(), "held, then delivered");
+        while later.join_next().await.is_some() {}
+        let ids = lock(&inner.ids).clone();
+        assert_eq!(ids, ["first", "first", "later0", "later1", "later2"]);
+        let starts: Vec<Duration> = inner.starts().iter().map(|t| *t - t0).collect();
+        // Retried the moment the pause ended (0.1 s + 10 s), the others after it.
+        assert_eq!(starts[1], Duration::from_millis(10_100));
+        assert_eq!(starts[2], Duration::from_millis(10_200));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn holding_gives_up_after_the_configured_retries() {
+        let inner = Slow::new(10);
+        for _ in 0..10 {
+            lock(&inner.script).push_back(Err(Failure::throttled("429", Duration::from_secs(5))));
+        }
+        let g = Arc::new(Governed::new(inner.clone(), Limits::graph(4, "k")));
+        let r = g.deliver(&env_n("m", 1), b"m").await;
+        assert!(matches!(&r, Err(f) if f.throttled), "{r:?}");
+        assert_eq!(inner.starts().len(), 1 + HOLD_RETRIES as usize);
+        // Not throttling (a plain transient failure with a wait): not held.
+        let inner = Slow::new(10);
+        lock(&inner.script).push_back(Err(
+            Failure::transient("503").with_not_before(Duration::from_secs(5))
+        ));
+        let g = Arc::new(Governed::new(inner.clone(), Limits::graph(4, "k")));
+        assert!(g.deliver(&env_n("m", 1), b"m").await.is_err());
+        assert_eq!(inner.starts().len(), 1);
     }
 }

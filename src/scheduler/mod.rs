@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::routing::Router;
 use crate::spool::{Meta, RcptStatus, Spool};
-use crate::transport::{Delivery, Envelope, Failure, Severity};
+use crate::transport::{Delivery, Enhanced, Envelope, Failure, FailureClass, Severity};
 
 /// Retry and rewrite policy (from `[delivery]` and `[upstream]`).
 #[derive(Debug, Clone)]
@@ -40,6 +40,12 @@ pub struct Policy {
     pub identities: std::collections::HashMap<String, String>,
     /// Which senders get a DSN (`delivery.dsn_to`).
     pub dsn: dsn_policy::DsnPolicy,
+    /// The mailbox the upstream sends as: the address on a DSN's `From:`,
+    /// so that Exchange's send-as rule lets it out. Empty =
+    /// `MAILER-DAEMON@<hostname>`.
+    pub dsn_from: String,
+    /// Display name on a DSN's `From:` (`delivery.dsn_from_name`).
+    pub dsn_from_name: String,
 }
 
 impl Policy {
@@ -59,7 +65,37 @@ impl Policy {
                 .map(|u| (u.name.clone(), u.mailbox.clone()))
                 .collect(),
             dsn: dsn_policy::DsnPolicy::from_config(c),
+            dsn_from: Some(c.upstream.effective_mailbox())
+                .filter(|m| m.contains('@'))
+                .unwrap_or_default()
+                .to_string(),
+            dsn_from_name: c.delivery.dsn_from_name.clone(),
         }
+    }
+
+    /// The upstream mailbox a message goes out as: the mapped identity of
+    /// its local user, else `None` (the configured default).
+    pub fn identity_for(&self, meta: &Meta) -> Option<String> {
+        meta.auth_user
+            .as_ref()
+            .and_then(|u| self.identities.get(u))
+            .filter(|m| !m.is_empty())
+            .cloned()
+    }
+
+    /// The `From:` of a DSN for `meta`: the mailbox its original went out
+    /// as, with the configured display name.
+    pub fn dsn_from_header(&self, meta: &Meta) -> String {
+        let addr = self
+            .identity_for(meta)
+            .or_else(|| (!self.dsn_from.is_empty()).then(|| self.dsn_from.clone()))
+            .unwrap_or_else(|| format!("MAILER-DAEMON@{}", self.hostname));
+        let name: String = self
+            .dsn_from_name
+            .chars()
+            .map(|c| if c.is_control() { ' ' } else { c })
+            .collect();
+        crate::message::format_mailbox(name.trim(), &addr)
     }
 
     /// The delay before attempt `attempts + 1`: doubling from `retry_initial`,
@@ -85,6 +121,11 @@ pub enum Next {
 
 /// Record the outcome of delivering to `tried` in `meta` and decide what
 /// comes next. `age` is how long the message has been queued.
+///
+/// Each recipient keeps the failure's class, reply code and enhanced status
+/// code for the DSN. An attempt whose only failures were throttling (the
+/// mailbox's budget upstream, not this message) is not counted towards the
+/// backoff: it is retried as soon as the upstream's pause ends.
 pub fn apply(
     meta: &mut Meta,
     tried: &[String],
@@ -92,9 +133,10 @@ pub fn apply(
     age: Duration,
     policy: &Policy,
 ) -> Next {
-    meta.attempts += 1;
     let mut wait: Option<Duration> = None;
     let mut last: Option<String> = None;
+    let mut failures = 0usize;
+    let mut throttled = 0usize;
     let mut record = |meta: &mut Meta, addr: &str, outcome: Result<(), &Failure>| {
         let Some(r) = meta
             .rcpts
@@ -107,14 +149,26 @@ pub fn apply(
             Ok(()) => {
                 r.status = RcptStatus::Delivered;
                 r.last_error = None;
+                r.class = None;
+                r.reply_code = None;
+                r.enhanced = None;
             }
             Err(f) => {
+                failures += 1;
                 r.last_error = Some(f.text.clone());
+                r.class = Some(f.class());
+                r.reply_code = f.reply_code;
+                r.enhanced = f.enhanced;
                 last = Some(f.text.clone());
                 if f.severity == Severity::Permanent {
                     r.status = RcptStatus::Failed;
-                } else if let Some(nb) = f.not_before {
-                    wait = Some(wait.map_or(nb, |w| w.max(nb)));
+                } else {
+                    if f.throttled {
+                        throttled += 1;
+                    }
+                    if let Some(nb) = f.not_before {
+                        wait = Some(wait.map_or(nb, |w| w.max(nb)));
+                    }
                 }
             }
         }
@@ -136,6 +190,10 @@ pub fn apply(
             }
         }
     }
+    let only_throttled = failures > 0 && throttled == failures;
+    if !only_throttled {
+        meta.attempts += 1;
+    }
     if last.is_some() {
         meta.last_error = last;
     }
@@ -143,25 +201,38 @@ pub fn apply(
         return Next::Done;
     }
     if age >= policy.give_up_after {
-        let why = format!(
+        meta.last_error = Some(format!(
             "gave up after {} attempts over {}h: {}",
             meta.attempts,
             age.as_secs() / 3600,
             meta.last_error.as_deref().unwrap_or("no answer")
-        );
+        ));
+        // Each recipient keeps its last upstream answer (the DSN's
+        // Diagnostic-Code) and is reported as 4.4.7, delivery time expired.
         for r in meta
             .rcpts
             .iter_mut()
             .filter(|r| r.status == RcptStatus::Pending)
         {
             r.status = RcptStatus::Failed;
-            r.last_error = Some(why.clone());
+            r.class = Some(FailureClass::Expired);
+            r.enhanced = Some(Enhanced::new(4, 4, 7));
+            if r.last_error.is_none() {
+                r.last_error = Some("no answer from the upstream".into());
+            }
         }
         return Next::Done;
+    }
+    if only_throttled {
+        // First in line again as soon as the pause ends; no backoff.
+        return Next::Retry(wait.unwrap_or(THROTTLED_RETRY));
     }
     let backoff = policy.backoff(meta.attempts);
     Next::Retry(wait.map_or(backoff, |w| w.max(backoff)))
 }
+
+/// Retry delay after throttling that named no wait.
+const THROTTLED_RETRY: Duration = Duration::from_secs(10);
 
 /// What one delivery attempt did to a message (observed by `POST /send-test`).
 #[derive(Debug, Clone)]
@@ -195,6 +266,9 @@ pub struct QueueStats {
     pub in_flight: usize,
     /// Messages that failed at least one attempt and wait for a retry.
     pub deferred: usize,
+    /// DSNs that could not be delivered, kept until an operator retries or
+    /// deletes them (state `bounce_undeliverable` in the queue list).
+    pub bounce_undeliverable: usize,
     /// Age of the oldest message, in seconds.
     pub oldest_age_secs: u64,
     /// When the oldest message arrived (Unix seconds).
@@ -351,6 +425,9 @@ async fn run_loop(
     let mut items: HashMap<String, Item> = HashMap::new();
     let mut due: BTreeSet<(Instant, String)> = BTreeSet::new();
     let mut running: JoinSet<(String, Option<(Meta, Duration)>)> = JoinSet::new();
+    // Which message each attempt is for: a panicking attempt loses its
+    // output, not its message.
+    let mut tasks: HashMap<tokio::task::Id, String> = HashMap::new();
     let sched = Scheduler {
         shared: shared.clone(),
     };
@@ -373,10 +450,12 @@ async fn run_loop(
             };
             item.in_flight = true;
             let (meta, born, s) = (item.meta.clone(), item.born, sched.clone());
-            running.spawn(async move {
+            let task_id = id.clone();
+            let handle = running.spawn(async move {
                 let outcome = attempt(&s, meta, born).await;
-                (id, outcome)
+                (task_id, outcome)
             });
+            tasks.insert(handle.id(), id);
         }
         // Publishing walks the whole queue: on a large queue do it at most
         // twice a second, so a backlog does not make every event O(n).
@@ -401,12 +480,25 @@ async fn run_loop(
                     if let Some(old) = items.get(&meta.id) {
                         due.remove(&(old.due, meta.id.clone()));
                     }
-                    due.insert((at, meta.id.clone()));
+                    if !meta.bounce_undeliverable {
+                        due.insert((at, meta.id.clone()));
+                    }
                     items.insert(meta.id.clone(), Item { meta, due: at, born, in_flight: false });
                 }
                 Some(Cmd::RetryNow(id, reply)) => {
                     let found = match items.get_mut(&id) {
                         Some(item) if !item.in_flight => {
+                            if item.meta.bounce_undeliverable {
+                                // The operator asks for another go: its
+                                // recipients are pending again.
+                                item.meta.bounce_undeliverable = false;
+                                for r in &mut item.meta.rcpts {
+                                    if r.status == RcptStatus::Failed {
+                                        r.status = RcptStatus::Pending;
+                                    }
+                                }
+                                tracing::info!(id = %id, "undeliverable DSN retried by operator");
+                            }
                             due.remove(&(item.due, id.clone()));
                             item.due = Instant::now();
                             due.insert((item.due, id.clone()));
@@ -440,20 +532,32 @@ async fn run_loop(
                     let _ = reply.send(answer);
                 }
             },
-            Some(done) = running.join_next(), if !running.is_empty() => {
+            Some(done) = running.join_next_with_id(), if !running.is_empty() => {
                 match done {
+                    Ok((task, _)) => {
+                        tasks.remove(&task);
+                    }
+                    Err(ref e) => {
+                        let id = tasks.remove(&e.id());
+                        rescue(&shared, &mut items, &mut due, id, e);
+                    }
+                }
+                match done.map(|(_, out)| out) {
                     Ok((id, Some((meta, delay)))) => {
                         if let Some(item) = items.get_mut(&id) {
                             item.in_flight = false;
                             item.due = Instant::now() + delay;
+                            // Held for the operator: not due again by itself.
+                            if !meta.bounce_undeliverable {
+                                due.insert((item.due, id));
+                            }
                             item.meta = meta;
-                            due.insert((item.due, id));
                         }
                     }
                     Ok((id, None)) => {
                         items.remove(&id);
                     }
-                    Err(e) => tracing::error!(error = %e, "delivery task failed"),
+                    Err(_) => {}
                 }
             }
             _ = sleep_until_opt(next) => {}
@@ -476,6 +580,45 @@ async fn run_loop(
     }
 }
 
+/// An attempt that panicked (or was cancelled): its message is no longer in
+/// flight. It counts as a failed attempt and is retried after the backoff,
+/// so a message that always panics is tried at the retry pace and bounced
+/// when its lifetime runs out, never stuck.
+fn rescue(
+    shared: &Shared,
+    items: &mut HashMap<String, Item>,
+    due: &mut BTreeSet<(Instant, String)>,
+    id: Option<String>,
+    e: &tokio::task::JoinError,
+) {
+    let Some(id) = id else {
+        tracing::error!(error = %e, "delivery task failed");
+        return;
+    };
+    let Some(item) = items.get_mut(&id) else {
+        return;
+    };
+    let policy = shared
+        .policy
+        .read()
+        .map(|p| p.clone())
+        .unwrap_or_else(|p| p.into_inner().clone());
+    item.meta.attempts += 1;
+    item.meta.last_error = Some("the delivery attempt failed unexpectedly (internal error)".into());
+    let delay = policy.backoff(item.meta.attempts);
+    item.meta.next_attempt = now_unix() + delay.as_secs();
+    item.in_flight = false;
+    item.due = Instant::now() + delay;
+    due.insert((item.due, id.clone()));
+    tracing::error!(id = %id, error = %e, retry_in_secs = delay.as_secs(), "delivery attempt panicked; rescheduled");
+    let (spool, meta) = (shared.spool.clone(), item.meta.clone());
+    tokio::task::spawn_blocking(move || {
+        if let Err(e) = spool.update(&meta) {
+            tracing::error!(id = %meta.id, error = %e, "cannot update metadata");
+        }
+    });
+}
+
 async fn sleep_until_opt(t: Option<Instant>) {
     match t {
         Some(t) => tokio::time::sleep_until(t).await,
@@ -496,7 +639,14 @@ fn publish_stats(shared: &Shared, items: &HashMap<String, Item>, in_flight: usiz
     };
     s.depth = items.len();
     s.in_flight = in_flight;
-    s.deferred = items.values().filter(|i| i.meta.attempts > 0).count();
+    s.deferred = items
+        .values()
+        .filter(|i| i.meta.attempts > 0 && !i.meta.bounce_undeliverable)
+        .count();
+    s.bounce_undeliverable = items
+        .values()
+        .filter(|i| i.meta.bounce_undeliverable)
+        .count();
     s.oldest_received_at = items
         .values()
         .map(|i| i.meta.received_at)
@@ -544,12 +694,7 @@ async fn attempt(s: &Scheduler, mut meta: Meta, born: Instant) -> Option<(Meta, 
     } else {
         policy.reply_to.clone()
     };
-    let identity = meta
-        .auth_user
-        .as_ref()
-        .and_then(|u| policy.identities.get(u))
-        .filter(|m| !m.is_empty())
-        .cloned();
+    let identity = policy.identity_for(&meta);
     let env = Envelope {
         id: id.clone(),
         from,
@@ -559,8 +704,8 @@ async fn attempt(s: &Scheduler, mut meta: Meta, born: Instant) -> Option<(Meta, 
     let router = s.router();
     let message_id = meta.message_id.clone().unwrap_or_default();
     tracing::info!(id = %id, message_id = %message_id, attempt = meta.attempts + 1, rcpts = env.rcpts.len(), "attempt");
-    let result = router.deliver(&env, &outgoing).await;
-    let server = router.state().server;
+    let routed = router.deliver(&env, &outgoing).await;
+    let (result, route, server) = (routed.result, routed.route, routed.server);
     let before: Vec<RcptStatus> = meta.rcpts.iter().map(|r| r.status).collect();
     let next = apply(&mut meta, &env.rcpts, &result, born.elapsed(), &policy);
     for (r, was) in meta.rcpts.iter().zip(before) {
@@ -569,7 +714,7 @@ async fn attempt(s: &Scheduler, mut meta: Meta, born: Instant) -> Option<(Meta, 
         }
         match r.status {
             RcptStatus::Delivered => {
-                tracing::info!(id = %id, message_id = %message_id, to = %r.addr, via = %server, "delivered")
+                tracing::info!(id = %id, message_id = %message_id, to = %r.addr, route, via = %server, "delivered")
             }
             RcptStatus::Failed => {
                 tracing::warn!(id = %id, message_id = %message_id, to = %r.addr, error = r.last_error.as_deref().unwrap_or(""), "bounced")
@@ -585,7 +730,7 @@ async fn attempt(s: &Scheduler, mut meta: Meta, born: Instant) -> Option<(Meta, 
         AttemptOutcome::Deferred
     };
     let detail = match outcome {
-        AttemptOutcome::Delivered => format!("delivered via {server}"),
+        AttemptOutcome::Delivered => format!("delivered via {server} ({route} route)"),
         _ => meta.last_error.clone().unwrap_or_default(),
     };
     let _ = s.shared.events.send(AttemptEvent {
@@ -607,17 +752,36 @@ async fn attempt(s: &Scheduler, mut meta: Meta, born: Instant) -> Option<(Meta, 
             Some((meta, delay))
         }
         Next::Done => {
-            let failed = meta.rcpts.iter().any(|r| r.status == RcptStatus::Failed);
-            if failed && !meta.is_dsn && !meta.from.is_empty() {
-                if let Err(why) = dsn_policy::dsn_allowed(&policy.dsn, &meta) {
-                    tracing::info!(id = %id, to = %crate::text::for_log(&meta.from), reason = why, "no DSN");
-                } else if let Err(e) = queue_dsn(s, &meta, &body, &policy).await {
-                    // Keep the message (all final) so the DSN is retried after a restart.
-                    tracing::error!(id = %id, error = %e, "cannot queue DSN; keeping message");
-                    return Some((meta, policy.retry_max));
+            match dsn_decision(&meta) {
+                Dsn::Send => {
+                    if let Err(why) = dsn_policy::dsn_allowed(&policy.dsn, &meta) {
+                        tracing::info!(id = %id, to = %crate::text::for_log(&meta.from), reason = why, "no DSN");
+                    } else if let Err(e) = queue_dsn(s, &meta, &body, &policy).await {
+                        // Keep the message (all final) so the DSN is retried after a restart.
+                        tracing::error!(id = %id, error = %e, "cannot queue DSN; keeping message");
+                        return Some((meta, policy.retry_max));
+                    }
                 }
-            } else if failed {
-                tracing::warn!(id = %id, "no DSN: the sender is <> or the message is itself a DSN");
+                Dsn::Undeliverable => {
+                    // Never bounce a bounce, never drop it either: it stays
+                    // queued, visible, until an operator retries or deletes it.
+                    meta.bounce_undeliverable = true;
+                    tracing::warn!(id = %id, to = %meta.rcpts.first().map(|r| r.addr.as_str()).unwrap_or(""), error = meta.last_error.as_deref().unwrap_or(""), "DSN could not be delivered; kept in the queue as bounce_undeliverable until an operator retries or deletes it");
+                    let m = meta.clone();
+                    let sp = spool.clone();
+                    match tokio::task::spawn_blocking(move || sp.update(&m)).await {
+                        Ok(Ok(())) => {}
+                        Ok(Err(e)) => {
+                            tracing::error!(id = %id, error = %e, "cannot update metadata")
+                        }
+                        Err(e) => tracing::error!(id = %id, error = %e, "metadata writer failed"),
+                    }
+                    return Some((meta, Duration::ZERO));
+                }
+                Dsn::NoSender => {
+                    tracing::warn!(id = %id, "no DSN: the envelope sender is <>");
+                }
+                Dsn::NotNeeded => {}
             }
             // Two unlinks, no fsync: quick enough to do in place.
             if let Err(e) = spool.remove(&id) {
@@ -628,13 +792,41 @@ async fn attempt(s: &Scheduler, mut meta: Meta, born: Instant) -> Option<(Meta, 
     }
 }
 
+/// What becomes of a message whose recipients are all final.
+#[derive(Debug, PartialEq, Eq)]
+enum Dsn {
+    /// Every recipient was delivered.
+    NotNeeded,
+    /// Some failed: tell the sender.
+    Send,
+    /// Some failed, but the sender is `<>`: nobody to tell.
+    NoSender,
+    /// This is a DSN that failed itself: keep it as `bounce_undeliverable`.
+    Undeliverable,
+}
+
+/// The one place that decides whether a DSN is created (add sending
+/// policies here).
+fn dsn_decision(meta: &Meta) -> Dsn {
+    if !meta.rcpts.iter().any(|r| r.status == RcptStatus::Failed) {
+        Dsn::NotNeeded
+    } else if meta.is_dsn {
+        Dsn::Undeliverable
+    } else if meta.from.is_empty() {
+        Dsn::NoSender
+    } else {
+        Dsn::Send
+    }
+}
+
 /// Store and schedule the DSN for `meta`. Its id is derived from the
 /// original's, so a crash between storing it and removing the original
 /// rewrites the same DSN instead of sending two.
 async fn queue_dsn(s: &Scheduler, meta: &Meta, body: &[u8], policy: &Policy) -> Result<(), String> {
     let dsn_id = format!("{}-dsn", meta.id);
     let date = chrono::Utc::now().to_rfc2822();
-    let text = dsn::build(meta, body, &policy.hostname, &date, &dsn_id);
+    let from = policy.dsn_from_header(meta);
+    let text = dsn::build(meta, body, &policy.hostname, &from, &date, &dsn_id);
     let mut m = Meta::new(
         dsn_id.clone(),
         String::new(),
@@ -643,6 +835,8 @@ async fn queue_dsn(s: &Scheduler, meta: &Meta, body: &[u8], policy: &Policy) -> 
         now_unix(),
     );
     m.is_dsn = true;
+    // Out as the same mailbox as the original (its identity, if mapped).
+    m.auth_user = meta.auth_user.clone();
     m.message_id = Some(format!("<{dsn_id}@{}>", policy.hostname));
     let spool = s.shared.spool.clone();
     let m2 = m.clone();
@@ -677,6 +871,8 @@ mod tests {
             reply_to: String::new(),
             identities: Default::default(),
             dsn: super::dsn_policy::DsnPolicy::any(),
+            dsn_from: "desk@relay.test".into(),
+            dsn_from_name: "Mail Delivery System".into(),
         }
     }
 
@@ -733,10 +929,79 @@ mod tests {
     }
 
     #[test]
+    fn failures_keep_their_class_and_status_codes() {
+        let mut m = meta();
+        let tried = m.pending();
+        let r: Delivery = Ok(vec![
+            Err(Failure::permanent("550 5.1.1 unknown")
+                .with_reply(550, Some(Enhanced::new(5, 1, 1)))),
+            Err(Failure::transient("451 4.3.0 later").with_reply(451, None)),
+        ]);
+        assert!(matches!(
+            apply(&mut m, &tried, &r, Duration::ZERO, &policy()),
+            Next::Retry(_)
+        ));
+        let (a, b) = (&m.rcpts[0], &m.rcpts[1]);
+        assert_eq!(
+            (a.status, a.class, a.reply_code, a.enhanced),
+            (
+                RcptStatus::Failed,
+                Some(FailureClass::Message),
+                Some(550),
+                Some(Enhanced::new(5, 1, 1))
+            )
+        );
+        assert_eq!(
+            (b.status, b.class, b.reply_code, b.enhanced),
+            (
+                RcptStatus::Pending,
+                Some(FailureClass::Message),
+                Some(451),
+                None
+            )
+        );
+        // Delivered later: the record is cleared.
+        apply(
+            &mut m,
+            &["b@x".into()],
+            &Ok(vec![Ok(())]),
+            Duration::ZERO,
+            &policy(),
+        );
+        assert_eq!(
+            (m.rcpts[1].status, m.rcpts[1].class, m.rcpts[1].reply_code),
+            (RcptStatus::Delivered, None, None)
+        );
+    }
+
+    #[test]
+    fn throttling_does_not_burn_the_backoff() {
+        let mut m = meta();
+        let tried = m.pending();
+        let r: Delivery = Err(Failure::throttled("429", Duration::from_secs(3)));
+        for _ in 0..5 {
+            assert_eq!(
+                apply(&mut m, &tried, &r, Duration::ZERO, &policy()),
+                Next::Retry(Duration::from_secs(3)),
+                "exactly the pause, no backoff"
+            );
+        }
+        assert_eq!(m.attempts, 0);
+        assert_eq!(m.rcpts[0].class, Some(FailureClass::Throttled));
+        // A failure of the message itself counts.
+        let r: Delivery = Err(Failure::transient("451 4.3.0 later"));
+        assert!(
+            matches!(apply(&mut m, &tried, &r, Duration::ZERO, &policy()), Next::Retry(d) if d >= Duration::from_secs(45))
+        );
+        assert_eq!(m.attempts, 1);
+    }
+
+    #[test]
     fn gives_up_after_the_configured_age() {
         let mut m = meta();
         let tried = m.pending();
-        let r: Delivery = Err(Failure::server("connection refused"));
+        let r: Delivery = Err(Failure::server("451 4.3.0 connection refused")
+            .with_reply(451, Some(Enhanced::new(4, 3, 0))));
         assert_eq!(
             apply(
                 &mut m,
@@ -749,11 +1014,24 @@ mod tests {
         );
         assert!(m.rcpts.iter().all(|r| r.status == RcptStatus::Failed));
         assert!(
-            m.rcpts[0]
-                .last_error
+            m.last_error
                 .as_deref()
                 .unwrap()
                 .starts_with("gave up after 1 attempts")
+        );
+        let r = &m.rcpts[0];
+        assert_eq!(
+            (r.class, r.enhanced, r.reply_code),
+            (
+                Some(FailureClass::Expired),
+                Some(Enhanced::new(4, 4, 7)),
+                Some(451)
+            )
+        );
+        assert_eq!(
+            r.last_error.as_deref(),
+            Some("451 4.3.0 connection refused"),
+            "the last upstream answer is kept"
         );
     }
 

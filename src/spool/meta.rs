@@ -2,6 +2,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::outcome::{Enhanced, FailureClass};
+
 /// Where one recipient stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -25,6 +27,30 @@ pub struct Rcpt {
     /// The last upstream answer for this recipient, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
+    /// What kind of failure `last_error` was.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub class: Option<FailureClass>,
+    /// The upstream's SMTP reply code with `last_error`, if it was a reply.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reply_code: Option<u16>,
+    /// The enhanced status code with `last_error` (`5.1.1`), the upstream's
+    /// or mapped by the transport; `4.4.7` when the queue lifetime ran out.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub enhanced: Option<Enhanced>,
+}
+
+impl Rcpt {
+    /// A pending recipient with no history.
+    pub fn pending(addr: String) -> Rcpt {
+        Rcpt {
+            addr,
+            status: RcptStatus::Pending,
+            last_error: None,
+            class: None,
+            reply_code: None,
+            enhanced: None,
+        }
+    }
 }
 
 /// A spooled message's metadata (`queue/<id>.json`).
@@ -63,6 +89,10 @@ pub struct Meta {
     /// The local user the client authenticated as, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub auth_user: Option<String>,
+    /// This DSN could not be delivered either: it stays in the queue, not
+    /// retried, until an operator retries or deletes it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub bounce_undeliverable: bool,
 }
 
 impl Meta {
@@ -71,14 +101,7 @@ impl Meta {
         Meta {
             id,
             from,
-            rcpts: rcpts
-                .into_iter()
-                .map(|addr| Rcpt {
-                    addr,
-                    status: RcptStatus::Pending,
-                    last_error: None,
-                })
-                .collect(),
+            rcpts: rcpts.into_iter().map(Rcpt::pending).collect(),
             size,
             received_at: now,
             attempts: 0,
@@ -89,6 +112,7 @@ impl Meta {
             smtputf8: false,
             is_dsn: false,
             auth_user: None,
+            bounce_undeliverable: false,
         }
     }
 
@@ -101,6 +125,18 @@ impl Meta {
             return Err("empty recipient".into());
         }
         Ok(())
+    }
+
+    /// Where the message stands, for the queue list: `queued`, `deferred`
+    /// (an attempt failed, more will follow) or `bounce_undeliverable`.
+    pub fn state(&self) -> &'static str {
+        if self.bounce_undeliverable {
+            "bounce_undeliverable"
+        } else if self.attempts > 0 {
+            "deferred"
+        } else {
+            "queued"
+        }
     }
 
     /// Recipients still to be delivered.
@@ -127,10 +163,28 @@ mod tests {
             5,
         );
         m.rcpts[1].status = RcptStatus::Failed;
-        m.rcpts[1].last_error = Some("550 no".into());
+        m.rcpts[1].last_error = Some("550 5.1.1 no".into());
+        m.rcpts[1].class = Some(FailureClass::Message);
+        m.rcpts[1].reply_code = Some(550);
+        m.rcpts[1].enhanced = Some(Enhanced::new(5, 1, 1));
+        let json = String::from_utf8(serde_json::to_vec(&m).unwrap()).unwrap();
+        assert!(
+            json.contains(r#""class":"message","reply_code":550,"enhanced":"5.1.1""#),
+            "{json}"
+        );
         let back: Meta = serde_json::from_slice(&serde_json::to_vec(&m).unwrap()).unwrap();
         assert_eq!(back.pending(), vec!["a@b".to_string()]);
         assert_eq!(back.rcpts[1].status, RcptStatus::Failed);
+        assert_eq!(back.rcpts[1].enhanced, Some(Enhanced::new(5, 1, 1)));
+        assert_eq!(back.rcpts[1].class, Some(FailureClass::Message));
         assert!(back.check().is_ok());
+    }
+
+    #[test]
+    fn entries_written_before_outcome_records_still_load() {
+        let old = r#"{"id":"q","from":"a@b","rcpts":[{"addr":"c@d","status":"failed","last_error":"550 no"}],"size":1,"received_at":0,"attempts":1,"next_attempt":0}"#;
+        let m: Meta = serde_json::from_str(old).unwrap();
+        assert_eq!(m.rcpts[0].last_error.as_deref(), Some("550 no"));
+        assert_eq!((m.rcpts[0].class, m.rcpts[0].enhanced), (None, None));
     }
 }

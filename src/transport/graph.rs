@@ -18,11 +18,12 @@
 //!     `X-` headers), each attachment under 3 MB in one request, bigger ones
 //!     through an upload session in chunks, then `send` (needs
 //!     `Mail.ReadWrite` besides `Mail.Send`; exact MIME and S/MIME are lost).
-//!   - `alternate`: the message goes to [`GraphSettings::alternate`] (the
-//!     alternate route's transport, e.g. SMTP) for this message only; the
-//!     route does not switch. Without one it bounces with `552 5.3.4`.
-//! - **Classification** (here, never in callers): `429` → transient for this
-//!   message with the `Retry-After` as `not_before` (the governor pauses the
+//!   - `alternate`: the attempt fails with [`Scope::Route`](crate::transport::Scope::Route)
+//!     (`552 5.3.4`): the router hands this message to the next route (e.g.
+//!     SMTP) without switching the active route; with no other route it
+//!     bounces.
+//! - **Classification** (here, never in callers): `429` → throttling
+//!   ([`Failure::throttled`], enhanced `4.7.0`) with the `Retry-After` as `not_before` (the governor pauses the
 //!   mailbox; no failover: throttling is about this app and mailbox); `503`,
 //!   `504`, other `5xx`, `408`, network errors and timeouts → server
 //!   failures (failover), with `Retry-After` when given; `401` → the token is
@@ -49,10 +50,14 @@ use base64::engine::general_purpose::STANDARD as B64;
 use crate::config::LargeMessages;
 use crate::message::recipients;
 use crate::oauth::{IdentityTokens, TokenSource};
-use crate::transport::{BoxFuture, Delivery, Envelope, Failure, Transport};
+use crate::transport::{
+    BoxFuture, Delivery, Enhanced, Envelope, Failure, Transport, exchange_error_status,
+};
 
 /// Graph's request size limit, after base64 (UPSTREAMS §2.4).
 pub const MAX_REQUEST_BYTES: usize = 4 * 1024 * 1024;
+/// Header bytes the recipient rewrite may add, counted in [`Transport::request_bytes`].
+const REQUEST_SLACK: usize = 4096;
 /// Longest `Retry-After` honoured as given; longer ones are cut to this.
 pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
 
@@ -83,8 +88,6 @@ pub struct GraphSettings {
     pub max_request_bytes: usize,
     /// What to do with messages over `max_request_bytes` after base64.
     pub large_messages: LargeMessages,
-    /// With `large_messages = alternate`: the transport large messages go to.
-    pub alternate: Option<Arc<dyn Transport>>,
     /// Chunk size for attachment upload sessions (each PUT must stay under 4 MB).
     pub upload_chunk_bytes: usize,
     /// Wait assumed when a 429 carries no `Retry-After`.
@@ -109,7 +112,6 @@ impl GraphSettings {
             client,
             max_request_bytes: MAX_REQUEST_BYTES,
             large_messages: LargeMessages::Upload,
-            alternate: None,
             upload_chunk_bytes: 2 * 1024 * 1024,
             default_retry_after: Duration::from_secs(10),
         }
@@ -286,7 +288,7 @@ impl GraphTransport {
                     upload::send(self, tokens.as_ref(), mailbox, &prepared).await?;
                     Ok(vec![Ok(()); env.rcpts.len()])
                 }
-                LargeMessages::Alternate => self.to_alternate(env, message, encoded_len).await,
+                LargeMessages::Alternate => Err(self.too_large(env, message, encoded_len)),
             };
         }
         let body = B64.encode(&prepared.message);
@@ -305,26 +307,15 @@ impl GraphTransport {
         Ok(vec![Ok(()); env.rcpts.len()])
     }
 
-    /// `large_messages = alternate`: this message only goes to the alternate
-    /// transport. Its server failures become message failures, so the
-    /// router neither tries the alternate a second time nor switches routes
-    /// for a message that only one route can carry.
-    async fn to_alternate(&self, env: &Envelope, message: &[u8], encoded: usize) -> Delivery {
-        let Some(alt) = &self.s.alternate else {
-            return Err(Failure::permanent(format!(
-                "552 5.3.4 message too large for Microsoft Graph ({} bytes after base64, the limit is {}) and no alternate upstream is configured",
-                encoded, self.s.max_request_bytes
-            )));
-        };
-        tracing::info!(id = %env.id, size = message.len(), via = %alt.describe(), "too large for Graph: sending through the alternate upstream");
-        match alt.deliver(env, message).await {
-            Err(f) if f.fails_over() => Err(Failure {
-                scope: crate::transport::Scope::Message,
-                text: format!("too large for Graph; alternate upstream: {}", f.text),
-                ..f
-            }),
-            other => other,
-        }
+    /// `large_messages = alternate`: this route cannot carry the message;
+    /// the router hands it to the next route for this message only.
+    fn too_large(&self, env: &Envelope, message: &[u8], encoded: usize) -> Failure {
+        tracing::info!(id = %env.id, size = message.len(), "too large for Graph: leaving it to the next route");
+        Failure::route(format!(
+            "552 5.3.4 message too large for Microsoft Graph ({} bytes after base64, the limit is {})",
+            encoded, self.s.max_request_bytes
+        ))
+        .with_enhanced(Enhanced::new(5, 3, 4))
     }
 }
 
@@ -408,16 +399,27 @@ pub fn classify(
     let text = format!("Graph {what}: {}", describe_error(status, body));
     let wait = retry_after.and_then(|v| parse_retry_after(v, SystemTime::now()));
     let code = error_code(body).map(|c| c.0).unwrap_or_default();
-    let f = if status == 429 || THROTTLE_CODES.contains(&code.as_str()) {
-        return Failure::transient(text).with_not_before(wait.unwrap_or(default_wait));
-    } else if status >= 500 || status == 408 || status == 401 {
+    if status == 429 || THROTTLE_CODES.contains(&code.as_str()) {
+        return Failure::throttled(text, wait.unwrap_or(default_wait))
+            .with_enhanced(Enhanced::new(4, 7, 0));
+    }
+    let f = if status >= 500 || status == 408 || status == 401 {
         Failure::server(text)
     } else {
         // 400 ErrorMimeContentInvalidBase64String, 403 ErrorSendAsDenied /
         // ErrorAccessDenied, 404 ErrorInvalidUser / MailboxNotEnabledForRESTAPI,
         // 413 and ErrorMessageSizeExceeded, and every other 4xx: another try
         // or another server would get the same answer.
-        Failure::permanent(text)
+        let enhanced = exchange_error_status(&code).or(match status {
+            403 => Some(Enhanced::new(5, 7, 1)),
+            404 => Some(Enhanced::new(5, 1, 1)),
+            413 => Some(Enhanced::new(5, 3, 4)),
+            _ => None,
+        });
+        match enhanced {
+            Some(e) => Failure::permanent(text).with_enhanced(e),
+            None => Failure::permanent(text),
+        }
     };
     match wait {
         Some(w) if f.severity == crate::transport::Severity::Transient => f.with_not_before(w),
@@ -450,6 +452,19 @@ impl Transport for GraphTransport {
 
     fn deliver<'a>(&'a self, env: &'a Envelope, message: &'a [u8]) -> BoxFuture<'a, Delivery> {
         Box::pin(self.deliver_inner(env, message))
+    }
+
+    /// What one attempt uploads: the base64 MIME (plus headers added for
+    /// the recipients); on the upload path at most the same (attachments
+    /// travel base64 in the draft or raw in upload-session chunks); nothing
+    /// when the message is left to the next route.
+    fn request_bytes(&self, message: &[u8]) -> u64 {
+        let encoded = (message.len() + REQUEST_SLACK).div_ceil(3) * 4;
+        if encoded > self.s.max_request_bytes && self.s.large_messages == LargeMessages::Alternate {
+            0
+        } else {
+            encoded as u64
+        }
     }
 
     /// Fetch a token and look the mailbox up. Any answer but 401, 404,
@@ -524,6 +539,21 @@ mod tests {
     }
 
     #[test]
+    fn request_bytes_cover_base64_and_nothing_when_left_to_another_route() {
+        let t = transport("https://graph.microsoft.com").unwrap();
+        let m = vec![b'x'; 300_000];
+        let n = t.request_bytes(&m);
+        assert!((400_000..=410_000).contains(&n), "{n}");
+        // Over 4 MB: the upload path counts the whole message too.
+        assert!(t.request_bytes(&vec![b'x'; 6_000_000]) >= 8_000_000);
+        let mut s = t.settings().clone();
+        s.large_messages = LargeMessages::Alternate;
+        let t = GraphTransport::new(s).unwrap();
+        assert_eq!(t.request_bytes(&vec![b'x'; 6_000_000]), 0);
+        assert!(t.request_bytes(&m) >= 400_000);
+    }
+
+    #[test]
     fn retry_after_seconds_and_dates() {
         let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_445_412_470);
         assert_eq!(parse_retry_after("10", now), Some(Duration::from_secs(10)));
@@ -556,6 +586,18 @@ mod tests {
             f.text
                 .ends_with("(request-id 24e7991e-01ae-4cc2-8e06-532a96fd8948)")
         );
+        assert_eq!(f.enhanced, Some(Enhanced::new(5, 7, 1)));
+        assert_eq!(
+            classify(
+                "sendMail",
+                404,
+                None,
+                br#"{"error":{"code":"ErrorInvalidUser","message":"m"}}"#,
+                d
+            )
+            .enhanced,
+            Some(Enhanced::new(5, 1, 1))
+        );
 
         let f = classify(
             "sendMail",
@@ -565,6 +607,7 @@ mod tests {
             d,
         );
         assert!(!f.fails_over() && f.severity == crate::transport::Severity::Transient);
+        assert!(f.throttled);
         assert_eq!(f.not_before, Some(Duration::from_secs(7)));
         assert_eq!(classify("x", 429, None, b"", d).not_before, Some(d));
 

@@ -9,6 +9,8 @@ use std::future::Future;
 use std::pin::Pin;
 use std::time::Duration;
 
+pub use crate::outcome::{Enhanced, FailureClass};
+
 /// A boxed future, so transports can sit behind `dyn Transport`.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
@@ -45,6 +47,41 @@ pub enum Scope {
     /// The server answered about this message or recipient: another server
     /// would not answer differently, so no failover.
     Message,
+    /// This route cannot carry this message (e.g. too large for Graph): the
+    /// router tries the next route for this message only and does not switch
+    /// the active route. With no other route it counts as a message failure.
+    Route,
+}
+
+/// The enhanced status code for an Exchange error code, as Graph (`error.code`)
+/// and EWS (`ResponseCode`) name them; `None` for codes without a good match
+/// (the DSN then says `5.0.0` or `4.0.0`).
+pub fn exchange_error_status(code: &str) -> Option<Enhanced> {
+    Some(match code {
+        "ErrorSendAsDenied"
+        | "ErrorAccessDenied"
+        | "ErrorSubmissionQuotaExceeded"
+        | "Authorization_RequestDenied" => Enhanced::new(5, 7, 1),
+        "ErrorInvalidUser"
+        | "ErrorNonExistentMailbox"
+        | "ErrorInvalidRecipients"
+        | "ErrorRecipientNotFound"
+        | "MailboxNotEnabledForRESTAPI"
+        | "ResourceNotFound" => Enhanced::new(5, 1, 1),
+        "ErrorInvalidSmtpAddress" | "ErrorInvalidEmailAddress" => Enhanced::new(5, 1, 3),
+        "ErrorMessageSizeExceeded" | "RequestEntityTooLarge" => Enhanced::new(5, 3, 4),
+        "ErrorQuotaExceeded" => Enhanced::new(5, 2, 2),
+        "ErrorMimeContentInvalid"
+        | "ErrorMimeContentInvalidBase64String"
+        | "ErrorMimeContentConversionFailed" => Enhanced::new(5, 6, 0),
+        "ErrorServerBusy"
+        | "ErrorExceededConnectionCount"
+        | "TooManyRequests"
+        | "ApplicationThrottled"
+        | "MailboxConcurrency" => Enhanced::new(4, 7, 0),
+        "ErrorMailboxStoreUnavailable" | "ErrorMailboxMoveInProgress" => Enhanced::new(4, 2, 0),
+        _ => return None,
+    })
 }
 
 /// A classified delivery failure. Transports build these from their own
@@ -61,6 +98,14 @@ pub struct Failure {
     /// The upstream asked us to wait at least this long (Retry-After,
     /// BackOffMilliseconds).
     pub not_before: Option<Duration>,
+    /// The upstream's SMTP reply code, when the failure is an SMTP reply.
+    pub reply_code: Option<u16>,
+    /// The enhanced status code: the upstream's own (SMTP), or mapped from
+    /// the protocol's error code (Graph, EWS) by the transport.
+    pub enhanced: Option<Enhanced>,
+    /// The upstream throttled the mailbox (its budget, not this message):
+    /// the scheduler retries without counting an attempt towards backoff.
+    pub throttled: bool,
 }
 
 impl Failure {
@@ -71,6 +116,9 @@ impl Failure {
             scope: Scope::Server,
             text: text.into(),
             not_before: None,
+            reply_code: None,
+            enhanced: None,
+            throttled: false,
         }
     }
     /// A transient failure of this message only.
@@ -80,6 +128,9 @@ impl Failure {
             scope: Scope::Message,
             text: text.into(),
             not_before: None,
+            reply_code: None,
+            enhanced: None,
+            throttled: false,
         }
     }
     /// A permanent failure of this message or recipient.
@@ -89,6 +140,56 @@ impl Failure {
             scope: Scope::Message,
             text: text.into(),
             not_before: None,
+            reply_code: None,
+            enhanced: None,
+            throttled: false,
+        }
+    }
+    /// This route cannot carry this message (see [`Scope::Route`]); permanent
+    /// when no other route takes it.
+    pub fn route(text: impl Into<String>) -> Self {
+        Failure {
+            scope: Scope::Route,
+            ..Failure::permanent(text)
+        }
+    }
+    /// Throttling by the upstream: transient for this message, with the wait
+    /// it asked for (the governor pauses the mailbox).
+    pub fn throttled(text: impl Into<String>, wait: Duration) -> Self {
+        Failure {
+            throttled: true,
+            ..Failure::transient(text).with_not_before(wait)
+        }
+    }
+    /// The same failure, with the upstream's SMTP reply code and enhanced
+    /// status code.
+    pub fn with_reply(mut self, code: u16, enhanced: Option<Enhanced>) -> Self {
+        self.reply_code = Some(code);
+        if enhanced.is_some() {
+            self.enhanced = enhanced;
+        }
+        self
+    }
+    /// The same failure, with an enhanced status code (mapped by the transport).
+    pub fn with_enhanced(mut self, enhanced: Enhanced) -> Self {
+        self.enhanced = Some(enhanced);
+        self
+    }
+    /// The same failure, marked as throttling (see [`Failure::throttled`]).
+    pub fn as_throttling(mut self) -> Self {
+        self.throttled = true;
+        self
+    }
+    /// The class kept in the spool.
+    pub fn class(&self) -> FailureClass {
+        if self.throttled {
+            FailureClass::Throttled
+        } else {
+            match self.scope {
+                Scope::Server => FailureClass::Server,
+                Scope::Message => FailureClass::Message,
+                Scope::Route => FailureClass::Route,
+            }
         }
     }
     /// The same failure, with a minimum wait before the next attempt.
@@ -118,7 +219,31 @@ pub trait Transport: Send + Sync {
     fn describe(&self) -> String;
     /// Deliver `message` (canonical CRLF, not dot-stuffed) to `env.rcpts`.
     fn deliver<'a>(&'a self, env: &'a Envelope, message: &'a [u8]) -> BoxFuture<'a, Delivery>;
+    /// The request bytes delivering `message` will upload, for a governor's
+    /// byte budget (Graph: 150 MB per 5 minutes). An estimate that must not
+    /// be low; the default is the message's size.
+    fn request_bytes(&self, message: &[u8]) -> u64 {
+        message.len() as u64
+    }
     /// Check that the server is reachable and usable, without sending mail
     /// (used by the automatic failback probe).
     fn probe(&self) -> BoxFuture<'_, Result<(), Failure>>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn classes() {
+        assert_eq!(Failure::server("x").class(), FailureClass::Server);
+        assert_eq!(Failure::permanent("x").class(), FailureClass::Message);
+        assert_eq!(Failure::route("x").class(), FailureClass::Route);
+        let t = Failure::throttled("429", Duration::from_secs(3));
+        assert_eq!(
+            (t.class(), t.not_before, t.fails_over()),
+            (FailureClass::Throttled, Some(Duration::from_secs(3)), false)
+        );
+        assert!(!Failure::route("x").fails_over());
+    }
 }

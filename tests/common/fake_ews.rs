@@ -208,6 +208,8 @@ impl Request {
 
 struct Shared {
     auth: Mutex<FakeAuth>,
+    /// Strict send-as: the only `From:` address accepted.
+    send_as: Mutex<Option<String>>,
     script: Mutex<VecDeque<Reply>>,
     requests: Mutex<Vec<Request>>,
 }
@@ -230,6 +232,7 @@ impl FakeEws {
         let addr = listener.local_addr().expect("local addr");
         let shared = Arc::new(Shared {
             auth: Mutex::new(auth),
+            send_as: Mutex::new(None),
             script: Mutex::new(VecDeque::new()),
             requests: Mutex::new(Vec::new()),
         });
@@ -253,6 +256,11 @@ impl FakeEws {
     /// Queue a scripted reply.
     pub fn push(&self, reply: Reply) {
         lock(&self.shared.script).push_back(reply);
+    }
+    /// Exchange's send-as rule: from now on a message whose `From:` is not
+    /// `mailbox` gets `ErrorSendAsDenied` (`None` switches it off).
+    pub fn strict_send_as(&self, mailbox: Option<&str>) {
+        *lock(&self.shared.send_as) = mailbox.map(str::to_ascii_lowercase);
     }
     /// Accept these bearer tokens from now on.
     pub fn set_tokens(&self, tokens: &[&str]) {
@@ -303,13 +311,14 @@ async fn handle(
     };
     let auth = lock(&shared.auth).clone();
     let scripted = lock(&shared.script).pop_front().unwrap_or(Reply::Success);
-    let resp = answer(&mut req, &auth, scripted);
+    let send_as = lock(&shared.send_as).clone();
+    let resp = answer(&mut req, &auth, scripted, send_as.as_deref());
     req.status = resp.status().as_u16();
     lock(&shared.requests).push(req);
     resp
 }
 
-fn answer(req: &mut Request, auth: &FakeAuth, scripted: Reply) -> Response {
+fn answer(req: &mut Request, auth: &FakeAuth, scripted: Reply, send_as: Option<&str>) -> Response {
     if let Reply::Unavailable { retry_after } = scripted {
         let mut r = (
             StatusCode::SERVICE_UNAVAILABLE,
@@ -380,6 +389,13 @@ fn answer(req: &mut Request, auth: &FakeAuth, scripted: Reply) -> Response {
             ),
             "",
         );
+    }
+    if let (Some(allowed), Some(mime)) = (send_as, req.mime.as_deref())
+        && scripted == Reply::Success
+        && super::header_from(mime).as_deref() != Some(allowed)
+        && let Reply::Error { code, text } = Reply::send_as_denied()
+    {
+        return xml(StatusCode::OK, &error_response(&code, &text));
     }
     match scripted {
         Reply::Success => xml(StatusCode::OK, &success(req.operation.as_deref())),

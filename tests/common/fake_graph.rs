@@ -65,6 +65,13 @@ pub struct GraphConfig {
     pub latency: (Duration, Duration),
     /// Seed for the latency draw.
     pub seed: u64,
+    /// Exchange's send-as rule: a MIME `sendMail` whose `From:` is not the
+    /// mailbox in the URL gets `403 ErrorSendAsDenied`.
+    pub strict_send_as: bool,
+    /// Graph's upload budget per mailbox, enforced: request bodies of
+    /// POST/PUT/PATCH beyond `.0` bytes in any `.1` get `429` with the
+    /// `Retry-After` until there is room (UPSTREAMS §3.1: 150 MB per 5 min).
+    pub upload_budget: Option<(u64, Duration)>,
 }
 
 impl Default for GraphConfig {
@@ -76,6 +83,8 @@ impl Default for GraphConfig {
             throttle_retry_after: 1,
             latency: (Duration::ZERO, Duration::ZERO),
             seed: 1,
+            strict_send_as: false,
+            upload_budget: None,
         }
     }
 }
@@ -264,6 +273,8 @@ struct Inner {
     sessions: HashMap<String, Session>,
     next_id: u64,
     rng: u64,
+    /// Request bytes per mailbox inside the upload budget's window.
+    uploads: HashMap<String, VecDeque<(Instant, u64)>>,
 }
 
 struct Shared {
@@ -311,6 +322,7 @@ impl FakeGraph {
                 sessions: HashMap::new(),
                 next_id: 1,
                 rng: cfg.seed.max(1),
+                uploads: HashMap::new(),
             }),
             cfg,
             addr,
@@ -528,6 +540,44 @@ fn enter(st: &Arc<Shared>, mailbox: &str) -> Result<Slot, Answer> {
     })
 }
 
+/// Count `bytes` against the mailbox's upload budget, or the 429 past it.
+fn spend_upload(st: &Arc<Shared>, mailbox: &str, bytes: u64) -> Result<(), Answer> {
+    let Some((max, span)) = st.cfg.upload_budget else {
+        return Ok(());
+    };
+    let now = Instant::now();
+    let mut g = st.lock();
+    let w = g.uploads.entry(mailbox.to_string()).or_default();
+    while w.front().is_some_and(|(t, _)| *t + span <= now) {
+        w.pop_front();
+    }
+    let used: u64 = w.iter().map(|(_, n)| n).sum();
+    if used + bytes > max && !w.is_empty() {
+        // Room again when enough of the oldest leaves the window.
+        let mut left = used;
+        let mut at = now;
+        for (t, n) in w.iter() {
+            left -= n;
+            at = *t + span;
+            if left + bytes <= max {
+                break;
+            }
+        }
+        let secs = (at - now).as_secs_f64().ceil().max(1.0) as u64;
+        return Err((
+            429,
+            Some(secs.to_string()),
+            error_body(
+                "ApplicationThrottled",
+                "Application is over its upload limit (150 MB per 5 minutes).",
+            ),
+            None,
+        ));
+    }
+    w.push_back((now, bytes));
+    Ok(())
+}
+
 async fn latency(st: &Arc<Shared>) {
     let (lo, hi) = st.cfg.latency;
     let wait = {
@@ -592,6 +642,11 @@ async fn route(
         Ok(s) => s,
         Err(a) => return a,
     };
+    if matches!(method.as_str(), "POST" | "PUT" | "PATCH")
+        && let Err(a) = spend_upload(st, &mailbox, body.len() as u64)
+    {
+        return a;
+    }
     latency(st).await;
     let scripted = {
         let mut g = st.lock();
@@ -635,6 +690,13 @@ async fn route(
             let Ok(mime) = B64.decode(&text) else {
                 return (400, None, Reply::invalid_base64().body, None);
             };
+            if st.cfg.strict_send_as
+                && super::header_from(&mime).as_deref()
+                    != Some(mailbox.to_ascii_lowercase().as_str())
+            {
+                let r = Reply::send_as_denied();
+                return (r.status, None, r.body, None);
+            }
             let recipients = mime_recipients(&mime);
             if recipients.is_empty() {
                 return answer(
@@ -830,6 +892,10 @@ async fn upload(
         Ok(s) => s,
         Err(a) => return a,
     };
+    // An upload-session chunk (PUT) counts against the upload budget.
+    if let Err(a) = spend_upload(st, &mailbox, body.len() as u64) {
+        return a;
+    }
     latency(st).await;
     let range = header(headers, header::CONTENT_RANGE).unwrap_or_default();
     let parsed = range.strip_prefix("bytes ").and_then(|r| {

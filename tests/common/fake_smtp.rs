@@ -152,6 +152,10 @@ pub struct FakeConfig {
     pub faults: Vec<(Stage, Fault)>,
     /// When set, AUTH XOAUTH2 is offered and required before MAIL.
     pub xoauth2: Option<XOAuth2>,
+    /// Exchange Online's send-as rule: a message whose `From:` is not the
+    /// authenticated user gets `554 5.2.0 …SendAsDeniedException…` after
+    /// the data.
+    pub strict_send_as: bool,
 }
 
 impl Default for FakeConfig {
@@ -165,6 +169,7 @@ impl Default for FakeConfig {
             smtputf8: false,
             faults: Vec::new(),
             xoauth2: None,
+            strict_send_as: false,
         }
     }
 }
@@ -852,7 +857,15 @@ impl Session {
             data,
             accepted: false,
         };
+        let send_as_denied = self.config().strict_send_as
+            && super::header_from(&received.data)
+                != received.auth.as_ref().map(|a| a.0.to_ascii_lowercase());
         let next = match self.fault(&Stage::EndOfData) {
+            None if send_as_denied => {
+                lock(&self.shared.transactions).push(received);
+                self.send(SEND_AS_DENIED).await?;
+                Next::Continue
+            }
             Some(fault) => {
                 lock(&self.shared.transactions).push(received);
                 self.apply(fault).await?
@@ -875,6 +888,9 @@ impl Session {
         Ok(next)
     }
 }
+
+/// Exchange Online's answer to a `From:` the mailbox may not send as (UPSTREAMS §3.3).
+pub const SEND_AS_DENIED: &str = "554 5.2.0 STOREDRV.Submission.Exception:SendAsDeniedException.MapiExceptionSendAsDenied; Failed to process message due to a permanent exception with message Cannot submit message.";
 
 /// Parse `FROM:<addr> PARAM...` / `TO:<addr>`: the address and the parameters.
 fn path_arg(arg: &str, keyword: &str) -> Option<(String, Vec<String>)> {

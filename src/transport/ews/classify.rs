@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use super::xml;
 use super::{DEFAULT_BACKOFF, MAX_BACKOFF, clean};
-use crate::transport::Failure;
+use crate::transport::{Enhanced, Failure, exchange_error_status};
 
 /// EWS codes that say "later" rather than "never" (ews-throttling-in-exchange
 /// and the EWS `ResponseCode` reference: throttling, mailbox moves, store and
@@ -123,16 +123,27 @@ pub(super) fn classify(
                 .map(|ms| Duration::from_millis(ms).min(MAX_BACKOFF))
                 .unwrap_or(DEFAULT_BACKOFF);
             let text = format!("{text} (server busy; back off {} ms)", wait.as_millis());
-            return Err(Failure::transient(text).with_not_before(wait));
+            return Err(Failure::throttled(text, wait).with_enhanced(Enhanced::new(4, 7, 0)));
         }
+        let enhanced = exchange_error_status(code);
         if TRANSIENT_CODES.contains(&code) {
-            let f = Failure::transient(text);
+            let mut f = Failure::transient(text);
+            if code == "ErrorExceededConnectionCount" {
+                // The mailbox's concurrency budget, not this message.
+                f = f.as_throttling();
+            }
+            if let Some(e) = enhanced.filter(|e| e.class == 4) {
+                f = f.with_enhanced(e);
+            }
             return Err(match soap.back_off_ms.filter(|ms| *ms > 0) {
                 Some(ms) => f.with_not_before(Duration::from_millis(ms).min(MAX_BACKOFF)),
                 None => f,
             });
         }
-        return Err(Failure::permanent(text));
+        return Err(match enhanced.filter(|e| e.class == 5) {
+            Some(e) => Failure::permanent(text).with_enhanced(e),
+            None => Failure::permanent(text),
+        });
     }
     let what = if soap.is_soap {
         let fault = soap
@@ -161,7 +172,8 @@ pub(super) fn classify(
         ))),
         413 => Err(Failure::permanent(format!(
             "HTTP 413: message too large for the EWS endpoint ({what})"
-        ))),
+        ))
+        .with_enhanced(Enhanced::new(5, 3, 4))),
         s => Err(Failure::server(format!("HTTP {s} ({what})"))),
     }
 }
@@ -198,6 +210,7 @@ mod tests {
         assert_eq!(f.severity, Severity::Transient);
         assert_eq!(f.scope, Scope::Message);
         assert_eq!(f.not_before, Some(Duration::from_millis(25)));
+        assert!(f.throttled);
         assert!(
             f.text.starts_with("ErrorServerBusy: The server cannot"),
             "{}",
@@ -239,6 +252,15 @@ mod tests {
             let f = classify(200, body.as_bytes(), None).unwrap_err();
             assert_eq!(f.severity, Severity::Permanent, "{code}");
             assert_eq!(f.text, format!("{code}: Nope & never <sorry>."));
+            let want = match code {
+                "ErrorSendAsDenied" | "ErrorAccessDenied" => Some(Enhanced::new(5, 7, 1)),
+                "ErrorInvalidRecipients" => Some(Enhanced::new(5, 1, 1)),
+                "ErrorMessageSizeExceeded" => Some(Enhanced::new(5, 3, 4)),
+                "ErrorMimeContentConversionFailed" => Some(Enhanced::new(5, 6, 0)),
+                _ => None,
+            };
+            assert_eq!(f.enhanced, want, "{code}");
+            assert!(!f.throttled);
         }
     }
 

@@ -15,6 +15,9 @@ const MAX_CONNECTION_AGE: Duration = Duration::from_secs(300);
 /// The reply after the end of data may take this many times the normal
 /// timeout (the server scans and stores the message first).
 const FINAL_REPLY_FACTOR: u32 = 5;
+/// How long the mailbox pauses after `432 4.3.2` (another client holds its
+/// connections; the reply names no wait).
+const THROTTLE_WAIT: Duration = Duration::from_secs(10);
 
 impl SmtpTransport {
     /// One attempt: a pooled connection if there is one, else a new one; a
@@ -136,7 +139,7 @@ impl SmtpTransport {
         };
         match classify(&reply, 2) {
             Class::Ok => {}
-            Class::Refused(after) => return Tx::Done(Err(conn.classified(&reply, &stage)), after),
+            Class::Refused(after) => return Tx::Done(Err(refusal(conn, &reply, &stage)), after),
         }
 
         let mut accepted = Vec::new();
@@ -155,9 +158,9 @@ impl SmtpTransport {
                     results[i] = Some(Ok(()));
                 }
                 Class::Refused(After::Drop) => {
-                    return Tx::Done(Err(conn.classified(&reply, &stage)), After::Drop);
+                    return Tx::Done(Err(refusal(conn, &reply, &stage)), After::Drop);
                 }
-                Class::Refused(_) => results[i] = Some(Err(conn.classified(&reply, &stage))),
+                Class::Refused(_) => results[i] = Some(Err(refusal(conn, &reply, &stage))),
             }
         }
         if accepted.is_empty() {
@@ -171,10 +174,10 @@ impl SmtpTransport {
         match classify(&reply, 3) {
             Class::Ok => {}
             Class::Refused(After::Drop) => {
-                return Tx::Done(Err(conn.classified(&reply, "after DATA")), After::Drop);
+                return Tx::Done(Err(refusal(conn, &reply, "after DATA")), After::Drop);
             }
             Class::Refused(after) => {
-                let failure = conn.classified(&reply, "after DATA");
+                let failure = refusal(conn, &reply, "after DATA");
                 for &i in &accepted {
                     results[i] = Some(Err(failure.clone()));
                 }
@@ -195,11 +198,9 @@ impl SmtpTransport {
         };
         match classify(&reply, 2) {
             Class::Ok => Tx::Done(Ok(()), After::Keep),
-            Class::Refused(After::Drop) => {
-                Tx::Done(Err(conn.classified(&reply, stage)), After::Drop)
-            }
+            Class::Refused(After::Drop) => Tx::Done(Err(refusal(conn, &reply, stage)), After::Drop),
             Class::Refused(after) => {
-                let failure = conn.classified(&reply, stage);
+                let failure = refusal(conn, &reply, stage);
                 for &i in &accepted {
                     results[i] = Some(Err(failure.clone()));
                 }
@@ -218,6 +219,21 @@ impl SmtpTransport {
         if reusable && conn.born.elapsed() < MAX_CONNECTION_AGE {
             Pool::put(&self.pool, conn);
         }
+    }
+}
+
+/// The failure for a refusal inside a transaction, with the reply's code
+/// and enhanced status; `432 4.3.2` (the mailbox's connection budget) is
+/// throttling, retried without backoff.
+fn refusal(conn: &Conn, reply: &Reply, stage: &str) -> Failure {
+    let f = conn
+        .classified(reply, stage)
+        .with_reply(reply.code, reply.enhanced());
+    if reply.is_throttling() {
+        let wait = f.not_before.unwrap_or(THROTTLE_WAIT);
+        f.as_throttling().with_not_before(wait)
+    } else {
+        f
     }
 }
 

@@ -1,6 +1,7 @@
 //! Sans-IO SMTP reply parsing: reply lines into complete replies, and an EHLO reply into the extensions the server offers.
 
 use super::printable;
+use crate::transport::Enhanced;
 
 /// Most lines in one multi-line reply.
 const MAX_REPLY_LINES: usize = 256;
@@ -17,6 +18,21 @@ pub(super) struct Reply {
 }
 
 impl Reply {
+    /// The RFC 2034 enhanced status code that opens the reply's text, when
+    /// there is one and its class agrees with the reply code (`550 5.1.1 …`).
+    pub(super) fn enhanced(&self) -> Option<Enhanced> {
+        let first = self.lines.first()?.split(' ').next()?;
+        Enhanced::parse(first).filter(|e| u16::from(e.class) == self.code / 100)
+    }
+
+    /// True for Exchange Online's "too many connections for this mailbox"
+    /// (`432 4.3.2 STOREDRV.ClientSubmit; sender thread limit exceeded`)
+    /// and other `4.3.2`-with-`4xx` replies that the mailbox's budget, not
+    /// the message, caused.
+    pub(super) fn is_throttling(&self) -> bool {
+        self.code / 100 == 4 && self.enhanced() == Some(Enhanced::new(4, 3, 2))
+    }
+
     /// `550 5.7.60 text ...`: the code and all lines, on one line.
     pub(super) fn text(&self) -> String {
         let mut text = self.code.to_string();
@@ -181,5 +197,28 @@ mod tests {
             r.unwrap().text(),
             "535 5.7.8 Username and Password not accepted. 5.7.8 https://x?"
         );
+    }
+
+    #[test]
+    fn enhanced_status_codes() {
+        let one = |l: &str| parse(&[l]).unwrap().unwrap();
+        assert_eq!(
+            one("550 5.1.1 <bad@x>: user unknown").enhanced(),
+            Some(Enhanced::new(5, 1, 1))
+        );
+        assert_eq!(
+            one("554 5.2.0 STOREDRV.Submission.Exception:SendAsDeniedException").enhanced(),
+            Some(Enhanced::new(5, 2, 0))
+        );
+        // Class must agree with the reply code; no code at all is fine.
+        assert_eq!(one("550 4.1.1 odd").enhanced(), None);
+        assert_eq!(one("550 user unknown").enhanced(), None);
+        assert_eq!(one("550").enhanced(), None);
+        assert_eq!(one("550 5.1.1.1 x").enhanced(), None);
+        assert!(
+            one("432 4.3.2 STOREDRV.ClientSubmit; sender thread limit exceeded").is_throttling()
+        );
+        assert!(!one("451 4.3.0 later").is_throttling());
+        assert!(!one("554 5.3.2 x").is_throttling());
     }
 }
