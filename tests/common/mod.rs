@@ -7,3 +7,4 @@ pub mod fake_ews;
 pub mod fake_graph;
 pub mod fake_oauth;
 pub mod fake_smtp;
+pub mod real;
