@@ -309,3 +309,65 @@ impl Drop for Dovecot {
         let _ = child.wait();
     }
 }
+
+/// stunnel (OpenSSL) terminating implicit TLS with `cert`/`key` on a
+/// loopback port and passing the cleartext to `backend`. Stopped on drop.
+pub struct Stunnel {
+    child: Option<Child>,
+    /// Where clients connect (TLS from the first byte).
+    pub addr: SocketAddr,
+    log: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+/// The stunnel binary.
+pub const STUNNEL: &str = "stunnel4";
+
+impl Stunnel {
+    /// Start stunnel in front of `backend`.
+    pub fn start(cert: &Path, key: &Path, backend: SocketAddr) -> Stunnel {
+        let dir = tempfile::tempdir().unwrap();
+        let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let log = dir.path().join("stunnel.log");
+        let conf = dir.path().join("stunnel.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "foreground = yes\npid =\noutput = {log}\ndebug = 5\n[smtps]\naccept = {addr}\nconnect = {backend}\ncert = {cert}\nkey = {key}\n",
+                log = log.display(),
+                cert = cert.display(),
+                key = key.display(),
+            ),
+        )
+        .unwrap();
+        let child = Command::new(STUNNEL)
+            .arg(&conf)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start stunnel");
+        let s = Stunnel {
+            child: Some(child),
+            addr,
+            log,
+            _dir: dir,
+        };
+        wait_listening(addr, "stunnel", &s.log);
+        s
+    }
+
+    /// stunnel's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Stunnel {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}

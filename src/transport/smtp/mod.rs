@@ -108,6 +108,19 @@ impl SmtpTransport {
         })
     }
 
+    /// Accept only the server certificate with this SHA-256 (`sha256:<hex>`,
+    /// Postfix's `fingerprint` level): replaces the chain and name checks;
+    /// the handshake signature is still verified. `None` changes nothing.
+    pub fn with_tls_fingerprint(mut self, fingerprint: Option<&str>) -> Result<Self, String> {
+        if let Some(fp) = fingerprint {
+            self.tls = tokio_rustls::TlsConnector::from(crate::tls::client_config_pinned(
+                self.settings.ca_file.as_deref(),
+                Some(fp),
+            )?);
+        }
+        Ok(self)
+    }
+
     /// `smtp://host:port` or `smtps://host:port`.
     fn peer(&self) -> String {
         let scheme = if self.settings.implicit_tls {
