@@ -53,6 +53,9 @@ use crate::transport::{BoxFuture, Delivery, Envelope, Failure, Transport};
 
 /// Graph's request size limit, after base64 (UPSTREAMS §2.4).
 pub const MAX_REQUEST_BYTES: usize = 4 * 1024 * 1024;
+/// Largest Graph answer read: errors and upload sessions are small; a
+/// created draft echoes at most the (under 4 MB) request.
+const MAX_GRAPH_RESPONSE: usize = 8 * 1024 * 1024;
 /// Longest `Retry-After` honoured as given; longer ones are cut to this.
 pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
 
@@ -250,16 +253,19 @@ impl GraphTransport {
             .get(reqwest::header::RETRY_AFTER)
             .and_then(|v| v.to_str().ok())
             .map(str::to_string);
-        let body = resp.bytes().await.map_err(|e| {
-            Failure::server(format!(
-                "Graph {what}: reading the answer failed: {}",
-                e.without_url()
-            ))
-        })?;
+        let body = crate::http::read_capped(resp, MAX_GRAPH_RESPONSE)
+            .await
+            .map_err(|e| {
+                let why = match e {
+                    crate::http::BodyError::Read(e) => e.without_url().to_string(),
+                    other => other.to_string(),
+                };
+                Failure::server(format!("Graph {what}: reading the answer failed: {why}"))
+            })?;
         Ok(Answer {
             status,
             retry_after,
-            body: body.to_vec(),
+            body,
         })
     }
 
