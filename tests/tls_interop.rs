@@ -208,6 +208,10 @@ async fn corporate_ca_from_ssl_cert_file_and_untrusted_mail_stays_queued() {
             let (code, out, _) = d.cli(&["status"]);
             code == 0 && out.contains("issued by a CA that is not trusted")
         });
+        // So does `send-test`, which goes the same way.
+        let (code, out, err) = d.cli(&["send-test", "--to", "b@example.com"]);
+        assert_eq!(code, 1, "{out}{err}");
+        assert!(format!("{out}{err}").contains("issued by a CA that is not trusted"), "{out}{err}");
         assert!(sink.messages().is_empty(), "nothing was sent");
     }
 
