@@ -313,6 +313,12 @@ pub fn describe(err: &(dyn std::error::Error + 'static)) -> Option<String> {
             }
             return Some(r.to_string());
         }
+        // An io::Error's source() skips the error it wraps: look inside.
+        if let Some(io) = e.downcast_ref::<std::io::Error>()
+            && let Some(inner) = io.get_ref()
+        {
+            return describe(inner);
+        }
         cur = e.source();
     }
     None

@@ -211,7 +211,10 @@ async fn corporate_ca_from_ssl_cert_file_and_untrusted_mail_stays_queued() {
         // So does `send-test`, which goes the same way.
         let (code, out, err) = d.cli(&["send-test", "--to", "b@example.com"]);
         assert_eq!(code, 1, "{out}{err}");
-        assert!(format!("{out}{err}").contains("issued by a CA that is not trusted"), "{out}{err}");
+        assert!(
+            format!("{out}{err}").contains("issued by a CA that is not trusted"),
+            "{out}{err}"
+        );
         assert!(sink.messages().is_empty(), "nothing was sent");
     }
 
@@ -230,4 +233,48 @@ async fn corporate_ca_from_ssl_cert_file_and_untrusted_mail_stays_queued() {
     d.wait_for(30, "delivery", || sink.messages().len() == 1);
     assert!(String::from_utf8_lossy(&sink.messages()[0].data).contains("Via the corporate CA."));
     d.wait_for(10, "an empty queue", || d.queued() == 0);
+}
+
+/// A raw HTTP/1.1 responder: `200 OK` and `ok` to every request.
+async fn http_ok() -> std::net::SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                let _ = s.read(&mut buf).await;
+                let _ = s
+                    .write_all(
+                        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok",
+                    )
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_upstreams_share_the_trust() {
+    if !tools() {
+        return;
+    }
+    let backend = http_ok().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = self_signed(dir.path(), "web");
+    let tunnel = Stunnel::start(&cert, &key, backend);
+    let url = format!("https://localhost:{}/EWS/Exchange.asmx", tunnel.addr.port());
+    let proxy = mailbridge::config::Proxy::default();
+    let listed = mailbridge::http::client(Some(&cert), &proxy, Duration::from_secs(10)).unwrap();
+    let resp = listed.get(&url).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let plain = mailbridge::http::client(None, &proxy, Duration::from_secs(10)).unwrap();
+    let err = plain.get(&url).send().await.unwrap_err();
+    let why = mailbridge::tls::describe(&err).unwrap_or_else(|| panic!("no TLS cause in {err:?}"));
+    assert!(
+        why.contains("self-signed") && why.contains("tls_ca_file"),
+        "{why}"
+    );
 }

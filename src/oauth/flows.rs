@@ -618,7 +618,11 @@ impl TokenClient {
 }
 
 /// An error and its sources on one line (reqwest hides the cause otherwise).
-fn error_chain(e: &dyn std::error::Error) -> String {
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    // A refused certificate: its cause and fix rather than rustls's words.
+    if let Some(tls) = crate::tls::describe(e) {
+        return format!("TLS: {tls}");
+    }
     let mut text = e.to_string();
     let mut source = e.source();
     while let Some(s) = source {

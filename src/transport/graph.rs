@@ -245,7 +245,10 @@ impl GraphTransport {
             } else {
                 "failed"
             };
-            Failure::server(format!("Graph {what}: request {kind}: {}", e.without_url()))
+            let why = crate::tls::describe(&e)
+                .map(|t| format!("TLS: {t}"))
+                .unwrap_or_else(|| e.without_url().to_string());
+            Failure::server(format!("Graph {what}: request {kind}: {why}"))
         })?;
         let status = resp.status().as_u16();
         let retry_after = resp
