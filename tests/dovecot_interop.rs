@@ -1,4 +1,4 @@
-//! Delivery through a real Dovecot 2.3 submission server (`passdb oauth2`, tokens checked by introspection at the in-repo fake token endpoint): XOAUTH2 and OAUTHBEARER, STARTTLS and implicit TLS, delegated and app-only tokens, tokens revoked between batches (refresh and retry), and tokens long enough to need RFC 4954's two-step AUTH.
+//! Delivery through a real Dovecot 2.3 submission server (`passdb oauth2`, tokens checked by introspection at the in-repo fake token endpoint): XOAUTH2 and OAUTHBEARER, STARTTLS and implicit TLS, tokens from each flow (authorization code, device code, client credentials), tokens revoked between batches (refresh and retry), and tokens long enough to need RFC 4954's two-step AUTH.
 //!
 //! Skips with a message when Dovecot is not installed, unless
 //! `MAILBRIDGE_REQUIRE_TOOLS` is set (CI), where it fails.
@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::fake_oauth::{FakeOAuth, Shape, oauth_config};
+use common::fake_oauth::{DeviceStep, FakeOAuth, Shape, oauth_config};
 use common::fake_smtp::{FakeConfig, FakeSmtp};
 use common::real::{DOVECOT, Dovecot, have};
 use mailbridge::config::{HostPort, Secret};
@@ -75,7 +75,7 @@ async fn exercise(mechanisms: &str, method: &str) {
         return;
     }
     let sink = FakeSmtp::start(FakeConfig::default()).await;
-    for flow in ["authorization_code", "client_credentials"] {
+    for flow in ["authorization_code", "device_code", "client_credentials"] {
         let oauth = Arc::new(FakeOAuth::start(Shape::Entra).await);
         oauth.set(|s| s.app_email = USER.into());
         let dovecot = Dovecot::start(mechanisms, &oauth.introspect_url(), sink.addr());
@@ -102,6 +102,14 @@ async fn exercise(mechanisms: &str, method: &str) {
                 .unwrap();
         }
         let reg = Registry::new(settings).unwrap();
+        if flow == "device_code" {
+            // The user approves at once; poll without the provider's 5 s wait.
+            oauth.set(|s| s.device_script = vec![DeviceStep::Approve(USER.into())]);
+            let mut d = reg.client().device_authorization().await.unwrap();
+            d.interval = Duration::from_millis(10);
+            let grant = reg.client().poll_device(&d).await.unwrap();
+            reg.manager("").complete_login(grant).await;
+        }
         let grant = if flow == "client_credentials" {
             "client_credentials"
         } else {
