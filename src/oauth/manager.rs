@@ -436,7 +436,11 @@ impl TokenSource for TokenManager {
             Phase::ReconsentNeeded
         };
         if st.phase != phase || st.last_error.as_deref() != Some(why) {
-            tracing::error!(identity = %self.identity, error = %why, "the upstream rejects this identity's OAuth tokens, also fresh ones: sign in again (`mailbridge auth login`) with an account and permissions that may send; mail stays queued");
+            if phase == Phase::Config {
+                tracing::error!(identity = %self.identity, error = %why, "the upstream rejects this app's OAuth tokens, also fresh ones: grant the app the send permission for the mailbox (and admin consent); mail stays queued");
+            } else {
+                tracing::error!(identity = %self.identity, error = %why, "the upstream rejects this identity's OAuth tokens, also fresh ones: sign in again (`mailbridge auth login`) with an account and permissions that may send; mail stays queued");
+            }
         }
         st.phase = phase;
         st.last_error = Some(why.to_string());
