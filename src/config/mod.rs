@@ -414,8 +414,12 @@ pub struct Upstream {
     pub port: u16,
     /// TLS Enabled: STARTTLS is required for `smtp` (never downgraded); `smtps` is always TLS.
     pub tls: bool,
-    /// Extra CA certificates (PEM) to trust, besides the public roots.
+    /// Extra CA certificates (PEM) to trust, besides the bundled and system roots; a server certificate listed here is trusted as it is (self-signed, even CA:TRUE), names and dates still checked.
     pub tls_ca_file: String,
+    /// Pin the SMTP server's certificate: `sha256:<hex>` of it (Postfix's `fingerprint` level); replaces the chain and name checks.
+    pub tls_fingerprint: String,
+    /// Allow AUTH without TLS (`tls = false`) to a server that is not on loopback: credentials travel in clear.
+    pub allow_plaintext_auth: bool,
     /// Requires Authentication.
     pub requires_auth: bool,
     /// `basic` (username and password).
@@ -480,6 +484,8 @@ impl Default for Upstream {
             port: 587,
             tls: true,
             tls_ca_file: String::new(),
+            tls_fingerprint: String::new(),
+            allow_plaintext_auth: false,
             requires_auth: false,
             auth: AuthKind::Basic,
             username: String::new(),
@@ -593,6 +599,34 @@ pub fn parse_host_port(s: &str, default_port: u16) -> Result<HostPort, String> {
     })
 }
 
+/// True for `localhost` and loopback IP addresses.
+fn is_loopback_host(host: &str) -> bool {
+    let h = host.trim_start_matches('[').trim_end_matches(']');
+    h.eq_ignore_ascii_case("localhost")
+        || h.parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
+/// An `https://` URL, or `http://` to a loopback host (nothing else: tokens
+/// and credentials would travel in clear).
+fn secure_url(v: &str) -> Result<(), String> {
+    if v.starts_with("https://") {
+        return Ok(());
+    }
+    if !v.starts_with("http://") {
+        return Err(format!("`{v}` is not an https:// URL"));
+    }
+    match url::Url::parse(v)
+        .ok()
+        .and_then(|u| u.host_str().map(is_loopback_host))
+    {
+        Some(true) => Ok(()),
+        _ => Err(format!(
+            "`{v}` is plain http:// to a host that is not loopback: tokens and credentials would travel in clear; use https://"
+        )),
+    }
+}
+
 /// Check one upstream table (`upstream` or `upstream.alternate`) and resolve its secrets.
 fn validate_upstream(u: &mut Upstream, prefix: &str, base: &Path) -> Result<(), (String, String)> {
     let key = |k: &str| format!("{prefix}.{k}");
@@ -624,16 +658,29 @@ fn validate_upstream(u: &mut Upstream, prefix: &str, base: &Path) -> Result<(), 
                     "is required when requires_auth = true".into(),
                 ));
             }
+            if u.protocol == Protocol::Smtp && !u.tls && u.requires_auth && !u.allow_plaintext_auth
+            {
+                for (k, server) in [
+                    ("server", &u.server),
+                    ("alternate_server", &u.alternate_server),
+                ] {
+                    let Ok(hp) = parse_host_port(server, u.port) else {
+                        continue;
+                    };
+                    if !server.is_empty() && !is_loopback_host(&hp.host) {
+                        return Err(bad(
+                            "tls",
+                            format!(
+                                "is false with requires_auth = true: the credentials would go in clear to `{}` ({prefix}.{k}), which is not loopback; set tls = true, or {prefix}.allow_plaintext_auth = true to accept that",
+                                hp.host
+                            ),
+                        ));
+                    }
+                }
+            }
         }
         Protocol::Graph => {
-            if !(u.graph_endpoint.starts_with("https://")
-                || u.graph_endpoint.starts_with("http://"))
-            {
-                return Err(bad(
-                    "graph_endpoint",
-                    format!("`{}` is not an http(s) URL", u.graph_endpoint),
-                ));
-            }
+            secure_url(&u.graph_endpoint).map_err(|m| bad("graph_endpoint", m))?;
             if !u.requires_auth || u.auth != AuthKind::Oauth {
                 return Err(bad(
                     "auth",
@@ -651,12 +698,7 @@ fn validate_upstream(u: &mut Upstream, prefix: &str, base: &Path) -> Result<(), 
             if !u.requires_auth {
                 return Err(bad("requires_auth", "Exchange Web Services needs requires_auth = true (auth = \"basic\" or \"oauth\")".into()));
             }
-            if !(u.connect_url.starts_with("https://") || u.connect_url.starts_with("http://")) {
-                return Err(bad(
-                    "connect_url",
-                    format!("`{}` is not an http(s) URL", u.connect_url),
-                ));
-            }
+            secure_url(&u.connect_url).map_err(|m| bad("connect_url", m))?;
         }
     }
     if u.requires_auth && u.auth == AuthKind::Basic {
@@ -672,6 +714,15 @@ fn validate_upstream(u: &mut Upstream, prefix: &str, base: &Path) -> Result<(), 
                 "is required when requires_auth = true (or password_env / password_file)".into(),
             ));
         }
+    }
+    if !u.tls_fingerprint.is_empty() {
+        if !matches!(u.protocol, Protocol::Smtp | Protocol::Smtps) {
+            return Err(bad(
+                "tls_fingerprint",
+                "pins an SMTP server's certificate; it applies to protocol = \"smtp\" or \"smtps\" only (use tls_ca_file for HTTP upstreams)".into(),
+            ));
+        }
+        crate::tls::parse_fingerprint(&u.tls_fingerprint).map_err(|m| bad("tls_fingerprint", m))?;
     }
     if !u.tls_ca_file.is_empty() && !base.join(&u.tls_ca_file).is_file() {
         return Err(bad(
@@ -728,9 +779,13 @@ fn validate_upstream(u: &mut Upstream, prefix: &str, base: &Path) -> Result<(), 
             ("authorization_url", &o.authorization_url),
             ("token_url", &o.token_url),
             ("device_authorization_url", &o.device_authorization_url),
-            ("redirect_url", &o.redirect_url),
         ] {
-            if !v.is_empty() && !(v.starts_with("https://") || v.starts_with("http://")) {
+            if !v.is_empty() {
+                secure_url(v).map_err(|m| bad(&format!("oauth.{k}"), m))?;
+            }
+        }
+        for (k, v) in [("redirect_url", &o.redirect_url)] {
+            if !(v.is_empty() || v.starts_with("https://") || v.starts_with("http://")) {
                 return Err(bad(
                     &format!("oauth.{k}"),
                     format!("`{v}` is not an http(s) URL"),

@@ -13,6 +13,9 @@ use super::assertion::{self, ClientCertificate};
 use super::provider::{self, Endpoints, Resource};
 use crate::config::{Config, Flow, Provider, Proxy, Secret, Upstream};
 
+/// Largest token or device endpoint answer read (they are a few KiB).
+const MAX_TOKEN_RESPONSE: usize = 1 << 20;
+
 /// Longest provider error text kept (Entra's descriptions carry trace ids).
 const MAX_ERROR_TEXT: usize = 300;
 /// Access-token lifetime assumed when the provider does not say.
@@ -414,10 +417,16 @@ impl TokenClient {
                 TokenError::Unavailable(clean(&format!("{url}: {}", error_chain(&e)), secrets))
             })?;
         let status = resp.status().as_u16();
-        let body = resp.bytes().await.map_err(|e| {
-            TokenError::Unavailable(clean(&format!("{url}: {}", error_chain(&e)), secrets))
-        })?;
-        Ok((status, body.to_vec()))
+        let body = crate::http::read_capped(resp, MAX_TOKEN_RESPONSE)
+            .await
+            .map_err(|e| {
+                let why = match &e {
+                    crate::http::BodyError::Read(e) => error_chain(e),
+                    other => other.to_string(),
+                };
+                TokenError::Unavailable(clean(&format!("{url}: {why}"), secrets))
+            })?;
+        Ok((status, body))
     }
 
     async fn token_request(
@@ -609,7 +618,11 @@ impl TokenClient {
 }
 
 /// An error and its sources on one line (reqwest hides the cause otherwise).
-fn error_chain(e: &dyn std::error::Error) -> String {
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    // A refused certificate: its cause and fix rather than rustls's words.
+    if let Some(tls) = crate::tls::describe(e) {
+        return format!("TLS: {tls}");
+    }
     let mut text = e.to_string();
     let mut source = e.source();
     while let Some(s) = source {

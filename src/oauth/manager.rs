@@ -428,6 +428,24 @@ impl TokenSource for TokenManager {
         }
     }
 
+    fn rejected(&self, why: &str) {
+        let mut st = self.lock();
+        let phase = if self.app_only() {
+            Phase::Config
+        } else {
+            Phase::ReconsentNeeded
+        };
+        if st.phase != phase || st.last_error.as_deref() != Some(why) {
+            if phase == Phase::Config {
+                tracing::error!(identity = %self.identity, error = %why, "the upstream rejects this app's OAuth tokens, also fresh ones: grant the app the send permission for the mailbox (and admin consent); mail stays queued");
+            } else {
+                tracing::error!(identity = %self.identity, error = %why, "the upstream rejects this identity's OAuth tokens, also fresh ones: sign in again (`mailbridge auth login`) with an account and permissions that may send; mail stays queued");
+            }
+        }
+        st.phase = phase;
+        st.last_error = Some(why.to_string());
+    }
+
     fn identity(&self) -> String {
         self.identity.clone()
     }

@@ -35,6 +35,12 @@ pub trait TokenSource: Send + Sync {
     fn token(&self) -> BoxFuture<'_, Result<Secret, TokenError>>;
     /// The upstream rejected `rejected`: the next `token()` must fetch a new one.
     fn invalidate(&self, rejected: &Secret);
+    /// The upstream rejected a token again right after a refresh: show
+    /// `why` in the identity's state (re-consent for a signed-in identity,
+    /// configuration for an app-only one) until a new token is obtained.
+    fn rejected(&self, why: &str) {
+        let _ = why;
+    }
     /// The identity's name for logs and status (e.g. the mailbox), never a secret.
     fn identity(&self) -> String;
 }

@@ -126,7 +126,11 @@ fn ungoverned(
                 timeout: std::time::Duration::from_secs(u.timeout_secs),
             };
             Ok(Arc::new(
-                SmtpTransport::new(settings)?.with_proxy(&u.proxy)?,
+                SmtpTransport::new(settings)?
+                    .with_proxy(&u.proxy)?
+                    .with_tls_fingerprint(
+                        (!u.tls_fingerprint.is_empty()).then_some(u.tls_fingerprint.as_str()),
+                    )?,
             ))
         }
         Protocol::Ews => {

@@ -58,6 +58,9 @@ use crate::transport::{
 pub const MAX_REQUEST_BYTES: usize = 4 * 1024 * 1024;
 /// Header bytes the recipient rewrite may add, counted in [`Transport::request_bytes`].
 const REQUEST_SLACK: usize = 4096;
+/// Largest Graph answer read: errors and upload sessions are small; a
+/// created draft echoes at most the (under 4 MB) request.
+const MAX_GRAPH_RESPONSE: usize = 8 * 1024 * 1024;
 /// Longest `Retry-After` honoured as given; longer ones are cut to this.
 pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
 
@@ -244,7 +247,10 @@ impl GraphTransport {
             } else {
                 "failed"
             };
-            Failure::server(format!("Graph {what}: request {kind}: {}", e.without_url()))
+            let why = crate::tls::describe(&e)
+                .map(|t| format!("TLS: {t}"))
+                .unwrap_or_else(|| e.without_url().to_string());
+            Failure::server(format!("Graph {what}: request {kind}: {why}"))
         })?;
         let status = resp.status().as_u16();
         let retry_after = resp
@@ -252,16 +258,19 @@ impl GraphTransport {
             .get(reqwest::header::RETRY_AFTER)
             .and_then(|v| v.to_str().ok())
             .map(str::to_string);
-        let body = resp.bytes().await.map_err(|e| {
-            Failure::server(format!(
-                "Graph {what}: reading the answer failed: {}",
-                e.without_url()
-            ))
-        })?;
+        let body = crate::http::read_capped(resp, MAX_GRAPH_RESPONSE)
+            .await
+            .map_err(|e| {
+                let why = match e {
+                    crate::http::BodyError::Read(e) => e.without_url().to_string(),
+                    other => other.to_string(),
+                };
+                Failure::server(format!("Graph {what}: reading the answer failed: {why}"))
+            })?;
         Ok(Answer {
             status,
             retry_after,
-            body: body.to_vec(),
+            body,
         })
     }
 

@@ -14,6 +14,8 @@
 //! fake.valid_token("a@x", "at-…");  // for the XOAUTH2 fake SMTP
 //! fake.secrets();               // every secret issued or configured, for log checks
 //! fake.register_certificate(cert_pem, key_pem); // accept client_assertion JWTs signed by it
+//! fake.introspect_url();        // RFC 7662 token introspection (for Dovecot's passdb oauth2)
+//! fake.set(|s| s.token_len = 3000);  // issue access tokens at least this long
 //! ```
 
 use std::collections::HashMap;
@@ -90,6 +92,14 @@ pub struct FakeState {
     /// Old refresh tokens stop working after a rotation (Entra keeps them;
     /// this makes "the new one was stored" observable).
     pub revoke_rotated: bool,
+    /// Access tokens are padded to at least this many characters (JWTs
+    /// from Entra ID are often over 1500; 0 = short tokens).
+    pub token_len: usize,
+    /// The `email` an introspection reports for app-only (client
+    /// credentials) tokens; empty = none.
+    pub app_email: String,
+    /// Introspection requests answered, active or not.
+    pub introspections: usize,
     /// Answers to device code polls, in order (the last one repeats).
     pub device_script: Vec<DeviceStep>,
     /// Token endpoint calls by grant type.
@@ -164,6 +174,7 @@ impl FakeOAuth {
             .route("/o/oauth2/v2/auth", get(authorize))
             .route("/token", post(token))
             .route("/device/code", post(devicecode))
+            .route("/introspect", post(introspect))
             .with_state(inner.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
@@ -202,6 +213,11 @@ impl FakeOAuth {
     /// The token endpoint.
     pub fn token_url(&self) -> String {
         format!("{}/token", self.prefix())
+    }
+
+    /// The RFC 7662 introspection endpoint: `token=<access token>` in, `{"active":…,"email":…}` out.
+    pub fn introspect_url(&self) -> String {
+        format!("{}/introspect", self.base())
     }
 
     /// The device authorization endpoint.
@@ -408,7 +424,10 @@ fn issue(
     with_refresh: bool,
 ) -> Response {
     st.issued += 1;
-    let access = random("at", st.issued);
+    let mut access = random("at", st.issued);
+    while access.len() < st.token_len {
+        access.push_str(&B64URL.encode(rand::random::<[u8; 48]>()));
+    }
     st.access_tokens
         .insert(access.clone(), identity.to_string());
     let mut body = json!({
@@ -428,6 +447,30 @@ fn issue(
         body.as_object_mut().map(|o| o.remove("ext_expires_in"));
     }
     Json(body).into_response()
+}
+
+/// RFC 7662 §2: whether a token is live, and whose it is (`email`, what
+/// Dovecot's `username_attribute` reads by default).
+async fn introspect(
+    State(inner): State<Arc<Inner>>,
+    Form(f): Form<HashMap<String, String>>,
+) -> Response {
+    let mut st = lock(&inner);
+    st.introspections += 1;
+    let token = f.get("token").cloned().unwrap_or_default();
+    let who = st.access_tokens.get(&token).cloned();
+    match who {
+        Some(who) => {
+            let email = if who == "app" {
+                st.app_email.clone()
+            } else {
+                who
+            };
+            Json(json!({"active": true, "email": email, "token_type": "Bearer", "client_id": CLIENT_ID}))
+                .into_response()
+        }
+        None => Json(json!({"active": false})).into_response(),
+    }
 }
 
 async fn token(

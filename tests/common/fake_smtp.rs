@@ -17,6 +17,10 @@
 //! // XOAUTH2 (UPSTREAMS.md §5.1), answering failures like Microsoft or Gmail:
 //! //   .xoauth2(XOAuth2Style::Gmail, Arc::new(|user, token| token == "good"))
 //! // `535 5.7.139` (SMTP AUTH disabled for the tenant) is a Stage::Auth fault.
+//! // With `.mechanisms(&["OAUTHBEARER"])` after `.xoauth2(..)`: RFC 7628 OAUTHBEARER
+//! // (error challenge `334 <base64 JSON>`, answered by the client with `AQ==`).
+//! // `.max_command_line(512)`: longer command lines get `500 5.5.2 Line too long`
+//! // (Dovecot's answer); lines sent after a `334` are not limited.
 //! fake.addr();          // SocketAddr on 127.0.0.1, port chosen by the OS
 //! fake.ca_pem();        // PEM of the CA that signed the server certificate (TLS modes)
 //! fake.messages();      // accepted transactions (Received: envelope, wire bytes, un-stuffed data)
@@ -156,6 +160,8 @@ pub struct FakeConfig {
     /// authenticated user gets `554 5.2.0 …SendAsDeniedException…` after
     /// the data.
     pub strict_send_as: bool,
+    /// Command lines longer than this (CRLF included) get `500 5.5.2 Line too long`.
+    pub max_command_line: Option<usize>,
 }
 
 impl Default for FakeConfig {
@@ -170,6 +176,7 @@ impl Default for FakeConfig {
             faults: Vec::new(),
             xoauth2: None,
             strict_send_as: false,
+            max_command_line: None,
         }
     }
 }
@@ -194,6 +201,11 @@ impl FakeConfig {
     pub fn xoauth2(mut self, style: XOAuth2Style, check: TokenCheck) -> Self {
         self.xoauth2 = Some(XOAuth2 { style, check });
         self.auth_mechanisms = vec!["LOGIN".into(), "XOAUTH2".into()];
+        self
+    }
+    /// Refuse command lines longer than `octets` (CRLF included).
+    pub fn max_command_line(mut self, octets: usize) -> Self {
+        self.max_command_line = Some(octets);
         self
     }
     /// Add a fault.
@@ -537,6 +549,13 @@ impl Session {
         .await?;
         while let Some(line) = self.read_line().await? {
             lock(&self.shared.commands).push(line.clone());
+            if config
+                .max_command_line
+                .is_some_and(|max| line.len() + 2 > max)
+            {
+                self.send("500 5.5.2 Line too long").await?;
+                continue;
+            }
             let (verb, arg) = line.split_once(' ').unwrap_or((line.as_str(), ""));
             let next = match verb.to_ascii_uppercase().as_str() {
                 "EHLO" => self.ehlo().await?,
@@ -660,6 +679,57 @@ impl Session {
                 .ok()
                 .map(|b| String::from_utf8_lossy(&b).into_owned())
         };
+        if mech == "OAUTHBEARER" {
+            let Some(x) = config.xoauth2.clone() else {
+                self.send("504 5.7.4 Unrecognized authentication type")
+                    .await?;
+                return Ok(Next::Continue);
+            };
+            let response = if initial.is_empty() {
+                self.send("334 ").await?;
+                let line = self.read_line().await?.unwrap_or_default();
+                lock(&self.shared.commands).push(line.clone());
+                line
+            } else {
+                initial.to_string()
+            };
+            // n,a=<user>,^Ahost=<h>^Aport=<p>^Aauth=Bearer <token>^A^A
+            let parsed = decode(&response).and_then(|s| {
+                let rest = s.strip_prefix("n,a=")?;
+                let (user, rest) = rest.split_once(",\x01")?;
+                let rest = rest.strip_suffix("\x01\x01")?;
+                let mut kv = rest.split('\x01');
+                let host = kv.next()?.strip_prefix("host=")?;
+                let port = kv.next()?.strip_prefix("port=")?;
+                let token = kv.next()?.strip_prefix("auth=Bearer ")?;
+                (kv.next().is_none() && !host.is_empty() && port.parse::<u16>().is_ok()).then(
+                    || {
+                        (
+                            user.replace("=2C", ",").replace("=3D", "="),
+                            token.to_string(),
+                        )
+                    },
+                )
+            });
+            if let Some((user, token)) = parsed
+                && (x.check)(&user, &token)
+            {
+                self.auth = Some((user, mech));
+                self.send("235 2.7.0 Logged in.").await?;
+                return Ok(Next::Continue);
+            }
+            let challenge =
+                B64.encode(r#"{"status":"invalid_token","schemes":"bearer","scope":"mail"}"#);
+            self.send(&format!("334 {challenge}")).await?;
+            let answer = self.read_line().await?.unwrap_or_default();
+            lock(&self.shared.commands).push(answer.clone());
+            if answer == "AQ==" {
+                self.send("535 5.7.8 Authentication failed.").await?;
+            } else {
+                self.send("501 5.5.2 Invalid AUTH response").await?;
+            }
+            return Ok(Next::Continue);
+        }
         if mech == "XOAUTH2" {
             let Some(x) = config.xoauth2.clone() else {
                 self.send("504 5.7.4 Unrecognized authentication type")
@@ -668,7 +738,9 @@ impl Session {
             };
             let response = if initial.is_empty() {
                 self.send("334 ").await?;
-                self.read_line().await?.unwrap_or_default()
+                let line = self.read_line().await?.unwrap_or_default();
+                lock(&self.shared.commands).push(line.clone());
+                line
             } else {
                 initial.to_string()
             };

@@ -33,3 +33,4 @@ pub fn header_from(message: &[u8]) -> Option<String> {
     };
     Some(addr.trim().to_ascii_lowercase())
 }
+pub mod real;

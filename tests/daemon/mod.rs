@@ -62,6 +62,11 @@ impl Daemon {
 
     /// Like `start`, with the binary run under `wrapper` (e.g. `fiu-run -x`).
     pub fn start_wrapped(dir: &Path, wrapper: &[&str]) -> Daemon {
+        Daemon::start_with(dir, wrapper, &[])
+    }
+
+    /// Like `start_wrapped`, with extra environment variables.
+    pub fn start_with(dir: &Path, wrapper: &[&str], env: &[(&str, &str)]) -> Daemon {
         let mut cmd = match wrapper.split_first() {
             Some((first, rest)) => {
                 let mut c = Command::new(first);
@@ -74,6 +79,7 @@ impl Daemon {
             .arg(dir.join("config.toml"))
             .arg("run")
             .env("RUST_LOG", "info")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());

@@ -453,6 +453,10 @@ fn header_text(resp: &reqwest::Response, name: &str) -> Option<String> {
 
 /// An error and its sources, `: `-separated (reqwest's own text is terse).
 fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+    // A refused certificate: its cause and fix rather than rustls's words.
+    if let Some(tls) = crate::tls::describe(e) {
+        return clean(&format!("TLS: {tls}"));
+    }
     let mut out = e.to_string();
     let mut source = e.source();
     while let Some(s) = source {

@@ -1,11 +1,12 @@
-//! SMTP AUTH: PLAIN, LOGIN and XOAUTH2 (with one token refresh and retry), the mailbox an XOAUTH2 connection signs in as, and keeping secrets out of failure texts.
+//! SMTP AUTH: PLAIN, LOGIN, XOAUTH2 and OAUTHBEARER with RFC 4954 framing, AUTH replies classified by meaning (one token refresh and retry only for a rejected token), the mailbox an OAuth connection signs in as, and keeping secrets out of failure texts.
 
 use std::sync::Arc;
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
 
-use super::conn::Conn;
+use super::conn::{Broken, Conn};
+use super::reply::Reply;
 use super::{SmtpTransport, printable};
 use crate::config::Secret;
 use crate::oauth::{IdentityTokens, TokenSource};
@@ -23,7 +24,8 @@ pub enum SmtpAuth {
         /// Password; only ever sent base64-encoded inside AUTH.
         password: Secret,
     },
-    /// OAuth2 bearer token with AUTH XOAUTH2 (UPSTREAMS.md §5.1).
+    /// OAuth2 bearer token with AUTH XOAUTH2, or OAUTHBEARER (RFC 7628)
+    /// when the server offers only that.
     XOAuth2 {
         /// Mailbox sent as `user=` when the envelope names no identity.
         user: String,
@@ -72,8 +74,10 @@ pub enum Mechanism {
     Plain,
     /// The de-facto `AUTH LOGIN` (username and password prompts).
     Login,
-    /// Google's and Microsoft's OAuth2 bearer mechanism, sent as an initial response.
+    /// Google's and Microsoft's OAuth2 bearer mechanism.
     XOAuth2,
+    /// RFC 7628's standard OAuth2 bearer mechanism (Dovecot, Gmail).
+    OAuthBearer,
 }
 
 impl Mechanism {
@@ -83,11 +87,107 @@ impl Mechanism {
             Mechanism::Plain => "PLAIN",
             Mechanism::Login => "LOGIN",
             Mechanism::XOAuth2 => "XOAUTH2",
+            Mechanism::OAuthBearer => "OAUTHBEARER",
+        }
+    }
+
+    /// What answers a server's error challenge (`334 <base64 JSON>`): an
+    /// empty line for XOAUTH2, RFC 7628 §3.2.3's dummy `%x01` for OAUTHBEARER.
+    pub fn error_answer(self) -> &'static str {
+        match self {
+            Mechanism::OAuthBearer => "AQ==",
+            _ => "",
         }
     }
 }
 
-/// Who an XOAUTH2 connection authenticates as, and where its tokens come from.
+/// The SMTP command line limit, CRLF included (RFC 5321 §4.5.3.1.4).
+pub const MAX_COMMAND_LINE: usize = 512;
+
+/// The first line of an AUTH exchange (RFC 4954 §4): `AUTH <mech> <initial>`
+/// when that line with its CRLF fits in [`MAX_COMMAND_LINE`] octets, else
+/// `AUTH <mech>` and `true`: the response goes after the server's `334`.
+pub fn auth_command(mech: Mechanism, initial: &str) -> (String, bool) {
+    let line = format!("AUTH {} {initial}", mech.name());
+    if line.len() + 2 <= MAX_COMMAND_LINE {
+        (line, false)
+    } else {
+        (format!("AUTH {}", mech.name()), true)
+    }
+}
+
+/// The OAUTHBEARER initial client response (RFC 7628 §3.1):
+/// `base64("n,a=" user "," ^A "host=" host ^A "port=" port ^A "auth=Bearer " token ^A ^A)`,
+/// with `,` and `=` in `user` escaped as RFC 5801's saslname wants.
+pub fn oauthbearer_response(user: &str, host: &str, port: u16, token: &str) -> String {
+    let user = user.replace('=', "=3D").replace(',', "=2C");
+    B64.encode(format!(
+        "n,a={user},\x01host={host}\x01port={port}\x01auth=Bearer {token}\x01\x01"
+    ))
+}
+
+/// What an AUTH reply means for what to do next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthVerdict {
+    /// `2xx`: authenticated.
+    Accepted,
+    /// `535`, or `5xx` with a `5.7.x` credentials code: the credentials
+    /// (token) were rejected; for OAuth, one refresh and one retry.
+    Rejected,
+    /// `535 5.7.139`: Microsoft's SMTP AUTH disabled for the tenant or mailbox.
+    Disabled,
+    /// `500`/`501`/`502`/`504`, any other `5xx`, or a `334` where none is
+    /// expected: the server did not take the command; a new token would not help.
+    Protocol,
+    /// `454` and other `4xx`: temporary, try later.
+    Transient,
+}
+
+/// Classify the final reply of an AUTH exchange (sans-IO).
+pub(super) fn classify_auth(reply: &Reply) -> AuthVerdict {
+    let enhanced = |prefix: &str| reply.lines.iter().any(|l| l.starts_with(prefix));
+    match reply.code {
+        c if c / 100 == 2 => AuthVerdict::Accepted,
+        535 if reply.lines.iter().any(|l| l.contains("5.7.139")) => AuthVerdict::Disabled,
+        500 | 501 | 502 | 504 => AuthVerdict::Protocol,
+        535 => AuthVerdict::Rejected,
+        c if c / 100 == 5 && enhanced("5.7.") => AuthVerdict::Rejected,
+        c if c / 100 == 4 => AuthVerdict::Transient,
+        _ => AuthVerdict::Protocol,
+    }
+}
+
+/// A classified AUTH reply with its text, secrets redacted.
+pub(super) struct AuthReply {
+    /// What the reply means.
+    pub(super) verdict: AuthVerdict,
+    /// The reply on one line, secrets replaced by `***`.
+    pub(super) text: String,
+}
+
+impl AuthReply {
+    fn of(reply: &Reply, secrets: &[String]) -> Self {
+        AuthReply {
+            verdict: classify_auth(reply),
+            text: redact(&reply.text(), secrets),
+        }
+    }
+}
+
+/// Send `AUTH <mech>` with `initial` framed per RFC 4954 §4 (inline when
+/// the line fits, else after the server's `334`); the reply to the last line
+/// sent. A server that answers `AUTH <mech>` with anything but `334` gets
+/// nothing more.
+async fn sasl(conn: &mut Conn, mech: Mechanism, initial: &str) -> Result<Reply, Broken> {
+    let (line, two_step) = auth_command(mech, initial);
+    let reply = conn.command(&line).await?;
+    if two_step && reply.code == 334 {
+        return conn.command(initial).await;
+    }
+    Ok(reply)
+}
+
+/// Who an OAuth connection authenticates as, and where its tokens come from.
 pub(super) struct Identity {
     /// The mailbox (`user=`).
     pub(super) user: String,
@@ -97,7 +197,7 @@ pub(super) struct Identity {
 
 impl SmtpTransport {
     /// A new connection, greeted, EHLO'd, secured and authenticated as
-    /// `who` (XOAUTH2) or as configured: ready for MAIL FROM.
+    /// `who` (XOAUTH2 or OAUTHBEARER) or as configured: ready for MAIL FROM.
     pub(super) async fn connect(&self, who: Option<&Identity>) -> Result<Conn, Failure> {
         match who {
             Some(id) => self.connect_oauth(id).await,
@@ -109,9 +209,11 @@ impl SmtpTransport {
         }
     }
 
-    /// XOAUTH2 as `who`: a token first (no token, no connection); when the
-    /// server rejects it (Microsoft `535 5.7.3`, Gmail's `334` challenge),
-    /// invalidate it, get a fresh one and try once more on a new connection.
+    /// OAuth as `who`: a token first (no token, no connection); when the
+    /// server rejects it (`535`, `5.7.x`, Gmail's and Dovecot's `334`
+    /// challenge), invalidate it, get a fresh one and try once more on a new
+    /// connection. Protocol errors (`500`–`504`) and `4xx` are not the
+    /// token's fault: no refresh, no retry.
     async fn connect_oauth(&self, who: &Identity) -> Result<Conn, Failure> {
         let mut first_rejection = String::new();
         for round in 0..2 {
@@ -121,87 +223,122 @@ impl SmtpTransport {
                 Failure::transient(format!("no OAuth token for {}: {e}", printable(&who.user)))
             })?;
             let mut conn = self.session().await?;
-            match self.xoauth2(&mut conn, &who.user, &token).await? {
-                None => {
+            let (mech, reply) = self.oauth_auth(&mut conn, &who.user, &token).await?;
+            let text = reply.text;
+            match reply.verdict {
+                AuthVerdict::Accepted => {
                     conn.user = Some(who.user.clone());
                     return Ok(conn);
                 }
-                Some(rejection) => {
+                AuthVerdict::Rejected => {
+                    // Coalesces: only the token that failed is dropped, so
+                    // concurrent failures with it cause one refresh.
                     who.tokens.invalidate(&token);
                     let _ = conn.command("QUIT").await;
                     if round == 0 {
-                        tracing::info!(peer = %conn.peer, user = %who.user, reply = %rejection, "XOAUTH2 token rejected; getting a fresh token and retrying once");
-                        first_rejection = rejection;
+                        tracing::info!(peer = %conn.peer, user = %who.user, mechanism = mech.name(), reply = %text, "OAuth token rejected; getting a fresh token and retrying once");
+                        first_rejection = text;
                         continue;
                     }
-                    return Err(Failure::server(format!(
-                        "{} rejected the OAuth token for {} twice, also right after a refresh ({first_rejection}; then {rejection}): \
+                    let why = format!(
+                        "{} rejected the OAuth token for {} twice, also right after a refresh ({first_rejection}; then {text}): \
 check that the signed-in account is {} and may send as it, and that the app has the SMTP.Send (Microsoft) or https://mail.google.com/ (Google) permission",
                         conn.peer,
                         printable(&who.user),
                         printable(&who.user)
+                    );
+                    who.tokens.rejected(&why);
+                    return Err(Failure::server(why));
+                }
+                AuthVerdict::Disabled => {
+                    let _ = conn.command("QUIT").await;
+                    return Err(Failure::server(format!(
+                        "{text} (after AUTH {}, {}): {SMTP_AUTH_DISABLED_HINT}",
+                        mech.name(),
+                        conn.peer
+                    )));
+                }
+                AuthVerdict::Protocol => {
+                    let _ = conn.command("QUIT").await;
+                    return Err(Failure::server(format!(
+                        "{} refused AUTH {} as a protocol error: {text}; this is not a token problem \
+(the token was not refreshed), check that the server supports {} on this port",
+                        conn.peer,
+                        mech.name(),
+                        mech.name()
+                    )));
+                }
+                AuthVerdict::Transient => {
+                    let _ = conn.command("QUIT").await;
+                    return Err(Failure::server(format!(
+                        "temporary authentication failure: {text} (after AUTH {}, {})",
+                        mech.name(),
+                        conn.peer
                     )));
                 }
             }
         }
-        Err(Failure::server("XOAUTH2 retry loop ended unexpectedly"))
+        Err(Failure::server("OAuth retry loop ended unexpectedly"))
     }
 
-    /// One `AUTH XOAUTH2`. `Ok(None)`: authenticated; `Ok(Some(reply))`: the
-    /// token was rejected; `Err`: any other failure (never carrying the token).
-    async fn xoauth2(
+    /// One OAuth AUTH exchange (XOAUTH2 preferred, else OAUTHBEARER), with
+    /// RFC 4954 framing and the error challenge answered. `Err`: the
+    /// connection broke or no mechanism fits (never carrying the token).
+    async fn oauth_auth(
         &self,
         conn: &mut Conn,
         user: &str,
         token: &Secret,
-    ) -> Result<Option<String>, Failure> {
-        if !conn.ext.auth_xoauth2 {
+    ) -> Result<(Mechanism, AuthReply), Failure> {
+        let mech = if conn.ext.auth_xoauth2 {
+            Mechanism::XOAuth2
+        } else if conn.ext.auth_oauthbearer {
+            Mechanism::OAuthBearer
+        } else {
+            let _ = conn.command("QUIT").await;
             return Err(Failure::server(format!(
-                "{} does not offer AUTH XOAUTH2, which OAuth needs",
+                "{} offers neither AUTH XOAUTH2 nor AUTH OAUTHBEARER, one of which OAuth needs",
                 conn.peer
             )));
-        }
-        let initial = xoauth2_response(user, token.expose());
-        let secrets = [token.expose().to_string(), initial.clone()];
-        let stage = "after AUTH XOAUTH2";
-        let reply = conn
-            .command(&format!("AUTH XOAUTH2 {initial}"))
-            .await
-            .map_err(|b| conn.broken(b, stage))?;
-        let reply = if reply.code == 334 {
-            // Gmail: an error challenge (base64 JSON); answer with an empty
-            // line, then the final 535 follows (UPSTREAMS.md §5.1).
-            let challenge = reply
-                .lines
-                .first()
-                .and_then(|l| B64.decode(l.trim()).ok())
-                .map(|b| printable(&String::from_utf8_lossy(&b)))
-                .unwrap_or_default();
-            let last = conn.command("").await.map_err(|b| conn.broken(b, stage))?;
-            if last.code / 100 == 2 {
-                return Ok(None);
-            }
-            let text = redact(&last.text(), &secrets);
-            return Ok(Some(if challenge.is_empty() {
-                text
-            } else {
-                format!("334 {challenge}, then {text}")
-            }));
-        } else {
-            reply
         };
-        let text = redact(&reply.text(), &secrets);
-        match reply.code {
-            c if c / 100 == 2 => Ok(None),
-            535 if reply.lines.iter().any(|l| l.contains("5.7.139")) => Err(Failure::server(
-                format!("{text} ({stage}, {}): {SMTP_AUTH_DISABLED_HINT}", conn.peer),
-            )),
-            c if c / 100 == 5 => Ok(Some(text)),
-            _ => Err(Failure::server(format!(
-                "authentication failed: {text} ({stage}, {})",
-                conn.peer
-            ))),
+        let initial = match mech {
+            Mechanism::OAuthBearer => oauthbearer_response(
+                user,
+                &self.settings.server.host,
+                self.settings.server.port,
+                token.expose(),
+            ),
+            _ => xoauth2_response(user, token.expose()),
+        };
+        let secrets = [token.expose().to_string(), initial.clone()];
+        let stage = format!("after AUTH {}", mech.name());
+        let reply = sasl(conn, mech, &initial)
+            .await
+            .map_err(|b| conn.broken(b, &stage))?;
+        if reply.code != 334 {
+            return Ok((mech, AuthReply::of(&reply, &secrets)));
         }
+        // An error challenge (base64 JSON, RFC 7628 §3.2.2 and Gmail's
+        // XOAUTH2): answer it, then the final reply follows.
+        let challenge = reply
+            .lines
+            .first()
+            .and_then(|l| B64.decode(l.trim()).ok())
+            .map(|b| printable(&String::from_utf8_lossy(&b)))
+            .unwrap_or_default();
+        let last = conn
+            .command(mech.error_answer())
+            .await
+            .map_err(|b| conn.broken(b, &stage))?;
+        let mut out = AuthReply::of(&last, &secrets);
+        if last.code == 334 {
+            // Still prompting: cancel (RFC 4954 §4) and call it a protocol error.
+            let _ = conn.command("*").await;
+            out.verdict = AuthVerdict::Protocol;
+        } else if out.verdict != AuthVerdict::Accepted && !challenge.is_empty() {
+            out.text = format!("334 {challenge}, then {}", out.text);
+        }
+        Ok((mech, out))
     }
 
     /// AUTH as configured. Every failure is a server failure (the mail waits
@@ -227,7 +364,7 @@ check that the signed-in account is {} and may send as it, and that the app has 
         // server echoes what it got.
         let secrets = [pass.to_string(), pass64.clone(), initial.clone()];
         let stage = format!("after AUTH {}", mech.name());
-        // Only PLAIN and LOGIN are chosen above; XOAUTH2 is `xoauth2()`.
+        // Only PLAIN and LOGIN are chosen above; OAuth is `oauth_auth()`.
         let result = if mech == Mechanism::Login {
             match conn.command("AUTH LOGIN").await {
                 Ok(r) if r.code == 334 => match conn.command(&B64.encode(username)).await {
@@ -237,7 +374,7 @@ check that the signed-in account is {} and may send as it, and that the app has 
                 other => other,
             }
         } else {
-            conn.command(&format!("AUTH PLAIN {initial}")).await
+            sasl(conn, mech, &initial).await
         };
         let reply = result.map_err(|b| conn.broken(b, &stage))?;
         if reply.code / 100 == 2 {
@@ -247,8 +384,13 @@ check that the signed-in account is {} and may send as it, and that the app has 
             // Still prompting: cancel the exchange (RFC 4954 §4) before failing.
             let _ = conn.command("*").await;
         }
+        let what = match classify_auth(&reply) {
+            AuthVerdict::Protocol => "authentication refused as a protocol error",
+            AuthVerdict::Transient => "temporary authentication failure",
+            _ => "authentication failed",
+        };
         Err(Failure::server(format!(
-            "authentication failed: {} ({stage}, {})",
+            "{what}: {} ({stage}, {})",
             redact(&reply.text(), &secrets),
             conn.peer
         )))
@@ -318,6 +460,111 @@ mod tests {
             .unwrap();
         let ext = Extensions::parse(&r);
         assert!(ext.auth_xoauth2 && ext.auth_login && !ext.auth_plain);
+    }
+
+    #[test]
+    fn initial_response_inline_only_when_the_line_fits_512_octets() {
+        // "AUTH XOAUTH2 " is 13 octets, CRLF 2: 497 octets of response fit.
+        let fits = "a".repeat(497);
+        assert_eq!(
+            auth_command(Mechanism::XOAuth2, &fits),
+            (format!("AUTH XOAUTH2 {fits}"), false)
+        );
+        let over = "a".repeat(498);
+        assert_eq!(
+            auth_command(Mechanism::XOAuth2, &over),
+            ("AUTH XOAUTH2".to_string(), true)
+        );
+        let (line, two_step) = auth_command(Mechanism::OAuthBearer, &"b".repeat(600));
+        assert_eq!((line.as_str(), two_step), ("AUTH OAUTHBEARER", true));
+        let (line, two_step) = auth_command(Mechanism::Plain, "AHUAcA==");
+        assert_eq!((line.as_str(), two_step), ("AUTH PLAIN AHUAcA==", false));
+    }
+
+    #[test]
+    fn oauthbearer_gs2_header_and_key_values_rfc7628() {
+        // RFC 7628 §4.1's example, with the token of the example.
+        let r = oauthbearer_response(
+            "user@example.com",
+            "server.example.com",
+            143,
+            "vF9dft4qmTc2Nvb3RlckBhbHRhdmlzdGEuY29tCg==",
+        );
+        assert_eq!(
+            r,
+            "bixhPXVzZXJAZXhhbXBsZS5jb20sAWhvc3Q9c2VydmVyLmV4YW1wbGUuY29tAXBvcnQ9MTQzAWF1dGg9QmVhcmVyIHZGOWRmdDRxbVRjMk52YjNSbGNrQmhiSFJoZG1semRHRXVZMjl0Q2c9PQEB"
+        );
+        let raw = String::from_utf8(B64.decode(r).unwrap()).unwrap();
+        assert_eq!(
+            raw,
+            "n,a=user@example.com,\x01host=server.example.com\x01port=143\x01auth=Bearer vF9dft4qmTc2Nvb3RlckBhbHRhdmlzdGEuY29tCg==\x01\x01"
+        );
+        let raw = String::from_utf8(
+            B64.decode(oauthbearer_response("a,b=c", "h", 1, "t"))
+                .unwrap(),
+        )
+        .unwrap();
+        assert!(raw.starts_with("n,a=a=2Cb=3Dc,\x01"), "{raw:?}");
+        assert_eq!(Mechanism::OAuthBearer.error_answer(), "AQ==");
+        assert_eq!(B64.decode("AQ==").unwrap(), b"\x01");
+        assert_eq!(Mechanism::XOAuth2.error_answer(), "");
+        let r = parse(&["250-x\r\n", "250 AUTH OAUTHBEARER\r\n"])
+            .unwrap()
+            .unwrap();
+        let ext = Extensions::parse(&r);
+        assert!(ext.auth_oauthbearer && !ext.auth_xoauth2);
+    }
+
+    #[test]
+    fn auth_replies_classified_by_meaning() {
+        let v = |lines: &[&str]| classify_auth(&parse(lines).unwrap().unwrap());
+        assert_eq!(
+            v(&["235 2.7.0 Authentication successful\r\n"]),
+            AuthVerdict::Accepted
+        );
+        // Dovecot's answer to an over-long line: not a token problem.
+        assert_eq!(v(&["500 5.5.2 Line too long\r\n"]), AuthVerdict::Protocol);
+        assert_eq!(
+            v(&["501 5.5.4 Invalid parameters\r\n"]),
+            AuthVerdict::Protocol
+        );
+        assert_eq!(v(&["502 5.5.1 Unsupported\r\n"]), AuthVerdict::Protocol);
+        assert_eq!(
+            v(&["504 5.7.4 Unrecognized authentication type\r\n"]),
+            AuthVerdict::Protocol
+        );
+        assert_eq!(
+            v(&["503 5.5.1 Already authenticated\r\n"]),
+            AuthVerdict::Protocol
+        );
+        assert_eq!(
+            v(&["535 5.7.3 Authentication unsuccessful\r\n"]),
+            AuthVerdict::Rejected
+        );
+        assert_eq!(
+            v(&["535 5.7.8 Authentication failed.\r\n"]),
+            AuthVerdict::Rejected
+        );
+        assert_eq!(
+            v(&["534 5.7.9 Please log in with your web browser\r\n"]),
+            AuthVerdict::Rejected
+        );
+        assert_eq!(v(&["535 Authentication failed\r\n"]), AuthVerdict::Rejected);
+        assert_eq!(
+            v(&[
+                "535 5.7.139 Authentication unsuccessful, SmtpClientAuthentication is disabled\r\n"
+            ]),
+            AuthVerdict::Disabled
+        );
+        assert_eq!(
+            v(&["454 4.7.0 Temporary authentication failure\r\n"]),
+            AuthVerdict::Transient
+        );
+        assert_eq!(
+            v(&["451 4.7.0 Internal error occurred\r\n"]),
+            AuthVerdict::Transient
+        );
+        assert_eq!(v(&["334 \r\n"]), AuthVerdict::Protocol);
     }
 
     #[test]

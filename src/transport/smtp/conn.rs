@@ -175,9 +175,16 @@ impl SmtpTransport {
             Err(_) => Err(Failure::server(format!(
                 "TLS handshake with {peer} timed out after {t:?}"
             ))),
-            Ok(Err(e)) => Err(Failure::server(format!(
-                "TLS handshake with {peer} failed: {e}"
-            ))),
+            Ok(Err(e)) => {
+                // The certificate's problem and its fix, when that is what failed.
+                let why = e
+                    .get_ref()
+                    .and_then(|inner| crate::tls::describe(inner))
+                    .unwrap_or_else(|| e.to_string());
+                Err(Failure::server(format!(
+                    "TLS handshake with {peer} failed: {why}"
+                )))
+            }
             Ok(Ok(tls)) => Ok(Box::new(tls)),
         }
     }

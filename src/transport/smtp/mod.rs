@@ -1,4 +1,4 @@
-//! SMTP/SMTPS upstream: a small tokio + rustls SMTP client with per-recipient results, STARTTLS or implicit TLS, AUTH PLAIN/LOGIN and a pool of idle connections.
+//! SMTP/SMTPS upstream: a small tokio + rustls SMTP client with per-recipient results, STARTTLS or implicit TLS, AUTH PLAIN/LOGIN/XOAUTH2/OAUTHBEARER and a pool of idle connections.
 //!
 //! Why not `lettre`: we need one classified result per recipient, the exact
 //! stage of every failure, XOAUTH2 with Gmail's `334` JSON challenge and SMTP
@@ -29,7 +29,10 @@ use crate::config::HostPort;
 use conn::ProxyTunnel;
 use pool::Pool;
 
-pub use auth::{Mechanism, SmtpAuth, xoauth2_response};
+pub use auth::{
+    AuthVerdict, MAX_COMMAND_LINE, Mechanism, SmtpAuth, auth_command, oauthbearer_response,
+    xoauth2_response,
+};
 
 /// Everything an [`SmtpTransport`] needs to reach and use one server.
 #[derive(Debug, Clone)]
@@ -103,6 +106,19 @@ impl SmtpTransport {
             pool: Arc::new(Pool::default()),
             proxy: None,
         })
+    }
+
+    /// Accept only the server certificate with this SHA-256 (`sha256:<hex>`,
+    /// Postfix's `fingerprint` level): replaces the chain and name checks;
+    /// the handshake signature is still verified. `None` changes nothing.
+    pub fn with_tls_fingerprint(mut self, fingerprint: Option<&str>) -> Result<Self, String> {
+        if let Some(fp) = fingerprint {
+            self.tls = tokio_rustls::TlsConnector::from(crate::tls::client_config_pinned(
+                self.settings.ca_file.as_deref(),
+                Some(fp),
+            )?);
+        }
+        Ok(self)
     }
 
     /// `smtp://host:port` or `smtps://host:port`.

@@ -113,6 +113,7 @@ pub(super) struct Extensions {
     pub(super) auth_plain: bool,
     pub(super) auth_login: bool,
     pub(super) auth_xoauth2: bool,
+    pub(super) auth_oauthbearer: bool,
 }
 
 impl Extensions {
@@ -135,6 +136,7 @@ impl Extensions {
                             "PLAIN" => ext.auth_plain = true,
                             "LOGIN" => ext.auth_login = true,
                             "XOAUTH2" => ext.auth_xoauth2 = true,
+                            "OAUTHBEARER" => ext.auth_oauthbearer = true,
                             _ => {}
                         }
                     }
