@@ -61,9 +61,67 @@ pub fn header_value(msg: &[u8], name: &str) -> Option<String> {
     Some(v.trim().to_string())
 }
 
+/// A display name made safe for a header field: every control character
+/// (CR, LF, TAB, NUL, DEL, C1) and every run of white space becomes one
+/// space, ends trimmed. Decoded RFC 2047 names can carry CR LF; written back
+/// as is they would start a new header field (issue 14: a `Bcc:` injected
+/// past the envelope).
+pub fn clean_display_name(name: &str) -> String {
+    let mut out = String::with_capacity(name.len());
+    let mut gap = false;
+    for c in name.chars() {
+        if c.is_control() || c.is_whitespace() {
+            gap = true;
+        } else {
+            if gap && !out.is_empty() {
+                out.push(' ');
+            }
+            gap = false;
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// An address made safe between `<` and `>`: control characters, white
+/// space and angle brackets removed.
+fn clean_address(addr: &str) -> String {
+    addr.chars()
+        .filter(|c| !c.is_control() && !c.is_whitespace() && *c != '<' && *c != '>')
+        .collect()
+}
+
+/// Longest RFC 2047 encoded word (RFC 2047 §2).
+const MAX_ENCODED_WORD: usize = 75;
+
+/// `name` as RFC 2047 `B` encoded words of at most 75 characters each,
+/// split on character boundaries and joined by folding white space.
+fn encode_words(name: &str) -> String {
+    use base64::Engine;
+    // `=?utf-8?B?` + `?=` leave 63 characters: 60 of base64, 45 bytes of text.
+    const PREFIX: &str = "=?utf-8?B?";
+    let max_bytes = (MAX_ENCODED_WORD - PREFIX.len() - 2) / 4 * 3;
+    let mut words = Vec::new();
+    let mut start = 0;
+    while start < name.len() {
+        let mut end = (start + max_bytes).min(name.len());
+        while !name.is_char_boundary(end) {
+            end -= 1;
+        }
+        let b64 = base64::engine::general_purpose::STANDARD.encode(&name.as_bytes()[start..end]);
+        words.push(format!("{PREFIX}{b64}?="));
+        start = end;
+    }
+    words.join("\r\n ")
+}
+
 /// `"Display Name" <addr>` with the name quoted, or RFC 2047-encoded when it
-/// is not ASCII.
+/// is not ASCII. Never contains a control character other than the CR LF
+/// of folding white space between encoded words: the name goes through
+/// [`clean_display_name`] and the address loses controls, spaces and `<>`.
 pub fn format_mailbox(name: &str, addr: &str) -> String {
+    let name = clean_display_name(name);
+    let addr = clean_address(addr);
     if name.is_empty() {
         return format!("<{addr}>");
     }
@@ -71,9 +129,7 @@ pub fn format_mailbox(name: &str, addr: &str) -> String {
         let escaped = name.replace('\\', "\\\\").replace('"', "\\\"");
         format!("\"{escaped}\" <{addr}>")
     } else {
-        use base64::Engine;
-        let b64 = base64::engine::general_purpose::STANDARD.encode(name.as_bytes());
-        format!("=?utf-8?B?{b64}?= <{addr}>")
+        format!("{} <{addr}>", encode_words(&name))
     }
 }
 
@@ -154,6 +210,44 @@ mod tests {
             matches!(rewrite_from(MSG, "x", ""), std::borrow::Cow::Borrowed(_)),
             "no copy when nothing changes"
         );
+    }
+
+    #[test]
+    fn names_and_addresses_never_carry_control_characters() {
+        assert_eq!(
+            format_mailbox("Ops\r\nBcc: evil@x\t\0\u{7f}\u{85}end ", "a@b\r\n>x"),
+            "\"Ops Bcc: evil@x end\" <a@bx>"
+        );
+        assert_eq!(format_mailbox("\r\n", "a@b"), "<a@b>");
+        // Non-ASCII: encoded words of at most 75 characters, folded.
+        let long = "Zoë ".repeat(40) + "\r\nBcc: x@y";
+        let out = format_mailbox(&long, "a@b");
+        for (i, line) in out.split("\r\n").enumerate() {
+            let word = if i == 0 {
+                line
+            } else {
+                line.strip_prefix(' ').unwrap()
+            };
+            let word = word.strip_suffix(" <a@b>").unwrap_or(word);
+            assert!(
+                word.len() <= 75 && word.starts_with("=?utf-8?B?") && word.ends_with("?="),
+                "{word}"
+            );
+            assert!(!line.chars().any(|c| c.is_control()), "{line:?}");
+        }
+        let m = format!("To: {out}\r\n\r\n");
+        let decoded = crate::message::recipients::parse_addresses(m.as_bytes());
+        assert_eq!(
+            decoded[0].name.as_deref(),
+            Some(clean_display_name(&long).as_str())
+        );
+        assert_eq!(decoded.len(), 1);
+    }
+
+    #[test]
+    fn rewrite_from_cleans_the_configured_name() {
+        let out = rewrite_from(MSG, "Help\r\nBcc: x@y", "desk@contoso.com\r\n");
+        assert!(out.starts_with(b"From: \"Help Bcc: x@y\" <desk@contoso.com>\r\nSubject: hi\r\n"));
     }
 
     #[test]

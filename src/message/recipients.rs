@@ -23,7 +23,7 @@ use std::collections::HashSet;
 
 use mail_parser::{Address, MessageParser};
 
-use crate::message::{fields, format_mailbox};
+use crate::message::{clean_display_name, fields, format_mailbox};
 
 /// One address with its optional display name.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -49,7 +49,10 @@ pub struct Prepared {
     pub from: Option<Mailbox>,
 }
 
-fn parse_addresses(raw_field: &[u8]) -> Vec<Mailbox> {
+/// The addresses of one raw header field (`Name: value CRLF`), display
+/// names decoded and cleaned ([`clean_display_name`]: no control character
+/// survives, so a name can be written back into a header or JSON safely).
+pub(crate) fn parse_addresses(raw_field: &[u8]) -> Vec<Mailbox> {
     let mut raw = raw_field.to_vec();
     if !raw.ends_with(b"\n") {
         raw.extend_from_slice(b"\r\n");
@@ -70,10 +73,7 @@ fn parse_addresses(raw_field: &[u8]) -> Vec<Mailbox> {
         .filter_map(|a| {
             let address = a.address()?.trim().to_string();
             (!address.is_empty()).then(|| Mailbox {
-                name: a
-                    .name()
-                    .map(|n| n.trim().to_string())
-                    .filter(|n| !n.is_empty()),
+                name: a.name().map(clean_display_name).filter(|n| !n.is_empty()),
                 address,
             })
         })
@@ -98,7 +98,11 @@ fn render(name: &str, list: &[Mailbox]) -> Vec<u8> {
         out.push(' ');
         out.push_str(&item);
         out.push_str(sep);
-        line += item.len() + 2;
+        // A long encoded name is folded inside the item: count from its last line.
+        line = match item.rfind("\r\n") {
+            Some(p) => item.len() - p - 2 + sep.len(),
+            None => line + item.len() + 2,
+        };
     }
     out.push_str("\r\n");
     out.into_bytes()
