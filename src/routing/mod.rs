@@ -4,7 +4,7 @@ use std::sync::{Arc, Mutex};
 
 use serde::Serialize;
 
-use crate::transport::{Delivery, Envelope, Failure, Transport};
+use crate::transport::{Delivery, Envelope, Failure, Scope, Transport};
 
 mod build;
 pub use build::from_config;
@@ -130,6 +130,14 @@ impl Router {
                     });
                 }
                 result => {
+                    if let Err(f) = &result
+                        && f.scope == Scope::MaybeDelivered
+                    {
+                        let message_id = crate::message::header_value(message, "message-id")
+                            .map(|v| crate::message::clean_display_name(&v))
+                            .unwrap_or_default();
+                        tracing::warn!(id = %env.id, route = route.label, server = %route.transport.describe(), message_id = %message_id, error = %f, "possible_duplicate: the message was sent but not confirmed; retrying the same server later, not the other one");
+                    }
                     if idx != start {
                         let why = last.as_ref().map(|f| f.text.clone()).unwrap_or_default();
                         self.switch(
@@ -227,6 +235,8 @@ mod tests {
             (|| Err(Failure::permanent("550 5.7.60 no"))) as fn() -> Delivery,
             || Err(Failure::transient("451 4.3.0 later")),
             || Ok(vec![Err(Failure::permanent("550 no such user"))]),
+            // Final dot sent, no reply: maybe delivered, never sent twice.
+            || Err(Failure::maybe_delivered("timeout (after end of data)")),
         ] {
             let p = t("p", answer);
             let a = t("a", || Ok(vec![Ok(())]));

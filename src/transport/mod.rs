@@ -45,6 +45,11 @@ pub enum Scope {
     /// The server answered about this message or recipient: another server
     /// would not answer differently, so no failover.
     Message,
+    /// The whole message was sent (SMTP: the final dot) and no reply came:
+    /// the server may have accepted it. Failing over would deliver it twice
+    /// (through both servers), so the router does not; the scheduler retries
+    /// later through the same server, and the router logs `possible_duplicate`.
+    MaybeDelivered,
 }
 
 /// A classified delivery failure. Transports build these from their own
@@ -87,6 +92,16 @@ impl Failure {
         Failure {
             severity: Severity::Permanent,
             scope: Scope::Message,
+            text: text.into(),
+            not_before: None,
+        }
+    }
+    /// A transient failure after the whole message was sent with no reply
+    /// ([`Scope::MaybeDelivered`]): retried later, never failed over.
+    pub fn maybe_delivered(text: impl Into<String>) -> Self {
+        Failure {
+            severity: Severity::Transient,
+            scope: Scope::MaybeDelivered,
             text: text.into(),
             not_before: None,
         }
