@@ -257,3 +257,24 @@ fn a_held_spool_refuses_a_second_daemon_and_offline_edits() {
     let (code, _, err) = d.cli(&["status"]);
     assert_eq!(code, 0, "{err}");
 }
+
+#[test]
+fn status_counts_corrupt_entries() {
+    let dir = tempfile::tempdir().unwrap();
+    write_config(dir.path(), "protocol = \"file\"\noutbox = \"outbox\"");
+    let queue = dir.path().join("spool/queue");
+    std::fs::create_dir_all(&queue).unwrap();
+    std::fs::write(queue.join("0123456789abc.json"), b"{ truncated").unwrap();
+    std::fs::write(queue.join("orphan.eml"), b"x").unwrap();
+    let d = Daemon::start(dir.path());
+    let (code, out, err) = d.cli(&["status"]);
+    assert_eq!(code, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["corrupt"]["count"], 2, "{out}");
+    let newest = v["corrupt"]["newest"]["name"].as_str().unwrap_or("");
+    assert!(
+        ["0123456789abc.json", "orphan.eml"].contains(&newest),
+        "{out}"
+    );
+    assert!(v["corrupt"]["newest"]["moved_at"].as_u64().unwrap_or(0) > 0);
+}

@@ -131,6 +131,15 @@ pub fn lock(root: &Path, wait: Duration) -> io::Result<SpoolLock> {
     }
 }
 
+/// The contents of `corrupt/` (for `/status`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CorruptSummary {
+    /// Files in `corrupt/`.
+    pub count: usize,
+    /// The newest: file name and when it was moved there (Unix seconds).
+    pub newest: Option<(String, u64)>,
+}
+
 /// The spool directory.
 #[derive(Debug)]
 pub struct Spool {
@@ -451,6 +460,33 @@ impl Spool {
         Ok(())
     }
 
+    /// What `corrupt/` holds now: how many files, and the newest (by the
+    /// time it was moved there) with that time in Unix seconds.
+    pub fn corrupt_summary(&self) -> CorruptSummary {
+        let mut summary = CorruptSummary::default();
+        let Ok(rd) = fs::read_dir(&self.corrupt) else {
+            return summary;
+        };
+        for e in rd.flatten() {
+            summary.count += 1;
+            // rename() keeps mtime; ctime is when the entry was moved aside.
+            let changed = e.metadata().ok().map(|m| {
+                use std::os::unix::fs::MetadataExt;
+                m.ctime().max(0) as u64
+            });
+            let name = e.file_name().to_string_lossy().into_owned();
+            if let Some(at) = changed
+                && summary
+                    .newest
+                    .as_ref()
+                    .is_none_or(|(n, t)| (at, &name) > (*t, n))
+            {
+                summary.newest = Some((name, at));
+            }
+        }
+        summary
+    }
+
     /// Every committed entry's metadata, read from disk (for the CLI).
     pub fn list(root: &Path) -> io::Result<Vec<Meta>> {
         let queue = root.join("queue");
@@ -560,6 +596,20 @@ mod tests {
         drop(s);
         let (_, loaded, bad) = Spool::open(dir.path(), 10).unwrap();
         assert_eq!((loaded.len(), bad.len()), (1, 0));
+    }
+
+    #[test]
+    fn corrupt_entries_are_counted() {
+        let dir = tempfile::tempdir().unwrap();
+        let (s, _, _) = Spool::open(dir.path(), 10).unwrap();
+        assert_eq!(s.corrupt_summary(), CorruptSummary::default());
+        drop(s);
+        fs::write(dir.path().join("queue").join("garbage.json"), b"{").unwrap();
+        let (s, _, bad) = Spool::open(dir.path(), 10).unwrap();
+        assert_eq!(bad.len(), 1);
+        let c = s.corrupt_summary();
+        assert_eq!(c.count, 1);
+        assert_eq!(c.newest.map(|(n, _)| n).as_deref(), Some("garbage.json"));
     }
 
     #[test]
