@@ -17,6 +17,16 @@ pub struct Field {
 /// The header fields of `msg` and the offset where the body starts (after
 /// the empty line; `msg.len()` when there is no body).
 pub fn fields(msg: &[u8]) -> (Vec<Field>, usize) {
+    let (fs, body, _) = fields_separated(msg);
+    (fs, body)
+}
+
+/// Like [`fields`], and whether the header section ended properly (at an
+/// empty line or the end of the message). `false` when a line that is
+/// neither a field nor a continuation ended it: a lenient MIME parser (Graph,
+/// Exchange) may still read fields after that line, so whoever rewrites the
+/// header must add the empty line.
+pub fn fields_separated(msg: &[u8]) -> (Vec<Field>, usize, bool) {
     let mut out: Vec<Field> = Vec::new();
     let mut pos = 0;
     while pos < msg.len() {
@@ -27,7 +37,7 @@ pub fn fields(msg: &[u8]) -> (Vec<Field>, usize) {
             .unwrap_or(msg.len());
         let line = &msg[pos..line_end];
         if line == b"\r\n" || line == b"\n" {
-            return (out, line_end);
+            return (out, line_end, true);
         }
         if (line[0] == b' ' || line[0] == b'\t') && !out.is_empty() {
             if let Some(last) = out.last_mut() {
@@ -42,11 +52,11 @@ pub fn fields(msg: &[u8]) -> (Vec<Field>, usize) {
             });
         } else {
             // Not a header line: the header section ended without an empty line.
-            return (out, pos);
+            return (out, pos, false);
         }
         pos = line_end;
     }
-    (out, msg.len())
+    (out, msg.len(), true)
 }
 
 /// The unfolded value of the first field called `name` (case-insensitive).
