@@ -39,10 +39,16 @@ pub fn fields_separated(msg: &[u8]) -> (Vec<Field>, usize, bool) {
         if line == b"\r\n" || line == b"\n" {
             return (out, line_end, true);
         }
-        if (line[0] == b' ' || line[0] == b'\t') && !out.is_empty() {
+        let folded = line[0] == b' ' || line[0] == b'\t';
+        if folded && !out.is_empty() {
             if let Some(last) = out.last_mut() {
                 last.end = line_end;
             }
+        } else if folded {
+            // A continuation before any field is not a header (as
+            // `inbound::data::scan_headers` has it): a field written in front
+            // would otherwise absorb it.
+            return (out, pos, false);
         } else if let Some(colon) = line.iter().position(|&b| b == b':') {
             let name = String::from_utf8_lossy(&line[..colon]).trim().to_string();
             out.push(Field {
@@ -155,7 +161,7 @@ pub fn rewrite_from<'a>(
     if reply_to.is_empty() {
         return std::borrow::Cow::Borrowed(msg);
     }
-    let (fs, _) = fields(msg);
+    let (fs, body, separated) = fields_separated(msg);
     let from = fs.iter().find(|f| f.name.eq_ignore_ascii_case("From"));
     let has_reply_to = fs.iter().any(|f| f.name.eq_ignore_ascii_case("Reply-To"));
     let mut out = Vec::with_capacity(msg.len() + 128);
@@ -173,7 +179,16 @@ pub fn rewrite_from<'a>(
         }
         pos = f.end;
     }
-    out.extend_from_slice(&msg[pos..]);
+    out.extend_from_slice(&msg[pos..body]);
+    if !separated {
+        // The header ended at a line that is not a field: end ours properly,
+        // so that line stays in the body.
+        if !out.ends_with(b"\n") {
+            out.extend_from_slice(b"\r\n");
+        }
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(&msg[body..]);
     std::borrow::Cow::Owned(out)
 }
 
@@ -252,6 +267,22 @@ mod tests {
             Some(clean_display_name(&long).as_str())
         );
         assert_eq!(decoded.len(), 1);
+    }
+
+    #[test]
+    fn rewrite_from_keeps_a_non_header_first_line_in_the_body() {
+        // Found by the header_rewrite fuzz target: a leading continuation
+        // line became part of the new From, and the lines after it fields.
+        let m = b" <printer@contoso.com>\r\nTo: other@outside.test\r\n\r\nx";
+        assert_eq!(
+            &*rewrite_from(m, "", "desk@contoso.com"),
+            b"From: <desk@contoso.com>\r\n\r\n <printer@contoso.com>\r\nTo: other@outside.test\r\n\r\nx"
+        );
+        let m = b"Subject: s\r\nnot a field\r\n";
+        assert_eq!(
+            &*rewrite_from(m, "", "d@c"),
+            b"From: <d@c>\r\nSubject: s\r\n\r\nnot a field\r\n"
+        );
     }
 
     #[test]
