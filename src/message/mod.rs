@@ -50,7 +50,19 @@ pub fn fields_separated(msg: &[u8]) -> (Vec<Field>, usize, bool) {
             // would otherwise absorb it.
             return (out, pos, false);
         } else if let Some(colon) = line.iter().position(|&b| b == b':') {
-            let name = String::from_utf8_lossy(&line[..colon]).trim().to_string();
+            let raw_name = &line[..colon];
+            let n = raw_name
+                .iter()
+                .rposition(|&b| b != b' ' && b != b'\t')
+                .map_or(0, |i| i + 1);
+            if n == 0 || !raw_name[..n].iter().all(|&b| (33..=126).contains(&b)) {
+                // Not a field name (`T o:`, controls, 8-bit): the header ends
+                // here, as `inbound::data::scan_headers` has it. Kept as a
+                // field it would be copied as is, and a lenient parser could
+                // still read it as `To:` (found by the header_rewrite fuzz target).
+                return (out, pos, false);
+            }
+            let name = String::from_utf8_lossy(&raw_name[..n]).into_owned();
             out.push(Field {
                 name,
                 start: pos,
@@ -282,6 +294,18 @@ mod tests {
         assert_eq!(
             &*rewrite_from(m, "", "d@c"),
             b"From: <d@c>\r\nSubject: s\r\n\r\nnot a field\r\n"
+        );
+    }
+
+    #[test]
+    fn a_line_without_a_valid_field_name_ends_the_header() {
+        let m = b"Subject: s\r\nT o: other@outside.test\r\n\r\nx";
+        let (fs, body, separated) = fields_separated(m);
+        assert_eq!((fs.len(), body, separated), (1, 12, false));
+        let p = crate::message::recipients::prepare(m, &["a@b.test".into()]);
+        assert_eq!(
+            String::from_utf8_lossy(&p.message),
+            "Subject: s\r\nBcc: a@b.test\r\n\r\nT o: other@outside.test\r\n\r\nx"
         );
     }
 
