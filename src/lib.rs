@@ -50,7 +50,7 @@ pub fn admin_token(cfg: &Config, create: bool) -> std::io::Result<Secret> {
                 .map(|_| format!("{:02x}", rand::random::<u8>()))
                 .collect();
             if let Some(dir) = path.parent() {
-                std::fs::create_dir_all(dir)?;
+                spool::create_private_dir(dir)?;
             }
             spool::write_atomic(&path, token.as_bytes())?;
             Ok(Secret::new(token))

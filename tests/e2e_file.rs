@@ -194,3 +194,87 @@ fn shipped_config_is_valid() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// Kills the child when dropped (a test never leaves a process behind).
+struct Reaped(std::process::Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn a_held_spool_refuses_a_second_daemon_and_offline_edits() {
+    let dir = tempfile::tempdir().unwrap();
+    write_config(dir.path(), "protocol = \"file\"\noutbox = \"outbox\"");
+    let d = Daemon::start(dir.path());
+    // A second daemon on the same spool stops with a clear error.
+    let mut second = Reaped(
+        Command::new(daemon::bin())
+            .arg("--config")
+            .arg(dir.path().join("config.toml"))
+            .arg("run")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let mut status = None;
+    for _ in 0..300 {
+        if let Some(s) = second.0.try_wait().unwrap() {
+            status = Some(s);
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let status = status.expect("the second daemon kept running");
+    assert!(!status.success());
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut second.0.stderr.take().unwrap(), &mut err).unwrap();
+    assert!(
+        err.contains("in use by another mailbridge process"),
+        "{err}"
+    );
+    // The offline CLI (admin endpoint not answering) refuses to edit under it.
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let (code, _, err) = daemon::cli(
+        &dir.path().join("config.toml"),
+        &["queue", "retry", "0123456789abc"],
+        dead,
+    );
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("a running mailbridge holds the spool"),
+        "{err}"
+    );
+    // The daemon still runs and answers.
+    let (code, _, err) = d.cli(&["status"]);
+    assert_eq!(code, 0, "{err}");
+}
+
+#[test]
+fn status_counts_corrupt_entries() {
+    let dir = tempfile::tempdir().unwrap();
+    write_config(dir.path(), "protocol = \"file\"\noutbox = \"outbox\"");
+    let queue = dir.path().join("spool/queue");
+    std::fs::create_dir_all(&queue).unwrap();
+    std::fs::write(queue.join("0123456789abc.json"), b"{ truncated").unwrap();
+    std::fs::write(queue.join("orphan.eml"), b"x").unwrap();
+    let d = Daemon::start(dir.path());
+    let (code, out, err) = d.cli(&["status"]);
+    assert_eq!(code, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["corrupt"]["count"], 2, "{out}");
+    let newest = v["corrupt"]["newest"]["name"].as_str().unwrap_or("");
+    assert!(
+        ["0123456789abc.json", "orphan.eml"].contains(&newest),
+        "{out}"
+    );
+    assert!(v["corrupt"]["newest"]["moved_at"].as_u64().unwrap_or(0) > 0);
+}

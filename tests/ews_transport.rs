@@ -688,3 +688,23 @@ async fn the_fake_refuses_what_exchange_refuses() {
         .collect();
     assert_eq!(flagged, [false, false, true, true, true, false, false]);
 }
+
+#[tokio::test]
+async fn a_display_name_cannot_inject_a_header() {
+    // Issue 14: the name decodes to `Ops CRLF Bcc: attacker@evil.test`; the
+    // To must be rewritten (other@outside.test is not an envelope recipient).
+    let fake = FakeEws::start(FakeAuth::basic(USER, PASSWORD)).await;
+    let t = transport(settings(&fake, basic(PASSWORD)));
+    let name = B64.encode("Ops\r\nBcc: attacker@evil.test");
+    let from_name = B64.encode("Desk@floor2\r\nBcc: attacker2@evil.test");
+    let msg = format!(
+        "From: =?utf-8?B?{from_name}?= <relay@contoso.com>\r\nTo: =?utf-8?B?{name}?= <ok@example.com>, other@outside.test\r\nSubject: s\r\n\r\nx\r\n"
+    );
+    let env = envelope(&["ok@example.com"], None);
+    delivered(&t.deliver(&env, msg.as_bytes()).await, 1);
+    // The From name has an `@`, so it is rewritten too: CR LF gone, quoted.
+    assert_eq!(
+        fake.requests()[0].mime_text(),
+        "From: \"Desk at floor2 Bcc: attacker2 at evil.test\" <relay@contoso.com>\r\nTo: \"Ops Bcc: attacker@evil.test\" <ok@example.com>\r\nSubject: s\r\n\r\nx\r\n"
+    );
+}

@@ -735,3 +735,34 @@ async fn the_governor_keeps_to_the_upload_budget_the_fake_enforces() {
     assert!(at.iter().filter(|s| **s < 300).count() <= 3, "{at:?}");
     assert!(*at.iter().max().unwrap() >= 600, "{at:?}");
 }
+
+/// The header-injection attack of issue 14: an RFC 2047 display name that
+/// decodes to `Ops CRLF Bcc: attacker@evil.test`, in a `To:` that must be
+/// rewritten (it names someone outside the envelope).
+fn injection_message() -> String {
+    let name = B64.encode("Ops\r\nBcc: attacker@evil.test");
+    format!(
+        "From: =?utf-8?B?{}?= <desk@contoso.com>\r\nTo: =?utf-8?B?{name}?= <ok@example.com>, other@outside.test\r\nSubject: s\r\n\r\nx\r\n",
+        B64.encode("Desk\r\nBcc: attacker2@evil.test")
+    )
+}
+
+#[tokio::test]
+async fn a_display_name_cannot_inject_a_header() {
+    let fake = FakeGraph::start(GraphConfig::default()).await;
+    let t = graph(&fake);
+    let m = injection_message();
+    assert!(all_ok(
+        &t.deliver(&env(&["ok@example.com"]), m.as_bytes()).await,
+        1
+    ));
+    let sent = fake.sent();
+    let mime = String::from_utf8(sent[0].mime.clone().unwrap_or_default()).unwrap_or_default();
+    // Both rewritten (the From name has an `@`): the names' CR LF became a
+    // space, so each field stays one line.
+    assert_eq!(
+        mime,
+        "From: \"Desk Bcc: attacker2 at evil.test\" <desk@contoso.com>\r\nTo: \"Ops Bcc: attacker@evil.test\" <ok@example.com>\r\nSubject: s\r\n\r\nx\r\n"
+    );
+    assert_eq!(sent[0].recipients, ["ok@example.com"]);
+}

@@ -111,7 +111,6 @@ async fn smuggling_attempts_yield_one_message() {
         "\r\n.\r",
         "\r\n.\n",
         "\r\n.\r\r\n",
-        "\r\n\0.\r\n",
         "\r.\r\n",
     ];
     for (i, ender) in enders.iter().enumerate() {
@@ -133,6 +132,42 @@ async fn smuggling_attempts_yield_one_message() {
         let body = String::from_utf8_lossy(&msgs[i].body).into_owned();
         assert!(body.contains("\r\nMAIL FROM:<evil@x.example>\r\nRCPT TO:<victim@x.example>\r\nDATA\r\nsmuggled\r\n"), "{ender:?}: {body:?}");
     }
+}
+
+/// hannob/smtpsmug's `CRLF NUL . CRLF`: not an end of data, and the NUL is
+/// never forwarded: refused after the real end by default (`550 5.6.0`),
+/// removed with `nul_bytes = "strip"`.
+#[tokio::test]
+async fn nul_smuggling_is_refused_or_stripped() {
+    let data = "Subject: s\r\n\r\nhello\r\n\0.\r\nMAIL FROM:<evil@x.example>\r\nRCPT TO:<victim@x.example>\r\nDATA\r\nsmuggled\r\n.\r\nQUIT\r\n";
+    let srv = start(listen()).await;
+    let mut c = Client::connect(srv.addr).await;
+    c.start_data(4096).await;
+    c.send(data).await;
+    c.expect("550 5.6.0 NUL characters are not allowed in message data\r\n221 2.0.0 Bye\r\n")
+        .await;
+    c.expect_closed().await;
+    assert!(srv.sink.msgs().is_empty());
+
+    let srv = start(Listen {
+        nul_bytes: mailbridge::config::NulBytes::Strip,
+        ..listen()
+    })
+    .await;
+    let mut c = Client::connect(srv.addr).await;
+    c.start_data(4096).await;
+    c.send(data).await;
+    let reply = c.line().await;
+    assert!(reply.starts_with("250 2.0.0 Ok: queued as "), "{reply}");
+    c.expect("221 2.0.0 Bye\r\n").await;
+    let msgs = srv.sink.msgs();
+    assert_eq!(msgs.len(), 1);
+    assert!(!msgs[0].body.contains(&0));
+    let body = String::from_utf8_lossy(&msgs[0].body).into_owned();
+    assert!(
+        body.ends_with("\r\n\r\nhello\r\n.\r\nMAIL FROM:<evil@x.example>\r\nRCPT TO:<victim@x.example>\r\nDATA\r\nsmuggled\r\n"),
+        "{body:?}"
+    );
 }
 
 #[tokio::test]

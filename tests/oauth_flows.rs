@@ -608,3 +608,40 @@ async fn client_credentials_with_a_certificate() {
     }
     logs.assert_clean(&secrets, &[&e.to_string(), &e3]);
 }
+
+#[tokio::test(start_paused = true)]
+async fn huge_lifetimes_from_the_token_endpoint_do_not_panic() {
+    // `expires_in` near u64::MAX once overflowed `Instant + Duration`.
+    let fake = FakeOAuth::start(Shape::Entra).await;
+    fake.set(|s| s.lifetime = u64::MAX);
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = cfg(dir.path(), &fake, "authorization_code");
+    signed_in(&cfg, &fake, USER, "rt-initial-0001");
+    let reg = registry(&cfg);
+    let m = reg.manager(USER);
+    let t = m.token().await.unwrap();
+    assert!(fake.valid_token(USER, t.expose()));
+    // Clamped to a day: a day later the token is refreshed, not trusted forever.
+    tokio::time::advance(Duration::from_secs(86_400)).await;
+    let t2 = m.token().await.unwrap();
+    assert_ne!(t2.expose(), t.expose());
+    assert_eq!(fake.calls("refresh_token"), 2);
+    let _ = reg.status();
+
+    // The device code's lifetime too: the wait ends (Expired), no panic.
+    let cfg = cfg_device(dir.path(), &fake);
+    let reg = registry(&cfg);
+    fake.set(|s| {
+        s.device_expires_in = Some(u64::MAX);
+        s.device_script = vec![DeviceStep::Expired];
+    });
+    let d = reg.client().device_authorization().await.unwrap();
+    assert!(matches!(
+        reg.client().poll_device(&d).await,
+        Err(LoginError::Expired)
+    ));
+}
+
+fn cfg_device(dir: &std::path::Path, fake: &FakeOAuth) -> Config {
+    cfg(dir, fake, "device_code")
+}

@@ -366,3 +366,60 @@ async fn default_dsn_policy_sends_no_backscatter() {
     );
     stop.cancel();
 }
+
+/// Entries as a previous run left them, with a tampered or clock-skewed
+/// `next_attempt`: loaded at start, none may stop delivery or wait past
+/// `retry_max` (600 s here).
+#[tokio::test(start_paused = true)]
+async fn stored_next_attempt_is_clamped_at_load() {
+    let t = Scripted::new(vec![all_ok]);
+    let dir = tempfile::tempdir().unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    {
+        let (spool, _, _) = Spool::open(dir.path(), 100).unwrap();
+        let body = b"Subject: s\r\n\r\nx\r\n";
+        for (id, next) in [
+            ("hostile", u64::MAX),
+            ("day-ahead", now + 86_400),
+            ("due", now),
+        ] {
+            let mut meta = Meta::new(
+                id.into(),
+                "app@legacy.local".into(),
+                vec!["a@x.test".into()],
+                body.len() as u64,
+                now,
+            );
+            meta.next_attempt = next;
+            spool.store(&meta, body).unwrap();
+        }
+    }
+    let (spool, loaded, _) = Spool::open(dir.path(), 100).unwrap();
+    assert_eq!(loaded.len(), 3);
+    let spool = Arc::new(spool);
+    let stop = CancellationToken::new();
+    let start = Instant::now();
+    let (_s, _task) = Scheduler::start(
+        spool.clone(),
+        Arc::new(Router::new(t.clone(), None)),
+        policy(86_400 * 5),
+        loaded,
+        stop.clone(),
+    );
+    until(|| spool.is_empty()).await;
+    let calls = t.calls();
+    assert_eq!(calls.len(), 3);
+    for (at, env, _) in &calls {
+        assert!(
+            at.duration_since(start) <= Duration::from_secs(600),
+            "{} at {:?}",
+            env.id,
+            at.duration_since(start)
+        );
+    }
+    assert_eq!(calls[0].1.id, "due");
+    stop.cancel();
+}

@@ -1,8 +1,8 @@
-//! Fuzz the DATA reader: arbitrary bytes in arbitrary chunks; only canonical output, and the same result however the input is cut.
+//! Fuzz the DATA reader: arbitrary bytes in arbitrary chunks, both bare-line-ending and both NUL policies; only canonical NUL-free output, and the same result however the input is cut.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use mailbridge::config::BareLineEndings;
+use mailbridge::config::{BareLineEndings, NulBytes};
 use mailbridge::inbound::data::{DataOutcome, DataReader};
 
 fn canonical(b: &[u8]) -> bool {
@@ -19,8 +19,9 @@ fn read(
     step: usize,
     max: usize,
     policy: BareLineEndings,
+    nul: NulBytes,
 ) -> (usize, Option<DataOutcome>) {
-    let mut r = DataReader::new(max, policy);
+    let mut r = DataReader::new(max, policy).with_nul_bytes(nul);
     let mut pos = 0;
     for piece in input.chunks(step.max(1)) {
         let (n, out) = r.feed(piece);
@@ -38,19 +39,25 @@ fuzz_target!(|data: &[u8]| {
     let step = head.first().copied().unwrap_or(1) as usize % 17 + 1;
     let max = head.get(1).copied().unwrap_or(255) as usize * 16 + 1;
     for policy in [BareLineEndings::Normalize, BareLineEndings::Reject] {
-        let whole = read(input, usize::MAX, max, policy);
-        assert_eq!(read(input, step, max, policy), whole);
-        if let (used, Some(out)) = &whole {
-            // The data ends only right after a CRLF "." CRLF at a real line start.
-            let with_start = [b"\r\n", &input[..*used]].concat();
-            assert!(with_start.ends_with(b"\r\n.\r\n"));
-            assert_eq!(
-                with_start.windows(5).position(|w| w == b"\r\n.\r\n"),
-                Some(with_start.len() - 5)
-            );
-            if let DataOutcome::Complete(body) = out {
-                assert!(canonical(body), "{body:?}");
-                assert!(body.len() <= max);
+        for nul in [NulBytes::Reject, NulBytes::Strip] {
+            let whole = read(input, usize::MAX, max, policy, nul);
+            assert_eq!(read(input, step, max, policy, nul), whole);
+            if let (used, Some(out)) = &whole {
+                // The data ends only right after a CRLF "." CRLF at a real line start.
+                let with_start = [b"\r\n", &input[..*used]].concat();
+                assert!(with_start.ends_with(b"\r\n.\r\n"));
+                assert_eq!(
+                    with_start.windows(5).position(|w| w == b"\r\n.\r\n"),
+                    Some(with_start.len() - 5)
+                );
+                if let DataOutcome::Complete(body) = out {
+                    assert!(canonical(body), "{body:?}");
+                    assert!(body.len() <= max);
+                    assert!(!body.contains(&0), "NUL stored: {body:?}");
+                    if nul == NulBytes::Reject {
+                        assert!(!input[..*used].contains(&0), "NUL accepted");
+                    }
+                }
             }
         }
     }

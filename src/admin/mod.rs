@@ -223,6 +223,15 @@ pub fn status_json(state: &AdminState) -> serde_json::Value {
         "route": router.state(),
         "servers": router.servers().into_iter().map(|(label, server)| json!({"label": label, "server": server})).collect::<Vec<_>>(),
         "queue": state.scheduler.stats(),
+        "corrupt": corrupt_json(&state.scheduler.spool().corrupt_summary()),
+    })
+}
+
+/// `corrupt/` in the status: how many entries were moved aside and the newest.
+fn corrupt_json(c: &crate::spool::CorruptSummary) -> serde_json::Value {
+    json!({
+        "count": c.count,
+        "newest": c.newest.as_ref().map(|(name, at)| json!({"name": name, "moved_at": at})),
     })
 }
 

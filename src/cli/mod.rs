@@ -496,6 +496,15 @@ fn queue_change(cfg: &Config, root: &Path, method: &str, id: &str, what: &str) -
 fn offline_change(cfg: &Config, root: &Path, id: &str, what: &str) -> ExitCode {
     let (spool, _, _) = match Spool::open(root, cfg.spool.max_messages) {
         Ok(s) => s,
+        // A daemon runs (it holds the spool lock) but its admin endpoint did
+        // not answer: editing under it would corrupt its queue.
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+            eprintln!(
+                "mailbridge: {e}: a running mailbridge holds the spool, but its admin endpoint did not answer; \
+                 {what} the message through the running daemon (enable or fix [admin] and retry), or stop it first"
+            );
+            return ExitCode::from(FAILED);
+        }
         Err(e) => {
             eprintln!(
                 "mailbridge: spool.path: cannot open {}: {e}",

@@ -95,6 +95,18 @@ pub enum BareLineEndings {
     Reject,
 }
 
+/// What a NUL byte in DATA does (RFC 5322 forbids NUL in a message; a
+/// downstream server that drops it could see `CRLF.CRLF` where mailbridge
+/// did not: outbound SMTP smuggling).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NulBytes {
+    /// Refuse the message with `550 5.6.0` once its data is complete.
+    Reject,
+    /// Remove every NUL and accept the rest of the message.
+    Strip,
+}
+
 /// The inbound SMTP listener.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -119,6 +131,8 @@ pub struct Listen {
     pub max_received_headers: usize,
     /// Policy for bare CR / bare LF in DATA.
     pub bare_line_endings: BareLineEndings,
+    /// Policy for NUL bytes in DATA: `reject` (default, `550 5.6.0`) or `strip`.
+    pub nul_bytes: NulBytes,
     /// Simultaneous sessions from one client IP. On the default loopback
     /// listener every local application shares 127.0.0.1, so keep this well
     /// above the number of sessions one host opens at once.
@@ -160,6 +174,7 @@ impl Default for Listen {
             max_errors: 10,
             max_received_headers: 30,
             bare_line_endings: BareLineEndings::Normalize,
+            nul_bytes: NulBytes::Reject,
             max_connections_per_ip: 50,
             tls_cert: String::new(),
             tls_key: String::new(),

@@ -16,8 +16,13 @@
 //! - Long lines (over 998 bytes) are passed through unchanged, never truncated
 //!   or folded; only the total size is limited. Bytes past the limit are
 //!   counted and discarded, so memory stays at most the limit.
+//! - A NUL byte never ends a line or the data (`CRLF NUL . CRLF` is content),
+//!   and is never stored: with [`NulBytes::Reject`] (the default) the message
+//!   is read to its real end and then refused; with [`NulBytes::Strip`] every
+//!   NUL is dropped. Forwarded, a NUL could let a server that drops NULs see
+//!   an end of data mailbridge did not (outbound smuggling).
 
-use crate::config::BareLineEndings;
+use crate::config::{BareLineEndings, NulBytes};
 
 /// How a DATA transfer ended.
 #[derive(Debug, PartialEq, Eq)]
@@ -28,6 +33,8 @@ pub enum DataOutcome {
     TooBig,
     /// A bare CR or LF was sent and the policy is `Reject` (`550 5.6.11`).
     BareLineEnding,
+    /// A NUL byte was sent and the NUL policy is `Reject` (`550 5.6.0`).
+    NulByte,
 }
 
 /// Where the reader is within a line.
@@ -56,10 +63,14 @@ pub struct DataReader {
     max_size: usize,
     bare_seen: bool,
     policy: BareLineEndings,
+    nul_seen: bool,
+    nul: NulBytes,
 }
 
 impl DataReader {
-    /// A reader for one message of at most `max_size` stored bytes.
+    /// A reader for one message of at most `max_size` stored bytes; NUL
+    /// bytes are refused ([`NulBytes::Reject`]) unless
+    /// [`with_nul_bytes`](Self::with_nul_bytes) says otherwise.
     pub fn new(max_size: usize, policy: BareLineEndings) -> Self {
         DataReader {
             state: State::LineStart { legit: true },
@@ -68,7 +79,15 @@ impl DataReader {
             max_size,
             bare_seen: false,
             policy,
+            nul_seen: false,
+            nul: NulBytes::Reject,
         }
+    }
+
+    /// The same reader with NUL policy `nul`.
+    pub fn with_nul_bytes(mut self, nul: NulBytes) -> Self {
+        self.nul = nul;
+        self
     }
 
     /// Bytes stored so far (including any discarded past the limit).
@@ -166,6 +185,16 @@ impl DataReader {
     }
 
     fn store(&mut self, bytes: &[u8]) {
+        if bytes.contains(&0) {
+            self.nul_seen = true;
+            let kept: Vec<u8> = bytes.iter().copied().filter(|&b| b != 0).collect();
+            return self.store_clean(&kept);
+        }
+        self.store_clean(bytes)
+    }
+
+    /// Store bytes without NUL (counted and discarded past the limit).
+    fn store_clean(&mut self, bytes: &[u8]) {
         self.size = self.size.saturating_add(bytes.len());
         if self.size > self.max_size {
             if !self.body.is_empty() {
@@ -181,6 +210,8 @@ impl DataReader {
             DataOutcome::TooBig
         } else if self.bare_seen && self.policy == BareLineEndings::Reject {
             DataOutcome::BareLineEnding
+        } else if self.nul_seen && self.nul == NulBytes::Reject {
+            DataOutcome::NulByte
         } else {
             DataOutcome::Complete(std::mem::take(&mut self.body))
         }
@@ -291,9 +322,55 @@ mod tests {
 
     const MAX: usize = 1 << 20;
 
+    /// A reader that strips NULs (most tests are about line endings and
+    /// dots; the NUL policies have their own test).
+    fn reader(max: usize, policy: BareLineEndings) -> DataReader {
+        DataReader::new(max, policy).with_nul_bytes(NulBytes::Strip)
+    }
+
+    #[test]
+    fn nul_policies() {
+        // hannob/smtpsmug's `CRLF NUL . CRLF`: never an end of data, and the
+        // NUL never reaches the spool.
+        let input =
+            b"Subject: s\r\n\r\nline\r\n\x00.\r\nMAIL FROM:<x@y>\r\nmo\x00re\r\n.\r\nQUIT\r\n";
+        let used = input.len() - 6;
+        let reject = DataReader::new(MAX, BareLineEndings::Normalize).feed(input);
+        assert_eq!(reject, (used, Some(DataOutcome::NulByte)));
+        let strip = reader(MAX, BareLineEndings::Normalize).feed(input);
+        assert_eq!(
+            strip,
+            (
+                used,
+                Some(DataOutcome::Complete(
+                    b"Subject: s\r\n\r\nline\r\n.\r\nMAIL FROM:<x@y>\r\nmore\r\n".to_vec()
+                ))
+            )
+        );
+        // A NUL in a stuffed-dot position or alone on a line, byte by byte.
+        let input = b"\x00\r\n..\x00\r\n.\r\n";
+        let mut r = DataReader::new(MAX, BareLineEndings::Normalize);
+        let mut out = None;
+        for (i, b) in input.iter().enumerate() {
+            let (n, o) = r.feed(std::slice::from_ref(b));
+            assert_eq!(n, 1);
+            if o.is_some() {
+                assert_eq!(i, input.len() - 1);
+                out = o;
+            }
+        }
+        assert_eq!(out, Some(DataOutcome::NulByte));
+        assert_eq!(body(input), b"\r\n.\r\n");
+        // No NUL: both policies accept.
+        assert_eq!(
+            DataReader::new(MAX, BareLineEndings::Normalize).feed(b"a\r\n.\r\n"),
+            (6, Some(DataOutcome::Complete(b"a\r\n".to_vec())))
+        );
+    }
+
     /// Feed everything in one call; the outcome and the bytes used.
     fn read(input: &[u8], policy: BareLineEndings) -> (usize, Option<DataOutcome>) {
-        DataReader::new(MAX, policy).feed(input)
+        reader(MAX, policy).feed(input)
     }
 
     fn body(input: &[u8]) -> Vec<u8> {
@@ -305,7 +382,7 @@ mod tests {
 
     /// Feed `input` in chunks split at `cuts`; the outcome and the bytes used.
     fn read_chunked(input: &[u8], cuts: &[usize], max: usize) -> (usize, Option<DataOutcome>) {
-        let mut r = DataReader::new(max, BareLineEndings::Normalize);
+        let mut r = reader(max, BareLineEndings::Normalize);
         let mut start = 0;
         let mut bounds: Vec<usize> = cuts.iter().map(|&c| c.min(input.len())).collect();
         bounds.sort_unstable();
@@ -400,15 +477,15 @@ mod tests {
     #[test]
     fn size_counts_stored_bytes() {
         // "..\r\n" stores 3 bytes; exactly the limit is fine, one more is not.
-        let mut r = DataReader::new(3, BareLineEndings::Normalize);
+        let mut r = reader(3, BareLineEndings::Normalize);
         assert_eq!(
             r.feed(b"..\r\n.\r\n"),
             (7, Some(DataOutcome::Complete(b".\r\n".to_vec())))
         );
-        let mut r = DataReader::new(3, BareLineEndings::Normalize);
+        let mut r = reader(3, BareLineEndings::Normalize);
         assert_eq!(r.feed(b"ab\r\n.\r\n"), (7, Some(DataOutcome::TooBig)));
         // Past the limit the reader keeps consuming to the end, storing nothing.
-        let mut r = DataReader::new(10, BareLineEndings::Normalize);
+        let mut r = reader(10, BareLineEndings::Normalize);
         for _ in 0..1000 {
             assert_eq!(r.feed(&[b'y'; 1000]), (1000, None));
         }
@@ -527,7 +604,7 @@ mod tests {
             max in 1usize..300,
         ) {
             let input = [&input[..], b"\r\n.\r\nQUIT\r\n"].concat();
-            let whole = DataReader::new(max, BareLineEndings::Normalize).feed(&input);
+            let whole = reader(max, BareLineEndings::Normalize).feed(&input);
             prop_assert_eq!(read_chunked(&input, &cuts, max), whole);
         }
 

@@ -18,6 +18,8 @@
 //!   and scripts send bare LF) or refused with `550 5.6.11`
 //!   (`listen.bare_line_endings = "reject"`). Either way only `CRLF.CRLF`
 //!   ends a message, so nothing can be smuggled past this relay.
+//! - A NUL byte in DATA is refused with `550 5.6.0` by default or removed
+//!   (`listen.nul_bytes = "strip"`); it is never forwarded upstream.
 //! - The `250` after DATA is written only once [`Sink::accept`] returned `Ok`.
 //! - Text lines longer than 1000 octets (RFC 5321 §4.5.3.1.6) are accepted
 //!   and passed on unchanged, never truncated or folded: only the total

@@ -141,6 +141,8 @@ const REPLY_TOO_LONG: &str = "500 5.5.2 Line too long";
 const REPLY_UNKNOWN: &str = "500 5.5.2 Error: command not recognized";
 const REPLY_NOT_IMPLEMENTED: &str = "502 5.5.1 Error: command not implemented";
 const REPLY_TOO_BIG: &str = "552 5.3.4 Message size exceeds fixed maximum message size";
+/// A NUL byte in DATA with `listen.nul_bytes = "reject"` (RFC 5322 §2.3 forbids NUL).
+const REPLY_NUL: &str = "550 5.6.0 NUL characters are not allowed in message data";
 
 impl Session {
     /// A new session; the `220` greeting is already queued.
@@ -667,10 +669,10 @@ impl Session {
                     self.error("503 5.5.1 Error: need RCPT command");
                     return None;
                 }
-                self.phase = Phase::Data(DataReader::new(
-                    limits.max_message_size,
-                    limits.bare_line_endings,
-                ));
+                self.phase = Phase::Data(
+                    DataReader::new(limits.max_message_size, limits.bare_line_endings)
+                        .with_nul_bytes(limits.nul_bytes),
+                );
                 self.reply("354 End data with <CR><LF>.<CR><LF>");
             }
             Command::Rset => {
@@ -709,6 +711,10 @@ impl Session {
             }
             DataOutcome::BareLineEnding => {
                 self.reply("550 5.6.11 Bare CR or LF not allowed; use CRLF line endings");
+                return None;
+            }
+            DataOutcome::NulByte => {
+                self.reply(REPLY_NUL);
                 return None;
             }
         };

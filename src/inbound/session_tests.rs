@@ -1,7 +1,7 @@
 //! Tests of the sans-IO session: exact replies for whole conversations, fed in any chunking.
 
 use super::*;
-use crate::config::{BareLineEndings, Listen};
+use crate::config::{BareLineEndings, Listen, NulBytes};
 
 const DATE: &str = "Tue, 2 Jan 2024 03:04:05 +0000";
 const EHLO_REPLY: &str = "250-mx.test\r\n250-SIZE 10000\r\n250-8BITMIME\r\n250-SMTPUTF8\r\n250-ENHANCEDSTATUSCODES\r\n250 PIPELINING\r\n";
@@ -362,6 +362,39 @@ fn bare_line_endings_policies() {
         )
     );
     assert!(r.msgs.is_empty());
+}
+
+#[test]
+fn nul_bytes_policies() {
+    // hannob/smtpsmug's `CRLF NUL . CRLF` then a smuggled command: not an
+    // end of data; refused by default once the real end arrives.
+    let input = format!("{START}a\r\n\0.\r\nMAIL FROM:<evil@x.y>\r\n.\r\n");
+    let r = run(&input);
+    assert_eq!(
+        r.out,
+        format!(
+            "{HEAD}{EHLO_REPLY}{OK_TO_DATA}550 5.6.0 NUL characters are not allowed in message data\r\n"
+        )
+    );
+    assert!(r.msgs.is_empty());
+    // Strip: accepted without the NUL; the dot line is content.
+    let r = drive(
+        &mut session_with(Listen {
+            nul_bytes: NulBytes::Strip,
+            ..listen()
+        }),
+        input.as_bytes(),
+        usize::MAX,
+        &[],
+    );
+    assert_eq!(r.msgs.len(), 1);
+    let body = &r.msgs[0].body;
+    assert!(!body.contains(&0));
+    assert!(
+        String::from_utf8_lossy(body).ends_with("\r\n\r\na\r\n.\r\nMAIL FROM:<evil@x.y>\r\n"),
+        "{}",
+        String::from_utf8_lossy(body)
+    );
 }
 
 #[test]

@@ -17,6 +17,16 @@ pub struct Field {
 /// The header fields of `msg` and the offset where the body starts (after
 /// the empty line; `msg.len()` when there is no body).
 pub fn fields(msg: &[u8]) -> (Vec<Field>, usize) {
+    let (fs, body, _) = fields_separated(msg);
+    (fs, body)
+}
+
+/// Like [`fields`], and whether the header section ended properly (at an
+/// empty line or the end of the message). `false` when a line that is
+/// neither a field nor a continuation ended it: a lenient MIME parser (Graph,
+/// Exchange) may still read fields after that line, so whoever rewrites the
+/// header must add the empty line.
+pub fn fields_separated(msg: &[u8]) -> (Vec<Field>, usize, bool) {
     let mut out: Vec<Field> = Vec::new();
     let mut pos = 0;
     while pos < msg.len() {
@@ -27,14 +37,32 @@ pub fn fields(msg: &[u8]) -> (Vec<Field>, usize) {
             .unwrap_or(msg.len());
         let line = &msg[pos..line_end];
         if line == b"\r\n" || line == b"\n" {
-            return (out, line_end);
+            return (out, line_end, true);
         }
-        if (line[0] == b' ' || line[0] == b'\t') && !out.is_empty() {
+        let folded = line[0] == b' ' || line[0] == b'\t';
+        if folded && !out.is_empty() {
             if let Some(last) = out.last_mut() {
                 last.end = line_end;
             }
+        } else if folded {
+            // A continuation before any field is not a header (as
+            // `inbound::data::scan_headers` has it): a field written in front
+            // would otherwise absorb it.
+            return (out, pos, false);
         } else if let Some(colon) = line.iter().position(|&b| b == b':') {
-            let name = String::from_utf8_lossy(&line[..colon]).trim().to_string();
+            let raw_name = &line[..colon];
+            let n = raw_name
+                .iter()
+                .rposition(|&b| b != b' ' && b != b'\t')
+                .map_or(0, |i| i + 1);
+            if n == 0 || !raw_name[..n].iter().all(|&b| (33..=126).contains(&b)) {
+                // Not a field name (`T o:`, controls, 8-bit): the header ends
+                // here, as `inbound::data::scan_headers` has it. Kept as a
+                // field it would be copied as is, and a lenient parser could
+                // still read it as `To:` (found by the header_rewrite fuzz target).
+                return (out, pos, false);
+            }
+            let name = String::from_utf8_lossy(&raw_name[..n]).into_owned();
             out.push(Field {
                 name,
                 start: pos,
@@ -42,11 +70,11 @@ pub fn fields(msg: &[u8]) -> (Vec<Field>, usize) {
             });
         } else {
             // Not a header line: the header section ended without an empty line.
-            return (out, pos);
+            return (out, pos, false);
         }
         pos = line_end;
     }
-    (out, msg.len())
+    (out, msg.len(), true)
 }
 
 /// The unfolded value of the first field called `name` (case-insensitive).
@@ -61,9 +89,67 @@ pub fn header_value(msg: &[u8], name: &str) -> Option<String> {
     Some(v.trim().to_string())
 }
 
+/// A display name made safe for a header field: every control character
+/// (CR, LF, TAB, NUL, DEL, C1) and every run of white space becomes one
+/// space, ends trimmed. Decoded RFC 2047 names can carry CR LF; written back
+/// as is they would start a new header field (issue 14: a `Bcc:` injected
+/// past the envelope).
+pub fn clean_display_name(name: &str) -> String {
+    let mut out = String::with_capacity(name.len());
+    let mut gap = false;
+    for c in name.chars() {
+        if c.is_control() || c.is_whitespace() {
+            gap = true;
+        } else {
+            if gap && !out.is_empty() {
+                out.push(' ');
+            }
+            gap = false;
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// An address made safe between `<` and `>`: control characters, white
+/// space and angle brackets removed.
+fn clean_address(addr: &str) -> String {
+    addr.chars()
+        .filter(|c| !c.is_control() && !c.is_whitespace() && *c != '<' && *c != '>')
+        .collect()
+}
+
+/// Longest RFC 2047 encoded word (RFC 2047 §2).
+const MAX_ENCODED_WORD: usize = 75;
+
+/// `name` as RFC 2047 `B` encoded words of at most 75 characters each,
+/// split on character boundaries and joined by folding white space.
+fn encode_words(name: &str) -> String {
+    use base64::Engine;
+    // `=?utf-8?B?` + `?=` leave 63 characters: 60 of base64, 45 bytes of text.
+    const PREFIX: &str = "=?utf-8?B?";
+    let max_bytes = (MAX_ENCODED_WORD - PREFIX.len() - 2) / 4 * 3;
+    let mut words = Vec::new();
+    let mut start = 0;
+    while start < name.len() {
+        let mut end = (start + max_bytes).min(name.len());
+        while !name.is_char_boundary(end) {
+            end -= 1;
+        }
+        let b64 = base64::engine::general_purpose::STANDARD.encode(&name.as_bytes()[start..end]);
+        words.push(format!("{PREFIX}{b64}?="));
+        start = end;
+    }
+    words.join("\r\n ")
+}
+
 /// `"Display Name" <addr>` with the name quoted, or RFC 2047-encoded when it
-/// is not ASCII.
+/// is not ASCII. Never contains a control character other than the CR LF
+/// of folding white space between encoded words: the name goes through
+/// [`clean_display_name`] and the address loses controls, spaces and `<>`.
 pub fn format_mailbox(name: &str, addr: &str) -> String {
+    let name = clean_display_name(name);
+    let addr = clean_address(addr);
     if name.is_empty() {
         return format!("<{addr}>");
     }
@@ -71,9 +157,7 @@ pub fn format_mailbox(name: &str, addr: &str) -> String {
         let escaped = name.replace('\\', "\\\\").replace('"', "\\\"");
         format!("\"{escaped}\" <{addr}>")
     } else {
-        use base64::Engine;
-        let b64 = base64::engine::general_purpose::STANDARD.encode(name.as_bytes());
-        format!("=?utf-8?B?{b64}?= <{addr}>")
+        format!("{} <{addr}>", encode_words(&name))
     }
 }
 
@@ -89,7 +173,7 @@ pub fn rewrite_from<'a>(
     if reply_to.is_empty() {
         return std::borrow::Cow::Borrowed(msg);
     }
-    let (fs, _) = fields(msg);
+    let (fs, body, separated) = fields_separated(msg);
     let from = fs.iter().find(|f| f.name.eq_ignore_ascii_case("From"));
     let has_reply_to = fs.iter().any(|f| f.name.eq_ignore_ascii_case("Reply-To"));
     let mut out = Vec::with_capacity(msg.len() + 128);
@@ -107,7 +191,16 @@ pub fn rewrite_from<'a>(
         }
         pos = f.end;
     }
-    out.extend_from_slice(&msg[pos..]);
+    out.extend_from_slice(&msg[pos..body]);
+    if !separated {
+        // The header ended at a line that is not a field: end ours properly,
+        // so that line stays in the body.
+        if !out.ends_with(b"\n") {
+            out.extend_from_slice(b"\r\n");
+        }
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(&msg[body..]);
     std::borrow::Cow::Owned(out)
 }
 
@@ -154,6 +247,72 @@ mod tests {
             matches!(rewrite_from(MSG, "x", ""), std::borrow::Cow::Borrowed(_)),
             "no copy when nothing changes"
         );
+    }
+
+    #[test]
+    fn names_and_addresses_never_carry_control_characters() {
+        assert_eq!(
+            format_mailbox("Ops\r\nBcc: evil@x\t\0\u{7f}\u{85}end ", "a@b\r\n>x"),
+            "\"Ops Bcc: evil@x end\" <a@bx>"
+        );
+        assert_eq!(format_mailbox("\r\n", "a@b"), "<a@b>");
+        // Non-ASCII: encoded words of at most 75 characters, folded.
+        let long = "Zoë ".repeat(40) + "\r\nBcc: x@y";
+        let out = format_mailbox(&long, "a@b");
+        for (i, line) in out.split("\r\n").enumerate() {
+            let word = if i == 0 {
+                line
+            } else {
+                line.strip_prefix(' ').unwrap()
+            };
+            let word = word.strip_suffix(" <a@b>").unwrap_or(word);
+            assert!(
+                word.len() <= 75 && word.starts_with("=?utf-8?B?") && word.ends_with("?="),
+                "{word}"
+            );
+            assert!(!line.chars().any(|c| c.is_control()), "{line:?}");
+        }
+        let m = format!("To: {out}\r\n\r\n");
+        let decoded = crate::message::recipients::parse_addresses(m.as_bytes());
+        assert_eq!(
+            decoded[0].name.as_deref(),
+            Some(clean_display_name(&long).as_str())
+        );
+        assert_eq!(decoded.len(), 1);
+    }
+
+    #[test]
+    fn rewrite_from_keeps_a_non_header_first_line_in_the_body() {
+        // Found by the header_rewrite fuzz target: a leading continuation
+        // line became part of the new From, and the lines after it fields.
+        let m = b" <printer@contoso.com>\r\nTo: other@outside.test\r\n\r\nx";
+        assert_eq!(
+            &*rewrite_from(m, "", "desk@contoso.com"),
+            b"From: <desk@contoso.com>\r\n\r\n <printer@contoso.com>\r\nTo: other@outside.test\r\n\r\nx"
+        );
+        let m = b"Subject: s\r\nnot a field\r\n";
+        assert_eq!(
+            &*rewrite_from(m, "", "d@c"),
+            b"From: <d@c>\r\nSubject: s\r\n\r\nnot a field\r\n"
+        );
+    }
+
+    #[test]
+    fn a_line_without_a_valid_field_name_ends_the_header() {
+        let m = b"Subject: s\r\nT o: other@outside.test\r\n\r\nx";
+        let (fs, body, separated) = fields_separated(m);
+        assert_eq!((fs.len(), body, separated), (1, 12, false));
+        let p = crate::message::recipients::prepare(m, &["a@b.test".into()]);
+        assert_eq!(
+            String::from_utf8_lossy(&p.message),
+            "Subject: s\r\nBcc: a@b.test\r\n\r\nT o: other@outside.test\r\n\r\nx"
+        );
+    }
+
+    #[test]
+    fn rewrite_from_cleans_the_configured_name() {
+        let out = rewrite_from(MSG, "Help\r\nBcc: x@y", "desk@contoso.com\r\n");
+        assert!(out.starts_with(b"From: \"Help Bcc: x@y\" <desk@contoso.com>\r\nSubject: hi\r\n"));
     }
 
     #[test]

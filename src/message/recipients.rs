@@ -23,7 +23,7 @@ use std::collections::HashSet;
 
 use mail_parser::{Address, MessageParser};
 
-use crate::message::{fields, format_mailbox};
+use crate::message::{clean_display_name, fields_separated, format_mailbox};
 
 /// One address with its optional display name.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -49,7 +49,10 @@ pub struct Prepared {
     pub from: Option<Mailbox>,
 }
 
-fn parse_addresses(raw_field: &[u8]) -> Vec<Mailbox> {
+/// The addresses of one raw header field (`Name: value CRLF`), display
+/// names decoded and cleaned ([`clean_display_name`]: no control character
+/// survives, so a name can be written back into a header or JSON safely).
+pub(crate) fn parse_addresses(raw_field: &[u8]) -> Vec<Mailbox> {
     let mut raw = raw_field.to_vec();
     if !raw.ends_with(b"\n") {
         raw.extend_from_slice(b"\r\n");
@@ -70,10 +73,7 @@ fn parse_addresses(raw_field: &[u8]) -> Vec<Mailbox> {
         .filter_map(|a| {
             let address = a.address()?.trim().to_string();
             (!address.is_empty()).then(|| Mailbox {
-                name: a
-                    .name()
-                    .map(|n| n.trim().to_string())
-                    .filter(|n| !n.is_empty()),
+                name: a.name().map(clean_display_name).filter(|n| !n.is_empty()),
                 address,
             })
         })
@@ -98,7 +98,11 @@ fn render(name: &str, list: &[Mailbox]) -> Vec<u8> {
         out.push(' ');
         out.push_str(&item);
         out.push_str(sep);
-        line += item.len() + 2;
+        // A long encoded name is folded inside the item: count from its last line.
+        line = match item.rfind("\r\n") {
+            Some(p) => item.len() - p - 2 + sep.len(),
+            None => line + item.len() + 2,
+        };
     }
     out.push_str("\r\n");
     out.into_bytes()
@@ -125,7 +129,7 @@ fn sanitize_from(m: &Mailbox) -> Option<Mailbox> {
 
 /// Rewrite `message` (canonical CRLF) for delivery to exactly `rcpts`.
 pub fn prepare(message: &[u8], rcpts: &[String]) -> Prepared {
-    let (fs, _) = fields(message);
+    let (fs, _, separated) = fields_separated(message);
     let envelope: HashSet<String> = rcpts.iter().map(|r| r.to_ascii_lowercase()).collect();
     let mut out = Vec::with_capacity(message.len() + 256);
     let mut shown: HashSet<String> = HashSet::new();
@@ -196,6 +200,15 @@ pub fn prepare(message: &[u8], rcpts: &[String]) -> Prepared {
             out.extend_from_slice(b"\r\n");
         }
         out.extend_from_slice(&render("Bcc", &bcc));
+    }
+    // A header that ended at a line that is not a field gets its empty line:
+    // Graph's lenient parser would otherwise read a `To:` further down as a
+    // field, past the envelope.
+    if !separated {
+        if !out.is_empty() && !out.ends_with(b"\n") {
+            out.extend_from_slice(b"\r\n");
+        }
+        out.extend_from_slice(b"\r\n");
     }
     // The empty line and the body, untouched (the new Bcc ends the header).
     out.extend_from_slice(&message[pos..]);
@@ -309,11 +322,29 @@ mod tests {
         assert_eq!(text(&p), "Subject: no newline\r\nBcc: a@b.test\r\n");
     }
 
+    #[test]
+    fn a_header_without_its_empty_line_gets_one() {
+        // Found by the header_rewrite fuzz target: the first line is not a
+        // field, so the header is empty; a lenient parser would still read
+        // the `To:` below it.
+        let m = b"garbage line\r\nTo: ok@example.com, other@outside.test\r\n\r\nx";
+        let p = prepare(m, &rc(&["ok@example.com"]));
+        assert_eq!(
+            text(&p),
+            "Bcc: ok@example.com\r\n\r\ngarbage line\r\nTo: ok@example.com, other@outside.test\r\n\r\nx"
+        );
+        let m = b"Subject: s\r\nnot a field\r\nTo: other@outside.test\r\n";
+        assert_eq!(
+            text(&prepare(m, &rc(&["a@b.test"]))),
+            "Subject: s\r\nBcc: a@b.test\r\n\r\nnot a field\r\nTo: other@outside.test\r\n"
+        );
+    }
+
     proptest::proptest! {
         #[test]
         fn never_panics_and_keeps_the_body(msg in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..300)) {
             let p = prepare(&msg, &["a@b".to_string()]);
-            let (_, body) = fields(&msg);
+            let (_, body) = crate::message::fields(&msg);
             proptest::prop_assert!(p.message.ends_with(&msg[body..]));
         }
     }

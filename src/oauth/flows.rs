@@ -20,6 +20,12 @@ const MAX_TOKEN_RESPONSE: usize = 1 << 20;
 const MAX_ERROR_TEXT: usize = 300;
 /// Access-token lifetime assumed when the provider does not say.
 const DEFAULT_LIFETIME: Duration = Duration::from_secs(3600);
+/// Longest lifetime taken from a token endpoint (access tokens and device
+/// codes): a larger `expires_in` is clamped, so no hostile or broken value
+/// can overflow an `Instant` or keep a token in use for years.
+pub const MAX_LIFETIME: Duration = Duration::from_secs(86_400);
+/// Longest device-code polling interval taken from the endpoint.
+const MAX_INTERVAL: u64 = 300;
 
 /// One upstream's OAuth settings, resolved from the configuration: what a
 /// token manager needs to talk to its provider.
@@ -460,7 +466,8 @@ impl TokenClient {
             refresh_token: t.refresh_token.filter(|r| !r.is_empty()).map(Secret::new),
             expires_in: seconds(&t.expires_in)
                 .map(Duration::from_secs)
-                .unwrap_or(DEFAULT_LIFETIME),
+                .unwrap_or(DEFAULT_LIFETIME)
+                .min(MAX_LIFETIME),
             scope: t.scope,
         }
     }
@@ -558,8 +565,9 @@ impl TokenClient {
             device_code: Secret::new(d.device_code),
             user_code: d.user_code,
             verification_uri: d.verification_uri,
-            expires_in: Duration::from_secs(seconds(&d.expires_in).unwrap_or(900)),
-            interval: Duration::from_secs(seconds(&d.interval).unwrap_or(5).max(1)),
+            expires_in: Duration::from_secs(seconds(&d.expires_in).unwrap_or(900))
+                .min(MAX_LIFETIME),
+            interval: Duration::from_secs(seconds(&d.interval).unwrap_or(5).clamp(1, MAX_INTERVAL)),
             message: d.message,
         })
     }
@@ -569,7 +577,11 @@ impl TokenClient {
     /// at `expired_token`, `authorization_declined` or the code's lifetime.
     /// A token endpoint that is briefly unreachable does not end the wait.
     pub async fn poll_device(&self, d: &DeviceAuthorization) -> Result<Grant, LoginError> {
-        let deadline = tokio::time::Instant::now() + d.expires_in;
+        let now = tokio::time::Instant::now();
+        // `d` is public: a caller-built lifetime must not overflow either.
+        let deadline = now
+            .checked_add(d.expires_in.min(MAX_LIFETIME))
+            .unwrap_or(now);
         let mut interval = d.interval;
         let form = [
             ("grant_type", "urn:ietf:params:oauth:grant-type:device_code"),
@@ -593,7 +605,7 @@ impl TokenClient {
                 Answer::Ok(t) => return Ok(Self::grant(t)),
                 Answer::Refused { error, .. } if error == "authorization_pending" => {}
                 Answer::Refused { error, .. } if error == "slow_down" => {
-                    interval += Duration::from_secs(5);
+                    interval = interval.saturating_add(Duration::from_secs(5));
                 }
                 Answer::Refused { error, .. } if error == "expired_token" => {
                     return Err(LoginError::Expired);

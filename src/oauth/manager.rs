@@ -210,13 +210,18 @@ impl TokenManager {
     /// Take a new grant into use: memory first, then the store (rotation).
     async fn install(&self, grant: Grant, refresh_used: Option<Secret>) {
         let new_refresh = grant.refresh_token.clone().or(refresh_used);
+        let lifetime = grant.expires_in.min(crate::oauth::flows::MAX_LIFETIME);
         {
             let mut st = self.lock();
             st.access = Some(Access {
                 token: grant.access_token,
-                expires: Instant::now() + grant.expires_in,
-                lifetime: grant.expires_in,
-                expires_unix: now_unix() + grant.expires_in.as_secs(),
+                // `Grant` is public: clamp here too, so no lifetime overflows.
+                expires: {
+                    let now = Instant::now();
+                    now.checked_add(lifetime).unwrap_or(now)
+                },
+                lifetime,
+                expires_unix: now_unix().saturating_add(lifetime.as_secs()),
             });
             if st.phase != Phase::Ok && st.phase != Phase::Idle {
                 tracing::info!(identity = %self.identity, "OAuth token obtained; delivery resumes");

@@ -96,7 +96,7 @@ impl TokenStore {
         if let Some(dir) = self.path.parent()
             && !dir.as_os_str().is_empty()
         {
-            std::fs::create_dir_all(dir)?;
+            crate::spool::create_private_dir(dir)?;
         }
         let json = serde_json::to_vec_pretty(file).map_err(io::Error::other)?;
         crate::spool::write_atomic(&self.path, &json)?;

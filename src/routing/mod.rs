@@ -149,6 +149,14 @@ impl Router {
                 _ => false,
             };
             if !skip {
+                if let Err(f) = &result
+                    && f.scope == Scope::MaybeDelivered
+                {
+                    let message_id = crate::message::header_value(message, "message-id")
+                        .map(|v| crate::message::clean_display_name(&v))
+                        .unwrap_or_default();
+                    tracing::warn!(id = %env.id, route = route.label, server = %route.transport.describe(), message_id = %message_id, error = %f, "possible_duplicate: the message was sent but not confirmed; retrying the same server later, not the other one");
+                }
                 if idx != start && !handed_over {
                     let why = last.as_ref().map(|f| f.text.clone()).unwrap_or_default();
                     self.switch(
@@ -276,6 +284,8 @@ mod tests {
             (|| Err(Failure::permanent("550 5.7.60 no"))) as fn() -> Delivery,
             || Err(Failure::transient("451 4.3.0 later")),
             || Ok(vec![Err(Failure::permanent("550 no such user"))]),
+            // Final dot sent, no reply: maybe delivered, never sent twice.
+            || Err(Failure::maybe_delivered("timeout (after end of data)")),
         ] {
             let p = t("p", answer);
             let a = t("a", || Ok(vec![Ok(())]));

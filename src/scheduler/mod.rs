@@ -333,7 +333,14 @@ impl Scheduler {
             tx,
             events: broadcast::channel(64).0,
         });
-        for m in loaded {
+        // A stored next_attempt beyond now + retry_max (the clock moved back,
+        // or the file was edited) would hold the message that long: clamp it.
+        let latest = now_unix().saturating_add(retry_max_secs(&shared));
+        for mut m in loaded {
+            if m.next_attempt > latest {
+                tracing::warn!(id = %m.id, stored = m.next_attempt, "stored next attempt lies beyond retry_max_secs; retrying sooner");
+                m.next_attempt = latest;
+            }
             let _ = shared.tx.send(Cmd::Enqueue(m));
         }
         let task = tokio::spawn(run_loop(shared.clone(), rx, shutdown));
@@ -412,6 +419,22 @@ impl Scheduler {
     }
 }
 
+/// `retry_max` in seconds, from the current policy.
+fn retry_max_secs(shared: &Shared) -> u64 {
+    shared
+        .policy
+        .read()
+        .map(|p| p.retry_max.as_secs())
+        .unwrap_or(3600)
+}
+
+/// Now plus `wait`, without overflowing (a far-off wait saturates at a year).
+fn later(wait: Duration) -> Instant {
+    let now = Instant::now();
+    now.checked_add(wait.min(Duration::from_secs(365 * 86_400)))
+        .unwrap_or(now)
+}
+
 fn born_instant(received_at: u64) -> Instant {
     let age = Duration::from_secs(now_unix().saturating_sub(received_at));
     Instant::now().checked_sub(age).unwrap_or_else(Instant::now)
@@ -474,8 +497,13 @@ async fn run_loop(
             cmd = rx.recv() => match cmd {
                 None => break,
                 Some(Cmd::Enqueue(meta)) => {
-                    let wait = Duration::from_secs(meta.next_attempt.saturating_sub(now_unix()));
-                    let at = Instant::now() + wait;
+                    // Clamped again: an enqueued meta is never trusted to be sane.
+                    let wait = Duration::from_secs(
+                        meta.next_attempt
+                            .saturating_sub(now_unix())
+                            .min(retry_max_secs(&shared)),
+                    );
+                    let at = later(wait);
                     let born = born_instant(meta.received_at);
                     if let Some(old) = items.get(&meta.id) {
                         due.remove(&(old.due, meta.id.clone()));
@@ -546,7 +574,7 @@ async fn run_loop(
                     Ok((id, Some((meta, delay)))) => {
                         if let Some(item) = items.get_mut(&id) {
                             item.in_flight = false;
-                            item.due = Instant::now() + delay;
+                            item.due = later(delay);
                             // Held for the operator: not due again by itself.
                             if !meta.bounce_undeliverable {
                                 due.insert((item.due, id));

@@ -5,6 +5,11 @@
 //! - `queue/<id>.eml` + `queue/<id>.json`: a committed message. The `.json`
 //!   is renamed in last, so its presence is the commit point.
 //! - `corrupt/`: entries that could not be loaded, moved aside for an operator.
+//! - `lock`: held (`flock`, exclusive) by whoever has the spool open; see [`lock`].
+//!
+//! Directories mailbridge creates are mode 0700 and files 0600, whatever the
+//! umask; files are created new (`O_EXCL`) and never through a symlink
+//! (`O_NOFOLLOW`).
 
 pub mod meta;
 
@@ -13,6 +18,7 @@ use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Condvar, Mutex};
+use std::time::{Duration, Instant};
 
 pub use meta::{Meta, Rcpt, RcptStatus};
 
@@ -55,6 +61,85 @@ pub struct Corrupt {
     pub reason: String,
 }
 
+/// Create `dir` and any missing parents with mode 0700 (the umask can only
+/// remove bits from that). Existing directories are left as they are.
+pub fn create_private_dir(dir: &Path) -> io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+}
+
+/// How long [`Spool::open`] waits for a short-lived writer to let go of the lock.
+pub const LOCK_WAIT: Duration = Duration::from_secs(2);
+
+/// The exclusive lock on a spool directory; released when dropped (or when
+/// the process ends, however it ends).
+#[derive(Debug)]
+pub struct SpoolLock {
+    _file: File,
+}
+
+/// Take the exclusive lock on the spool at `root` (`flock` on `root/lock`),
+/// waiting up to `wait` for another holder to let go. Fails with
+/// [`io::ErrorKind::WouldBlock`] and a message naming the spool when someone
+/// else still holds it.
+///
+/// Who holds it: the daemon, for as long as it runs ([`Spool::open`] takes
+/// it, the [`Spool`] keeps it). Anything else that changes the spool must
+/// take it too, without waiting long, and give up when it cannot:
+/// - the offline CLI (`queue retry/delete` when the admin endpoint does not
+///   answer) opens the spool with [`Spool::open`] and refuses when a daemon
+///   runs: the running daemon must make the change (its admin endpoint);
+/// - a short-lived writer that only adds new entries while no daemon runs
+///   (a `sendmail` command) calls `lock(root, Duration::ZERO)` (or
+///   [`Spool::open`]), writes its entry with [`Spool::store`]-style
+///   temp-file + fsync + rename, and drops the lock at once. When the lock is
+///   held, a daemon runs: hand the message to it over SMTP instead. A daemon
+///   starting meanwhile waits up to [`LOCK_WAIT`] for such a writer.
+pub fn lock(root: &Path, wait: Duration) -> io::Result<SpoolLock> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = root.join("lock");
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(&path)?;
+    let deadline = Instant::now() + wait;
+    loop {
+        match file.try_lock() {
+            Ok(()) => return Ok(SpoolLock { _file: file }),
+            Err(fs::TryLockError::WouldBlock) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Err(fs::TryLockError::WouldBlock) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::WouldBlock,
+                    format!(
+                        "the spool {} is in use by another mailbridge process (it holds {})",
+                        root.display(),
+                        path.display()
+                    ),
+                ));
+            }
+            Err(fs::TryLockError::Error(e)) => return Err(e),
+        }
+    }
+}
+
+/// The contents of `corrupt/` (for `/status`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CorruptSummary {
+    /// Files in `corrupt/`.
+    pub count: usize,
+    /// The newest: file name and when it was moved there (Unix seconds).
+    pub newest: Option<(String, u64)>,
+}
+
 /// The spool directory.
 #[derive(Debug)]
 pub struct Spool {
@@ -65,6 +150,7 @@ pub struct Spool {
     max_messages: usize,
     count: AtomicUsize,
     queue_sync: DirSync,
+    _lock: SpoolLock,
 }
 
 /// Group commit of one directory's fsync: every caller returns only after an
@@ -124,18 +210,21 @@ fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
-/// Write `data` to `path` (new file, mode 0600) and sync it. `fdatasync`
-/// suffices for a new file: it flushes the data and the metadata needed to
-/// read it back (size, blocks); the name becomes durable by the rename and
-/// the directory fsync that follow.
+/// Write `data` to `path` (a new file, mode 0600; an existing file or a
+/// symlink there is an error, never followed or overwritten) and sync it.
+/// `fdatasync` suffices for a new file: it flushes the data and the metadata
+/// needed to read it back (size, blocks); the name becomes durable by the
+/// rename and the directory fsync that follow.
 fn write_synced(path: &Path, data: &[u8]) -> io::Result<()> {
-    use std::os::unix::fs::OpenOptionsExt;
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
     let mut f = OpenOptions::new()
         .write(true)
-        .create(true)
-        .truncate(true)
+        .create_new(true)
         .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
         .open(path)?;
+    // The umask may have taken bits away, never added: this only tightens.
+    f.set_permissions(fs::Permissions::from_mode(0o600))?;
     f.write_all(data)?;
     f.sync_data()
 }
@@ -162,7 +251,13 @@ impl Spool {
     /// Open (creating if needed) the spool at `root`, load every committed
     /// entry, and move unreadable ones to `corrupt/`. Never fails because of
     /// one bad entry.
+    ///
+    /// Takes the spool's [`lock`] first (waiting up to [`LOCK_WAIT`]): a
+    /// second daemon, or an offline edit while a daemon runs, fails with
+    /// [`io::ErrorKind::WouldBlock`] before anything is touched.
     pub fn open(root: &Path, max_messages: usize) -> io::Result<(Spool, Vec<Meta>, Vec<Corrupt>)> {
+        create_private_dir(root)?;
+        let lock = lock(root, LOCK_WAIT)?;
         let spool = Spool {
             root: root.to_path_buf(),
             queue: root.join("queue"),
@@ -171,9 +266,10 @@ impl Spool {
             max_messages,
             count: AtomicUsize::new(0),
             queue_sync: DirSync::default(),
+            _lock: lock,
         };
-        for d in [&spool.root, &spool.queue, &spool.tmp, &spool.corrupt] {
-            fs::create_dir_all(d)?;
+        for d in [&spool.queue, &spool.tmp, &spool.corrupt] {
+            create_private_dir(d)?;
         }
         // Nothing in tmp/ was ever acknowledged.
         for e in fs::read_dir(&spool.tmp)? {
@@ -364,6 +460,33 @@ impl Spool {
         Ok(())
     }
 
+    /// What `corrupt/` holds now: how many files, and the newest (by the
+    /// time it was moved there) with that time in Unix seconds.
+    pub fn corrupt_summary(&self) -> CorruptSummary {
+        let mut summary = CorruptSummary::default();
+        let Ok(rd) = fs::read_dir(&self.corrupt) else {
+            return summary;
+        };
+        for e in rd.flatten() {
+            summary.count += 1;
+            // rename() keeps mtime; ctime is when the entry was moved aside.
+            let changed = e.metadata().ok().map(|m| {
+                use std::os::unix::fs::MetadataExt;
+                m.ctime().max(0) as u64
+            });
+            let name = e.file_name().to_string_lossy().into_owned();
+            if let Some(at) = changed
+                && summary
+                    .newest
+                    .as_ref()
+                    .is_none_or(|(n, t)| (at, &name) > (*t, n))
+            {
+                summary.newest = Some((name, at));
+            }
+        }
+        summary
+    }
+
     /// Every committed entry's metadata, read from disk (for the CLI).
     pub fn list(root: &Path) -> io::Result<Vec<Meta>> {
         let queue = root.join("queue");
@@ -478,8 +601,23 @@ mod tests {
                 .is_none()
         );
         // A second start finds nothing more to move.
+        drop(s);
         let (_, loaded, bad) = Spool::open(dir.path(), 10).unwrap();
         assert_eq!((loaded.len(), bad.len()), (1, 0));
+    }
+
+    #[test]
+    fn corrupt_entries_are_counted() {
+        let dir = tempfile::tempdir().unwrap();
+        let (s, _, _) = Spool::open(dir.path(), 10).unwrap();
+        assert_eq!(s.corrupt_summary(), CorruptSummary::default());
+        drop(s);
+        fs::write(dir.path().join("queue").join("garbage.json"), b"{").unwrap();
+        let (s, _, bad) = Spool::open(dir.path(), 10).unwrap();
+        assert_eq!(bad.len(), 1);
+        let c = s.corrupt_summary();
+        assert_eq!(c.count, 1);
+        assert_eq!(c.newest.map(|(n, _)| n).as_deref(), Some("garbage.json"));
     }
 
     #[test]
@@ -491,6 +629,7 @@ mod tests {
         m.attempts = 3;
         m.last_error = Some("451 try later".into());
         s.update(&m).unwrap();
+        drop(s);
         let (_, loaded, _) = Spool::open(dir.path(), 10).unwrap();
         assert_eq!(loaded[0].attempts, 3);
     }
@@ -522,8 +661,57 @@ mod tests {
         );
         assert!(!st.running);
         drop(st);
+        drop(s);
         let (_, loaded, _) = Spool::open(dir.path(), 1000).unwrap();
         assert_eq!(loaded.len(), 160);
+    }
+
+    #[test]
+    fn one_holder_at_a_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let (s, _, _) = Spool::open(dir.path(), 10).unwrap();
+        s.store(&meta("held", b"x"), b"x").unwrap();
+        // A second open (a second daemon, an offline CLI edit) is refused
+        // and touches nothing: tmp/ is not emptied.
+        fs::write(dir.path().join("tmp").join("in-progress.eml"), b"x").unwrap();
+        let e = Spool::open(dir.path(), 10).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::WouldBlock);
+        assert!(
+            e.to_string()
+                .contains("in use by another mailbridge process"),
+            "{e}"
+        );
+        assert!(dir.path().join("tmp").join("in-progress.eml").exists());
+        assert!(
+            matches!(lock(dir.path(), Duration::ZERO), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+        );
+        drop(s);
+        // Released with the spool: a short-lived writer gets it, then a daemon.
+        let l = lock(dir.path(), Duration::ZERO).unwrap();
+        drop(l);
+        let (_, loaded, _) = Spool::open(dir.path(), 10).unwrap();
+        assert_eq!(loaded.len(), 1);
+    }
+
+    #[test]
+    fn files_are_created_new_and_never_through_a_symlink() {
+        let dir = tempfile::tempdir().unwrap();
+        let (s, _, _) = Spool::open(dir.path(), 10).unwrap();
+        let victim = dir.path().join("victim");
+        fs::write(&victim, b"keep").unwrap();
+        // A symlink planted where the next temp file goes.
+        std::os::unix::fs::symlink(&victim, dir.path().join("tmp").join("evil.eml")).unwrap();
+        assert!(s.store(&meta("evil", b"payload"), b"payload").is_err());
+        assert_eq!(fs::read(&victim).unwrap(), b"keep");
+        assert!(write_synced(&dir.path().join("victim"), b"x").is_err());
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(&victim, &link).unwrap();
+        let e = write_synced(&link, b"x").unwrap_err();
+        assert!(
+            e.kind() == io::ErrorKind::AlreadyExists || e.raw_os_error() == Some(libc::ELOOP),
+            "{e}"
+        );
+        assert_eq!(fs::read(&victim).unwrap(), b"keep");
     }
 
     #[test]

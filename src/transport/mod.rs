@@ -51,6 +51,11 @@ pub enum Scope {
     /// router tries the next route for this message only and does not switch
     /// the active route. With no other route it counts as a message failure.
     Route,
+    /// The whole message was sent (SMTP: the final dot) and no reply came:
+    /// the server may have accepted it. Failing over would deliver it twice
+    /// (through both servers), so the router does not; the scheduler retries
+    /// later through the same server, and the router logs `possible_duplicate`.
+    MaybeDelivered,
 }
 
 /// The enhanced status code for an Exchange error code, as Graph (`error.code`)
@@ -190,6 +195,16 @@ impl Failure {
                 Scope::Message => FailureClass::Message,
                 Scope::Route => FailureClass::Route,
             }
+        }
+    }
+    /// A transient failure after the whole message was sent with no reply
+    /// ([`Scope::MaybeDelivered`]): retried later, never failed over.
+    pub fn maybe_delivered(text: impl Into<String>) -> Self {
+        Failure {
+            severity: Severity::Transient,
+            scope: Scope::MaybeDelivered,
+            text: text.into(),
+            not_before: None,
         }
     }
     /// The same failure, with a minimum wait before the next attempt.

@@ -102,6 +102,8 @@ pub struct FakeState {
     pub introspections: usize,
     /// Answers to device code polls, in order (the last one repeats).
     pub device_script: Vec<DeviceStep>,
+    /// `expires_in` of device code answers, instead of the provider's usual value.
+    pub device_expires_in: Option<u64>,
     /// Token endpoint calls by grant type.
     pub calls: HashMap<String, usize>,
     /// Every token endpoint form, in order (secrets included: never print).
@@ -798,12 +800,13 @@ async fn devicecode(
     st.issued += 1;
     let dc = random("dc", st.issued);
     st.device_codes.insert(dc.clone(), 0);
+    let expires = st.device_expires_in;
     match inner.shape {
         Shape::Entra => Json(json!({
             "device_code": dc,
             "user_code": "FAKE-CODE",
             "verification_uri": "https://microsoft.com/devicelogin",
-            "expires_in": 900,
+            "expires_in": expires.unwrap_or(900),
             "interval": 5,
             "message": "To sign in, use a web browser to open the page https://microsoft.com/devicelogin and enter the code FAKE-CODE to authenticate.",
         }))
@@ -812,7 +815,7 @@ async fn devicecode(
             "device_code": dc,
             "user_code": "GQVQ-JKEC",
             "verification_url": "https://www.google.com/device",
-            "expires_in": 1800,
+            "expires_in": expires.unwrap_or(1800),
             "interval": 5,
         }))
         .into_response(),

@@ -31,7 +31,7 @@
 mod classify;
 mod notice;
 mod soap;
-mod xml;
+pub mod xml;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -46,6 +46,16 @@ use soap::get_folder_request;
 
 pub use notice::exchange_online_notice;
 pub use soap::create_item_request;
+
+/// Classify one HTTP answer to a `CreateItem` exactly as the transport does
+/// (status, body, `Retry-After`); the entry point of the `ews_reply` fuzz target.
+pub fn classify_response(
+    status: u16,
+    body: &[u8],
+    retry_after: Option<Duration>,
+) -> Result<(), Failure> {
+    classify(status, body, retry_after)
+}
 
 /// The `RequestServerVersion` we speak unless told otherwise: the oldest
 /// version that has everything we use and that Exchange Online accepts.

@@ -1,6 +1,9 @@
 //! A small, forgiving XML reader: enough to find EWS elements by local name.
-//! It never panics and never fails; on malformed input it returns what it
-//! could make sense of.
+//! It never panics; on malformed input it returns what it could make sense
+//! of. It fails only on input nested deeper than [`MAX_DEPTH`]: a closing tag
+//! searches the open elements, so an unbounded stack made a hostile 1 MiB
+//! body cost quadratic time. With the cap every step is bounded and the whole
+//! parse linear in the input.
 
 /// One element: local name, attributes (local names), direct text.
 #[derive(Debug, Default)]
@@ -26,12 +29,23 @@ impl Element {
 /// Most elements kept (a CreateItem answer has about ten).
 const MAX_ELEMENTS: usize = 10_000;
 
+/// Deepest nesting accepted (an EWS answer nests about ten deep).
+pub const MAX_DEPTH: usize = 64;
+
+/// Why a body was not read.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum XmlError {
+    /// Elements nested deeper than [`MAX_DEPTH`].
+    #[error("XML nested deeper than {MAX_DEPTH} elements")]
+    TooDeep,
+}
+
 fn local(name: &str) -> &str {
     name.rsplit_once(':').map(|(_, l)| l).unwrap_or(name)
 }
 
-/// All elements of `input` in document order.
-pub fn parse(input: &str) -> Vec<Element> {
+/// All elements of `input` in document order, or [`XmlError::TooDeep`].
+pub fn parse(input: &str) -> Result<Vec<Element>, XmlError> {
     let mut elements: Vec<Element> = Vec::new();
     let mut open: Vec<usize> = Vec::new();
     let mut rest = input;
@@ -79,11 +93,14 @@ pub fn parse(input: &str) -> Vec<Element> {
                 text: String::new(),
             });
             if !self_closing {
+                if open.len() >= MAX_DEPTH {
+                    return Err(XmlError::TooDeep);
+                }
                 open.push(elements.len() - 1);
             }
         }
     }
-    elements
+    Ok(elements)
 }
 
 fn push_text(elements: &mut [Element], open: &[usize], text: &str) {
@@ -193,7 +210,8 @@ mod tests {
     fn xml_reader_is_forgiving() {
         let e = xml::parse(
             r#"<a:X y='1' z="&quot;2&quot;"><!-- c --><![CDATA[<raw>]]>t&#65;&#x42;&bogus;<b/></a:X>"#,
-        );
+        )
+        .unwrap();
         assert_eq!(e[0].name, "X");
         assert_eq!(e[0].attr("y"), Some("1"));
         assert_eq!(e[0].attr("z"), Some("\"2\""));
@@ -214,5 +232,22 @@ mod tests {
             let _ = xml::parse(junk);
             let _ = SoapReply::parse(junk.as_bytes());
         }
+    }
+
+    #[test]
+    fn hostile_nesting_is_refused_and_closing_tags_stay_cheap() {
+        // 1 MiB of opening tags: refused at the cap, not read to the end.
+        let deep = "<a>".repeat((1 << 20) / 3);
+        assert_eq!(xml::parse(&deep).unwrap_err(), xml::XmlError::TooDeep);
+        // Exactly the cap is fine.
+        let ok = "<a>".repeat(xml::MAX_DEPTH) + &"</a>".repeat(xml::MAX_DEPTH);
+        assert_eq!(xml::parse(&ok).unwrap().len(), xml::MAX_DEPTH);
+        // The old quadratic case: a full stack, then 1 MiB of closing tags
+        // that match nothing. Each scans at most MAX_DEPTH open elements.
+        let hostile = "<a>".repeat(xml::MAX_DEPTH) + &"</zz>".repeat((1 << 20) / 5);
+        let e = xml::parse(&hostile).unwrap();
+        assert_eq!(e.len(), xml::MAX_DEPTH);
+        // The SOAP reader takes a refused body as no SOAP (no panic).
+        let _ = SoapReply::parse(deep.as_bytes());
     }
 }

@@ -70,7 +70,10 @@ fn build(prepared: &Prepared) -> Result<(Value, Vec<Part>), Failure> {
             .iter()
             .filter_map(|a| {
                 Some(Mailbox {
-                    name: a.name().map(str::to_string),
+                    name: a
+                        .name()
+                        .map(crate::message::clean_display_name)
+                        .filter(|n| !n.is_empty()),
                     address: a.address()?.to_string(),
                 })
             })
@@ -82,8 +85,16 @@ fn build(prepared: &Prepared) -> Result<(Value, Vec<Part>), Failure> {
     }
     let custom: Vec<Value> = msg
         .headers_raw()
-        .filter(|(name, _)| name.len() > 2 && name[..2].eq_ignore_ascii_case("x-"))
-        .map(|(name, value)| json!({"name": name, "value": value.replace(['\r', '\n'], "").trim()}))
+        // Bytes, not `name[..2]`: a non-ASCII name may not split there.
+        .filter(|(name, _)| {
+            name.len() > 2
+                && name.as_bytes()[..2].eq_ignore_ascii_case(b"x-")
+                && name.bytes().all(|b| (33..=126).contains(&b))
+        })
+        .map(|(name, value)| {
+            let value: String = value.chars().filter(|c| !c.is_control()).collect();
+            json!({"name": name, "value": value.trim()})
+        })
         .collect();
     if !custom.is_empty() {
         draft["internetMessageHeaders"] = Value::Array(custom);
@@ -334,6 +345,30 @@ async fn upload_session(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn non_ascii_header_names_do_not_panic() {
+        // `Xé` is three bytes: its first two are not a character boundary.
+        let m = "From: d@contoso.com\r\nXé: 1\r\nxé-y: 2\r\nX-Ok: 3\r\nSubject: s\r\n\r\nbody\r\n";
+        let p = crate::message::recipients::prepare(m.as_bytes(), &["a@b.test".into()]);
+        let (draft, _) = build(&p).unwrap();
+        let names: Vec<&str> = draft["internetMessageHeaders"]
+            .as_array()
+            .map(|a| a.iter().filter_map(|h| h["name"].as_str()).collect())
+            .unwrap_or_default();
+        assert_eq!(names, ["X-Ok"]);
+    }
+
+    #[test]
+    fn reply_to_names_lose_control_characters() {
+        let m = b"From: d@contoso.com\r\nReply-To: =?utf-8?B?T3BzDQpCY2M6IGV2aWxAeA==?= <r@b.test>\r\nSubject: s\r\n\r\nbody\r\n";
+        let p = crate::message::recipients::prepare(m, &["a@b.test".into()]);
+        let (draft, _) = build(&p).unwrap();
+        assert_eq!(
+            draft["replyTo"][0]["emailAddress"]["name"],
+            "Ops Bcc: evil@x"
+        );
+    }
 
     #[test]
     fn draft_from_mime_keeps_inline_images_and_x_headers() {

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use super::conn::Conn;
+use super::conn::{Broken, Conn};
 use super::pool::Pool;
 use super::reply::Reply;
 use super::{SmtpTransport, printable};
@@ -194,6 +194,14 @@ impl SmtpTransport {
         let stage = "after end of data";
         let reply = match conn.read_reply(conn.timeout * FINAL_REPLY_FACTOR).await {
             Ok(r) => r,
+            // The final dot went out and no reply came (silence, an orderly
+            // close, garbage): the server may have the message. Not a server
+            // failure (no failover), retried later. A read error (a reset:
+            // the server dropped data it had not read, so not the dot) is.
+            Err(b @ (Broken::TimedOut(_) | Broken::Closed | Broken::Garbled(_))) => {
+                let f = conn.broken(b, stage);
+                return Tx::Done(Err(Failure::maybe_delivered(f.text)), After::Drop);
+            }
             Err(b) => return Tx::Done(Err(conn.broken(b, stage)), After::Drop),
         };
         match classify(&reply, 2) {
