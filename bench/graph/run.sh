@@ -3,7 +3,7 @@
 # pipeline against the in-repo fake Graph (2–3 s per request, 4 in flight),
 # time-scaled. See bench/graph/README.md. Prints a Markdown table.
 #
-# usage: bash bench/graph/run.sh [--scale N] [--scenarios 1,2,3] [--baseline] [--s1-minutes M] [--image-bytes B]
+# usage: bash bench/graph/run.sh [--scale N] [--scenarios 1,2,3] [--baseline] [--s1-minutes M] [--image-bytes B] [--ews]
 set -euo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 CRATE=$(cd "$HERE/../.." && pwd)
@@ -14,9 +14,13 @@ while [ $# -gt 0 ]; do
         --baseline) export GRAPH_BENCH_BASELINE=1; shift ;;
         --s1-minutes) export GRAPH_BENCH_S1_MINUTES=$2; shift 2 ;;
         --image-bytes) export GRAPH_BENCH_IMAGE_BYTES=$2; shift 2 ;;
+        --ews) EWS=1; shift ;;
         -h|--help) sed -n '2,7p' "$0"; exit 0 ;;
         *) echo "run.sh: unknown option $1" >&2; exit 64 ;;
     esac
 done
 cd "$CRATE"
-exec cargo test --release --test graph_bench -- --ignored --nocapture --test-threads 1
+if [ "${EWS:-0}" = 1 ]; then
+    exec cargo test --release --test graph_bench ews_back_off -- --ignored --nocapture --test-threads 1
+fi
+exec cargo test --release --test graph_bench graph_scenarios -- --ignored --nocapture --test-threads 1

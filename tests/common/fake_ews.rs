@@ -190,6 +190,8 @@ pub struct Request {
     pub problems: Vec<String>,
     /// The HTTP status the fake answered.
     pub status: u16,
+    /// When the request arrived.
+    pub at: Option<tokio::time::Instant>,
 }
 
 impl Request {
@@ -307,6 +309,7 @@ async fn handle(
             })
             .collect(),
         body: String::from_utf8_lossy(&body).into_owned(),
+        at: Some(tokio::time::Instant::now()),
         ..Request::default()
     };
     let auth = lock(&shared.auth).clone();
