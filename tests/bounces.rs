@@ -31,6 +31,7 @@ fn policy() -> Policy {
         sender_name: String::new(),
         reply_to: String::new(),
         identities: Default::default(),
+        dsn: mailbridge::scheduler::dsn_policy::DsnPolicy::any(),
         dsn_from: MAILBOX.into(),
         dsn_from_name: "Mail Delivery System".into(),
     }

@@ -561,6 +561,7 @@ async fn ews_back_off() {
         sender_name: String::new(),
         reply_to: String::new(),
         identities: HashMap::new(),
+        dsn: mailbridge::scheduler::dsn_policy::DsnPolicy::any(),
         dsn_from: MAILBOX.into(),
         dsn_from_name: "Mail Delivery System".into(),
     };

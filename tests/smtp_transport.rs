@@ -754,7 +754,7 @@ async fn no_failover_after_the_final_dot() {
     let a = transport(settings(&alternate));
     let router = Router::new(Arc::new(p), Some(Arc::new(a)));
     let msg = b"From: a@example.com\r\nMessage-ID: <dup-1@example.com>\r\n\r\nHello.\r\n";
-    let failure = whole_failure(router.deliver(&envelope(&["b@example.com"]), msg).await);
+    let failure = whole_failure(router.deliver(&envelope(&["b@example.com"]), msg).await.result);
     assert_maybe_delivered(&failure, "timeout");
     assert_eq!(router.state().active, "primary");
     assert_eq!(alternate.connections(), 0);
@@ -762,7 +762,8 @@ async fn no_failover_after_the_final_dot() {
     // A server failure before the data still fails over.
     primary.set_fault(Stage::Mail, Fault::Close);
     let d = router.deliver(&envelope(&["b@example.com"]), msg).await;
-    assert!(all_ok(&d), "{d:?}");
+    assert!(all_ok(&d.result), "{:?}", d.result);
+    assert_eq!(d.route, "alternate");
     assert_eq!(router.state().active, "alternate");
     assert_eq!(alternate.messages().len(), 1);
 }

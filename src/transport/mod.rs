@@ -191,7 +191,7 @@ impl Failure {
             FailureClass::Throttled
         } else {
             match self.scope {
-                Scope::Server => FailureClass::Server,
+                Scope::Server | Scope::MaybeDelivered => FailureClass::Server,
                 Scope::Message => FailureClass::Message,
                 Scope::Route => FailureClass::Route,
             }
@@ -201,10 +201,8 @@ impl Failure {
     /// ([`Scope::MaybeDelivered`]): retried later, never failed over.
     pub fn maybe_delivered(text: impl Into<String>) -> Self {
         Failure {
-            severity: Severity::Transient,
             scope: Scope::MaybeDelivered,
-            text: text.into(),
-            not_before: None,
+            ..Failure::transient(text)
         }
     }
     /// The same failure, with a minimum wait before the next attempt.
