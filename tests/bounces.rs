@@ -228,7 +228,7 @@ async fn a_dsn_the_upstream_refuses_too_stays_visible() {
     assert!(!empty);
     assert!(fake.sent().is_empty());
     assert_eq!(s.stats().bounce_undeliverable, 1);
-    let (_, on_disk, _) = Spool::open(dir.path(), 100).unwrap();
+    let on_disk = Spool::list(dir.path()).unwrap();
     assert_eq!(on_disk.len(), 1);
     assert_eq!(on_disk[0].state(), "bounce_undeliverable");
     assert!(on_disk[0].is_dsn);

@@ -248,7 +248,7 @@ async fn a_failing_dsn_is_never_bounced_again_and_never_dropped() {
         "{dsn_text}"
     );
     // Kept, visible, on disk: the original is gone, the DSN stays.
-    let (_, on_disk, _) = Spool::open(dir.path(), 100).unwrap();
+    let on_disk = Spool::list(dir.path()).unwrap();
     assert_eq!(on_disk.len(), 1);
     assert_eq!(on_disk[0].id, "m4-dsn");
     assert!(on_disk[0].bounce_undeliverable);
@@ -335,7 +335,12 @@ async fn a_panicking_attempt_is_rescheduled_not_stuck_in_flight() {
 /// backscatter), while mail from a loopback client still gets its DSN.
 #[tokio::test(start_paused = true)]
 async fn default_dsn_policy_sends_no_backscatter() {
-    let t = Scripted::new(vec![|_| Err(Failure::permanent("550 5.1.1 no such user"))]);
+    // Both messages fail for good; the one DSN sent is delivered.
+    let t = Scripted::new(vec![
+        |_| Err(Failure::permanent("550 5.1.1 no such user")),
+        |_| Err(Failure::permanent("550 5.1.1 no such user")),
+        all_ok,
+    ]);
     let p = Policy {
         dsn: Default::default(),
         ..policy(3600)
