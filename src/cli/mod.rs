@@ -115,7 +115,17 @@ pub fn main() -> ExitCode {
             for n in cfg.notices() {
                 eprintln!("mailbridge: notice: {n}");
             }
-            eprintln!("mailbridge: {} is valid", cli.config.display());
+            for f in &cfg.from_env {
+                eprintln!("mailbridge: {} = {} (from {})", f.key, f.shown, f.var);
+            }
+            if cli.config.exists() {
+                eprintln!("mailbridge: {} is valid", cli.config.display());
+            } else {
+                eprintln!(
+                    "mailbridge: the configuration is valid (no file {}: environment only)",
+                    cli.config.display()
+                );
+            }
             ExitCode::SUCCESS
         }
         Command::Status => admin_call(&cfg, "GET", "/status", false),

@@ -1,5 +1,6 @@
 //! The TOML configuration: every field of the seed's "Outgoing Mail Server Settings" page is a key here; unknown keys are rejected and every error names its key.
 
+pub mod env;
 pub mod secret;
 
 use std::net::SocketAddr;
@@ -50,6 +51,8 @@ pub struct Config {
     pub hostname: String,
     /// Log filter (`error`, `warn`, `info`, `debug`, or a tracing filter); `RUST_LOG` overrides it.
     pub log_level: String,
+    /// Log lines as `text` (human-readable) or `json` (one JSON object per line).
+    pub log_format: LogFormat,
     /// Where legacy applications connect.
     pub listen: Listen,
     /// Where accepted mail waits until it is delivered.
@@ -65,6 +68,20 @@ pub struct Config {
     /// Directory the relative paths in this file are relative to (the file's own directory).
     #[serde(skip)]
     pub base_dir: PathBuf,
+    /// The values that came from `MAILBRIDGE_*` variables (shown by `check`).
+    #[serde(skip)]
+    pub from_env: Vec<env::FromEnv>,
+}
+
+/// The log line format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// `time level message key=value…`, for people.
+    #[default]
+    Text,
+    /// One JSON object per line, for log collectors.
+    Json,
 }
 
 impl Default for Config {
@@ -72,6 +89,7 @@ impl Default for Config {
         Config {
             hostname: String::new(),
             log_level: "info".into(),
+            log_format: LogFormat::Text,
             listen: Listen::default(),
             spool: SpoolConfig::default(),
             delivery: DeliveryConfig::default(),
@@ -79,6 +97,7 @@ impl Default for Config {
             admin: Admin::default(),
             users: Vec::new(),
             base_dir: PathBuf::from("."),
+            from_env: Vec::new(),
         }
     }
 }
@@ -756,34 +775,102 @@ impl Upstream {
 }
 
 impl Config {
-    /// Read, parse, resolve secrets and validate a configuration file.
+    /// Read, parse, resolve secrets and validate a configuration file, with
+    /// the `MAILBRIDGE_*` variables of this process laid over it (see
+    /// [`env`]). A missing file is an empty one when such variables are set.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.display().to_string(),
-            source,
-        })?;
+        let vars = env::process_vars();
+        let text = match std::fs::read_to_string(path) {
+            Ok(t) => t,
+            Err(e)
+                if e.kind() == std::io::ErrorKind::NotFound
+                    && !env::config_vars(&vars).is_empty() =>
+            {
+                String::new()
+            }
+            Err(source) => {
+                return Err(ConfigError::Read {
+                    path: path.display().to_string(),
+                    source,
+                });
+            }
+        };
         let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
         let base = if base.as_os_str().is_empty() {
             PathBuf::from(".")
         } else {
             base
         };
-        Config::from_toml(&text, &path.display().to_string(), &base)
+        Config::from_toml_env(&text, &path.display().to_string(), &base, &vars)
     }
 
     /// Parse and validate TOML text; `name` is used in errors, `base` anchors relative paths.
     pub fn from_toml(text: &str, name: &str, base: &Path) -> Result<Config, ConfigError> {
-        let mut cfg: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+        Config::from_toml_env(text, name, base, &[])
+    }
+
+    /// Like [`Config::from_toml`], with the `MAILBRIDGE_*` variables among
+    /// `vars` laid over the text. Errors about a value from the environment
+    /// name its variable.
+    pub fn from_toml_env(
+        text: &str,
+        name: &str,
+        base: &Path,
+        vars: &[(String, String)],
+    ) -> Result<Config, ConfigError> {
+        let parse_err = |message: String| ConfigError::Parse {
             path: name.to_string(),
-            message: e.to_string().trim_end().to_string(),
-        })?;
+            message,
+        };
+        let file_err = |e: toml::de::Error| parse_err(e.to_string().trim_end().to_string());
+        let mut cfg: Config = if env::config_vars(vars).is_empty() {
+            toml::from_str(text).map_err(file_err)?
+        } else {
+            let file: toml::Table = toml::from_str(text).map_err(file_err)?;
+            // Check the file alone first, so its own errors keep their line numbers.
+            Config::deserialize(toml::Value::Table(file.clone())).map_err(|e| {
+                toml::from_str::<Config>(text)
+                    .err()
+                    .map(file_err)
+                    .unwrap_or_else(|| parse_err(e.to_string()))
+            })?;
+            let schema = toml::Value::try_from(Config::default())
+                .map_err(|e| parse_err(format!("configuration schema: {e}")))?;
+            let mut doc = toml::Value::Table(file.clone());
+            let set = env::overlay(&mut doc, &schema, vars).map_err(parse_err)?;
+            match Config::deserialize(doc) {
+                Ok(mut c) => {
+                    c.from_env = set;
+                    c
+                }
+                Err(e) => {
+                    // Name the variable: lay them on one at a time.
+                    for (var, value) in env::config_vars(vars) {
+                        let mut one = toml::Value::Table(file.clone());
+                        let pair = [(var.clone(), value.clone())];
+                        if env::overlay(&mut one, &schema, &pair).is_ok()
+                            && let Err(e) = Config::deserialize(one)
+                        {
+                            return Err(parse_err(format!("{var}: {}", e.message())));
+                        }
+                    }
+                    return Err(parse_err(format!("from the environment: {}", e.message())));
+                }
+            }
+        };
         cfg.base_dir = base.to_path_buf();
-        cfg.validate()
-            .map_err(|(key, message)| ConfigError::Invalid {
+        cfg.validate().map_err(|(key, message)| {
+            // A key set from the environment is named with its variable.
+            let key = match cfg.from_env.iter().find(|f| f.key == key) {
+                Some(f) => format!("{key} ({})", f.var),
+                None => key,
+            };
+            ConfigError::Invalid {
                 path: name.to_string(),
                 key,
                 message,
-            })?;
+            }
+        })?;
         Ok(cfg)
     }
 
@@ -1069,6 +1156,51 @@ mod tests {
         );
         assert!(out.contains("***"));
         assert!(!format!("{c:?}").contains("s3cret-pw"));
+    }
+
+    #[test]
+    fn environment_over_the_file_names_the_variable() {
+        let env = |v: &[(&str, &str)]| -> Vec<(String, String)> {
+            v.iter()
+                .map(|(a, b)| (a.to_string(), b.to_string()))
+                .collect()
+        };
+        let file = "[upstream]\nprotocol = \"smtp\"\nserver = \"file.example\"\nport = 25\n";
+        let c = Config::from_toml_env(
+            file,
+            "f.toml",
+            Path::new("."),
+            &env(&[
+                ("MAILBRIDGE_UPSTREAM__SERVER", "env.example"),
+                ("MAILBRIDGE_UPSTREAM__TLS", "false"),
+                ("MAILBRIDGE_LOG_FORMAT", "json"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.upstream.server, "env.example");
+        assert_eq!(c.upstream.port, 25);
+        assert!(!c.upstream.tls);
+        assert_eq!(c.log_format, LogFormat::Json);
+        assert_eq!(c.from_env.len(), 3);
+        for (vars, want) in [
+            (
+                &[("MAILBRIDGE_UPSTREAM__PROTOCOL", "pigeon")][..],
+                "MAILBRIDGE_UPSTREAM__PROTOCOL",
+            ),
+            (
+                &[("MAILBRIDGE_UPSTREAM__SERVER", "a b")][..],
+                "upstream.server (MAILBRIDGE_UPSTREAM__SERVER)",
+            ),
+            (
+                &[("MAILBRIDGE_LISTEN__ADRESS", "x")][..],
+                "MAILBRIDGE_LISTEN__ADRESS",
+            ),
+        ] {
+            let e = Config::from_toml_env(file, "f.toml", Path::new("."), &env(vars))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(want), "{vars:?} gave {e}");
+        }
     }
 
     #[test]
