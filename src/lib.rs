@@ -11,6 +11,7 @@ pub mod cli;
 pub mod config;
 pub mod http;
 pub mod inbound;
+pub mod maildrop;
 pub mod message;
 pub mod oauth;
 pub mod routing;
@@ -55,6 +56,10 @@ pub fn admin_token(cfg: &Config, create: bool) -> std::io::Result<Secret> {
         }
     }
 }
+
+/// Seconds between two looks into the maildrop (`mailbridge sendmail`
+/// writes there while the daemon is down; it is also read at start).
+pub const MAILDROP_POLL_SECS: u64 = 5;
 
 /// Everything `run` needs besides the configuration.
 pub struct Listeners {
@@ -121,6 +126,13 @@ pub async fn run(
             shutdown.clone(),
         ))
     });
+    let maildrop_task = tokio::spawn(maildrop::watch(
+        maildrop::dir(&cfg),
+        Arc::new(maildrop::import_settings(&settings)),
+        Arc::new(sched.clone()),
+        Duration::from_secs(MAILDROP_POLL_SECS),
+        shutdown.clone(),
+    ));
     let smtp_task = tokio::spawn(inbound::serve(
         listeners.smtp,
         settings,
@@ -168,6 +180,7 @@ pub async fn run(
         let _ = t.await;
     }
     probe_task.abort();
+    maildrop_task.abort();
     if let Some(t) = reload_task {
         t.abort();
     }

@@ -779,6 +779,17 @@ impl Config {
     /// the `MAILBRIDGE_*` variables of this process laid over it (see
     /// [`env`]). A missing file is an empty one when such variables are set.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        Config::load_with(path, true)
+    }
+
+    /// Like [`Config::load`] without validating (no secret is resolved):
+    /// for `sendmail`, which runs as the submitting user and needs only the
+    /// listener's address and the spool's path.
+    pub fn load_unchecked(path: &Path) -> Result<Config, ConfigError> {
+        Config::load_with(path, false)
+    }
+
+    fn load_with(path: &Path, validate: bool) -> Result<Config, ConfigError> {
         let vars = env::process_vars();
         let text = match std::fs::read_to_string(path) {
             Ok(t) => t,
@@ -801,7 +812,14 @@ impl Config {
         } else {
             base
         };
-        Config::from_toml_env(&text, &path.display().to_string(), &base, &vars)
+        let name = path.display().to_string();
+        if validate {
+            Config::from_toml_env(&text, &name, &base, &vars)
+        } else {
+            let mut cfg = Config::parse_env(&text, &name, &vars)?;
+            cfg.base_dir = base;
+            Ok(cfg)
+        }
     }
 
     /// Parse and validate TOML text; `name` is used in errors, `base` anchors relative paths.
@@ -818,12 +836,31 @@ impl Config {
         base: &Path,
         vars: &[(String, String)],
     ) -> Result<Config, ConfigError> {
+        let mut cfg = Config::parse_env(text, name, vars)?;
+        cfg.base_dir = base.to_path_buf();
+        cfg.validate().map_err(|(key, message)| {
+            // A key set from the environment is named with its variable.
+            let key = match cfg.from_env.iter().find(|f| f.key == key) {
+                Some(f) => format!("{key} ({})", f.var),
+                None => key,
+            };
+            ConfigError::Invalid {
+                path: name.to_string(),
+                key,
+                message,
+            }
+        })?;
+        Ok(cfg)
+    }
+
+    /// Parse TOML text with the variables laid over it, without validating.
+    fn parse_env(text: &str, name: &str, vars: &[(String, String)]) -> Result<Config, ConfigError> {
         let parse_err = |message: String| ConfigError::Parse {
             path: name.to_string(),
             message,
         };
         let file_err = |e: toml::de::Error| parse_err(e.to_string().trim_end().to_string());
-        let mut cfg: Config = if env::config_vars(vars).is_empty() {
+        let cfg: Config = if env::config_vars(vars).is_empty() {
             toml::from_str(text).map_err(file_err)?
         } else {
             let file: toml::Table = toml::from_str(text).map_err(file_err)?;
@@ -858,19 +895,6 @@ impl Config {
                 }
             }
         };
-        cfg.base_dir = base.to_path_buf();
-        cfg.validate().map_err(|(key, message)| {
-            // A key set from the environment is named with its variable.
-            let key = match cfg.from_env.iter().find(|f| f.key == key) {
-                Some(f) => format!("{key} ({})", f.var),
-                None => key,
-            };
-            ConfigError::Invalid {
-                path: name.to_string(),
-                key,
-                message,
-            }
-        })?;
         Ok(cfg)
     }
 
