@@ -169,7 +169,9 @@ pub async fn run(
     let reload_task =
         config_path.map(|p| tokio::spawn(reload_on_sighup(p, sched.clone(), shutdown.clone())));
 
+    notify_systemd("READY=1");
     shutdown.cancelled().await;
+    notify_systemd("STOPPING=1");
     tracing::info!("shutting down");
     let _ = smtp_task.await;
     if let Some(t) = smtps_task {
@@ -245,5 +247,25 @@ fn reload(path: &Path, sched: &scheduler::Scheduler) {
             tracing::info!(config = %path.display(), "configuration reloaded; route reset to the primary (listen and spool changes need a restart)");
         }
         Err(e) => tracing::error!(error = %e, "reload failed; keeping the running configuration"),
+    }
+}
+
+/// Tell systemd (`Type=notify`) about our state through `NOTIFY_SOCKET`, if
+/// it is set: a path, or `@name` for an abstract socket.
+pub fn notify_systemd(state: &str) {
+    use std::os::linux::net::SocketAddrExt;
+    use std::os::unix::net::{SocketAddr, UnixDatagram};
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let path = path.to_string_lossy().into_owned();
+    let addr = match path.strip_prefix('@') {
+        Some(name) => SocketAddr::from_abstract_name(name.as_bytes()),
+        None => SocketAddr::from_pathname(&path),
+    };
+    let sent = UnixDatagram::unbound()
+        .and_then(|s| addr.and_then(|a| s.send_to_addr(state.as_bytes(), &a)));
+    if let Err(e) = sent {
+        tracing::warn!(socket = %path, error = %e, "cannot notify systemd");
     }
 }
