@@ -285,6 +285,7 @@ fn environment_only_daemon_with_json_logs() {
         spool.display().to_string(),
         outbox_dir.display().to_string(),
     );
+    let hash = mailbridge::cli::auth::hash_password("app-password").unwrap();
     let d = Daemon::start_env(
         dir.path(),
         &dir.path().join("absent.toml"),
@@ -297,8 +298,15 @@ fn environment_only_daemon_with_json_logs() {
             ("MAILBRIDGE_SPOOL__PATH", &s),
             ("MAILBRIDGE_UPSTREAM__PROTOCOL", "file"),
             ("MAILBRIDGE_UPSTREAM__OUTBOX", &o),
+            ("MAILBRIDGE_USERS__0__NAME", "app"),
+            ("MAILBRIDGE_USERS__0__PASSWORD_HASH", &hash),
         ],
     );
+    // A user name with a line break and a forged log line in it: AUTH PLAIN
+    // carries any bytes. It is logged (failed authentication) as one line.
+    let forged = "evil\n{\"level\":\"ERROR\",\"message\":\"forged\"}";
+    let reply = auth_plain(d.smtp, forged, "wrong");
+    assert!(reply.starts_with("535"), "{reply}");
     let r = daemon::smtp_send(
         d.smtp,
         "app@example.com",
@@ -322,4 +330,39 @@ fn environment_only_daemon_with_json_logs() {
         n += 1;
     }
     assert!(n >= 3 && log.contains("\"message\":\"queued\""), "{log}");
+    assert!(
+        log.contains("evil\\n{"),
+        "the name is logged, escaped: {log}"
+    );
+    assert!(
+        !log.lines()
+            .any(|l| l.starts_with("{\"level\":\"ERROR\",\"message\":\"forged")),
+        "{log}"
+    );
+}
+
+/// One AUTH PLAIN attempt on loopback; returns the reply to it.
+fn auth_plain(addr: std::net::SocketAddr, user: &str, password: &str) -> String {
+    use base64::Engine;
+    use std::io::{BufRead, BufReader, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(std::time::Duration::from_secs(30)))
+        .unwrap();
+    let mut r = BufReader::new(s.try_clone().unwrap());
+    let last = |r: &mut BufReader<std::net::TcpStream>| loop {
+        let mut line = String::new();
+        r.read_line(&mut line).unwrap();
+        if line.len() < 4 || line.as_bytes()[3] != b'-' {
+            return line.trim_end().to_string();
+        }
+    };
+    assert!(last(&mut r).starts_with("220"));
+    s.write_all(b"EHLO client.test\r\n").unwrap();
+    assert!(last(&mut r).starts_with("250"));
+    let token = base64::engine::general_purpose::STANDARD.encode(format!("\0{user}\0{password}"));
+    s.write_all(format!("AUTH PLAIN {token}\r\n").as_bytes())
+        .unwrap();
+    let reply = last(&mut r);
+    let _ = s.write_all(b"QUIT\r\n");
+    reply
 }
