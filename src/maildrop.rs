@@ -73,17 +73,24 @@ pub fn write(dir: &Path, env: &Envelope, message: &[u8]) -> io::Result<PathBuf> 
     result.map(|()| path)
 }
 
-/// Read a maildrop file: no symbolic links, no hard links to other files.
+/// Read a maildrop file: a plain file with one link, not a symbolic link
+/// (another user could otherwise point the daemon at its own files).
 fn read(path: &Path) -> io::Result<(Envelope, Vec<u8>)> {
-    let mut f = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc_o_nofollow())
-        .open(path)?;
-    let meta = f.metadata()?;
-    if !meta.is_file() || meta.nlink() != 1 {
+    let before = std::fs::symlink_metadata(path)?;
+    let plain = |m: &std::fs::Metadata| m.file_type().is_file() && m.nlink() == 1;
+    if !plain(&before) {
         return Err(io::Error::new(
             io::ErrorKind::InvalidData,
             "not a plain file with one link",
+        ));
+    }
+    let mut f = std::fs::File::open(path)?;
+    let meta = f.metadata()?;
+    // Swapped for something else between the two looks.
+    if !plain(&meta) || meta.ino() != before.ino() || meta.dev() != before.dev() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "the file changed while it was opened",
         ));
     }
     let mut data = Vec::with_capacity(meta.len() as usize);
@@ -96,11 +103,6 @@ fn read(path: &Path) -> io::Result<(Envelope, Vec<u8>)> {
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("envelope: {e}")))?;
     data.drain(..=nl);
     Ok((env, data))
-}
-
-/// `O_NOFOLLOW` (Linux value; the crate has no libc dependency).
-fn libc_o_nofollow() -> i32 {
-    0o400000
 }
 
 /// What became of one maildrop file.
@@ -271,5 +273,80 @@ pub async fn watch(
             _ = tick.tick() => {}
         }
         import_once(&dir, &settings, sink.as_ref()).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::inbound::{Incoming, SinkError};
+    use std::sync::Mutex;
+
+    #[derive(Default)]
+    struct Collect(Mutex<Vec<Incoming>>);
+
+    impl Sink for Collect {
+        fn accept(&self, msg: Incoming) -> crate::transport::BoxFuture<'_, Result<(), SinkError>> {
+            self.0.lock().unwrap().push(msg);
+            Box::pin(async { Ok(()) })
+        }
+    }
+
+    fn settings() -> Arc<Settings> {
+        let mut listen = crate::config::Listen::default();
+        listen.allowed_recipient_domains = vec!["example.com".into()];
+        // AUTH required on the listener does not apply to the maildrop.
+        listen.require_auth = true;
+        Arc::new(import_settings(&Settings::new("mx.test", listen)))
+    }
+
+    fn env(rcpt: &str) -> Envelope {
+        Envelope {
+            from: "app@example.com".into(),
+            rcpts: vec![rcpt.into()],
+        }
+    }
+
+    #[tokio::test]
+    async fn imports_through_the_session_and_sets_refused_mail_aside() {
+        let dir = tempfile::tempdir().unwrap();
+        let md = dir.path().join("maildrop");
+        let ok = write(&md, &env("a@example.com"), b"Subject: one\r\n\r\n.dot\r\n").unwrap();
+        write(
+            &md,
+            &env("b@elsewhere.example"),
+            b"Subject: two\r\n\r\nx\r\n",
+        )
+        .unwrap();
+        // A symbolic link to another file is not read.
+        std::os::unix::fs::symlink(&ok, md.join("zz-link.msg")).unwrap();
+        let sink = Collect::default();
+        let out = import_once(&md, &settings(), &sink).await;
+        assert_eq!(out.len(), 3, "{out:?}");
+        let got = sink.0.lock().unwrap();
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].rcpts, vec!["a@example.com"]);
+        let body = String::from_utf8_lossy(&got[0].body);
+        assert!(body.starts_with("Received: from maildrop"), "{body}");
+        assert!(body.contains("\r\nSubject: one\r\n"), "{body}");
+        assert!(
+            body.ends_with("\r\n\r\n.dot\r\n"),
+            "dot-stuffing undone: {body}"
+        );
+        assert!(
+            matches!(&out[1].1, Outcome::Rejected(r) if r.starts_with("550")),
+            "{out:?}"
+        );
+        assert!(
+            matches!(&out[2].1, Outcome::Rejected(r) if r.contains("plain file")),
+            "{out:?}"
+        );
+        let left: Vec<_> = std::fs::read_dir(&md)
+            .unwrap()
+            .filter_map(Result::ok)
+            .filter(|e| e.file_type().unwrap().is_file())
+            .collect();
+        assert!(left.is_empty(), "{left:?}");
+        assert_eq!(std::fs::read_dir(md.join("rejected")).unwrap().count(), 2);
     }
 }
