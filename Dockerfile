@@ -11,9 +11,12 @@ WORKDIR /build
 COPY Cargo.toml Cargo.lock ./
 COPY src ./src
 # The registry and target caches are kept between builds (BuildKit, buildah).
+# The copied sources may carry mtimes older than the cached build: touch
+# them so mailbridge itself is always compiled (dependencies stay cached).
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/build/target \
-    CARGO_PROFILE_RELEASE_DEBUG=0 CARGO_PROFILE_RELEASE_STRIP=true \
+    find src -type f -exec touch {} + \
+ && CARGO_PROFILE_RELEASE_DEBUG=0 CARGO_PROFILE_RELEASE_STRIP=true \
     cargo build --release --locked --bin mailbridge \
  && install -D -m 0755 target/release/mailbridge /rootfs/usr/local/bin/mailbridge
 # The runtime tree: the shared libraries the binary links, CA roots, the

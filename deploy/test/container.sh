@@ -23,7 +23,6 @@ RUST_IMG=docker.io/library/rust:1.95-slim-bookworm
 TOOLCHAIN=1.95.0-x86_64-unknown-linux-gnu
 MIRROR=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
 export BUILDAH_ISOLATION=chroot
-export STORAGE_DRIVER=${STORAGE_DRIVER:-vfs}
 
 containers=()
 cleanup() {
