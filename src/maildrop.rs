@@ -293,10 +293,12 @@ mod tests {
     }
 
     fn settings() -> Arc<Settings> {
-        let mut listen = crate::config::Listen::default();
-        listen.allowed_recipient_domains = vec!["example.com".into()];
         // AUTH required on the listener does not apply to the maildrop.
-        listen.require_auth = true;
+        let listen = crate::config::Listen {
+            allowed_recipient_domains: vec!["example.com".into()],
+            require_auth: true,
+            ..Default::default()
+        };
         Arc::new(import_settings(&Settings::new("mx.test", listen)))
     }
 
