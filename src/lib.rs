@@ -17,6 +17,7 @@ pub mod oauth;
 pub mod routing;
 pub mod scheduler;
 pub mod spool;
+pub mod text;
 pub mod tls;
 pub mod transport;
 

@@ -209,6 +209,7 @@ async fn run(sc: &Scenario, scale: f64) -> Figures {
         sender_name: String::new(),
         reply_to: String::new(),
         identities: HashMap::new(),
+        dsn: mailbridge::scheduler::dsn_policy::DsnPolicy::any(),
     };
     let shutdown = CancellationToken::new();
     let (sched, sched_task) = Scheduler::start(

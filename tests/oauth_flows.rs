@@ -117,17 +117,34 @@ async fn authorization_code_flow_end_to_end_through_the_admin_endpoint() {
 
     // Without the admin token: a readable 401 page, nothing started.
     let r = http
-        .get(format!("{base}/oauth/start"))
+        .post(format!("{base}/oauth/start"))
         .send()
         .await
         .unwrap();
     assert_eq!(r.status(), 401);
     outputs.push(r.text().await.unwrap());
-    assert!(fake.authorize_requests().is_empty());
-
-    // A browser following the redirects: start → provider → callback.
+    // The token is never taken from a URL (GET is gone, and `token=` is refused).
     let r = http
         .get(format!("{base}/oauth/start?token={ADMIN_TOKEN}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 405);
+    let r = http
+        .post(format!("{base}/oauth/start?token={ADMIN_TOKEN}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400, "an unknown query parameter");
+    let page = r.text().await.unwrap();
+    assert!(!page.contains(ADMIN_TOKEN), "{page}");
+    assert!(fake.authorize_requests().is_empty());
+
+    // What `auth login` does, then a browser following the redirects:
+    // start (token in the header) → provider → callback.
+    let r = http
+        .post(format!("{base}/oauth/start"))
+        .bearer_auth(ADMIN_TOKEN)
         .send()
         .await
         .unwrap();
@@ -178,7 +195,7 @@ async fn authorization_code_flow_end_to_end_through_the_admin_endpoint() {
     outputs.push(r.text().await.unwrap());
     fake.set(|s| s.deny_consent = true);
     let r = http
-        .get(format!("{base}/oauth/start"))
+        .post(format!("{base}/oauth/start"))
         .bearer_auth(ADMIN_TOKEN)
         .send()
         .await
@@ -191,8 +208,15 @@ async fn authorization_code_flow_end_to_end_through_the_admin_endpoint() {
     );
     outputs.push(page);
 
-    // Status shows the identity as ok, with no token in it.
-    let status = http.get(format!("{base}/status")).send().await.unwrap();
+    // Status needs the token, and shows the identity as ok, with no token in it.
+    let r = http.get(format!("{base}/status")).send().await.unwrap();
+    assert_eq!(r.status(), 401);
+    let status = http
+        .get(format!("{base}/status"))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap();
     let status = status.text().await.unwrap();
     let v: serde_json::Value = serde_json::from_str(&status).unwrap();
     assert_eq!(v["oauth"][0]["identities"][0]["identity"], USER);

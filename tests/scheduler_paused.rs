@@ -57,6 +57,7 @@ fn policy(give_up: u64) -> Policy {
         sender_name: String::new(),
         reply_to: String::new(),
         identities: Default::default(),
+        dsn: mailbridge::scheduler::dsn_policy::DsnPolicy::any(),
     }
 }
 
@@ -202,5 +203,42 @@ async fn a_failing_dsn_is_never_bounced_again() {
     let calls = t.calls();
     assert_eq!(calls.len(), 2, "the message, then its DSN, then nothing");
     assert!(calls[1].1.from.is_empty());
+    stop.cancel();
+}
+
+/// With the default `delivery.dsn_to` ("allowed_domains", empty domain list),
+/// a bounce for mail from a remote, unauthenticated client is not sent (no
+/// backscatter), while mail from a loopback client still gets its DSN.
+#[tokio::test(start_paused = true)]
+async fn default_dsn_policy_sends_no_backscatter() {
+    let t = Scripted::new(vec![|_| Err(Failure::permanent("550 5.1.1 no such user"))]);
+    let p = Policy {
+        dsn: Default::default(),
+        ..policy(3600)
+    };
+    let (s, spool, _dir, stop) = start(t.clone(), p).await;
+    let body = b"From: victim@elsewhere.test\r\n\r\nhello\r\n";
+    for (id, client) in [("m5", "198.51.100.7:4000"), ("m6", "127.0.0.1:4000")] {
+        let mut meta = Meta::new(
+            id.into(),
+            "victim@elsewhere.test".into(),
+            vec!["a@x.test".into()],
+            body.len() as u64,
+            0,
+        );
+        meta.client = client.into();
+        spool.store(&meta, body).unwrap();
+        s.enqueue(meta);
+    }
+    until(|| spool.is_empty() && t.calls().len() >= 3).await;
+    tokio::time::sleep(Duration::from_secs(7200)).await;
+    let calls = t.calls();
+    let dsns: Vec<_> = calls.iter().filter(|c| c.1.from.is_empty()).collect();
+    assert_eq!(calls.len(), 3, "two messages and one DSN");
+    assert_eq!(dsns.len(), 1);
+    assert_eq!(
+        dsns[0].1.id, "m6-dsn",
+        "only the loopback client's sender got one"
+    );
     stop.cancel();
 }

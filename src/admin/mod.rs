@@ -1,7 +1,8 @@
-//! The local admin HTTP endpoint: health and readiness probes, status (active server and why, queue figures, OAuth token state), failback, queue control, OAuth sign-in and a sample mail; state-changing calls need the admin token.
+//! The local admin HTTP endpoint: health and readiness probes, status (active server and why, queue figures, OAuth token state), failback, queue control, OAuth sign-in and a sample mail; everything but `/healthz`, `/readyz` and the provider's OAuth callback needs the admin token (in a header, never in a URL), and a request for another `Host` gets `421`.
 
 mod oauth;
 mod send_test;
+pub mod server;
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -40,6 +41,9 @@ pub struct Extras {
     pub send_test_from: String,
     /// Our host name (the sample's `Message-ID`).
     pub hostname: String,
+    /// `Host` names served besides loopback ones: `admin.hostnames` and the
+    /// host of each `redirect_url`; other names get `421`.
+    pub hostnames: Vec<String>,
 }
 
 impl Extras {
@@ -57,8 +61,34 @@ impl Extras {
                 mailbox.to_string()
             },
             hostname,
+            hostnames: allowed_hostnames(cfg),
         })
     }
+}
+
+/// `admin.hostnames`, the hosts of the `redirect_url`s (the provider sends
+/// the browser there), and a specific non-loopback `admin.address`.
+fn allowed_hostnames(cfg: &Config) -> Vec<String> {
+    let mut out = cfg.admin.hostnames.clone();
+    let mut ups = vec![&cfg.upstream];
+    if let Some(a) = cfg.upstream.alternate.as_deref() {
+        ups.push(a);
+    }
+    for u in ups {
+        if let Ok(url) = url::Url::parse(&u.oauth.redirect_url)
+            && let Some(h) = url.host_str()
+        {
+            out.push(h.trim_start_matches('[').trim_end_matches(']').to_string());
+        }
+    }
+    if let Ok(a) = cfg.admin.address.parse::<std::net::SocketAddr>()
+        && !a.ip().is_unspecified()
+    {
+        out.push(a.ip().to_string());
+    }
+    out.sort();
+    out.dedup();
+    out
 }
 
 /// Handler state of the routes that need [`Extras`].
@@ -75,13 +105,18 @@ pub fn routes(state: Arc<AdminState>) -> Router {
 /// Every admin route: health, status, failback, queue control, and
 /// `/oauth/start`, `/oauth/callback`, `/send-test`.
 pub fn routes_with(state: Arc<AdminState>, extras: Extras) -> Router {
+    let hostnames = Arc::new(extras.hostnames.clone());
     let ctx = Arc::new(Ctx {
         admin: state.clone(),
         extras,
     });
+    // `/status` shows mailboxes, servers and errors: the token is needed.
+    let status_route = Router::new().route("/status", get(status)).route_layer(
+        axum::middleware::from_fn_with_state(state.clone(), require_token),
+    );
     let with_extras = Router::new()
-        .route("/status", get(status))
-        .route("/oauth/start", get(oauth::start))
+        .merge(status_route)
+        .route("/oauth/start", post(oauth::start))
         .route("/oauth/callback", get(oauth::callback));
     let with_extras = with_extras.route("/send-test", post(send_test::send_test));
     // State-changing calls need the admin token.
@@ -99,6 +134,10 @@ pub fn routes_with(state: Arc<AdminState>, extras: Extras) -> Router {
         .merge(protected)
         .with_state(state)
         .merge(with_extras.with_state(ctx))
+        .layer(axum::middleware::from_fn_with_state(
+            hostnames,
+            server::check_host,
+        ))
 }
 
 /// Serve the admin endpoint on a bound listener until `shutdown` (without
@@ -118,13 +157,10 @@ pub async fn serve_with(
     extras: Extras,
     shutdown: CancellationToken,
 ) {
+    // A connection may carry the slowest request, `POST /send-test`.
+    let lifetime = (extras.send_test_wait + Duration::from_secs(60)).max(Duration::from_secs(120));
     let app = routes_with(state, extras);
-    if let Err(e) = axum::serve(listener, app)
-        .with_graceful_shutdown(async move { shutdown.cancelled().await })
-        .await
-    {
-        tracing::error!(error = %e, "admin endpoint stopped");
-    }
+    server::serve(listener, app, lifetime, shutdown).await
 }
 
 /// Refuse a request without the admin token.

@@ -1,4 +1,4 @@
-//! The browser side of the authorization code flow: `GET /oauth/start` (admin token, redirects to the provider with state and a PKCE challenge) and `GET /oauth/callback` (redeems the code, readable HTML pages for success and every error).
+//! The browser side of the authorization code flow: `POST /oauth/start` (admin token in the `Authorization` header, never in the URL; answers with a redirect to the provider with state and a PKCE challenge, which `mailbridge auth login` prints) and `GET /oauth/callback` (redeems the code, readable HTML pages for success and every error).
 
 use std::sync::Arc;
 
@@ -10,12 +10,10 @@ use serde::Deserialize;
 use super::Ctx;
 use crate::config::Secret;
 
-/// `GET /oauth/start` parameters.
+/// `POST /oauth/start` parameters (the query string; the token is a header).
 #[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
 pub(super) struct StartQuery {
-    /// The admin token, for a browser that cannot send a header.
-    #[serde(default)]
-    token: Option<String>,
     /// The mailbox to sign in for; default: the upstream's mailbox.
     #[serde(default)]
     identity: Option<String>,
@@ -90,18 +88,12 @@ pub(super) async fn start(
     headers: HeaderMap,
     Query(q): Query<StartQuery>,
 ) -> Response {
-    let by_header = super::authorized(&ctx.admin, &headers);
-    let by_query = q
-        .token
-        .as_deref()
-        .is_some_and(|t| super::token_matches(&ctx.admin.token, t));
-    if !by_header && !by_query {
+    if !super::authorized(&ctx.admin, &headers) {
         return page(
             StatusCode::UNAUTHORIZED,
             "Admin token required",
-            "<p>Open the URL printed by <code>mailbridge auth login</code>, or add \
-<code>?token=&lt;admin token&gt;</code> (the token is <code>admin.token</code> in the configuration \
-or the file <code>admin.token</code> in the spool directory).</p>",
+            "<p>Run <code>mailbridge auth login</code> and open the URL it prints. \
+(This request needs <code>Authorization: Bearer &lt;admin token&gt;</code>; the token never goes in a URL.)</p>",
         );
     }
     let wanted = q.upstream.as_deref().unwrap_or("upstream");
@@ -150,7 +142,7 @@ pub(super) async fn callback(
         for (_, r) in &ctx.extras.oauth {
             r.cancel_login(&state);
         }
-        tracing::warn!(error = %error, "OAuth sign-in refused by the provider");
+        tracing::warn!(error = %crate::text::for_log(error), description = %crate::text::for_log(q.error_description.as_deref().unwrap_or("")), "OAuth sign-in refused by the provider");
         let detail = q.error_description.as_deref().unwrap_or("");
         return error_page(
             StatusCode::BAD_REQUEST,

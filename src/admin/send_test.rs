@@ -84,7 +84,7 @@ pub(super) async fn send_test(
         Ok(Err(e)) => return error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
         Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
     }
-    tracing::info!(id = %id, to = %to, "queued test message");
+    tracing::info!(id = %id, to = %crate::text::for_log(&to), "queued test message");
     scheduler.enqueue(meta);
     let wait = x.send_test_wait;
     let first = tokio::time::timeout(wait, async {

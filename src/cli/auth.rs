@@ -120,7 +120,7 @@ fn login(cfg: &Config, device: bool, identity: Option<String>, alternate: bool) 
         let m = reg.manager(&identity);
         return match rt.block_on(m.token()) {
             Ok(_) => {
-                println!(
+                outln!(
                     "{label}: client credentials work (app-only token obtained from {}); no sign-in is needed",
                     reg.settings().endpoints.token
                 );
@@ -152,14 +152,15 @@ if it does, use `mailbridge auth login` (browser) instead"
         Ok(d) => d,
         Err(e) => return fail(format!("cannot start the device sign-in: {e}")),
     };
-    println!(
+    outln!(
         "To sign in as {who}, open {} and enter the code {}",
-        d.verification_uri, d.user_code
+        d.verification_uri,
+        d.user_code
     );
     if let Some(m) = &d.message {
-        println!("({m})");
+        outln!("({m})");
     }
-    println!(
+    outln!(
         "Waiting up to {} minutes for the sign-in to complete...",
         d.expires_in.as_secs().div_ceil(60)
     );
@@ -169,7 +170,7 @@ if it does, use `mailbridge auth login` (browser) instead"
             let has_refresh = grant.refresh_token.is_some();
             manager.complete_login(grant).await;
             if has_refresh {
-                println!(
+                outln!(
                     "Signed in as {who}; the refresh token is stored in {}",
                     reg.store().path().display()
                 );
@@ -223,8 +224,9 @@ fn browser_login(
     }
     let answer = rt.block_on(async {
         let client = super::admin_client(Duration::from_secs(30))?;
+        // POST with the token in a header: it never appears in a URL.
         let resp = client
-            .get(&path)
+            .post(&path)
             .bearer_auth(token.expose())
             .send()
             .await
@@ -253,12 +255,12 @@ fn browser_login(
     });
     match answer {
         Ok(url) => {
-            println!("Open this URL in a browser and sign in ({label}):\n\n  {url}\n");
-            println!(
+            outln!("Open this URL in a browser and sign in ({label}):\n\n  {url}\n");
+            outln!(
                 "The provider then redirects the browser to {} (the relay's admin endpoint), which stores the tokens.",
                 cfg.upstream.oauth.redirect_url
             );
-            println!(
+            outln!(
                 "The link is valid for 10 minutes and works once. Check with `mailbridge auth status`."
             );
             ExitCode::SUCCESS
@@ -274,11 +276,11 @@ fn status(cfg: &Config, alternate: bool) -> ExitCode {
     };
     // The running relay knows more (expiry, backoff); fall back to the store.
     if !alternate && let Some(live) = live_status(cfg) {
-        println!("{live}");
+        outln!("{live}");
         return ExitCode::SUCCESS;
     }
     let doc = reg.status();
-    println!(
+    outln!(
         "{}",
         serde_json::to_string_pretty(&doc).unwrap_or_else(|_| doc.to_string())
     );
@@ -293,11 +295,18 @@ fn live_status(cfg: &Config) -> Option<String> {
     if cfg.admin.address.is_empty() {
         return None;
     }
+    let token = crate::admin_token(cfg, false).ok()?;
     let rt = runtime().ok()?;
     let url = format!("http://{}/status", cfg.admin.address);
     rt.block_on(async {
         let client = super::admin_client(Duration::from_secs(10)).ok()?;
-        let v: serde_json::Value = client.get(&url).send().await.ok()?.json().await.ok()?;
+        let resp = client
+            .get(&url)
+            .bearer_auth(token.expose())
+            .send()
+            .await
+            .ok()?;
+        let v: serde_json::Value = resp.error_for_status().ok()?.json().await.ok()?;
         let oauth = v.get("oauth")?;
         serde_json::to_string_pretty(oauth).ok()
     })
@@ -311,7 +320,7 @@ fn logout(cfg: &Config, identity: Option<String>, alternate: bool) -> ExitCode {
     let who = reg.manager(identity.as_deref().unwrap_or("")).identity();
     match reg.store().remove(&who) {
         Ok(true) => {
-            println!(
+            outln!(
                 "{who}: refresh token removed from {}; a running relay stops refreshing it (its current access token lapses within the hour)",
                 reg.store().path().display()
             );
@@ -356,7 +365,7 @@ pub fn send_test_command(cfg: &Config, to: &str) -> ExitCode {
     });
     match answer {
         Ok((_, body)) => {
-            println!(
+            outln!(
                 "{}",
                 serde_json::to_string_pretty(&body).unwrap_or_else(|_| body.to_string())
             );
@@ -385,7 +394,7 @@ pub fn hash_password_command() -> ExitCode {
     let password = line.trim_end_matches(['\r', '\n']);
     match hash_password(password) {
         Ok(phc) => {
-            println!("{phc}");
+            outln!("{phc}");
             ExitCode::SUCCESS
         }
         Err(e) => fail(e),

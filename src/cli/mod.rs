@@ -6,8 +6,37 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
+/// `println!` for the CLI's output: a reader that went away (`… | head -1`)
+/// ends the command quietly with exit 0 instead of a panic.
+macro_rules! outln {
+    ($($arg:tt)*) => {
+        $crate::cli::write_out(format_args!("{}\n", format_args!($($arg)*)))
+    };
+}
+
+/// `print!` for the CLI's output (see [`outln!`]).
+macro_rules! out {
+    ($($arg:tt)*) => {
+        $crate::cli::write_out(format_args!($($arg)*))
+    };
+}
+
 pub mod auth;
 pub mod sendmail;
+
+/// Write to stdout; a closed pipe ends the process with exit 0 (the reader
+/// has all it wanted), any other write error with exit 1.
+pub(crate) fn write_out(args: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    let mut stdout = std::io::stdout().lock();
+    if let Err(e) = stdout.write_fmt(args).and_then(|()| stdout.flush()) {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(0);
+        }
+        eprintln!("mailbridge: cannot write the output: {e}");
+        std::process::exit(i32::from(FAILED));
+    }
+}
 
 use crate::config::Config;
 use crate::spool::{RcptStatus, Spool};
@@ -143,9 +172,19 @@ pub fn main() -> ExitCode {
         Err(code) => return code,
     };
     match cli.command {
-        Command::Run => run(cfg, cli.config),
+        Command::Run => {
+            if let Err(e) = cfg.check_environment() {
+                eprintln!("mailbridge: {}: {e}", cli.config.display());
+                return ExitCode::from(FAILED);
+            }
+            run(cfg, cli.config)
+        }
         Command::Check => {
-            print!("{}", cfg.to_masked_toml());
+            if let Err(e) = cfg.check_environment() {
+                eprintln!("mailbridge: {}: {e}", cli.config.display());
+                return ExitCode::from(BAD_CONFIG);
+            }
+            out!("{}", cfg.to_masked_toml());
             for n in cfg.notices() {
                 eprintln!("mailbridge: notice: {n}");
             }
@@ -162,7 +201,7 @@ pub fn main() -> ExitCode {
             }
             ExitCode::SUCCESS
         }
-        Command::Status => admin_call(&cfg, "GET", "/status", false),
+        Command::Status => admin_call(&cfg, "GET", "/status", true),
         Command::Failback => admin_call(&cfg, "POST", "/failback", true),
         Command::Queue { action } => queue(&cfg, action),
         Command::Auth { action } => auth::auth_command(&cfg, action),
@@ -372,7 +411,7 @@ fn pretty(body: &str) -> String {
 fn admin_call(cfg: &Config, method: &str, path: &str, auth: bool) -> ExitCode {
     match admin_request(cfg, method, path, auth) {
         AdminAnswer::Reply(200, body) => {
-            println!("{}", pretty(&body));
+            outln!("{}", pretty(&body));
             ExitCode::SUCCESS
         }
         AdminAnswer::Reply(code, body) => {
@@ -413,9 +452,13 @@ fn queue(cfg: &Config, action: QueueAction) -> ExitCode {
                 }
             };
             let now = crate::scheduler::now_unix();
-            println!(
+            outln!(
                 "{:<24} {:>5} {:>8} {:>7} {:<30} LAST ERROR",
-                "ID", "AGE", "ATTEMPTS", "PENDING", "FROM"
+                "ID",
+                "AGE",
+                "ATTEMPTS",
+                "PENDING",
+                "FROM"
             );
             for m in &metas {
                 let pending = m
@@ -424,17 +467,18 @@ fn queue(cfg: &Config, action: QueueAction) -> ExitCode {
                     .filter(|r| r.status == RcptStatus::Pending)
                     .count();
                 let from = if m.from.is_empty() { "<>" } else { &m.from };
-                println!(
+                let from = crate::text::for_log(from);
+                outln!(
                     "{:<24} {:>5} {:>8} {:>7} {:<30} {}",
                     m.id,
                     age(now.saturating_sub(m.received_at)),
                     m.attempts,
                     format!("{pending}/{}", m.rcpts.len()),
                     from,
-                    m.last_error.as_deref().unwrap_or("-")
+                    crate::text::for_log(m.last_error.as_deref().unwrap_or("-"))
                 );
             }
-            eprintln!("{} message(s) queued", metas.len());
+            eprintln!("{} message(s) queued in {}", metas.len(), root.display());
             ExitCode::SUCCESS
         }
         QueueAction::Show { id } => {
@@ -446,9 +490,12 @@ fn queue(cfg: &Config, action: QueueAction) -> ExitCode {
             let body = std::fs::read(root.join("queue").join(format!("{id}.eml")));
             match (meta, body) {
                 (Ok(meta), Ok(body)) => {
-                    println!("{}", String::from_utf8_lossy(&meta).trim_end());
+                    // Escaped: a header (or a tampered file) must not drive the terminal.
+                    let meta = String::from_utf8_lossy(&meta);
+                    outln!("{}", crate::text::for_terminal(meta.trim_end()));
                     let (_, end) = crate::message::fields(&body);
-                    println!("\n{}", String::from_utf8_lossy(&body[..end]).trim_end());
+                    let head = String::from_utf8_lossy(&body[..end]);
+                    outln!("\n{}", crate::text::for_terminal(head.trim_end()));
                     ExitCode::SUCCESS
                 }
                 _ => {
@@ -475,7 +522,7 @@ fn queue_change(cfg: &Config, root: &Path, method: &str, id: &str, what: &str) -
     };
     match admin_request(cfg, method, &path, true) {
         AdminAnswer::Reply(200, _) => {
-            println!(
+            outln!(
                 "{id}: {}",
                 if what == "retry" {
                     "will be retried now"
@@ -526,7 +573,7 @@ fn offline_change(cfg: &Config, root: &Path, id: &str, what: &str) -> ExitCode {
     };
     match result {
         Ok(()) => {
-            println!(
+            outln!(
                 "{id}: {} (mailbridge is not running; spool edited directly)",
                 if what == "retry" {
                     "due now"

@@ -1,5 +1,6 @@
 //! The TOML configuration: every field of the seed's "Outgoing Mail Server Settings" page is a key here; unknown keys are rejected and every error names its key.
 
+pub mod checks;
 pub mod env;
 pub mod secret;
 
@@ -149,8 +150,12 @@ pub struct Listen {
     pub implicit_tls_address: String,
     /// Client networks (CIDR) allowed to connect; others get `554 5.7.1`.
     pub allow_clients: Vec<ipnet::IpNet>,
-    /// Clients must authenticate (AUTH) before `MAIL`.
+    /// Clients must authenticate (AUTH) before `MAIL`. Default: true when
+    /// `[[users]]` exist (an explicit `false` keeps a mixed setup, with a notice).
     pub require_auth: bool,
+    /// An authenticated user may use only its own address (`mailbox`, else its
+    /// name if that is an address, else `upstream.mailbox`) in `MAIL FROM` and `From:`.
+    pub bind_sender: bool,
     /// Offer AUTH without TLS to loopback clients (never to others).
     pub auth_cleartext_loopback: bool,
     /// Failed AUTH attempts in one session before `421` and disconnect.
@@ -183,6 +188,7 @@ impl Default for Listen {
                 "::1/128".parse().expect("literal"),
             ],
             require_auth: false,
+            bind_sender: false,
             auth_cleartext_loopback: true,
             max_auth_failures: 3,
             allowed_sender_domains: Vec::new(),
@@ -237,6 +243,21 @@ pub struct DeliveryConfig {
     pub retry_max_secs: u64,
     /// Age in seconds after which a message still not delivered is bounced (default 5 days).
     pub give_up_after_secs: u64,
+    /// Which senders get a delivery status notification (bounce).
+    pub dsn_to: DsnTo,
+}
+
+/// Which senders a DSN may go to (so mailbridge cannot be used for backscatter).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DsnTo {
+    /// Only senders that authenticated (AUTH) or sent from a loopback client.
+    Local,
+    /// As `local`, plus senders whose domain is in `listen.allowed_sender_domains`.
+    #[default]
+    AllowedDomains,
+    /// Every sender except `<>`.
+    Any,
 }
 
 impl Default for DeliveryConfig {
@@ -246,6 +267,7 @@ impl Default for DeliveryConfig {
             retry_initial_secs: 60,
             retry_max_secs: 3600,
             give_up_after_secs: 5 * 86400,
+            dsn_to: DsnTo::default(),
         }
     }
 }
@@ -511,6 +533,11 @@ pub struct Admin {
     pub token_env: String,
     /// File holding the token.
     pub token_file: String,
+    /// Host names (besides loopback ones) a request's `Host` header may
+    /// carry; others get `421` (DNS rebinding).
+    pub hostnames: Vec<String>,
+    /// Allow a non-loopback `address` (plain HTTP: the token crosses the network).
+    pub allow_remote: bool,
 }
 
 impl Default for Admin {
@@ -520,6 +547,8 @@ impl Default for Admin {
             token: Secret::default(),
             token_env: String::new(),
             token_file: String::new(),
+            hostnames: Vec::new(),
+            allow_remote: false,
         }
     }
 }
@@ -860,8 +889,13 @@ impl Config {
             message,
         };
         let file_err = |e: toml::de::Error| parse_err(e.to_string().trim_end().to_string());
-        let cfg: Config = if env::config_vars(vars).is_empty() {
-            toml::from_str(text).map_err(file_err)?
+        // `raw`: the keys given (file and environment), for the defaults
+        // that depend on whether a key was set (checks::apply_implied).
+        let (mut cfg, raw): (Config, toml::Table) = if env::config_vars(vars).is_empty() {
+            (
+                toml::from_str(text).map_err(file_err)?,
+                text.parse().unwrap_or_default(),
+            )
         } else {
             let file: toml::Table = toml::from_str(text).map_err(file_err)?;
             // Check the file alone first, so its own errors keep their line numbers.
@@ -875,10 +909,13 @@ impl Config {
                 .map_err(|e| parse_err(format!("configuration schema: {e}")))?;
             let mut doc = toml::Value::Table(file.clone());
             let set = env::overlay(&mut doc, &schema, vars).map_err(parse_err)?;
-            match Config::deserialize(doc) {
+            match Config::deserialize(doc.clone()) {
                 Ok(mut c) => {
                     c.from_env = set;
-                    c
+                    let toml::Value::Table(raw) = doc else {
+                        return Err(parse_err("the configuration is not a table".into()));
+                    };
+                    (c, raw)
                 }
                 Err(e) => {
                     // Name the variable: lay them on one at a time.
@@ -895,6 +932,7 @@ impl Config {
                 }
             }
         };
+        checks::apply_implied(&mut cfg, &raw);
         Ok(cfg)
     }
 
@@ -1045,7 +1083,26 @@ impl Config {
             &self.base_dir,
         )
         .map_err(|m| bad("admin.token", m))?;
-        Ok(())
+        checks::validate(self)
+    }
+
+    /// The address `user` may send as under `listen.bind_sender`: its
+    /// `mailbox`, else its name if that is an address, else the default
+    /// identity's mailbox (`upstream.mailbox`, `reply_to`, `username`).
+    pub fn own_mailbox(&self, user: &User) -> Option<String> {
+        [
+            user.mailbox.as_str(),
+            user.name.as_str(),
+            self.upstream.effective_mailbox(),
+        ]
+        .into_iter()
+        .find(|a| crate::address::is_valid_mailbox(a))
+        .map(str::to_string)
+    }
+
+    /// What `check` and `run` verify beyond the file: the spool directory is writable.
+    pub fn check_environment(&self) -> Result<(), String> {
+        checks::probe_spool(self)
     }
 
     /// A path from the config, made absolute against the config file's directory.
@@ -1067,6 +1124,18 @@ impl Config {
     /// Online is being retired), for `check` and the startup log.
     pub fn notices(&self) -> Vec<String> {
         let mut out = Vec::new();
+        if !self.users.is_empty() && !self.listen.require_auth {
+            out.push("listen.require_auth = false with [[users]]: clients that do not authenticate may still send, as the default identity".into());
+        }
+        if self.admin.allow_remote
+            && self
+                .admin
+                .address
+                .parse::<SocketAddr>()
+                .is_ok_and(|a| !a.ip().to_canonical().is_loopback())
+        {
+            out.push(format!("admin.address: {} is reachable from the network over plain HTTP (admin.allow_remote = true): the admin token and status cross it unencrypted", self.admin.address));
+        }
         let mut ups = vec![("upstream", &self.upstream)];
         if let Some(a) = self.upstream.alternate.as_deref() {
             ups.push(("upstream.alternate", a));

@@ -37,23 +37,11 @@ pub fn domain_allowed(domains: &[String], address: &str) -> bool {
 
 /// Refuse to serve a non-loopback address unless something stops strangers
 /// relaying through it: required AUTH (with users), or an allow-list that is
-/// not "everyone". `users` is whether any `[[users]]` exist.
+/// not "everyone". `users` is whether any `[[users]]` exist. The rule lives in
+/// the configuration ([`crate::config::checks::check_exposure`]) so `check`
+/// refuses what `run` refuses.
 pub fn check_exposure(local: SocketAddr, listen: &Listen, users: bool) -> Result<(), String> {
-    if local.ip().to_canonical().is_loopback() {
-        return Ok(());
-    }
-    if listen.require_auth && users {
-        return Ok(());
-    }
-    let everyone = listen.allow_clients.iter().any(|n| n.prefix_len() == 0);
-    if !everyone {
-        return Ok(());
-    }
-    Err(format!(
-        "listen.allow_clients: {local} is not a loopback address and the allow-list admits every client \
-         without listen.require_auth; mailbridge will not run as an open relay: list the client networks, \
-         or set listen.require_auth = true with [[users]]"
-    ))
+    crate::config::checks::check_exposure(local, listen, users)
 }
 
 /// Sessions per client IP, shared by the connections of one listener.

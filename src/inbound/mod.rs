@@ -115,6 +115,10 @@ pub struct Settings {
     /// `auth_cleartext_loopback` may allow AUTH without TLS. Replaceable so
     /// tests on 127.0.0.1 can play a remote client.
     pub loopback: fn(IpAddr) -> bool,
+    /// `listen.bind_sender`: user name → the one address that user may use
+    /// in `MAIL FROM` and `From:` (see [`crate::config::Config::own_mailbox`]).
+    /// Empty = no binding.
+    pub senders: Arc<std::collections::HashMap<String, String>>,
 }
 
 impl Settings {
@@ -126,6 +130,7 @@ impl Settings {
             users: Arc::new(auth::Users::default()),
             tls: None,
             loopback: access::is_loopback,
+            senders: Arc::default(),
         }
     }
 
@@ -136,6 +141,14 @@ impl Settings {
         let mut s =
             Settings::new(cfg.effective_hostname(), cfg.listen.clone()).with_users(&cfg.users)?;
         let l = &cfg.listen;
+        if l.bind_sender {
+            s.senders = Arc::new(
+                cfg.users
+                    .iter()
+                    .filter_map(|u| Some((u.name.clone(), cfg.own_mailbox(u)?)))
+                    .collect(),
+            );
+        }
         if !l.tls_cert.is_empty() || !l.tls_key.is_empty() {
             s = s.with_tls_files(
                 &cfg.path(Path::new(&l.tls_cert)),

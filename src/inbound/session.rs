@@ -34,6 +34,7 @@ use super::data::{self, DataOutcome, DataReader};
 use super::parser::{self, Command, Line, ParseError, Role};
 use super::{Incoming, Settings, SinkError};
 use crate::config::Secret;
+use crate::text::for_log;
 
 /// What the driver must do next.
 #[derive(Debug)]
@@ -213,13 +214,13 @@ impl Session {
             return;
         };
         if ok {
-            tracing::info!(client = %self.client, user = %user, "inbound: authenticated");
+            tracing::info!(client = %self.client, user = %for_log(&user), "inbound: authenticated");
             self.auth_user = Some(user);
             self.reply("235 2.7.0 Authentication successful");
             return;
         }
         self.auth_failures += 1;
-        tracing::warn!(client = %self.client, user = %user, failures = self.auth_failures, "inbound: authentication failed");
+        tracing::warn!(client = %self.client, user = %for_log(&user), failures = self.auth_failures, "inbound: authentication failed");
         self.reply("535 5.7.8 Authentication credentials invalid");
         if self.auth_failures >= self.settings.listen.max_auth_failures.max(1) {
             self.close_with("421 4.7.0 Too many authentication failures");
@@ -231,6 +232,60 @@ impl Session {
     fn auth_allowed(&self) -> bool {
         !self.settings.users.is_empty()
             && (self.tls || (self.loopback && self.settings.listen.auth_cleartext_loopback))
+    }
+
+    /// The address the authenticated user is bound to (`listen.bind_sender`),
+    /// if any: unauthenticated sessions and configurations without
+    /// `bind_sender` have none.
+    fn bound_address(&self) -> Option<&str> {
+        let user = self.auth_user.as_deref()?;
+        self.settings.senders.get(user).map(String::as_str)
+    }
+
+    /// Whether `MAIL FROM:<address>` is allowed: always without a binding,
+    /// else only the bound address (ASCII case-insensitive; `<>` is not it).
+    fn may_send_as(&self, address: &str) -> bool {
+        match self.bound_address() {
+            None => true,
+            Some(own) => own.eq_ignore_ascii_case(address),
+        }
+    }
+
+    /// With a binding, every address in the message's `From:` must be the
+    /// bound one, and there may be at most one `From:` field. A message
+    /// without `From:` passes (the upstream sends it as the mailbox).
+    fn check_from_header(&self, body: &[u8]) -> Result<(), &'static str> {
+        let Some(own) = self.bound_address() else {
+            return Ok(());
+        };
+        let (fields, _) = crate::message::fields(body);
+        let froms = fields
+            .iter()
+            .filter(|f| f.name.eq_ignore_ascii_case("From"))
+            .count();
+        match froms {
+            0 => return Ok(()),
+            1 => {}
+            _ => return Err("more than one From: field"),
+        }
+        let Some(parsed) = mail_parser::MessageParser::default().parse_headers(body) else {
+            return Err("unreadable header");
+        };
+        let Some(from) = parsed.from() else {
+            return Err("From: has no address");
+        };
+        let mut any = false;
+        for a in from.iter() {
+            match a.address() {
+                Some(addr) if addr.eq_ignore_ascii_case(own) => any = true,
+                _ => return Err("From: names another address"),
+            }
+        }
+        if any {
+            Ok(())
+        } else {
+            Err("From: has no address")
+        }
     }
 
     /// Replies queued since the last call, in order.
@@ -562,13 +617,17 @@ impl Session {
             Command::Mail(_) if self.tx.is_some() => {
                 self.error("503 5.5.1 Error: nested MAIL command")
             }
+            Command::Mail(m) if !self.may_send_as(&m.address) => {
+                tracing::warn!(client = %self.client, user = %for_log(self.auth_user.as_deref().unwrap_or("")), from = %for_log(&m.address), "inbound: sender not owned by the authenticated user");
+                self.error("553 5.7.1 Sender address rejected: not owned by the authenticated user")
+            }
             Command::Mail(m) => {
                 if m.size.is_some_and(|s| s > limits.max_message_size as u64) {
                     self.reply(REPLY_TOO_BIG);
                 } else if !m.address.is_ascii() && !m.smtputf8 {
                     self.error("553 5.6.7 Non-ASCII sender address needs SMTPUTF8");
                 } else if !access::domain_allowed(&limits.allowed_sender_domains, &m.address) {
-                    tracing::info!(client = %self.client, from = %m.address, "inbound: sender domain not allowed");
+                    tracing::info!(client = %self.client, from = %for_log(&m.address), "inbound: sender domain not allowed");
                     self.error("550 5.7.1 Sender address rejected: domain not allowed");
                 } else {
                     self.tx = Some(Transaction {
@@ -590,7 +649,7 @@ impl Session {
                     Some(_)
                         if !access::domain_allowed(&limits.allowed_recipient_domains, &addr) =>
                     {
-                        tracing::info!(client = %self.client, rcpt = %addr, "inbound: recipient domain not allowed");
+                        tracing::info!(client = %self.client, rcpt = %for_log(&addr), "inbound: recipient domain not allowed");
                         self.error("550 5.7.1 Relay access denied")
                     }
                     Some(tx) if tx.rcpts.contains(&addr) => self.reply("250 2.1.5 Ok"),
@@ -658,6 +717,11 @@ impl Session {
             self.reply("554 5.4.6 Too many hops (mail loop)");
             return None;
         }
+        if let Err(why) = self.check_from_header(&body) {
+            tracing::warn!(client = %self.client, user = %for_log(self.auth_user.as_deref().unwrap_or("")), reason = why, "inbound: From: not owned by the authenticated user");
+            self.reply("550 5.7.1 From: header not owned by the authenticated user");
+            return None;
+        }
         let id = (self.new_id)();
         let date = (self.now)().to_rfc2822();
         let host = &self.settings.hostname;
@@ -703,7 +767,7 @@ impl Session {
             body,
             client: self.client,
             helo,
-            message_id: Some(message_id),
+            message_id: Some(for_log(&message_id).into_owned()),
             smtputf8: tx.smtputf8,
             eight_bit: tx.eight_bit,
             auth_user: self.auth_user.clone(),

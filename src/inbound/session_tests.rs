@@ -750,3 +750,107 @@ fn sender_and_recipient_domains() {
     assert_eq!(r.msgs.len(), 1);
     assert_eq!(r.msgs[0].rcpts, ["d@e.f", "d@G.H"]);
 }
+
+/// `after_tls` with `listen.bind_sender`: user `app` may send only as `app@b.c`.
+fn bound(input: &str) -> Run {
+    let mut settings = secure(listen());
+    settings.senders = Arc::new([("app".to_string(), "app@b.c".to_string())].into());
+    let mut s = session_for(settings, REMOTE.into());
+    s.tls_established();
+    let _ = s.take_output();
+    drive(&mut s, input.as_bytes(), usize::MAX, &[])
+}
+
+#[test]
+fn bind_sender_limits_mail_from_to_the_users_address() {
+    let r = bound(&format!(
+        "EHLO c\r\nAUTH PLAIN {PLAIN_GOOD}\r\nMAIL FROM:<boss@b.c>\r\nMAIL FROM:<>\r\nMAIL FROM:<APP@B.C>\r\n"
+    ));
+    let refused = "553 5.7.1 Sender address rejected: not owned by the authenticated user\r\n";
+    assert_eq!(
+        r.out,
+        format!(
+            "{}235 2.7.0 Authentication successful\r\n{refused}{refused}250 2.1.0 Ok\r\n",
+            ehlo_with(&["AUTH PLAIN LOGIN"])
+        )
+    );
+}
+
+#[test]
+fn bind_sender_checks_the_from_header_after_data() {
+    let msg = |from: &str| {
+        format!(
+            "EHLO c\r\nAUTH PLAIN {PLAIN_GOOD}\r\nMAIL FROM:<app@b.c>\r\nRCPT TO:<d@e.f>\r\nDATA\r\n{from}Subject: x\r\n\r\nhi\r\n.\r\n"
+        )
+    };
+    let head = format!(
+        "{}235 2.7.0 Authentication successful\r\n{OK_TO_DATA}",
+        ehlo_with(&["AUTH PLAIN LOGIN"])
+    );
+    let refused = "550 5.7.1 From: header not owned by the authenticated user\r\n";
+    for from in [
+        "From: Boss <boss@b.c>\r\n",
+        "From: \"app@b.c\" <boss@b.c>\r\n",
+        "From: app@b.c, boss@b.c\r\n",
+        "From: app@b.c\r\nFrom: boss@b.c\r\n",
+        "From: =?utf-8?B?YXBwQGIuYw==?= <boss@b.c>\r\n",
+        "From: undisclosed:;\r\n",
+    ] {
+        let r = bound(&msg(from));
+        assert_eq!(r.out, format!("{head}{refused}"), "{from:?}");
+        assert!(r.msgs.is_empty(), "{from:?}");
+    }
+    for from in [
+        "From: App <app@b.c>\r\n",
+        "From: APP@b.c\r\n",
+        "From: \"x\"\r\n <app@b.c>\r\n",
+        "",
+    ] {
+        let r = bound(&msg(from));
+        assert_eq!(
+            r.out,
+            format!("{head}250 2.0.0 Ok: queued as ID1\r\n"),
+            "{from:?}"
+        );
+    }
+    // Without AUTH (a mixed setup without require_auth) nothing is bound.
+    let r = bound(
+        "EHLO c\r\nMAIL FROM:<boss@b.c>\r\nRCPT TO:<d@e.f>\r\nDATA\r\nFrom: boss@b.c\r\n\r\nhi\r\n.\r\n",
+    );
+    assert_eq!(r.msgs.len(), 1, "{}", r.out);
+}
+
+#[test]
+fn settings_from_config_bind_each_user_to_its_address() {
+    let hash = crate::inbound::auth::cheap_hash("pw");
+    let text = format!(
+        "[listen]\nbind_sender = true\n[upstream]\nmailbox = \"relay@b.c\"\n\
+         [[users]]\nname = \"app\"\npassword_hash = \"{hash}\"\nmailbox = \"app@b.c\"\n\
+         [[users]]\nname = \"printer@b.c\"\npassword_hash = \"{hash}\"\n\
+         [[users]]\nname = \"scanner\"\npassword_hash = \"{hash}\"\n"
+    );
+    let cfg = crate::config::Config::from_toml(&text, "t.toml", std::path::Path::new(".")).unwrap();
+    let s = Settings::from_config(&cfg).unwrap();
+    let mut got: Vec<_> = s
+        .senders
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    got.sort();
+    assert_eq!(
+        got,
+        [
+            ("app", "app@b.c"),
+            ("printer@b.c", "printer@b.c"),
+            ("scanner", "relay@b.c")
+        ]
+    );
+    // Without bind_sender nobody is bound.
+    let cfg = crate::config::Config::from_toml(
+        &text.replace("bind_sender = true", "bind_sender = false"),
+        "t.toml",
+        std::path::Path::new("."),
+    )
+    .unwrap();
+    assert!(Settings::from_config(&cfg).unwrap().senders.is_empty());
+}

@@ -1,6 +1,7 @@
 //! The one owner of "what is due when": it hands due messages to the router, applies each attempt's outcome to the spool, retries with backoff and jitter, and bounces what fails for good.
 
 pub mod dsn;
+pub mod dsn_policy;
 pub mod governor;
 pub mod sink;
 
@@ -37,6 +38,8 @@ pub struct Policy {
     pub reply_to: String,
     /// Local user name → upstream mailbox (the Basic-to-OAuth bridge).
     pub identities: std::collections::HashMap<String, String>,
+    /// Which senders get a DSN (`delivery.dsn_to`).
+    pub dsn: dsn_policy::DsnPolicy,
 }
 
 impl Policy {
@@ -55,6 +58,7 @@ impl Policy {
                 .iter()
                 .map(|u| (u.name.clone(), u.mailbox.clone()))
                 .collect(),
+            dsn: dsn_policy::DsnPolicy::from_config(c),
         }
     }
 
@@ -610,7 +614,9 @@ async fn attempt(s: &Scheduler, mut meta: Meta, born: Instant) -> Option<(Meta, 
         Next::Done => {
             let failed = meta.rcpts.iter().any(|r| r.status == RcptStatus::Failed);
             if failed && !meta.is_dsn && !meta.from.is_empty() {
-                if let Err(e) = queue_dsn(s, &meta, &body, &policy).await {
+                if let Err(why) = dsn_policy::dsn_allowed(&policy.dsn, &meta) {
+                    tracing::info!(id = %id, to = %crate::text::for_log(&meta.from), reason = why, "no DSN");
+                } else if let Err(e) = queue_dsn(s, &meta, &body, &policy).await {
                     // Keep the message (all final) so the DSN is retried after a restart.
                     tracing::error!(id = %id, error = %e, "cannot queue DSN; keeping message");
                     return Some((meta, policy.retry_max));
@@ -675,6 +681,7 @@ mod tests {
             sender_name: String::new(),
             reply_to: String::new(),
             identities: Default::default(),
+            dsn: super::dsn_policy::DsnPolicy::any(),
         }
     }
 

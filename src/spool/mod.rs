@@ -380,10 +380,18 @@ impl Spool {
         };
         for e in rd.flatten() {
             let p = e.path();
-            if p.extension().and_then(|x| x.to_str()) == Some("json")
-                && let Ok(text) = fs::read(&p)
-                && let Ok(m) = serde_json::from_slice::<Meta>(&text)
-            {
+            if p.extension().and_then(|x| x.to_str()) != Some("json") {
+                continue;
+            }
+            let text = match fs::read(&p) {
+                Ok(t) => t,
+                // Unreadable to this user: an error, not "nothing queued".
+                Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {
+                    return Err(io::Error::new(e.kind(), format!("{}: {e}", p.display())));
+                }
+                Err(_) => continue,
+            };
+            if let Ok(m) = serde_json::from_slice::<Meta>(&text) {
                 out.push(m);
             }
         }

@@ -1,6 +1,8 @@
 //! Runs the real `mailbridge` binary for end-to-end tests: writes a config in a temp dir, starts `mailbridge run` on port 0, learns the bound addresses from its log, and kills it when dropped.
 #![allow(dead_code)]
 
+pub mod reaper;
+
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -82,17 +84,15 @@ impl Daemon {
             }
             None => Command::new(bin()),
         };
-        let mut child = cmd
-            .arg("--config")
+        cmd.arg("--config")
             .arg(config)
             .arg("run")
             .envs(vars.iter().copied())
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start mailbridge");
+            .stderr(Stdio::piped());
+        let mut child = reaper::spawn(cmd).expect("start mailbridge");
         let stderr = child.stderr.take().expect("stderr");
         let log = Arc::new(Mutex::new(String::new()));
         let (tx, rx) = mpsc::channel();
@@ -117,7 +117,7 @@ impl Daemon {
                 Ok(("smtp", a)) => smtp = Some(a),
                 Ok((_, a)) => admin = Some(a),
                 Err(_) => {
-                    let _ = child.kill();
+                    reaper::kill_group(&mut child);
                     panic!("mailbridge did not start; log:\n{}", log.lock().unwrap());
                 }
             }
@@ -139,8 +139,7 @@ impl Daemon {
     /// SIGKILL: no chance to clean up.
     pub fn kill9(&mut self) {
         if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
+            reaper::kill_group(&mut c);
         }
     }
 
@@ -157,8 +156,7 @@ impl Daemon {
                 return st.code();
             }
             if Instant::now() > deadline {
-                let _ = c.kill();
-                let _ = c.wait();
+                reaper::kill_group(&mut c);
                 return None;
             }
             std::thread::sleep(Duration::from_millis(20));
