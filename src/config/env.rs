@@ -13,7 +13,7 @@
 //! (`["a", "b"]`).
 //!
 //! Not configuration keys: `MAILBRIDGE_CONFIG` (the file's path),
-//! `MAILBRIDGE_REQUIRE_TOOLS` (the test suite's switch), and any variable
+//! `MAILBRIDGE_REQUIRE_TOOLS` and `MAILBRIDGE_TEST_*` (the test suite's), and any variable
 //! that a `*_env` key names (e.g. `password_env = "MAILBRIDGE_SMTP_PASSWORD"`).
 
 use toml::Value;
@@ -23,6 +23,10 @@ pub const PREFIX: &str = "MAILBRIDGE_";
 
 /// Variables with the prefix that are not configuration keys.
 const RESERVED: &[&str] = &["MAILBRIDGE_CONFIG", "MAILBRIDGE_REQUIRE_TOOLS"];
+
+/// Prefixes of variables that are not configuration keys (the test suite's;
+/// no key is called `test`).
+const RESERVED_PREFIXES: &[&str] = &["MAILBRIDGE_TEST_"];
 
 /// Final key names whose values are secrets (masked when shown).
 const SECRET_KEYS: &[&str] = &["password", "client_secret", "token"];
@@ -41,7 +45,11 @@ pub struct FromEnv {
 /// The configuration variables among `vars` (the prefix, not reserved).
 pub fn config_vars(vars: &[(String, String)]) -> Vec<(String, String)> {
     vars.iter()
-        .filter(|(k, _)| k.starts_with(PREFIX) && !RESERVED.contains(&k.as_str()))
+        .filter(|(k, _)| {
+            k.starts_with(PREFIX)
+                && !RESERVED.contains(&k.as_str())
+                && !RESERVED_PREFIXES.iter().any(|p| k.starts_with(p))
+        })
         .cloned()
         .collect()
 }
@@ -325,6 +333,7 @@ mod tests {
         let (doc, set) = apply(&[
             ("MAILBRIDGE_CONFIG", "/etc/mailbridge/config.toml"),
             ("MAILBRIDGE_REQUIRE_TOOLS", "1"),
+            ("MAILBRIDGE_TEST_LEAK_DAEMON", "1"),
             (
                 "MAILBRIDGE_UPSTREAM__PASSWORD_ENV",
                 "MAILBRIDGE_SMTP_PASSWORD",
