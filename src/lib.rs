@@ -11,6 +11,7 @@ pub mod cli;
 pub mod config;
 pub mod http;
 pub mod inbound;
+pub mod maildrop;
 pub mod message;
 pub mod oauth;
 pub mod outcome;
@@ -57,6 +58,10 @@ pub fn admin_token(cfg: &Config, create: bool) -> std::io::Result<Secret> {
         }
     }
 }
+
+/// Seconds between two looks into the maildrop (`mailbridge sendmail`
+/// writes there while the daemon is down; it is also read at start).
+pub const MAILDROP_POLL_SECS: u64 = 5;
 
 /// Everything `run` needs besides the configuration.
 pub struct Listeners {
@@ -123,6 +128,13 @@ pub async fn run(
             shutdown.clone(),
         ))
     });
+    let maildrop_task = tokio::spawn(maildrop::watch(
+        maildrop::dir(&cfg),
+        Arc::new(maildrop::import_settings(&settings)),
+        Arc::new(sched.clone()),
+        Duration::from_secs(MAILDROP_POLL_SECS),
+        shutdown.clone(),
+    ));
     let smtp_task = tokio::spawn(inbound::serve(
         listeners.smtp,
         settings,
@@ -159,7 +171,9 @@ pub async fn run(
     let reload_task =
         config_path.map(|p| tokio::spawn(reload_on_sighup(p, sched.clone(), shutdown.clone())));
 
+    notify_systemd("READY=1");
     shutdown.cancelled().await;
+    notify_systemd("STOPPING=1");
     tracing::info!("shutting down");
     let _ = smtp_task.await;
     if let Some(t) = smtps_task {
@@ -170,6 +184,7 @@ pub async fn run(
         let _ = t.await;
     }
     probe_task.abort();
+    maildrop_task.abort();
     if let Some(t) = reload_task {
         t.abort();
     }
@@ -234,5 +249,25 @@ fn reload(path: &Path, sched: &scheduler::Scheduler) {
             tracing::info!(config = %path.display(), "configuration reloaded; route reset to the primary (listen and spool changes need a restart)");
         }
         Err(e) => tracing::error!(error = %e, "reload failed; keeping the running configuration"),
+    }
+}
+
+/// Tell systemd (`Type=notify`) about our state through `NOTIFY_SOCKET`, if
+/// it is set: a path, or `@name` for an abstract socket.
+pub fn notify_systemd(state: &str) {
+    use std::os::linux::net::SocketAddrExt;
+    use std::os::unix::net::{SocketAddr, UnixDatagram};
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let path = path.to_string_lossy().into_owned();
+    let addr = match path.strip_prefix('@') {
+        Some(name) => SocketAddr::from_abstract_name(name.as_bytes()),
+        None => SocketAddr::from_pathname(&path),
+    };
+    let sent = UnixDatagram::unbound()
+        .and_then(|s| addr.and_then(|a| s.send_to_addr(state.as_bytes(), &a)));
+    if let Err(e) = sent {
+        tracing::warn!(socket = %path, error = %e, "cannot notify systemd");
     }
 }

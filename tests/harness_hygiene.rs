@@ -52,7 +52,9 @@ fn a_leaked_daemon_dies_with_the_test_process() {
     while alive(pid) {
         if Instant::now() > deadline {
             // Do not leave it behind ourselves.
-            let _ = Command::new("kill").args(["-KILL", &pid.to_string()]).status();
+            let _ = Command::new("kill")
+                .args(["-KILL", &pid.to_string()])
+                .status();
             panic!("mailbridge {pid} outlived the test process that started it");
         }
         std::thread::sleep(Duration::from_millis(20));

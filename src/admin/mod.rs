@@ -1,4 +1,4 @@
-//! The local admin HTTP endpoint: health, status (active server and why, queue figures, OAuth token state), failback, queue control, OAuth sign-in and a sample mail; everything but `/healthz` and the provider's OAuth callback needs the admin token (in a header, never in a URL), and a request for another `Host` gets `421`.
+//! The local admin HTTP endpoint: health and readiness probes, status (active server and why, queue figures, OAuth token state), failback, queue control, OAuth sign-in and a sample mail; everything but `/healthz`, `/readyz` and the provider's OAuth callback needs the admin token (in a header, never in a URL), and a request for another `Host` gets `421`.
 
 mod oauth;
 mod send_test;
@@ -130,6 +130,7 @@ pub fn routes_with(state: Arc<AdminState>, extras: Extras) -> Router {
         ));
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
         .merge(protected)
         .with_state(state)
         .merge(with_extras.with_state(ctx))
@@ -282,4 +283,49 @@ async fn remove(State(state): State<Arc<AdminState>>, Path(id): Path<String>) ->
         Ok(false) => error(StatusCode::NOT_FOUND, "no such message in the queue"),
         Err(e) => error(StatusCode::CONFLICT, &e),
     }
+}
+
+/// Whether mail can be accepted now: the scheduler runs, the spool takes a
+/// write, the queue is under `spool.max_messages`. Upstream trouble does not
+/// count (it shows in `status`): an unready sidecar would be restarted and
+/// stop accepting mail that it could keep until the upstream is back.
+pub async fn readiness(state: &AdminState) -> (bool, serde_json::Value) {
+    let sched = &state.scheduler;
+    let spool = sched.spool().clone();
+    let (depth, max) = (spool.len(), spool.max_messages());
+    let writable = tokio::task::spawn_blocking(move || {
+        let probe = spool
+            .root()
+            .join("tmp")
+            .join(format!(".readyz-{}", crate::spool::new_id()));
+        let r = std::fs::write(&probe, b"ready?\n");
+        let _ = std::fs::remove_file(&probe);
+        r.map_err(|e| e.to_string())
+    })
+    .await
+    .unwrap_or_else(|e| Err(e.to_string()));
+    let running = sched.is_running();
+    let under_limit = depth < max;
+    let ready = running && writable.is_ok() && under_limit;
+    (
+        ready,
+        json!({
+            "ready": ready,
+            "scheduler_running": running,
+            "spool_writable": writable.is_ok(),
+            "spool_error": writable.err(),
+            "queue_depth": depth,
+            "queue_limit": max,
+        }),
+    )
+}
+
+async fn readyz(State(state): State<Arc<AdminState>>) -> Response {
+    let (ready, doc) = readiness(&state).await;
+    let code = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (code, Json(doc)).into_response()
 }

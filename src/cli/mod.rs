@@ -22,6 +22,7 @@ macro_rules! out {
 }
 
 pub mod auth;
+pub mod sendmail;
 
 /// Write to stdout; a closed pipe ends the process with exit 0 (the reader
 /// has all it wanted), any other write error with exit 1.
@@ -89,6 +90,17 @@ pub enum Command {
     },
     /// Read a password on stdin and print its argon2id hash for `[[users]] password_hash`.
     HashPassword,
+    /// Read a message on stdin and send it, as `/usr/sbin/sendmail` does
+    /// (`-t`, `-i`, `-f`, `-F`, `-v`, recipients); also how the binary acts
+    /// when called as `sendmail`.
+    #[command(disable_help_flag = true)]
+    Sendmail {
+        /// sendmail options and recipients.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Exit 0 when the running relay is ready to accept mail (`/readyz`), else 1.
+    Health,
 }
 
 /// Queue subcommands.
@@ -127,7 +139,29 @@ fn load(path: &Path) -> Result<Config, ExitCode> {
 
 /// Parse the command line and run it.
 pub fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let mut argv = std::env::args_os();
+    let called_as = argv
+        .next()
+        .map(PathBuf::from)
+        .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+        .unwrap_or_default();
+    if called_as == "sendmail" {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let args: Vec<String> = argv.map(|a| a.to_string_lossy().into_owned()).collect();
+        return sendmail::main(&args, None);
+    }
+    let matches = <Cli as clap::CommandFactory>::command().get_matches();
+    let cli = match <Cli as clap::FromArgMatches>::from_arg_matches(&matches) {
+        Ok(c) => c,
+        Err(e) => e.exit(),
+    };
+    if let Command::Sendmail { args } = &cli.command {
+        // `--config` only when given (sendmail's default is /etc/mailbridge).
+        let given = (matches.value_source("config")
+            != Some(clap::parser::ValueSource::DefaultValue))
+        .then(|| cli.config.clone());
+        return sendmail::main(args, given);
+    }
     let _ = rustls::crypto::ring::default_provider().install_default();
     if let Command::HashPassword = cli.command {
         // Needs no configuration.
@@ -154,7 +188,17 @@ pub fn main() -> ExitCode {
             for n in cfg.notices() {
                 eprintln!("mailbridge: notice: {n}");
             }
-            eprintln!("mailbridge: {} is valid", cli.config.display());
+            for f in &cfg.from_env {
+                eprintln!("mailbridge: {} = {} (from {})", f.key, f.shown, f.var);
+            }
+            if cli.config.exists() {
+                eprintln!("mailbridge: {} is valid", cli.config.display());
+            } else {
+                eprintln!(
+                    "mailbridge: the configuration is valid (no file {}: environment only)",
+                    cli.config.display()
+                );
+            }
             ExitCode::SUCCESS
         }
         Command::Status => admin_call(&cfg, "GET", "/status", true),
@@ -163,18 +207,30 @@ pub fn main() -> ExitCode {
         Command::Auth { action } => auth::auth_command(&cfg, action),
         Command::SendTest { to } => auth::send_test_command(&cfg, &to),
         Command::HashPassword => auth::hash_password_command(),
+        Command::Sendmail { .. } => ExitCode::from(BAD_CONFIG),
+        Command::Health => health(&cfg),
     }
 }
 
-fn init_logging(level: &str) {
+fn init_logging(level: &str, format: crate::config::LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .or_else(|_| tracing_subscriber::EnvFilter::try_new(level))
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr)
-        .try_init();
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        // One object per line; every string is JSON-escaped, so no field
+        // (a client's AUTH name, header text) can start a new line.
+        crate::config::LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .try_init(),
+        crate::config::LogFormat::Text => builder
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .try_init(),
+    };
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
@@ -188,7 +244,7 @@ fn runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
 }
 
 fn run(cfg: Config, path: PathBuf) -> ExitCode {
-    init_logging(&cfg.log_level);
+    init_logging(&cfg.log_level, cfg.log_format);
     let rt = match runtime() {
         Ok(rt) => rt,
         Err(c) => return c,
@@ -540,6 +596,24 @@ fn offline_change(cfg: &Config, root: &Path, id: &str, what: &str) -> ExitCode {
         }
         Err(e) => {
             eprintln!("mailbridge: cannot {what} {id}: {e}");
+            ExitCode::from(FAILED)
+        }
+    }
+}
+
+/// `mailbridge health`: 0 when `/readyz` answers 200 (for a container HEALTHCHECK).
+fn health(cfg: &Config) -> ExitCode {
+    match admin_request(cfg, "GET", "/readyz", false) {
+        AdminAnswer::Reply(200, body) => {
+            println!("{}", body.trim_end());
+            ExitCode::SUCCESS
+        }
+        AdminAnswer::Reply(code, body) => {
+            eprintln!("mailbridge: not ready ({code}): {}", body.trim_end());
+            ExitCode::from(FAILED)
+        }
+        AdminAnswer::Unreachable(why) => {
+            eprintln!("mailbridge: {why}");
             ExitCode::from(FAILED)
         }
     }

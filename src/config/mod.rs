@@ -1,6 +1,7 @@
 //! The TOML configuration: every field of the seed's "Outgoing Mail Server Settings" page is a key here; unknown keys are rejected and every error names its key.
 
 pub mod checks;
+pub mod env;
 pub mod secret;
 
 use std::net::SocketAddr;
@@ -51,6 +52,8 @@ pub struct Config {
     pub hostname: String,
     /// Log filter (`error`, `warn`, `info`, `debug`, or a tracing filter); `RUST_LOG` overrides it.
     pub log_level: String,
+    /// Log lines as `text` (human-readable) or `json` (one JSON object per line).
+    pub log_format: LogFormat,
     /// Where legacy applications connect.
     pub listen: Listen,
     /// Where accepted mail waits until it is delivered.
@@ -66,6 +69,20 @@ pub struct Config {
     /// Directory the relative paths in this file are relative to (the file's own directory).
     #[serde(skip)]
     pub base_dir: PathBuf,
+    /// The values that came from `MAILBRIDGE_*` variables (shown by `check`).
+    #[serde(skip)]
+    pub from_env: Vec<env::FromEnv>,
+}
+
+/// The log line format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// `time level message key=value…`, for people.
+    #[default]
+    Text,
+    /// One JSON object per line, for log collectors.
+    Json,
 }
 
 impl Default for Config {
@@ -73,6 +90,7 @@ impl Default for Config {
         Config {
             hostname: String::new(),
             log_level: "info".into(),
+            log_format: LogFormat::Text,
             listen: Listen::default(),
             spool: SpoolConfig::default(),
             delivery: DeliveryConfig::default(),
@@ -80,6 +98,7 @@ impl Default for Config {
             admin: Admin::default(),
             users: Vec::new(),
             base_dir: PathBuf::from("."),
+            from_env: Vec::new(),
         }
     }
 }
@@ -859,36 +878,135 @@ impl Upstream {
 }
 
 impl Config {
-    /// Read, parse, resolve secrets and validate a configuration file.
+    /// Read, parse, resolve secrets and validate a configuration file, with
+    /// the `MAILBRIDGE_*` variables of this process laid over it (see
+    /// [`env`]). A missing file is an empty one when such variables are set.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.display().to_string(),
-            source,
-        })?;
+        Config::load_with(path, true)
+    }
+
+    /// Like [`Config::load`] without validating (no secret is resolved):
+    /// for `sendmail`, which runs as the submitting user and needs only the
+    /// listener's address and the spool's path.
+    pub fn load_unchecked(path: &Path) -> Result<Config, ConfigError> {
+        Config::load_with(path, false)
+    }
+
+    fn load_with(path: &Path, validate: bool) -> Result<Config, ConfigError> {
+        let vars = env::process_vars();
+        let text = match std::fs::read_to_string(path) {
+            Ok(t) => t,
+            Err(e)
+                if e.kind() == std::io::ErrorKind::NotFound
+                    && !env::config_vars(&vars).is_empty() =>
+            {
+                String::new()
+            }
+            Err(source) => {
+                return Err(ConfigError::Read {
+                    path: path.display().to_string(),
+                    source,
+                });
+            }
+        };
         let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
         let base = if base.as_os_str().is_empty() {
             PathBuf::from(".")
         } else {
             base
         };
-        Config::from_toml(&text, &path.display().to_string(), &base)
+        let name = path.display().to_string();
+        if validate {
+            Config::from_toml_env(&text, &name, &base, &vars)
+        } else {
+            let mut cfg = Config::parse_env(&text, &name, &vars)?;
+            cfg.base_dir = base;
+            Ok(cfg)
+        }
     }
 
     /// Parse and validate TOML text; `name` is used in errors, `base` anchors relative paths.
     pub fn from_toml(text: &str, name: &str, base: &Path) -> Result<Config, ConfigError> {
-        let mut cfg: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
-            path: name.to_string(),
-            message: e.to_string().trim_end().to_string(),
-        })?;
-        let raw: toml::Table = text.parse().unwrap_or_default();
-        checks::apply_implied(&mut cfg, &raw);
+        Config::from_toml_env(text, name, base, &[])
+    }
+
+    /// Like [`Config::from_toml`], with the `MAILBRIDGE_*` variables among
+    /// `vars` laid over the text. Errors about a value from the environment
+    /// name its variable.
+    pub fn from_toml_env(
+        text: &str,
+        name: &str,
+        base: &Path,
+        vars: &[(String, String)],
+    ) -> Result<Config, ConfigError> {
+        let mut cfg = Config::parse_env(text, name, vars)?;
         cfg.base_dir = base.to_path_buf();
-        cfg.validate()
-            .map_err(|(key, message)| ConfigError::Invalid {
+        cfg.validate().map_err(|(key, message)| {
+            // A key set from the environment is named with its variable.
+            let key = match cfg.from_env.iter().find(|f| f.key == key) {
+                Some(f) => format!("{key} ({})", f.var),
+                None => key,
+            };
+            ConfigError::Invalid {
                 path: name.to_string(),
                 key,
                 message,
+            }
+        })?;
+        Ok(cfg)
+    }
+
+    /// Parse TOML text with the variables laid over it, without validating.
+    fn parse_env(text: &str, name: &str, vars: &[(String, String)]) -> Result<Config, ConfigError> {
+        let parse_err = |message: String| ConfigError::Parse {
+            path: name.to_string(),
+            message,
+        };
+        let file_err = |e: toml::de::Error| parse_err(e.to_string().trim_end().to_string());
+        // `raw`: the keys given (file and environment), for the defaults
+        // that depend on whether a key was set (checks::apply_implied).
+        let (mut cfg, raw): (Config, toml::Table) = if env::config_vars(vars).is_empty() {
+            (
+                toml::from_str(text).map_err(file_err)?,
+                text.parse().unwrap_or_default(),
+            )
+        } else {
+            let file: toml::Table = toml::from_str(text).map_err(file_err)?;
+            // Check the file alone first, so its own errors keep their line numbers.
+            Config::deserialize(toml::Value::Table(file.clone())).map_err(|e| {
+                toml::from_str::<Config>(text)
+                    .err()
+                    .map(file_err)
+                    .unwrap_or_else(|| parse_err(e.to_string()))
             })?;
+            let schema = toml::Value::try_from(Config::default())
+                .map_err(|e| parse_err(format!("configuration schema: {e}")))?;
+            let mut doc = toml::Value::Table(file.clone());
+            let set = env::overlay(&mut doc, &schema, vars).map_err(parse_err)?;
+            match Config::deserialize(doc.clone()) {
+                Ok(mut c) => {
+                    c.from_env = set;
+                    let toml::Value::Table(raw) = doc else {
+                        return Err(parse_err("the configuration is not a table".into()));
+                    };
+                    (c, raw)
+                }
+                Err(e) => {
+                    // Name the variable: lay them on one at a time.
+                    for (var, value) in env::config_vars(vars) {
+                        let mut one = toml::Value::Table(file.clone());
+                        let pair = [(var.clone(), value.clone())];
+                        if env::overlay(&mut one, &schema, &pair).is_ok()
+                            && let Err(e) = Config::deserialize(one)
+                        {
+                            return Err(parse_err(format!("{var}: {}", e.message())));
+                        }
+                    }
+                    return Err(parse_err(format!("from the environment: {}", e.message())));
+                }
+            }
+        };
+        checks::apply_implied(&mut cfg, &raw);
         Ok(cfg)
     }
 
@@ -1205,6 +1323,51 @@ mod tests {
         );
         assert!(out.contains("***"));
         assert!(!format!("{c:?}").contains("s3cret-pw"));
+    }
+
+    #[test]
+    fn environment_over_the_file_names_the_variable() {
+        let env = |v: &[(&str, &str)]| -> Vec<(String, String)> {
+            v.iter()
+                .map(|(a, b)| (a.to_string(), b.to_string()))
+                .collect()
+        };
+        let file = "[upstream]\nprotocol = \"smtp\"\nserver = \"file.example\"\nport = 25\n";
+        let c = Config::from_toml_env(
+            file,
+            "f.toml",
+            Path::new("."),
+            &env(&[
+                ("MAILBRIDGE_UPSTREAM__SERVER", "env.example"),
+                ("MAILBRIDGE_UPSTREAM__TLS", "false"),
+                ("MAILBRIDGE_LOG_FORMAT", "json"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.upstream.server, "env.example");
+        assert_eq!(c.upstream.port, 25);
+        assert!(!c.upstream.tls);
+        assert_eq!(c.log_format, LogFormat::Json);
+        assert_eq!(c.from_env.len(), 3);
+        for (vars, want) in [
+            (
+                &[("MAILBRIDGE_UPSTREAM__PROTOCOL", "pigeon")][..],
+                "MAILBRIDGE_UPSTREAM__PROTOCOL",
+            ),
+            (
+                &[("MAILBRIDGE_UPSTREAM__SERVER", "a b")][..],
+                "upstream.server (MAILBRIDGE_UPSTREAM__SERVER)",
+            ),
+            (
+                &[("MAILBRIDGE_LISTEN__ADRESS", "x")][..],
+                "MAILBRIDGE_LISTEN__ADRESS",
+            ),
+        ] {
+            let e = Config::from_toml_env(file, "f.toml", Path::new("."), &env(vars))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(want), "{vars:?} gave {e}");
+        }
     }
 
     #[test]

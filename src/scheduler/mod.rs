@@ -405,6 +405,11 @@ impl Scheduler {
         self.shared.events.subscribe()
     }
 
+    /// True while the scheduling loop runs (it stops only at shutdown or if it failed).
+    pub fn is_running(&self) -> bool {
+        !self.shared.tx.is_closed()
+    }
+
     /// The spool this scheduler drains.
     pub fn spool(&self) -> &Arc<Spool> {
         &self.shared.spool

@@ -290,6 +290,11 @@ impl Spool {
         self.count.load(Ordering::SeqCst)
     }
 
+    /// The queue's limit (`spool.max_messages`).
+    pub fn max_messages(&self) -> usize {
+        self.max_messages
+    }
+
     /// True when the queue is empty.
     pub fn is_empty(&self) -> bool {
         self.len() == 0

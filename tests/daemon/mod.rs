@@ -49,6 +49,10 @@ fn find_addr(line: &str, what: &str) -> Option<SocketAddr> {
     if !line.contains(what) {
         return None;
     }
+    // Text (`address=…`) or JSON (`"address":"…"`) log lines.
+    if let Some(i) = line.find("\"address\":\"") {
+        return line[i + 11..].split('"').next()?.parse().ok();
+    }
     let i = line.find("address=")?;
     line[i + 8..].split_whitespace().next()?.parse().ok()
 }
@@ -62,11 +66,21 @@ impl Daemon {
 
     /// Like `start`, with the binary run under `wrapper` (e.g. `fiu-run -x`).
     pub fn start_wrapped(dir: &Path, wrapper: &[&str]) -> Daemon {
-        Daemon::start_with(dir, wrapper, &[])
+        Daemon::spawn(dir, wrapper, &dir.join("config.toml"), &[])
     }
 
     /// Like `start_wrapped`, with extra environment variables.
     pub fn start_with(dir: &Path, wrapper: &[&str], env: &[(&str, &str)]) -> Daemon {
+        Daemon::spawn(dir, wrapper, &dir.join("config.toml"), env)
+    }
+
+    /// Start `mailbridge run` with `--config config` (which need not exist)
+    /// and the environment variables `vars` added.
+    pub fn start_env(dir: &Path, config: &Path, vars: &[(&str, &str)]) -> Daemon {
+        Daemon::spawn(dir, &[], config, vars)
+    }
+
+    fn spawn(dir: &Path, wrapper: &[&str], config: &Path, vars: &[(&str, &str)]) -> Daemon {
         let mut cmd = match wrapper.split_first() {
             Some((first, rest)) => {
                 let mut c = Command::new(first);
@@ -76,10 +90,10 @@ impl Daemon {
             None => Command::new(bin()),
         };
         cmd.arg("--config")
-            .arg(dir.join("config.toml"))
+            .arg(config)
             .arg("run")
             .env("RUST_LOG", "info")
-            .envs(env.iter().copied())
+            .envs(vars.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
