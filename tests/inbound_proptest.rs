@@ -88,7 +88,9 @@ proptest! {
         data in proptest::collection::vec(prop_oneof![Just(b'\r'), Just(b'\n'), Just(b'.'), Just(0u8), any::<u8>()], 0..400),
         chunk in 1usize..64,
     ) {
-        let settings = Arc::new(Settings::new("mx.test", Listen::default()));
+        // NULs stripped, not refused (the default), so every input queues one.
+        let listen = Listen { nul_bytes: mailbridge::config::NulBytes::Strip, ..Listen::default() };
+        let settings = Arc::new(Settings::new("mx.test", listen));
         let client: SocketAddr = ([127, 0, 0, 1], 1).into();
         let mut s = Session::new(settings, client);
         let input = [&b"EHLO c\r\nMAIL FROM:<a@b.c>\r\nRCPT TO:<d@e.f>\r\nDATA\r\n"[..], &data, b"\r\n.\r\n"].concat();
@@ -99,6 +101,7 @@ proptest! {
             match s.feed(&mut buf) {
                 Step::Message(m) => {
                     prop_assert!(canonical(&m.body), "{:?}", m.body);
+                    prop_assert!(!m.body.contains(&0), "NUL queued: {:?}", m.body);
                     n += 1;
                     s.sink_result(Ok(()));
                 }

@@ -350,7 +350,18 @@ mod tests {
     fn non_ascii_header_names_do_not_panic() {
         // `Xé` is three bytes: its first two are not a character boundary.
         let m = "From: d@contoso.com\r\nXé: 1\r\nxé-y: 2\r\nX-Ok: 3\r\nSubject: s\r\n\r\nbody\r\n";
-        let p = crate::message::recipients::prepare(m.as_bytes(), &["a@b.test".into()]);
+        // Built directly: `prepare` now ends the header at such a name, but
+        // mail-parser, which `build` uses, reads on.
+        let p = Prepared {
+            message: m.as_bytes().to_vec(),
+            to: vec![Mailbox {
+                name: None,
+                address: "a@b.test".into(),
+            }],
+            cc: Vec::new(),
+            bcc: Vec::new(),
+            from: None,
+        };
         let (draft, _) = build(&p).unwrap();
         let names: Vec<&str> = draft["internetMessageHeaders"]
             .as_array()
