@@ -142,10 +142,10 @@ fn cli_status_failback_and_queue() {
             &format!("http://{}/failback", d.admin),
         ])
         .output();
-    if let Ok(r) = resp {
-        if r.status.success() {
-            assert_eq!(String::from_utf8_lossy(&r.stdout), "401");
-        }
+    if let Ok(r) = resp
+        && r.status.success()
+    {
+        assert_eq!(String::from_utf8_lossy(&r.stdout), "401");
     }
 }
 

@@ -10,14 +10,17 @@ use mailbridge::transport::{BoxFuture, Delivery, Envelope, Failure, Transport};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+/// One scripted answer.
+type Answer = fn(&Envelope) -> Delivery;
+
 /// Answers from a script (the last answer repeats) and records each call.
 struct Scripted {
-    answers: Mutex<Vec<fn(&Envelope) -> Delivery>>,
+    answers: Mutex<Vec<Answer>>,
     calls: Mutex<Vec<(Instant, Envelope, Vec<u8>)>>,
 }
 
 impl Scripted {
-    fn new(answers: Vec<fn(&Envelope) -> Delivery>) -> Arc<Self> {
+    fn new(answers: Vec<Answer>) -> Arc<Self> {
         Arc::new(Scripted {
             answers: Mutex::new(answers),
             calls: Mutex::new(Vec::new()),

@@ -754,7 +754,12 @@ async fn no_failover_after_the_final_dot() {
     let a = transport(settings(&alternate));
     let router = Router::new(Arc::new(p), Some(Arc::new(a)));
     let msg = b"From: a@example.com\r\nMessage-ID: <dup-1@example.com>\r\n\r\nHello.\r\n";
-    let failure = whole_failure(router.deliver(&envelope(&["b@example.com"]), msg).await.result);
+    let failure = whole_failure(
+        router
+            .deliver(&envelope(&["b@example.com"]), msg)
+            .await
+            .result,
+    );
     assert_maybe_delivered(&failure, "timeout");
     assert_eq!(router.state().active, "primary");
     assert_eq!(alternate.connections(), 0);

@@ -317,10 +317,7 @@ impl Spool {
             .collect();
         names.sort();
         for name in &names {
-            let (stem, ext) = match name.rsplit_once('.') {
-                Some(x) => x,
-                None => ("", ""),
-            };
+            let (stem, ext) = name.rsplit_once('.').unwrap_or_default();
             let problem = match ext {
                 "json" if is_valid_id(stem) => match self.load_one(stem) {
                     Ok(m) => {
