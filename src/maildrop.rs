@@ -150,19 +150,7 @@ async fn submit(settings: &Arc<Settings>, sink: &dyn Sink, env: &Envelope, body:
         }
     }
     // Dot-stuff and end the data.
-    let mut data = Vec::with_capacity(body.len() + 64);
-    let mut at_line_start = true;
-    for &b in body {
-        if at_line_start && b == b'.' {
-            data.push(b'.');
-        }
-        data.push(b);
-        at_line_start = b == b'\n';
-    }
-    if !data.ends_with(b"\r\n") {
-        data.extend_from_slice(b"\r\n");
-    }
-    data.extend_from_slice(b".\r\n");
+    let mut data = crate::transport::smtp::data_form(body);
     loop {
         match s.feed(&mut data) {
             Step::Message(msg) => {

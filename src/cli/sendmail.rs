@@ -358,19 +358,7 @@ fn smtp_submit(addr: SocketAddr, p: &Prepared, verbose: bool) -> Submitted {
         step!(format!("RCPT TO:<{rcpt}>"), "250");
     }
     step!("DATA".into(), "354");
-    let mut data = Vec::with_capacity(p.message.len() + 64);
-    let mut at_line_start = true;
-    for &b in &p.message {
-        if at_line_start && b == b'.' {
-            data.push(b'.');
-        }
-        data.push(b);
-        at_line_start = b == b'\n';
-    }
-    if !data.ends_with(b"\r\n") {
-        data.extend_from_slice(b"\r\n");
-    }
-    data.extend_from_slice(b".\r\n");
+    let data = crate::transport::smtp::data_form(&p.message);
     if let Err(e) = s.write_all(&data) {
         return Submitted::Failed(EX_TEMPFAIL, format!("writing to the daemon: {e}"));
     }

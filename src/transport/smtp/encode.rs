@@ -72,6 +72,16 @@ impl DataEncoder {
     }
 }
 
+/// The whole of `message` in its DATA form (see [`DataEncoder`]), for
+/// callers that hold it in memory (the sendmail command, the maildrop import).
+pub fn data_form(message: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(message.len() + message.len() / 64 + 8);
+    let mut enc = DataEncoder::default();
+    enc.push(message, &mut out);
+    enc.finish(&mut out);
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
