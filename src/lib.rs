@@ -11,6 +11,7 @@ pub mod cli;
 pub mod config;
 pub mod http;
 pub mod inbound;
+pub mod listener;
 pub mod maildrop;
 pub mod message;
 pub mod oauth;

@@ -29,19 +29,9 @@ pub async fn serve(
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     let tracker = TaskTracker::new();
     loop {
-        let accepted = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            r = listener.accept() => r,
-        };
-        let (stream, peer) = match accepted {
-            Ok(a) => a,
-            Err(e) => {
-                tracing::warn!(error = %e, "admin: accept failed");
-                tokio::select! {
-                    _ = shutdown.cancelled() => break,
-                    _ = tokio::time::sleep(Duration::from_millis(100)) => continue,
-                }
-            }
+        let Some((stream, peer)) = crate::listener::accept(&listener, &shutdown, "admin").await
+        else {
+            break;
         };
         let Ok(permit) = slots.clone().try_acquire_owned() else {
             tracing::warn!(client = %peer, "admin: too many connections; closing this one");

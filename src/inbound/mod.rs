@@ -246,20 +246,9 @@ async fn serve_mode(
     // Cancelled when the grace period is over.
     let hard_stop = CancellationToken::new();
     loop {
-        let accepted = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            r = listener.accept() => r,
-        };
-        let (stream, peer) = match accepted {
-            Ok(a) => a,
-            Err(e) => {
-                // Out of file descriptors and the like: do not spin.
-                tracing::warn!(error = %e, "inbound: accept failed");
-                tokio::select! {
-                    _ = shutdown.cancelled() => break,
-                    _ = tokio::time::sleep(Duration::from_millis(100)) => continue,
-                }
-            }
+        let Some((stream, peer)) = crate::listener::accept(&listener, &shutdown, "inbound").await
+        else {
+            break;
         };
         let Ok(permit) = slots.clone().try_acquire_owned() else {
             tracing::warn!(client = %peer, "inbound: too many connections");
