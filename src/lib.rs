@@ -16,6 +16,7 @@ pub mod maildrop;
 pub mod message;
 pub mod oauth;
 pub mod outcome;
+pub mod reload;
 pub mod routing;
 pub mod scheduler;
 pub mod spool;
@@ -23,7 +24,7 @@ pub mod text;
 pub mod tls;
 pub mod transport;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -143,6 +144,7 @@ pub async fn run(
         shutdown.clone(),
     ));
 
+    let reloader = config_path.map(|p| reload::Reloader::new(p, sched.clone()));
     let admin_task = match listeners.admin {
         Some(l) => {
             let token =
@@ -152,6 +154,7 @@ pub async fn run(
                 scheduler: sched.clone(),
                 token,
                 started: std::time::SystemTime::now(),
+                reloader: reloader.clone(),
             });
             let extras = admin::Extras::from_config(&cfg).map_err(|e| anyhow::anyhow!(e))?;
             Some(tokio::spawn(admin::serve_with(
@@ -169,8 +172,7 @@ pub async fn run(
         cfg.upstream.failback_probe_secs,
         shutdown.clone(),
     ));
-    let reload_task =
-        config_path.map(|p| tokio::spawn(reload_on_sighup(p, sched.clone(), shutdown.clone())));
+    let reload_task = reloader.map(|r| tokio::spawn(reload::on_sighup(r, shutdown.clone())));
 
     notify_systemd("READY=1");
     shutdown.cancelled().await;
@@ -216,40 +218,6 @@ async fn failback_probe(sched: scheduler::Scheduler, secs: u64, shutdown: Cancel
             }
             Err(f) => tracing::debug!(error = %f, "primary still unavailable"),
         }
-    }
-}
-
-/// Re-read the configuration on SIGHUP: new upstream settings take effect
-/// for the next attempt, and the route returns to the primary.
-async fn reload_on_sighup(path: PathBuf, sched: scheduler::Scheduler, shutdown: CancellationToken) {
-    use tokio::signal::unix::{SignalKind, signal};
-    let Ok(mut hup) = signal(SignalKind::hangup()) else {
-        tracing::warn!("cannot listen for SIGHUP; reload disabled");
-        return;
-    };
-    loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            r = hup.recv() => if r.is_none() { return },
-        }
-        reload(&path, &sched);
-    }
-}
-
-fn reload(path: &Path, sched: &scheduler::Scheduler) {
-    let cfg = match Config::load(path) {
-        Ok(c) => c,
-        Err(e) => {
-            tracing::error!(error = %e, "reload failed; keeping the running configuration");
-            return;
-        }
-    };
-    match routing::from_config(&cfg) {
-        Ok(router) => {
-            sched.reconfigure(Arc::new(router), scheduler::Policy::from_config(&cfg));
-            tracing::info!(config = %path.display(), "configuration reloaded; route reset to the primary (listen and spool changes need a restart)");
-        }
-        Err(e) => tracing::error!(error = %e, "reload failed; keeping the running configuration"),
     }
 }
 

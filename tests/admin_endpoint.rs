@@ -39,6 +39,7 @@ async fn start() -> (
         scheduler: sched,
         token: Secret::new(TOKEN),
         started: std::time::SystemTime::now(),
+        reloader: None,
     });
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();

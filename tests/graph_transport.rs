@@ -12,7 +12,7 @@ use common::fake_graph::{FakeGraph, GraphConfig, Reply};
 use mailbridge::config::{LargeMessages, Secret};
 use mailbridge::oauth::{IdentityTokens, StaticToken, TokenError, TokenSource};
 use mailbridge::routing::Router;
-use mailbridge::scheduler::governor::{Governed, Limits};
+use mailbridge::transport::governor::{Governed, Limits};
 use mailbridge::transport::graph::{GraphSettings, GraphTransport};
 use mailbridge::transport::{
     BoxFuture, Delivery, Enhanced, Envelope, Failure, Scope, Severity, Transport,

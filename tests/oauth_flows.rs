@@ -83,6 +83,7 @@ async fn start_admin(
         scheduler: sched,
         token: Secret::new(ADMIN_TOKEN),
         started: std::time::SystemTime::now(),
+        reloader: None,
     });
     let extras = mailbridge::admin::Extras::from_config(cfg).unwrap();
     let admin = tokio::spawn(mailbridge::admin::serve_with(

@@ -28,6 +28,9 @@ pub struct AdminState {
     pub token: Secret,
     /// When this process started.
     pub started: SystemTime,
+    /// Applies the configuration file again (absent when the relay runs
+    /// without a file, as in tests).
+    pub reloader: Option<crate::reload::Reloader>,
 }
 
 /// What the OAuth and send-test routes need besides [`AdminState`].

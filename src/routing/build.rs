@@ -3,8 +3,8 @@
 use std::sync::Arc;
 
 use super::Router;
-use crate::scheduler::governor::{Governed, Limits};
 use crate::transport::Transport;
+use crate::transport::governor::{Governed, Limits};
 
 /// Build the transport for one server of an upstream table.
 fn transport_for(

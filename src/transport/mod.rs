@@ -2,6 +2,7 @@
 
 pub mod ews;
 pub mod file;
+pub mod governor;
 pub mod graph;
 pub mod smtp;
 

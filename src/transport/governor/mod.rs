@@ -44,7 +44,7 @@ use std::time::Duration;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
-use crate::transport::{BoxFuture, Delivery, Envelope, Failure, Severity, Transport};
+use super::{BoxFuture, Delivery, Envelope, Failure, Severity, Transport};
 
 /// What one governor enforces per key. `0`/`None` switches a limit off.
 #[derive(Debug, Clone)]

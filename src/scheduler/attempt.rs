@@ -1,0 +1,209 @@
+//! One delivery attempt: load the message, rewrite and map its identity, hand it to the router, record the outcome, and queue the DSN when recipients failed for good.
+
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use super::{
+    AttemptEvent, AttemptOutcome, INLINE_IO_BYTES, Next, Policy, Scheduler, apply, dsn, dsn_policy,
+    now_unix,
+};
+use crate::spool::{Meta, RcptStatus};
+use crate::transport::Envelope;
+
+/// One delivery attempt. Returns the updated metadata and the retry delay,
+/// or `None` when the message left the queue.
+pub(super) async fn attempt(
+    s: &Scheduler,
+    mut meta: Meta,
+    born: Instant,
+) -> Option<(Meta, Duration)> {
+    let spool = s.shared.spool.clone();
+    let policy = s.policy();
+    let id = meta.id.clone();
+    // A small body was just written and sits in the page cache: reading it
+    // in place costs microseconds, less than handing it to a blocking thread.
+    let body = if meta.size <= INLINE_IO_BYTES {
+        spool.read_body(&id).map_err(|e| e.to_string())
+    } else {
+        let spool = spool.clone();
+        let id = id.clone();
+        match tokio::task::spawn_blocking(move || spool.read_body(&id)).await {
+            Ok(r) => r.map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        }
+    };
+    let body = match body {
+        Ok(b) => b,
+        Err(e) => {
+            tracing::error!(id = %id, error = %e, "cannot read message body; will retry");
+            return Some((meta, policy.retry_max));
+        }
+    };
+    let outgoing = crate::message::rewrite_from(&body, &policy.sender_name, &policy.reply_to);
+    let from = if policy.reply_to.is_empty() {
+        meta.from.clone()
+    } else {
+        policy.reply_to.clone()
+    };
+    let identity = policy.identity_for(&meta);
+    let env = Envelope {
+        id: id.clone(),
+        from,
+        rcpts: meta.pending(),
+        identity,
+    };
+    let router = s.router();
+    let message_id = meta.message_id.clone().unwrap_or_default();
+    tracing::info!(id = %id, message_id = %message_id, attempt = meta.attempts + 1, rcpts = env.rcpts.len(), "attempt");
+    let routed = router.deliver(&env, &outgoing).await;
+    let (result, route, server) = (routed.result, routed.route, routed.server);
+    let before: Vec<RcptStatus> = meta.rcpts.iter().map(|r| r.status).collect();
+    let next = apply(&mut meta, &env.rcpts, &result, born.elapsed(), &policy);
+    for (r, was) in meta.rcpts.iter().zip(before) {
+        if was != RcptStatus::Pending {
+            continue;
+        }
+        match r.status {
+            RcptStatus::Delivered => {
+                tracing::info!(id = %id, message_id = %message_id, to = %r.addr, route, via = %server, "delivered")
+            }
+            RcptStatus::Failed => {
+                tracing::warn!(id = %id, message_id = %message_id, to = %r.addr, error = r.last_error.as_deref().unwrap_or(""), "bounced")
+            }
+            RcptStatus::Pending => {}
+        }
+    }
+    let outcome = if meta.rcpts.iter().any(|r| r.status == RcptStatus::Failed) {
+        AttemptOutcome::Bounced
+    } else if meta.pending().is_empty() {
+        AttemptOutcome::Delivered
+    } else {
+        AttemptOutcome::Deferred
+    };
+    let detail = match outcome {
+        AttemptOutcome::Delivered => format!("delivered via {server} ({route} route)"),
+        _ => meta.last_error.clone().unwrap_or_default(),
+    };
+    let _ = s.shared.events.send(AttemptEvent {
+        id: id.clone(),
+        outcome,
+        detail,
+    });
+    match next {
+        Next::Retry(delay) => {
+            meta.next_attempt = now_unix() + delay.as_secs();
+            tracing::info!(id = %id, message_id = %message_id, retry_in_secs = delay.as_secs(), error = meta.last_error.as_deref().unwrap_or(""), "deferred");
+            let m = meta.clone();
+            let sp = spool.clone();
+            match tokio::task::spawn_blocking(move || sp.update(&m)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::error!(id = %id, error = %e, "cannot update metadata"),
+                Err(e) => tracing::error!(id = %id, error = %e, "metadata writer failed"),
+            }
+            Some((meta, delay))
+        }
+        Next::Done => {
+            match dsn_decision(&meta) {
+                Dsn::Send => {
+                    if let Err(why) = dsn_policy::dsn_allowed(&policy.dsn, &meta) {
+                        tracing::info!(id = %id, to = %crate::text::for_log(&meta.from), reason = why, "no DSN");
+                    } else if let Err(e) = queue_dsn(s, &meta, &body, &policy).await {
+                        // Keep the message (all final) so the DSN is retried after a restart.
+                        tracing::error!(id = %id, error = %e, "cannot queue DSN; keeping message");
+                        return Some((meta, policy.retry_max));
+                    }
+                }
+                Dsn::Undeliverable => {
+                    // Never bounce a bounce, never drop it either: it stays
+                    // queued, visible, until an operator retries or deletes it.
+                    meta.bounce_undeliverable = true;
+                    tracing::warn!(id = %id, to = %meta.rcpts.first().map(|r| r.addr.as_str()).unwrap_or(""), error = meta.last_error.as_deref().unwrap_or(""), "DSN could not be delivered; kept in the queue as bounce_undeliverable until an operator retries or deletes it");
+                    let m = meta.clone();
+                    let sp = spool.clone();
+                    match tokio::task::spawn_blocking(move || sp.update(&m)).await {
+                        Ok(Ok(())) => {}
+                        Ok(Err(e)) => {
+                            tracing::error!(id = %id, error = %e, "cannot update metadata")
+                        }
+                        Err(e) => tracing::error!(id = %id, error = %e, "metadata writer failed"),
+                    }
+                    return Some((meta, Duration::ZERO));
+                }
+                Dsn::NoSender => {
+                    tracing::warn!(id = %id, "no DSN: the envelope sender is <>");
+                }
+                Dsn::NotNeeded => {}
+            }
+            // Two unlinks, no fsync: quick enough to do in place.
+            if let Err(e) = spool.remove(&id) {
+                tracing::error!(id = %id, error = %e, "cannot remove delivered message");
+            }
+            None
+        }
+    }
+}
+
+/// What becomes of a message whose recipients are all final.
+#[derive(Debug, PartialEq, Eq)]
+enum Dsn {
+    /// Every recipient was delivered.
+    NotNeeded,
+    /// Some failed: tell the sender.
+    Send,
+    /// Some failed, but the sender is `<>`: nobody to tell.
+    NoSender,
+    /// This is a DSN that failed itself: keep it as `bounce_undeliverable`.
+    Undeliverable,
+}
+
+/// The one place that decides whether a DSN is created (add sending
+/// policies here).
+fn dsn_decision(meta: &Meta) -> Dsn {
+    if !meta.rcpts.iter().any(|r| r.status == RcptStatus::Failed) {
+        Dsn::NotNeeded
+    } else if meta.is_dsn {
+        Dsn::Undeliverable
+    } else if meta.from.is_empty() {
+        Dsn::NoSender
+    } else {
+        Dsn::Send
+    }
+}
+
+/// Store and schedule the DSN for `meta`. Its id is derived from the
+/// original's, so a crash between storing it and removing the original
+/// rewrites the same DSN instead of sending two.
+async fn queue_dsn(s: &Scheduler, meta: &Meta, body: &[u8], policy: &Policy) -> Result<(), String> {
+    let dsn_id = format!("{}-dsn", meta.id);
+    let date = chrono::Utc::now().to_rfc2822();
+    let from = policy.dsn_from_header(meta);
+    let text = dsn::build(meta, body, &policy.hostname, &from, &date, &dsn_id);
+    let mut m = Meta::new(
+        dsn_id.clone(),
+        String::new(),
+        vec![meta.from.clone()],
+        text.len() as u64,
+        now_unix(),
+    );
+    m.is_dsn = true;
+    // Out as the same mailbox as the original (its identity, if mapped).
+    m.auth_user = meta.auth_user.clone();
+    m.message_id = Some(format!("<{dsn_id}@{}>", policy.hostname));
+    let spool = s.shared.spool.clone();
+    let m2 = m.clone();
+    let stored = tokio::task::spawn_blocking(move || {
+        let _ = spool.remove(&m2.id);
+        spool.store(&m2, &text)
+    })
+    .await;
+    match stored {
+        Ok(Ok(())) => {
+            tracing::info!(id = %dsn_id, original = %meta.id, to = %meta.from, "queued DSN");
+            s.enqueue(m);
+            Ok(())
+        }
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(e) => Err(e.to_string()),
+    }
+}
