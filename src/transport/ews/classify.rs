@@ -157,9 +157,9 @@ impl SoapReply {
             },
             _ => return None,
         };
-        let kept = match field {
-            Field::BackOff => self.back_off_ms.is_some(),
-            f => self.slot(f).is_some(),
+        let kept = match self.slot(field) {
+            Some(text) => text.is_some(),
+            None => self.back_off_ms.is_some(),
         };
         (!kept).then_some(field)
     }
@@ -175,22 +175,24 @@ impl SoapReply {
             Field::FaultCode => text.rsplit_once(':').map_or(text, |(_, l)| l),
             _ => text,
         };
-        let slot = self.slot(field);
-        if slot.is_none() {
+        if let Some(slot) = self.slot(field)
+            && slot.is_none()
+        {
             *slot = Some(text.to_string());
         }
     }
 
-    /// Where a field's text goes (`BackOff` is a number: see [`SoapReply::store`]).
-    fn slot(&mut self, field: Field) -> &mut Option<String> {
-        match field {
+    /// Where a field's text goes; `None` for `BackOff`, kept as a number.
+    fn slot(&mut self, field: Field) -> Option<&mut Option<String>> {
+        Some(match field {
             Field::ResponseCode => &mut self.response_code,
             Field::MessageText => &mut self.message_text,
             Field::FaultMessage => &mut self.fault_message,
             Field::FaultCode => &mut self.fault_code,
             Field::FaultString => &mut self.fault_string,
-            Field::InnerCode | Field::BackOff => &mut self.inner_code,
-        }
+            Field::InnerCode => &mut self.inner_code,
+            Field::BackOff => return None,
+        })
     }
 
     /// The EWS error code: the response code, else the fault code.
