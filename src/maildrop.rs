@@ -268,14 +268,14 @@ pub async fn watch(
 mod tests {
     use super::*;
     use crate::inbound::{Incoming, SinkError};
-    use std::sync::Mutex;
+    use parking_lot::Mutex;
 
     #[derive(Default)]
     struct Collect(Mutex<Vec<Incoming>>);
 
     impl Sink for Collect {
         fn accept(&self, msg: Incoming) -> crate::transport::BoxFuture<'_, Result<(), SinkError>> {
-            self.0.lock().unwrap().push(msg);
+            self.0.lock().push(msg);
             Box::pin(async { Ok(()) })
         }
     }
@@ -313,7 +313,7 @@ mod tests {
         let sink = Collect::default();
         let out = import_once(&md, &settings(), &sink).await;
         assert_eq!(out.len(), 3, "{out:?}");
-        let got = sink.0.lock().unwrap();
+        let got = sink.0.lock();
         assert_eq!(got.len(), 1);
         assert_eq!(got[0].rcpts, vec!["a@example.com"]);
         let body = String::from_utf8_lossy(&got[0].body);

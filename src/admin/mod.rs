@@ -13,6 +13,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use serde_json::json;
+use subtle::ConstantTimeEq;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, Secret};
@@ -189,18 +190,11 @@ fn authorized(state: &AdminState, headers: &HeaderMap) -> bool {
     token_matches(&state.token, given)
 }
 
-/// `given` equals the admin token (compared in constant time).
+/// `given` equals the admin token, compared in constant time (`subtle`) so
+/// the token cannot be guessed byte by byte. An empty token matches nothing.
 fn token_matches(token: &Secret, given: &str) -> bool {
     let want = token.expose().as_bytes();
-    let given = given.trim().as_bytes();
-    // Compare in constant time so the token cannot be guessed byte by byte.
-    want.len() == given.len()
-        && !want.is_empty()
-        && want
-            .iter()
-            .zip(given)
-            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-            == 0
+    !want.is_empty() && bool::from(want.ct_eq(given.trim().as_bytes()))
 }
 
 fn error(code: StatusCode, message: &str) -> Response {
@@ -331,4 +325,26 @@ async fn readyz(State(state): State<Arc<AdminState>>) -> Response {
         StatusCode::SERVICE_UNAVAILABLE
     };
     (code, Json(doc)).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_token_matches_only_itself() {
+        let t = Secret::new("s3cret-token");
+        assert!(token_matches(&t, "s3cret-token"));
+        assert!(token_matches(&t, " s3cret-token "));
+        for wrong in [
+            "",
+            "s3cret-toke",
+            "s3cret-token2",
+            "S3cret-token",
+            "x3cret-token",
+        ] {
+            assert!(!token_matches(&t, wrong), "{wrong}");
+        }
+        assert!(!token_matches(&Secret::new(""), ""));
+    }
 }

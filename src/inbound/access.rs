@@ -2,7 +2,9 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
 
 use crate::config::Listen;
 
@@ -71,7 +73,7 @@ impl PerIp {
     pub fn enter(self: &Arc<Self>, ip: IpAddr) -> Option<IpSlot> {
         let ip = ip.to_canonical();
         // A poisoned lock only means another task panicked mid-update of a counter.
-        let mut counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+        let mut counts = self.counts.lock();
         let n = counts.entry(ip).or_insert(0);
         if *n >= self.max {
             return None;
@@ -85,14 +87,14 @@ impl PerIp {
 
     /// Sessions currently counted for `ip`.
     pub fn count(&self, ip: IpAddr) -> usize {
-        let counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+        let counts = self.counts.lock();
         counts.get(&ip.to_canonical()).copied().unwrap_or(0)
     }
 }
 
 impl Drop for IpSlot {
     fn drop(&mut self) {
-        let mut counts = self.table.counts.lock().unwrap_or_else(|e| e.into_inner());
+        let mut counts = self.table.counts.lock();
         if let Some(n) = counts.get_mut(&self.ip) {
             *n = n.saturating_sub(1);
             if *n == 0 {
@@ -178,6 +180,6 @@ mod tests {
         assert!(t.enter(a).is_none());
         drop((s2, s3, s4));
         assert_eq!((t.count(a), t.count(b)), (0, 0));
-        assert!(t.counts.lock().unwrap().is_empty());
+        assert!(t.counts.lock().is_empty());
     }
 }

@@ -121,23 +121,31 @@ fn clean_address(addr: &str) -> String {
 
 /// Longest RFC 2047 encoded word (RFC 2047 §2).
 const MAX_ENCODED_WORD: usize = 75;
+/// Longest line holding an encoded word (RFC 2047 §2).
+const MAX_ENCODED_LINE: usize = 76;
+/// Longest field name (with `: `) a mailbox is written after (`Reply-To: `).
+const FIELD_NAME_ROOM: usize = 10;
+/// Text bytes in one encoded word: whole base64 groups, so that the word
+/// also fits on a line after the longest field name (64 characters).
+const WORD_TEXT_BYTES: usize = (MAX_ENCODED_LINE - FIELD_NAME_ROOM - ENCODED_WORD_FRAME) / 4 * 3;
+/// `=?utf-8?B?` and `?=`.
+const ENCODED_WORD_FRAME: usize = 12;
+const _: () = assert!(WORD_TEXT_BYTES / 3 * 4 + ENCODED_WORD_FRAME <= MAX_ENCODED_WORD);
 
-/// `name` as RFC 2047 `B` encoded words of at most 75 characters each,
-/// split on character boundaries and joined by folding white space.
+/// `name` as RFC 2047 `B` encoded words, each at most [`MAX_ENCODED_WORD`]
+/// characters, split on character boundaries (every word decodes to whole
+/// UTF-8 characters) and joined by folding white space.
 fn encode_words(name: &str) -> String {
     use base64::Engine;
-    // `=?utf-8?B?` + `?=` leave 63 characters: 60 of base64, 45 bytes of text.
-    const PREFIX: &str = "=?utf-8?B?";
-    let max_bytes = (MAX_ENCODED_WORD - PREFIX.len() - 2) / 4 * 3;
     let mut words = Vec::new();
     let mut start = 0;
     while start < name.len() {
-        let mut end = (start + max_bytes).min(name.len());
+        let mut end = (start + WORD_TEXT_BYTES).min(name.len());
         while !name.is_char_boundary(end) {
             end -= 1;
         }
         let b64 = base64::engine::general_purpose::STANDARD.encode(&name.as_bytes()[start..end]);
-        words.push(format!("{PREFIX}{b64}?="));
+        words.push(format!("=?utf-8?B?{b64}?="));
         start = end;
     }
     words.join("\r\n ")
@@ -147,6 +155,9 @@ fn encode_words(name: &str) -> String {
 /// is not ASCII. Never contains a control character other than the CR LF
 /// of folding white space between encoded words: the name goes through
 /// [`clean_display_name`] and the address loses controls, spaces and `<>`.
+/// A line with an encoded word stays within 76 characters after a field
+/// name up to `Reply-To: `: the address goes on a line of its own when it
+/// would not fit after the last word.
 pub fn format_mailbox(name: &str, addr: &str) -> String {
     let name = clean_display_name(name);
     let addr = clean_address(addr);
@@ -155,10 +166,21 @@ pub fn format_mailbox(name: &str, addr: &str) -> String {
     }
     if name.is_ascii() {
         let escaped = name.replace('\\', "\\\\").replace('"', "\\\"");
-        format!("\"{escaped}\" <{addr}>")
-    } else {
-        format!("{} <{addr}>", encode_words(&name))
+        return format!("\"{escaped}\" <{addr}>");
     }
+    let words = encode_words(&name);
+    let last = words.rsplit("\r\n").next().unwrap_or("");
+    let room = if words.len() == last.len() {
+        MAX_ENCODED_LINE - FIELD_NAME_ROOM
+    } else {
+        MAX_ENCODED_LINE
+    };
+    let sep = if last.len() + addr.len() + 3 > room {
+        "\r\n "
+    } else {
+        " "
+    };
+    format!("{words}{sep}<{addr}>")
 }
 
 /// Apply the seed's Sender Name / Reply to settings: when `reply_to` is set,
@@ -319,5 +341,76 @@ mod tests {
     fn display_names_are_quoted_or_encoded() {
         assert_eq!(format_mailbox("A \"B\"", "a@b"), "\"A \\\"B\\\"\" <a@b>");
         assert_eq!(format_mailbox("Zoë", "a@b"), "=?utf-8?B?Wm/Dqw==?= <a@b>");
+    }
+
+    /// The encoded words of a formatted mailbox, with the RFC 2047 §2
+    /// limits checked: words of at most 75 characters, each decoding to
+    /// whole UTF-8 characters, lines with a word (after `Reply-To: `) of at
+    /// most 76.
+    fn checked_words(formatted: &str) -> Vec<String> {
+        use base64::Engine;
+        let mut words = Vec::new();
+        for (i, line) in format!("Reply-To: {formatted}").split("\r\n").enumerate() {
+            assert!(i == 0 || line.starts_with(' '), "{line:?}");
+            assert!(!line.chars().any(char::is_control), "{line:?}");
+            for word in line.split(' ').filter(|w| w.starts_with("=?")) {
+                assert!(line.len() <= MAX_ENCODED_LINE, "{line:?}");
+                assert!(word.len() <= MAX_ENCODED_WORD, "{word}");
+                let b64 = word
+                    .strip_prefix("=?utf-8?B?")
+                    .and_then(|w| w.strip_suffix("?="))
+                    .unwrap_or_else(|| panic!("not a B word: {word}"));
+                let bytes = base64::engine::general_purpose::STANDARD
+                    .decode(b64)
+                    .unwrap();
+                words.push(String::from_utf8(bytes).expect("a word split a character"));
+            }
+        }
+        words
+    }
+
+    #[test]
+    fn encoded_words_fit_their_lines() {
+        // 39 bytes a word: 19 × "ë" (2 bytes) leave one byte, so the 20th
+        // moves to the next word whole, as a "😀" (4 bytes) does.
+        for name in [
+            "ë".repeat(40),
+            "€".repeat(30),
+            "a😀".repeat(20),
+            "Zoë".into(),
+        ] {
+            let out = format_mailbox(&name, "a@b");
+            assert_eq!(checked_words(&out).concat(), name);
+        }
+        // 13 × "€" (3 bytes) is one full word; a 14th starts the next.
+        assert_eq!(
+            checked_words(&format_mailbox(&"€".repeat(13), "a@b")).len(),
+            1
+        );
+        let words = checked_words(&format_mailbox(&"€".repeat(14), "a@b"));
+        assert_eq!(words, ["€".repeat(13), "€".into()]);
+        // A long address goes on a line of its own, off the word's line.
+        let addr = format!("{}@example.com", "x".repeat(60));
+        let out = format_mailbox("Zoë", &addr);
+        assert_eq!(out, format!("=?utf-8?B?Wm/Dqw==?=\r\n <{addr}>"));
+        checked_words(&out);
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn encoded_names_decode_back(
+            name in "(\\PC|[ \t\r\n\u{0}\u{7f}\u{85}]){0,120}",
+            local in "[a-z0-9.]{1,70}",
+        ) {
+            let addr = format!("{local}@example.com");
+            let out = format_mailbox(&name, &addr);
+            checked_words(&out);
+            let msg = format!("Reply-To: {out}\r\n\r\n");
+            let parsed = mail_parser::MessageParser::default().parse(msg.as_bytes()).unwrap();
+            let got = parsed.reply_to().and_then(|a| a.first()).unwrap();
+            let want = clean_display_name(&name);
+            proptest::prop_assert_eq!(got.name(), (!want.is_empty()).then_some(want.as_str()));
+            proptest::prop_assert_eq!(got.address(), Some(addr.as_str()));
+        }
     }
 }

@@ -1,7 +1,9 @@
 //! One token manager per identity (refresh ahead of expiry, one refresh in flight, rotation persisted, backoff, the re-consent state) and the registry that holds them for an upstream.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Weak};
+
+use parking_lot::Mutex;
 use std::time::Duration;
 
 use serde_json::json;
@@ -117,17 +119,13 @@ impl TokenManager {
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
     fn app_only(&self) -> bool {
         self.client.settings().flow == Flow::ClientCredentials
     }
 
     /// The held token if it is not due for refresh yet.
     fn fresh(&self) -> Option<Secret> {
-        let st = self.lock();
+        let st = self.state.lock();
         let a = st.access.as_ref()?;
         let margin = REFRESH_MARGIN.min(a.lifetime / 10);
         (Instant::now() + margin < a.expires).then(|| a.token.clone())
@@ -135,7 +133,7 @@ impl TokenManager {
 
     /// The held token if it has not expired (used when a refresh fails).
     fn still_valid(&self) -> Option<Secret> {
-        let st = self.lock();
+        let st = self.state.lock();
         let a = st.access.as_ref()?;
         (Instant::now() < a.expires).then(|| a.token.clone())
     }
@@ -167,7 +165,7 @@ impl TokenManager {
 
     /// Remember a failure: phase, backoff, and one log line per change of state.
     fn failed(&self, err: &TokenError, refused: Option<Secret>) {
-        let mut st = self.lock();
+        let mut st = self.state.lock();
         let (phase, wait) = match err {
             TokenError::Unavailable(_) => (Phase::Unavailable, st.next_backoff),
             TokenError::Config(_) => (Phase::Config, st.next_backoff),
@@ -212,7 +210,7 @@ impl TokenManager {
         let new_refresh = grant.refresh_token.clone().or(refresh_used);
         let lifetime = grant.expires_in.min(crate::oauth::flows::MAX_LIFETIME);
         {
-            let mut st = self.lock();
+            let mut st = self.state.lock();
             st.access = Some(Access {
                 token: grant.access_token,
                 // `Grant` is public: clamp here too, so no lifetime overflows.
@@ -277,7 +275,7 @@ impl TokenManager {
         // logout); read it before deciding what to do.
         let stored = self.read_store().await?;
         let refresh = {
-            let mut st = self.lock();
+            let mut st = self.state.lock();
             match stored {
                 Some(g) if !g.refresh_token.is_empty() => {
                     if st.refused.as_ref() == Some(&g.refresh_token) {
@@ -312,12 +310,12 @@ impl TokenManager {
             }
         };
         let Some(refresh) = refresh else {
-            let phase = self.lock().phase.clone();
+            let phase = self.state.lock().phase.clone();
             let err = if phase == Phase::ReconsentNeeded {
                 TokenError::ReconsentNeeded(format!(
                     "the sign-in of {} was refused ({}); run `mailbridge auth login`",
                     self.identity,
-                    self.lock().last_error.clone().unwrap_or_default()
+                    self.state.lock().last_error.clone().unwrap_or_default()
                 ))
             } else {
                 TokenError::ReconsentNeeded(format!(
@@ -360,7 +358,7 @@ impl TokenManager {
 
     /// `Err` while backing off after a failure (no call to the endpoint).
     async fn quiet_check(&self) -> Result<(), TokenError> {
-        let st = self.lock();
+        let st = self.state.lock();
         match (st.quiet_until, &st.quiet_error) {
             (Some(until), Some(e)) if Instant::now() < until => {
                 let wait = until - Instant::now();
@@ -391,7 +389,7 @@ impl TokenManager {
 
     /// Forget the in-memory tokens (after `auth logout`).
     pub fn forget(&self) {
-        let mut st = self.lock();
+        let mut st = self.state.lock();
         st.access = None;
         st.refresh = None;
         st.phase = Phase::NeedsLogin;
@@ -399,7 +397,7 @@ impl TokenManager {
 
     /// This identity's state for `GET /status`: never a token.
     pub fn status(&self) -> serde_json::Value {
-        let st = self.lock();
+        let st = self.state.lock();
         let expires = st.access.as_ref().map(|a| a.expires_unix);
         let retry_in = st
             .quiet_until
@@ -417,7 +415,7 @@ impl TokenManager {
 
     /// The current phase.
     pub fn phase(&self) -> Phase {
-        self.lock().phase.clone()
+        self.state.lock().phase.clone()
     }
 }
 
@@ -427,14 +425,14 @@ impl TokenSource for TokenManager {
     }
 
     fn invalidate(&self, rejected: &Secret) {
-        let mut st = self.lock();
+        let mut st = self.state.lock();
         if st.access.as_ref().is_some_and(|a| &a.token == rejected) {
             st.access = None;
         }
     }
 
     fn rejected(&self, why: &str) {
-        let mut st = self.lock();
+        let mut st = self.state.lock();
         let phase = if self.app_only() {
             Phase::Config
         } else {
@@ -495,7 +493,7 @@ impl Registry {
     /// in this process for the same settings, else a new one.
     pub fn shared(cfg: &Config, u: &Upstream) -> Result<Arc<Registry>, String> {
         let settings = Settings::from_upstream(cfg, u)?;
-        let mut all = REGISTRIES.lock().unwrap_or_else(|p| p.into_inner());
+        let mut all = REGISTRIES.lock();
         all.retain(|w| w.strong_count() > 0);
         if let Some(r) = all
             .iter()
@@ -543,7 +541,7 @@ impl Registry {
     /// client credentials every identity shares the one app-only token.
     pub fn manager(&self, identity: &str) -> Arc<TokenManager> {
         let key = self.key(identity);
-        let mut m = self.managers.lock().unwrap_or_else(|p| p.into_inner());
+        let mut m = self.managers.lock();
         m.entry(key.clone())
             .or_insert_with(|| {
                 Arc::new(TokenManager::new(
@@ -570,7 +568,7 @@ impl Registry {
         let pkce = Pkce::new();
         let state = flows::random_state();
         let url = flows::authorize_url(&self.settings, &state, &pkce.challenge, Some(&identity))?;
-        let mut p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        let mut p = self.pending.lock();
         p.retain(|_, l| l.started.elapsed() < LOGIN_TTL);
         while p.len() >= MAX_PENDING_LOGINS {
             let Some(oldest) = p
@@ -595,7 +593,7 @@ impl Registry {
 
     /// True when `state` belongs to a sign-in started here (and not expired).
     pub fn has_login(&self, state: &str) -> bool {
-        let p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        let p = self.pending.lock();
         p.get(state)
             .is_some_and(|l| l.started.elapsed() < LOGIN_TTL)
     }
@@ -605,7 +603,7 @@ impl Registry {
     /// Returns the identity signed in.
     pub async fn finish_login(&self, state: &str, code: &Secret) -> Result<String, String> {
         let login = {
-            let mut p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+            let mut p = self.pending.lock();
             p.remove(state)
         };
         let Some(login) = login.filter(|l| l.started.elapsed() < LOGIN_TTL) else {
@@ -623,7 +621,7 @@ impl Registry {
 
     /// Forget a pending sign-in (the provider answered `error=`).
     pub fn cancel_login(&self, state: &str) -> bool {
-        let mut p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        let mut p = self.pending.lock();
         p.remove(state).is_some()
     }
 
@@ -643,7 +641,7 @@ impl Registry {
             }
         }
         {
-            let m = self.managers.lock().unwrap_or_else(|p| p.into_inner());
+            let m = self.managers.lock();
             names.extend(m.keys().cloned());
         }
         names.sort();
@@ -655,7 +653,6 @@ impl Registry {
                 let existing = self
                     .managers
                     .lock()
-                    .unwrap_or_else(|p| p.into_inner())
                     .get(n)
                     .cloned();
                 match existing {

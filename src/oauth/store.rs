@@ -5,10 +5,10 @@
 //! the daemon's managers and the admin callback never lose each other's
 //! updates; the CLI (another process) writes only while signing in.
 
+use parking_lot::Mutex;
 use std::collections::BTreeMap;
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 
 use serde::{Deserialize, Serialize};
 
@@ -106,19 +106,19 @@ impl TokenStore {
 
     /// The grant stored for `identity`, if any.
     pub fn get(&self, identity: &str) -> io::Result<Option<StoredGrant>> {
-        let _g = LOCK.lock().unwrap_or_else(|p| p.into_inner());
+        let _g = LOCK.lock();
         Ok(self.read()?.identities.remove(identity))
     }
 
     /// Every stored grant, by identity.
     pub fn all(&self) -> io::Result<BTreeMap<String, StoredGrant>> {
-        let _g = LOCK.lock().unwrap_or_else(|p| p.into_inner());
+        let _g = LOCK.lock();
         Ok(self.read()?.identities)
     }
 
     /// Store (replace) the grant of `identity`.
     pub fn put(&self, identity: &str, grant: StoredGrant) -> io::Result<()> {
-        let _g = LOCK.lock().unwrap_or_else(|p| p.into_inner());
+        let _g = LOCK.lock();
         let mut file = self.read()?;
         file.version = 1;
         file.identities.insert(identity.to_string(), grant);
@@ -127,7 +127,7 @@ impl TokenStore {
 
     /// Forget `identity`; false when it was not stored.
     pub fn remove(&self, identity: &str) -> io::Result<bool> {
-        let _g = LOCK.lock().unwrap_or_else(|p| p.into_inner());
+        let _g = LOCK.lock();
         let mut file = self.read()?;
         let was = file.identities.remove(identity).is_some();
         if was {

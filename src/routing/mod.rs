@@ -1,6 +1,8 @@
 //! Chooses the server for each attempt: the primary first, the alternate when the primary is unreachable, and stays there until failback (the seed's "Secondary Mail Server for Outgoing Mails").
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
 
 use serde::Serialize;
 
@@ -82,10 +84,7 @@ impl Router {
 
     /// The current choice.
     pub fn state(&self) -> RouteState {
-        self.active
-            .lock()
-            .map(|g| g.1.clone())
-            .unwrap_or_else(|p| p.into_inner().1.clone())
+        self.active.lock().1.clone()
     }
 
     /// The configured servers, primary first.
@@ -97,14 +96,11 @@ impl Router {
     }
 
     fn active_index(&self) -> usize {
-        self.active.lock().map(|g| g.0).unwrap_or(0)
+        self.active.lock().0
     }
 
     fn switch(&self, to: usize, reason: String) {
-        let mut g = match self.active.lock() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        };
+        let mut g = self.active.lock();
         if g.0 == to {
             return;
         }

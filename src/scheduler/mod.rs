@@ -9,7 +9,9 @@ pub mod sink;
 pub use policy::{Next, Policy, apply};
 
 use std::collections::{BTreeSet, HashMap};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::Arc;
+
+use parking_lot::{Mutex, RwLock};
 use std::time::Duration;
 
 use serde::Serialize;
@@ -156,31 +158,18 @@ impl Scheduler {
 
     /// The router in use.
     pub fn router(&self) -> Arc<Router> {
-        self.shared
-            .router
-            .read()
-            .map(|r| r.clone())
-            .unwrap_or_else(|p| p.into_inner().clone())
+        self.shared.router.read().clone()
     }
 
     /// Replace the router and policy (configuration reload).
     pub fn reconfigure(&self, router: Arc<Router>, policy: Policy) {
-        if let Ok(mut r) = self.shared.router.write() {
-            *r = router;
-        }
-        if let Ok(mut p) = self.shared.policy.write() {
-            *p = policy;
-        }
+        *self.shared.router.write() = router;
+        *self.shared.policy.write() = policy;
     }
 
     /// Queue figures (counts may lag by up to half a second on a large queue).
     pub fn stats(&self) -> QueueStats {
-        let mut s = self
-            .shared
-            .stats
-            .lock()
-            .map(|s| s.clone())
-            .unwrap_or_default();
+        let mut s = self.shared.stats.lock().clone();
         if s.depth > 0 {
             s.oldest_age_secs = now_unix().saturating_sub(s.oldest_received_at);
         }
@@ -203,21 +192,13 @@ impl Scheduler {
     }
 
     fn policy(&self) -> Policy {
-        self.shared
-            .policy
-            .read()
-            .map(|p| p.clone())
-            .unwrap_or_else(|p| p.into_inner().clone())
+        self.shared.policy.read().clone()
     }
 }
 
 /// `retry_max` in seconds, from the current policy.
 fn retry_max_secs(shared: &Shared) -> u64 {
-    shared
-        .policy
-        .read()
-        .map(|p| p.retry_max.as_secs())
-        .unwrap_or(3600)
+    shared.policy.read().retry_max.as_secs()
 }
 
 /// Now plus `wait`, without overflowing (a far-off wait saturates at a year).
@@ -418,11 +399,7 @@ fn rescue(
     let Some(item) = items.get_mut(&id) else {
         return;
     };
-    let policy = shared
-        .policy
-        .read()
-        .map(|p| p.clone())
-        .unwrap_or_else(|p| p.into_inner().clone());
+    let policy = shared.policy.read().clone();
     item.meta.attempts += 1;
     item.meta.last_error = Some("the delivery attempt failed unexpectedly (internal error)".into());
     let delay = policy.backoff(item.meta.attempts);
@@ -453,10 +430,7 @@ const INLINE_IO_BYTES: u64 = 256 * 1024;
 const PUBLISH_EVERY: Duration = Duration::from_millis(500);
 
 fn publish_stats(shared: &Shared, items: &HashMap<String, Item>, in_flight: usize) {
-    let mut s = match shared.stats.lock() {
-        Ok(s) => s,
-        Err(p) => p.into_inner(),
-    };
+    let mut s = shared.stats.lock();
     s.depth = items.len();
     s.in_flight = in_flight;
     s.deferred = items

@@ -13,11 +13,11 @@
 
 pub mod meta;
 
+use parking_lot::{Condvar, Mutex};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 pub use meta::{Meta, Rcpt, RcptStatus};
@@ -174,12 +174,8 @@ struct SyncState {
 }
 
 impl DirSync {
-    fn lock(&self) -> std::sync::MutexGuard<'_, SyncState> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
     fn sync(&self, dir: &Path) -> io::Result<()> {
-        let mut st = self.lock();
+        let mut st = self.state.lock();
         st.issued += 1;
         let ticket = st.issued;
         loop {
@@ -192,7 +188,7 @@ impl DirSync {
                 let covers = st.issued;
                 drop(st);
                 let result = sync_dir(dir);
-                st = self.lock();
+                st = self.state.lock();
                 st.running = false;
                 if result.is_ok() {
                     st.synced = st.synced.max(covers);
@@ -201,7 +197,7 @@ impl DirSync {
                 // On failure the waiters run their own fsync and see their own result.
                 return result;
             }
-            st = self.done.wait(st).unwrap_or_else(|p| p.into_inner());
+            self.done.wait(&mut st);
         }
     }
 }
@@ -655,7 +651,7 @@ mod tests {
         for t in threads {
             t.join().unwrap();
         }
-        let st = s.queue_sync.state.lock().unwrap();
+        let st = s.queue_sync.state.lock();
         assert_eq!(st.issued, 160);
         assert_eq!(
             st.synced, 160,

@@ -2,7 +2,9 @@
 
 use std::time::Duration;
 
-use super::xml;
+use quick_xml::XmlVersion;
+use quick_xml::events::{BytesStart, Event};
+
 use super::{DEFAULT_BACKOFF, MAX_BACKOFF, clean};
 use crate::transport::{Enhanced, Failure, exchange_error_status};
 
@@ -24,61 +26,173 @@ const TRANSIENT_CODES: &[&str] = &[
 ];
 
 /// What a SOAP response says, by local element name (prefixes vary:
-/// `s:`/`soap:`, `m:`, `e:`, `a:`).
+/// `s:`/`soap:`, `m:`, `e:`, `a:`). Each text is the trimmed own text of
+/// the first such element.
 #[derive(Debug, Default, PartialEq, Eq)]
-pub(super) struct SoapReply {
+pub struct SoapReply {
     /// `ResponseClass` of the first `…ResponseMessage`.
-    response_class: Option<String>,
+    pub response_class: Option<String>,
     /// First `ResponseCode` (response message, or a fault's `detail`).
-    response_code: Option<String>,
-    /// `MessageText` (response message) or `Message` (fault detail).
-    message_text: Option<String>,
+    pub response_code: Option<String>,
+    /// `MessageText` (response message).
+    pub message_text: Option<String>,
+    /// `Message` (fault detail).
+    pub fault_message: Option<String>,
     /// `faultcode` without its prefix (`ErrorServerBusy`, `Client`, …).
-    fault_code: Option<String>,
+    pub fault_code: Option<String>,
     /// `faultstring`.
-    fault_string: Option<String>,
+    pub fault_string: Option<String>,
     /// `MessageXml/Value Name="BackOffMilliseconds"`.
-    back_off_ms: Option<u64>,
+    pub back_off_ms: Option<u64>,
     /// `MessageXml/Value Name="InnerErrorResponseCode"` (ErrorInternalServerError wraps ErrorServerBusy).
-    inner_code: Option<String>,
+    pub inner_code: Option<String>,
     /// True when an `Envelope` element was seen at all.
-    is_soap: bool,
+    pub is_soap: bool,
+}
+
+/// Deepest nesting read (an EWS answer nests about ten deep); a body nested
+/// deeper reads as no SOAP at all.
+pub const MAX_DEPTH: usize = 64;
+
+/// The elements whose text [`SoapReply`] keeps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Field {
+    ResponseCode,
+    MessageText,
+    FaultMessage,
+    FaultCode,
+    FaultString,
+    BackOff,
+    InnerCode,
 }
 
 impl SoapReply {
-    pub(super) fn parse(body: &[u8]) -> SoapReply {
+    /// Read a response body with `quick-xml` (sans-IO). Malformed XML is
+    /// read up to its first error: what was found before it counts, and
+    /// elements still open keep the text read so far.
+    pub fn parse(body: &[u8]) -> SoapReply {
         let text = String::from_utf8_lossy(body);
-        // Nested past the cap: read as no SOAP (classified by HTTP status).
-        let elements = xml::parse(&text).unwrap_or_default();
-        let first_text = |name: &str| {
-            elements
-                .iter()
-                .find(|e| e.name == name)
-                .map(|e| e.text.trim().to_string())
-        };
-        let value_named = |n: &str| {
-            elements
-                .iter()
-                .find(|e| e.name == "Value" && e.attr("Name") == Some(n))
-                .map(|e| e.text.trim().to_string())
-        };
-        SoapReply {
-            response_class: elements
-                .iter()
-                .find(|e| e.name.ends_with("ResponseMessage") && e.attr("ResponseClass").is_some())
-                .and_then(|e| e.attr("ResponseClass"))
-                .map(str::to_string),
-            response_code: first_text("ResponseCode"),
-            message_text: first_text("MessageText").or_else(|| first_text("Message")),
-            fault_code: first_text("faultcode").map(|c| match c.rsplit_once(':') {
-                Some((_, local)) => local.to_string(),
-                None => c,
-            }),
-            fault_string: first_text("faultstring"),
-            back_off_ms: value_named("BackOffMilliseconds").and_then(|v| v.parse().ok()),
-            inner_code: value_named("InnerErrorResponseCode"),
-            is_soap: elements.iter().any(|e| e.name == "Envelope"),
+        let mut reader = quick_xml::Reader::from_str(&text);
+        reader.config_mut().allow_dangling_amp = true;
+        let mut reply = SoapReply::default();
+        let mut depth = 0usize;
+        // Open elements whose text is kept: field, depth, text so far.
+        let mut open: Vec<(Field, usize, String)> = Vec::new();
+        while let Ok(event) = reader.read_event() {
+            let piece = match event {
+                Event::Start(e) => {
+                    depth += 1;
+                    if depth > MAX_DEPTH {
+                        return SoapReply::default();
+                    }
+                    if let Some(field) = reply.start(&e) {
+                        open.push((field, depth, String::new()));
+                    }
+                    continue;
+                }
+                Event::Empty(e) => {
+                    if let Some(field) = reply.start(&e) {
+                        reply.store(field, "");
+                    }
+                    continue;
+                }
+                Event::End(_) => {
+                    if let Some((field, _, text)) = open.pop_if(|(_, d, _)| *d == depth) {
+                        reply.store(field, &text);
+                    }
+                    depth = depth.saturating_sub(1);
+                    continue;
+                }
+                Event::Text(t) => t.xml10_content().into_owned(),
+                Event::CData(t) => t.xml10_content().into_owned(),
+                Event::GeneralRef(r) => match r.resolve_char_ref() {
+                    Ok(Some(c)) => c.to_string(),
+                    _ => match quick_xml::escape::resolve_predefined_entity(&r) {
+                        Some(s) => s.to_string(),
+                        // Unknown or invalid: kept as written.
+                        None => format!("&{};", &*r),
+                    },
+                },
+                Event::Eof => break,
+                _ => continue,
+            };
+            if let Some((_, _, text)) = open.last_mut().filter(|(_, d, _)| *d == depth) {
+                text.push_str(&piece);
+            }
         }
+        while let Some((field, _, text)) = open.pop() {
+            reply.store(field, &text);
+        }
+        reply
+    }
+
+    /// Note what an opening tag says; the field whose text to keep, if any
+    /// and not kept yet.
+    fn start(&mut self, e: &BytesStart<'_>) -> Option<Field> {
+        let attr = |name: &str| {
+            e.attributes()
+                .flatten()
+                .find(|a| a.key.local_name().as_ref() == name)
+                .and_then(|a| a.normalized_value(XmlVersion::Implicit1_0).ok())
+                .map(|v| v.into_owned())
+        };
+        let name = e.local_name();
+        let name = name.as_ref();
+        if name == "Envelope" {
+            self.is_soap = true;
+        }
+        if name.ends_with("ResponseMessage") && self.response_class.is_none() {
+            self.response_class = attr("ResponseClass");
+        }
+        let field = match name {
+            "ResponseCode" => Field::ResponseCode,
+            "MessageText" => Field::MessageText,
+            "Message" => Field::FaultMessage,
+            "faultcode" => Field::FaultCode,
+            "faultstring" => Field::FaultString,
+            "Value" => match attr("Name").as_deref() {
+                Some("BackOffMilliseconds") => Field::BackOff,
+                Some("InnerErrorResponseCode") => Field::InnerCode,
+                _ => return None,
+            },
+            _ => return None,
+        };
+        let kept = match self.slot(field) {
+            Some(text) => text.is_some(),
+            None => self.back_off_ms.is_some(),
+        };
+        (!kept).then_some(field)
+    }
+
+    /// Keep the text of a field's element, unless one came first.
+    fn store(&mut self, field: Field, text: &str) {
+        let text = text.trim();
+        let text = match field {
+            Field::BackOff => {
+                self.back_off_ms = self.back_off_ms.or(text.parse().ok());
+                return;
+            }
+            Field::FaultCode => text.rsplit_once(':').map_or(text, |(_, l)| l),
+            _ => text,
+        };
+        if let Some(slot) = self.slot(field)
+            && slot.is_none()
+        {
+            *slot = Some(text.to_string());
+        }
+    }
+
+    /// Where a field's text goes; `None` for `BackOff`, kept as a number.
+    fn slot(&mut self, field: Field) -> Option<&mut Option<String>> {
+        Some(match field {
+            Field::ResponseCode => &mut self.response_code,
+            Field::MessageText => &mut self.message_text,
+            Field::FaultMessage => &mut self.fault_message,
+            Field::FaultCode => &mut self.fault_code,
+            Field::FaultString => &mut self.fault_string,
+            Field::InnerCode => &mut self.inner_code,
+            Field::BackOff => return None,
+        })
     }
 
     /// The EWS error code: the response code, else the fault code.
@@ -112,6 +226,7 @@ pub(super) fn classify(
         let detail = soap
             .message_text
             .as_deref()
+            .or(soap.fault_message.as_deref())
             .or(soap.fault_string.as_deref())
             .map(clean)
             .unwrap_or_default();
@@ -289,6 +404,50 @@ mod tests {
         let f = classify(500, b"<s:Envelope><s:Body><s:Fault><faultcode>s:Client</faultcode><faultstring>bad</faultstring></s:Fault></s:Body></s:Envelope>", None).unwrap_err();
         assert!(f.fails_over() && f.text.contains("bad"), "{}", f.text);
     }
+    #[test]
+    fn the_reader_is_forgiving() {
+        let r = SoapReply::parse(
+            br#"<a:Envelope><m:X ResponseClass='Error'/><m:CreateItemResponseMessage p:ResponseClass="&quot;E&quot;"><!-- c --><m:MessageText><![CDATA[<raw>]]>t&#65;&#x42;&bogus; &amp; <b/>x</m:MessageText></m:CreateItemResponseMessage>"#,
+        );
+        assert!(r.is_soap);
+        assert_eq!(r.response_class.as_deref(), Some("\"E\""));
+        assert_eq!(r.message_text.as_deref(), Some("<raw>tAB&bogus; & x"));
+        // Truncated: an element still open keeps the text read so far.
+        let r = SoapReply::parse(b"<s:Envelope><s:Fault><faultcode>s:ErrorServerBusy");
+        assert_eq!(r.fault_code.as_deref(), Some("ErrorServerBusy"));
+        // After the first error nothing more is read.
+        let r = SoapReply::parse(b"<Envelope><faultcode>a</b><faultstring>x</faultstring>");
+        assert_eq!((r.fault_code.as_deref(), r.fault_string), (Some("a"), None));
+        for junk in [
+            "<",
+            "<a",
+            "<a b=\"",
+            "&",
+            "&#xFFFFFFFF;",
+            "</x>",
+            "<![CDATA[",
+            "<!--",
+            "<a:>",
+            "<é ü='ö'>ä</é>",
+        ] {
+            let _ = SoapReply::parse(junk.as_bytes());
+        }
+    }
+
+    #[test]
+    fn hostile_nesting_is_refused_and_closing_tags_stay_cheap() {
+        // 1 MiB of opening tags: refused at the cap, read as no SOAP.
+        let deep = "<Envelope>".repeat((1 << 20) / 10);
+        assert_eq!(SoapReply::parse(deep.as_bytes()), SoapReply::default());
+        // Exactly the cap is fine.
+        let ok = "<Envelope>".repeat(MAX_DEPTH) + &"</Envelope>".repeat(MAX_DEPTH);
+        assert!(SoapReply::parse(ok.as_bytes()).is_soap);
+        // A full stack, then 1 MiB of closing tags that match nothing: the
+        // first one ends the read.
+        let hostile = "<Envelope>".repeat(MAX_DEPTH) + &"</zz>".repeat((1 << 20) / 5);
+        assert!(SoapReply::parse(hostile.as_bytes()).is_soap);
+    }
+
     proptest::proptest! {
         #[test]
         fn classify_never_panics(body in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..400), status in 100u16..600) {

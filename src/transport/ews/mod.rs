@@ -7,7 +7,8 @@
 //! shared with Graph).
 //! The outcome is all-or-nothing: every recipient of the envelope shares it.
 //!
-//! Classification (UPSTREAMS.md §4.3), in `classify.rs` only:
+//! Classification (UPSTREAMS.md §4.3), in `classify.rs` only (the SOAP body
+//! read with `quick-xml`):
 //!
 //! * `ResponseClass="Success"` + `NoError` → delivered.
 //! * `ErrorServerBusy` (SOAP fault, HTTP 500 or 200, or as the inner error of
@@ -31,7 +32,6 @@
 mod classify;
 mod notice;
 mod soap;
-pub mod xml;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -44,6 +44,7 @@ use crate::oauth::TokenSource;
 use classify::classify;
 use soap::get_folder_request;
 
+pub use classify::{MAX_DEPTH, SoapReply};
 pub use notice::exchange_online_notice;
 pub use soap::create_item_request;
 

@@ -2,6 +2,7 @@
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
+use quick_xml::escape::escape as xml_escape;
 
 /// SOAP 1.1 envelope namespace.
 pub(super) const NS_SOAP: &str = "http://schemas.xmlsoap.org/soap/envelope/";
@@ -9,22 +10,6 @@ pub(super) const NS_SOAP: &str = "http://schemas.xmlsoap.org/soap/envelope/";
 pub(super) const NS_TYPES: &str = "http://schemas.microsoft.com/exchange/services/2006/types";
 /// EWS messages namespace (`m:`).
 pub(super) const NS_MESSAGES: &str = "http://schemas.microsoft.com/exchange/services/2006/messages";
-
-/// Escape text for an XML attribute value or element content.
-fn xml_escape(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for c in s.chars() {
-        match c {
-            '&' => out.push_str("&amp;"),
-            '<' => out.push_str("&lt;"),
-            '>' => out.push_str("&gt;"),
-            '"' => out.push_str("&quot;"),
-            '\'' => out.push_str("&apos;"),
-            c => out.push(c),
-        }
-    }
-    out
-}
 
 /// The SOAP envelope up to and including `<soap:Body>`.
 fn soap_head(out: &mut String, version: &str, impersonate: Option<&str>) {

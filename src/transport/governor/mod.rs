@@ -37,8 +37,10 @@
 //! request count undercounted by a few per message over 4 MB.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+
+use parking_lot::Mutex;
 use std::time::Duration;
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -261,10 +263,6 @@ pub struct Governor {
     throttled: AtomicU64,
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
 impl Governor {
     /// A governor enforcing `limits`.
     pub fn new(limits: Limits) -> Governor {
@@ -294,7 +292,7 @@ impl Governor {
     }
 
     fn gate(&self, key: &str) -> Arc<Gate> {
-        let mut gates = lock(&self.gates);
+        let mut gates = self.gates.lock();
         gates
             .entry(key.to_string())
             .or_insert_with(|| {
@@ -343,7 +341,7 @@ impl Governor {
             .then(|| Duration::from_secs(60) / self.limits.messages_per_minute);
         let start = loop {
             let wait = {
-                let mut st = lock(&gate.state);
+                let mut st = gate.state.lock();
                 let now = Instant::now();
                 if let Some(p) = st.paused_until.filter(|p| *p > now) {
                     p
@@ -374,7 +372,7 @@ impl Governor {
         tokio::time::sleep_until(start).await;
         // A throttling answer may have paused the key while we waited.
         loop {
-            let paused = lock(&gate.state).paused_until;
+            let paused = gate.state.lock().paused_until;
             match paused {
                 Some(p) if p > Instant::now() => tokio::time::sleep_until(p).await,
                 _ => break,
@@ -409,7 +407,7 @@ impl Governor {
     pub fn pause(&self, key: &str, wait: Duration) {
         let until = Instant::now() + wait.min(self.limits.max_pause);
         let gate = self.gate(key);
-        let mut st = lock(&gate.state);
+        let mut st = gate.state.lock();
         if st.paused_until.is_none_or(|p| p < until) {
             st.paused_until = Some(until);
         }
@@ -417,8 +415,8 @@ impl Governor {
 
     /// How long `key` is still paused, if it is.
     pub fn paused_for(&self, key: &str) -> Option<Duration> {
-        let gate = lock(&self.gates).get(key).cloned()?;
-        let p = lock(&gate.state).paused_until?;
+        let gate = self.gates.lock().get(key).cloned()?;
+        let p = gate.state.lock().paused_until?;
         let now = Instant::now();
         (p > now).then(|| p - now)
     }
@@ -439,9 +437,11 @@ impl Governor {
     /// Current figures.
     pub fn stats(&self) -> GovernorStats {
         let now = Instant::now();
-        let paused = lock(&self.gates)
+        let paused = self
+            .gates
+            .lock()
             .values()
-            .filter(|g| lock(&g.state).paused_until.is_some_and(|p| p > now))
+            .filter(|g| g.state.lock().paused_until.is_some_and(|p| p > now))
             .count() as u64;
         GovernorStats {
             in_flight: self.in_flight.load(Ordering::Relaxed),
@@ -556,7 +556,7 @@ mod tests {
             })
         }
         fn starts(&self) -> Vec<Instant> {
-            lock(&self.calls).iter().map(|c| c.0).collect()
+            self.calls.lock().iter().map(|c| c.0).collect()
         }
     }
 
@@ -566,13 +566,16 @@ mod tests {
         }
         fn deliver<'a>(&'a self, env: &'a Envelope, _: &'a [u8]) -> BoxFuture<'a, Delivery> {
             Box::pin(async move {
-                lock(&self.calls).push((Instant::now(), env.identity.clone()));
-                lock(&self.ids).push(env.id.clone());
+                self.calls
+                    .lock()
+                    .push((Instant::now(), env.identity.clone()));
+                self.ids.lock().push(env.id.clone());
                 let n = self.now.fetch_add(1, Ordering::SeqCst) + 1;
                 self.peak.fetch_max(n, Ordering::SeqCst);
                 tokio::time::sleep(self.latency).await;
                 self.now.fetch_sub(1, Ordering::SeqCst);
-                lock(&self.script)
+                self.script
+                    .lock()
                     .pop_front()
                     .unwrap_or_else(|| Ok(vec![Ok(()); env.rcpts.len()]))
             })
@@ -649,8 +652,11 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_429_pauses_every_request_of_the_mailbox() {
         let inner = Slow::new(100);
-        lock(&inner.script).push_back(Err(Failure::transient("Graph 429 TooManyRequests")
-            .with_not_before(Duration::from_secs(10))));
+        inner
+            .script
+            .lock()
+            .push_back(Err(Failure::transient("Graph 429 TooManyRequests")
+                .with_not_before(Duration::from_secs(10))));
         let g = Arc::new(Governed::new(
             inner.clone(),
             Limits::graph(1, "desk@contoso.com"),
@@ -670,7 +676,7 @@ mod tests {
         }
         assert_eq!(g.governor().stats().throttled, 1);
         // Another mailbox is not paused.
-        lock(&inner.script).push_back(Err(
+        inner.script.lock().push_back(Err(
             Failure::transient("429").with_not_before(Duration::from_secs(30))
         ));
         let _ = g.deliver(&env(None), b"m").await;
@@ -688,7 +694,7 @@ mod tests {
     async fn no_retry_storm_after_a_pause() {
         // 4 in flight, 20 waiting; the upstream throttles once for 30 s.
         let inner = Slow::new(1000);
-        lock(&inner.script).push_back(Err(
+        inner.script.lock().push_back(Err(
             Failure::transient("429").with_not_before(Duration::from_secs(30))
         ));
         let g = Arc::new(Governed::new(inner.clone(), Limits::graph(4, "k")));
@@ -888,7 +894,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_throttled_message_is_held_and_goes_first_when_the_pause_ends() {
         let inner = Slow::new(100);
-        lock(&inner.script).push_back(Err(Failure::throttled(
+        inner.script.lock().push_back(Err(Failure::throttled(
             "Graph 429 TooManyRequests",
             Duration::from_secs(10),
         )));
@@ -911,7 +917,7 @@ mod tests {
         }
         assert!(first.await.unwrap().is_ok(), "held, then delivered");
         while later.join_next().await.is_some() {}
-        let ids = lock(&inner.ids).clone();
+        let ids = inner.ids.lock().clone();
         assert_eq!(ids, ["first", "first", "later0", "later1", "later2"]);
         let starts: Vec<Duration> = inner.starts().iter().map(|t| *t - t0).collect();
         // Retried the moment the pause ended (0.1 s + 10 s), the others after it.
@@ -923,7 +929,10 @@ mod tests {
     async fn holding_gives_up_after_the_configured_retries() {
         let inner = Slow::new(10);
         for _ in 0..10 {
-            lock(&inner.script).push_back(Err(Failure::throttled("429", Duration::from_secs(5))));
+            inner
+                .script
+                .lock()
+                .push_back(Err(Failure::throttled("429", Duration::from_secs(5))));
         }
         let g = Arc::new(Governed::new(inner.clone(), Limits::graph(4, "k")));
         let r = g.deliver(&env_n("m", 1), b"m").await;
@@ -931,7 +940,7 @@ mod tests {
         assert_eq!(inner.starts().len(), 1 + HOLD_RETRIES as usize);
         // Not throttling (a plain transient failure with a wait): not held.
         let inner = Slow::new(10);
-        lock(&inner.script).push_back(Err(
+        inner.script.lock().push_back(Err(
             Failure::transient("503").with_not_before(Duration::from_secs(5))
         ));
         let g = Arc::new(Governed::new(inner.clone(), Limits::graph(4, "k")));

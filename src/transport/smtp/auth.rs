@@ -10,7 +10,7 @@ use super::reply::Reply;
 use super::{SmtpTransport, printable};
 use crate::config::Secret;
 use crate::oauth::{IdentityTokens, TokenSource};
-use crate::transport::{Envelope, Failure};
+use crate::transport::{Enhanced, Envelope, Failure};
 
 /// How we authenticate to the upstream.
 #[derive(Clone)]
@@ -145,13 +145,13 @@ pub enum AuthVerdict {
 
 /// Classify the final reply of an AUTH exchange (sans-IO).
 pub(super) fn classify_auth(reply: &Reply) -> AuthVerdict {
-    let enhanced = |prefix: &str| reply.lines.iter().any(|l| l.starts_with(prefix));
+    let enhanced = reply.enhanced;
     match reply.code {
         c if c / 100 == 2 => AuthVerdict::Accepted,
-        535 if reply.lines.iter().any(|l| l.contains("5.7.139")) => AuthVerdict::Disabled,
+        535 if enhanced == Some(Enhanced::new(5, 7, 139)) => AuthVerdict::Disabled,
         500 | 501 | 502 | 504 => AuthVerdict::Protocol,
         535 => AuthVerdict::Rejected,
-        c if c / 100 == 5 && enhanced("5.7.") => AuthVerdict::Rejected,
+        c if c / 100 == 5 && enhanced.is_some_and(|e| e.subject == 7) => AuthVerdict::Rejected,
         c if c / 100 == 4 => AuthVerdict::Transient,
         _ => AuthVerdict::Protocol,
     }
@@ -556,6 +556,19 @@ mod tests {
             ]),
             AuthVerdict::Disabled
         );
+        // The code where it is defined, not anywhere in the text.
+        assert_eq!(
+            v(&[
+                "535-Authentication unsuccessful\r\n",
+                "535 5.7.139 disabled\r\n"
+            ]),
+            AuthVerdict::Disabled
+        );
+        assert_eq!(
+            v(&["535 Authentication failed, see 5.7.139\r\n"]),
+            AuthVerdict::Rejected
+        );
+        assert_eq!(v(&["554 4.7.1 odd class\r\n"]), AuthVerdict::Protocol);
         assert_eq!(
             v(&["454 4.7.0 Temporary authentication failure\r\n"]),
             AuthVerdict::Transient

@@ -236,7 +236,7 @@ impl SmtpTransport {
 fn refusal(conn: &Conn, reply: &Reply, stage: &str) -> Failure {
     let f = conn
         .classified(reply, stage)
-        .with_reply(reply.code, reply.enhanced());
+        .with_reply(reply.code, reply.enhanced);
     if reply.is_throttling() {
         let wait = f.not_before.unwrap_or(THROTTLE_WAIT);
         f.as_throttling().with_not_before(wait)

@@ -1,6 +1,8 @@
 //! The pool of idle, authenticated SMTP connections, and the task that closes expired ones.
 
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Weak};
+
+use parking_lot::Mutex;
 use std::time::{Duration, Instant};
 
 use super::conn::Conn;
@@ -25,16 +27,10 @@ struct PoolState {
 }
 
 impl Pool {
-    fn lock(&self) -> std::sync::MutexGuard<'_, PoolState> {
-        self.state
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
-
     /// The most recently used live connection authenticated as `user`
     /// (`None`: not authenticated with XOAUTH2), if any.
     pub(super) fn take(&self, user: Option<&str>) -> Option<Conn> {
-        let mut state = self.lock();
+        let mut state = self.state.lock();
         state
             .idle
             .retain(|(_, since)| since.elapsed() < POOL_IDLE_TIME);
@@ -47,7 +43,7 @@ impl Pool {
 
     /// Keep `conn` for reuse if there is room; start the reaper if needed.
     pub(super) fn put(pool: &Arc<Pool>, conn: Conn) {
-        let mut state = pool.lock();
+        let mut state = pool.state.lock();
         state
             .idle
             .retain(|(_, since)| since.elapsed() < POOL_IDLE_TIME);
@@ -70,7 +66,7 @@ async fn reap(pool: Weak<Pool>) {
     loop {
         tokio::time::sleep(POOL_IDLE_TIME / 4).await;
         let Some(pool) = pool.upgrade() else { return };
-        let mut state = pool.lock();
+        let mut state = pool.state.lock();
         state
             .idle
             .retain(|(_, since)| since.elapsed() < POOL_IDLE_TIME);

@@ -13,24 +13,20 @@ const MAX_REPLY_TEXT: usize = 1000;
 pub(super) struct Reply {
     /// Three-digit code, 200..=599.
     pub(super) code: u16,
+    /// The RFC 2034 enhanced status code, parsed once here: the first that
+    /// opens a line's text with a class agreeing with the code (`550 5.1.1 …`).
+    pub(super) enhanced: Option<Enhanced>,
     /// Text of each line, without code and separator, control characters replaced.
     pub(super) lines: Vec<String>,
 }
 
 impl Reply {
-    /// The RFC 2034 enhanced status code that opens the reply's text, when
-    /// there is one and its class agrees with the reply code (`550 5.1.1 …`).
-    pub(super) fn enhanced(&self) -> Option<Enhanced> {
-        let first = self.lines.first()?.split(' ').next()?;
-        Enhanced::parse(first).filter(|e| u16::from(e.class) == self.code / 100)
-    }
-
     /// True for Exchange Online's "too many connections for this mailbox"
     /// (`432 4.3.2 STOREDRV.ClientSubmit; sender thread limit exceeded`)
     /// and other `4.3.2`-with-`4xx` replies that the mailbox's budget, not
     /// the message, caused.
     pub(super) fn is_throttling(&self) -> bool {
-        self.code / 100 == 4 && self.enhanced() == Some(Enhanced::new(4, 3, 2))
+        self.code / 100 == 4 && self.enhanced == Some(Enhanced::new(4, 3, 2))
     }
 
     /// `550 5.7.60 text ...`: the code and all lines, on one line.
@@ -56,6 +52,7 @@ impl Reply {
 #[derive(Debug, Default)]
 pub(super) struct ReplyParser {
     code: Option<u16>,
+    enhanced: Option<Enhanced>,
     lines: Vec<String>,
 }
 
@@ -88,15 +85,22 @@ impl ReplyParser {
         if self.lines.len() >= MAX_REPLY_LINES {
             return Err(format!("more than {MAX_REPLY_LINES} reply lines"));
         }
-        let text = raw.get(4..).unwrap_or_default();
+        let text = printable(String::from_utf8_lossy(raw.get(4..).unwrap_or_default()).trim());
         self.code = Some(code);
-        self.lines
-            .push(printable(String::from_utf8_lossy(text).trim()));
+        if self.enhanced.is_none() {
+            self.enhanced = text
+                .split(' ')
+                .next()
+                .and_then(Enhanced::parse)
+                .filter(|e| u16::from(e.class) == code / 100);
+        }
+        self.lines.push(text);
         if more {
             return Ok(None);
         }
         Ok(Some(Reply {
             code,
+            enhanced: self.enhanced.take(),
             lines: std::mem::take(&mut self.lines),
         }))
     }
@@ -205,18 +209,24 @@ mod tests {
     fn enhanced_status_codes() {
         let one = |l: &str| parse(&[l]).unwrap().unwrap();
         assert_eq!(
-            one("550 5.1.1 <bad@x>: user unknown").enhanced(),
+            one("550 5.1.1 <bad@x>: user unknown").enhanced,
             Some(Enhanced::new(5, 1, 1))
         );
         assert_eq!(
-            one("554 5.2.0 STOREDRV.Submission.Exception:SendAsDeniedException").enhanced(),
+            one("554 5.2.0 STOREDRV.Submission.Exception:SendAsDeniedException").enhanced,
             Some(Enhanced::new(5, 2, 0))
         );
         // Class must agree with the reply code; no code at all is fine.
-        assert_eq!(one("550 4.1.1 odd").enhanced(), None);
-        assert_eq!(one("550 user unknown").enhanced(), None);
-        assert_eq!(one("550").enhanced(), None);
-        assert_eq!(one("550 5.1.1.1 x").enhanced(), None);
+        assert_eq!(one("550 4.1.1 odd").enhanced, None);
+        assert_eq!(one("550 user unknown").enhanced, None);
+        assert_eq!(one("550").enhanced, None);
+        assert_eq!(one("550 5.1.1.1 x").enhanced, None);
+        // Only where a code belongs: at the start of a line's text.
+        assert_eq!(one("535 see 5.7.139 for help").enhanced, None);
+        let r = parse(&["550-mx.example says:\r\n", "550 5.7.1 relay denied\r\n"]);
+        assert_eq!(r.unwrap().unwrap().enhanced, Some(Enhanced::new(5, 7, 1)));
+        let r = parse(&["550-5.1.1 first\r\n", "550 5.7.1 second\r\n"]);
+        assert_eq!(r.unwrap().unwrap().enhanced, Some(Enhanced::new(5, 1, 1)));
         assert!(
             one("432 4.3.2 STOREDRV.ClientSubmit; sender thread limit exceeded").is_throttling()
         );
