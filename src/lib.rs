@@ -8,6 +8,7 @@
 pub mod address;
 pub mod admin;
 pub mod cli;
+pub mod common;
 pub mod config;
 pub mod http;
 pub mod inbound;
@@ -31,7 +32,8 @@ use anyhow::Context;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use config::{Config, Secret};
+use common::Secret;
+use config::Config;
 
 /// The admin token: the configured one, else the one in `<spool>/admin.token`,
 /// created (mode 0600) when `create` is true and it does not exist yet.
@@ -52,9 +54,9 @@ pub fn admin_token(cfg: &Config, create: bool) -> std::io::Result<Secret> {
                 .map(|_| format!("{:02x}", rand::random::<u8>()))
                 .collect();
             if let Some(dir) = path.parent() {
-                spool::create_private_dir(dir)?;
+                common::fs::create_private_dir(dir)?;
             }
-            spool::write_atomic(&path, token.as_bytes())?;
+            common::fs::write_atomic(&path, token.as_bytes())?;
             Ok(Secret::new(token))
         }
     }

@@ -1,9 +1,9 @@
 //! The admin endpoint's protections, over real loopback sockets: the token on `/status`, `421` for a foreign `Host` (DNS rebinding), the header-read timeout and the connection cap.
 
+use mailbridge::common::Secret;
+use mailbridge::config::Config;
 use std::sync::Arc;
 use std::time::Duration;
-
-use mailbridge::config::{Config, Secret};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;

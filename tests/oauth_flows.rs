@@ -9,7 +9,8 @@ use common::fake_oauth::{
     ADMIN_TOKEN, CLIENT_SECRET, DeviceStep, FakeOAuth, LogCapture, RefreshError, Shape,
     oauth_config,
 };
-use mailbridge::config::{Config, Secret};
+use mailbridge::common::Secret;
+use mailbridge::config::Config;
 use mailbridge::oauth::flows::{LoginError, Settings};
 use mailbridge::oauth::store::{StoredGrant, TokenStore};
 use mailbridge::oauth::{Registry, TokenError, TokenSource};

@@ -8,7 +8,8 @@ use std::sync::Arc;
 use common::fake_oauth::{ADMIN_TOKEN, CLIENT_SECRET, FakeOAuth, LogCapture, Shape, oauth_config};
 use common::fake_smtp::{FakeConfig, FakeSmtp, Fault, Stage, XOAuth2Style};
 use mailbridge::cli::auth::{AuthAction, auth_command, hash_password};
-use mailbridge::config::{Config, Secret};
+use mailbridge::common::Secret;
+use mailbridge::config::Config;
 use mailbridge::oauth::flows::Settings;
 use mailbridge::oauth::store::{StoredGrant, TokenStore};
 

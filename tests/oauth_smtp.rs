@@ -12,7 +12,8 @@ use common::fake_oauth::{
     ADMIN_TOKEN, CLIENT_SECRET, FakeOAuth, LogCapture, RefreshError, Shape, oauth_config,
 };
 use common::fake_smtp::{FakeConfig, FakeSmtp, Fault, Stage, XOAuth2Style};
-use mailbridge::config::{Config, HostPort, Proxy, Secret};
+use mailbridge::common::Secret;
+use mailbridge::config::{Config, HostPort, Proxy};
 use mailbridge::oauth::flows::Settings;
 use mailbridge::oauth::store::{StoredGrant, TokenStore};
 use mailbridge::oauth::{IdentityTokens, Registry};

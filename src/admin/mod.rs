@@ -7,6 +7,10 @@ pub mod server;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use crate::common::Secret;
+use crate::config::Config;
+use crate::oauth::Registry;
+use crate::scheduler::Scheduler;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -14,10 +18,6 @@ use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
-
-use crate::config::{Config, Secret};
-use crate::oauth::Registry;
-use crate::scheduler::Scheduler;
 
 /// What the handlers need.
 #[derive(Clone)]

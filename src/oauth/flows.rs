@@ -11,7 +11,8 @@ use sha2::Digest as _;
 use super::TokenError;
 use super::assertion::{self, ClientCertificate};
 use super::provider::{self, Endpoints, Resource};
-use crate::config::{Config, Flow, Provider, Proxy, Secret, Upstream};
+use crate::common::Secret;
+use crate::config::{Config, Flow, Provider, Proxy, Upstream};
 
 /// Largest token or device endpoint answer read (they are a few KiB).
 const MAX_TOKEN_RESPONSE: usize = 1 << 20;

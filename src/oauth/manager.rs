@@ -10,8 +10,9 @@ use tokio::time::Instant;
 use super::flows::{self, Grant, LoginError, Pkce, Settings, TokenClient};
 use super::store::{StoredGrant, TokenStore};
 use super::{IdentityTokens, TokenError, TokenSource};
-use crate::config::{Config, Flow, Secret, Upstream};
-use crate::transport::BoxFuture;
+use crate::common::BoxFuture;
+use crate::common::Secret;
+use crate::config::{Config, Flow, Upstream};
 
 /// Refresh when less than this remains (or a tenth of the lifetime, if shorter).
 const REFRESH_MARGIN: Duration = Duration::from_secs(300);

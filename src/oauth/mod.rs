@@ -6,10 +6,10 @@ pub mod manager;
 pub mod provider;
 pub mod store;
 
+use crate::common::BoxFuture;
+use crate::common::Secret;
+use crate::config::Config;
 use std::sync::Arc;
-
-use crate::config::{Config, Secret};
-use crate::transport::BoxFuture;
 
 pub use manager::{Registry, TokenManager};
 

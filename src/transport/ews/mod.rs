@@ -38,8 +38,10 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::{BoxFuture, Delivery, Envelope, Failure, Transport};
-use crate::config::{Proxy, Secret};
+use super::{Delivery, Envelope, Failure, Transport};
+use crate::common::BoxFuture;
+use crate::common::Secret;
+use crate::config::Proxy;
 use crate::oauth::TokenSource;
 use classify::classify;
 use soap::get_folder_request;
