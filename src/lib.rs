@@ -108,7 +108,10 @@ pub async fn run(
         tracing::error!(file = %c.name, reason = %c.reason, dir = %spool_dir.join("corrupt").display(), "moved unreadable spool entry aside");
     }
     tracing::info!(messages = loaded.len(), spool = %spool_dir.display(), "spool loaded");
-    let router = Arc::new(routing::from_config(&cfg).map_err(|e| anyhow::anyhow!(e))?);
+    // One set of OAuth registries for the process: routing, the admin
+    // endpoint and each reload share one token manager per identity.
+    let oauth = Arc::new(oauth::Registries::new());
+    let router = Arc::new(routing::from_config(&cfg, &oauth).map_err(|e| anyhow::anyhow!(e))?);
     for n in cfg.notices() {
         tracing::warn!("{n}");
     }
@@ -155,7 +158,8 @@ pub async fn run(
                 token,
                 started: std::time::SystemTime::now(),
             });
-            let extras = admin::Extras::from_config(&cfg).map_err(|e| anyhow::anyhow!(e))?;
+            let extras =
+                admin::Extras::from_config(&cfg, &oauth).map_err(|e| anyhow::anyhow!(e))?;
             Some(tokio::spawn(admin::serve_with(
                 l,
                 state,
@@ -171,8 +175,14 @@ pub async fn run(
         cfg.upstream.failback_probe_secs,
         shutdown.clone(),
     ));
-    let reload_task =
-        config_path.map(|p| tokio::spawn(reload_on_sighup(p, sched.clone(), shutdown.clone())));
+    let reload_task = config_path.map(|p| {
+        tokio::spawn(reload_on_sighup(
+            p,
+            sched.clone(),
+            oauth.clone(),
+            shutdown.clone(),
+        ))
+    });
 
     notify_systemd("READY=1");
     shutdown.cancelled().await;
@@ -223,7 +233,12 @@ async fn failback_probe(sched: scheduler::Scheduler, secs: u64, shutdown: Cancel
 
 /// Re-read the configuration on SIGHUP: new upstream settings take effect
 /// for the next attempt, and the route returns to the primary.
-async fn reload_on_sighup(path: PathBuf, sched: scheduler::Scheduler, shutdown: CancellationToken) {
+async fn reload_on_sighup(
+    path: PathBuf,
+    sched: scheduler::Scheduler,
+    oauth: Arc<oauth::Registries>,
+    shutdown: CancellationToken,
+) {
     use tokio::signal::unix::{SignalKind, signal};
     let Ok(mut hup) = signal(SignalKind::hangup()) else {
         tracing::warn!("cannot listen for SIGHUP; reload disabled");
@@ -234,11 +249,11 @@ async fn reload_on_sighup(path: PathBuf, sched: scheduler::Scheduler, shutdown: 
             _ = shutdown.cancelled() => return,
             r = hup.recv() => if r.is_none() { return },
         }
-        reload(&path, &sched);
+        reload(&path, &sched, &oauth);
     }
 }
 
-fn reload(path: &Path, sched: &scheduler::Scheduler) {
+fn reload(path: &Path, sched: &scheduler::Scheduler, oauth: &oauth::Registries) {
     let cfg = match Config::load(path) {
         Ok(c) => c,
         Err(e) => {
@@ -246,7 +261,7 @@ fn reload(path: &Path, sched: &scheduler::Scheduler) {
             return;
         }
     };
-    match routing::from_config(&cfg) {
+    match routing::from_config(&cfg, oauth) {
         Ok(router) => {
             sched.reconfigure(Arc::new(router), scheduler::Policy::from_config(&cfg));
             tracing::info!(config = %path.display(), "configuration reloaded; route reset to the primary (listen and spool changes need a restart)");

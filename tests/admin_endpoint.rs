@@ -27,7 +27,9 @@ async fn start() -> (
     let shutdown = CancellationToken::new();
     let (spool, loaded, _) =
         mailbridge::spool::Spool::open(&cfg.path(&cfg.spool.path), 100).unwrap();
-    let router = Arc::new(mailbridge::routing::from_config(&cfg).unwrap());
+    // Routing and the admin endpoint share the OAuth identities, as in `run`.
+    let oauth = mailbridge::oauth::Registries::new();
+    let router = Arc::new(mailbridge::routing::from_config(&cfg, &oauth).unwrap());
     let (sched, _task) = mailbridge::scheduler::Scheduler::start(
         Arc::new(spool),
         router,
@@ -42,7 +44,7 @@ async fn start() -> (
     });
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let extras = mailbridge::admin::Extras::from_config(&cfg).unwrap();
+    let extras = mailbridge::admin::Extras::from_config(&cfg, &oauth).unwrap();
     let task = tokio::spawn(mailbridge::admin::serve_with(
         listener,
         state,

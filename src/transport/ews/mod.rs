@@ -29,7 +29,6 @@
 //! `MimeContentUTF8` for SMTPUTF8 messages.
 
 mod classify;
-mod notice;
 mod soap;
 pub mod xml;
 
@@ -46,7 +45,6 @@ use crate::oauth::TokenSource;
 use classify::classify;
 use soap::get_folder_request;
 
-pub use notice::exchange_online_notice;
 pub use soap::create_item_request;
 
 /// Classify one HTTP answer to a `CreateItem` exactly as the transport does
