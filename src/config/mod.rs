@@ -351,5 +351,4 @@ mod tests {
             assert!(e.contains(want), "{vars:?} gave {e}");
         }
     }
-
 }

@@ -33,7 +33,10 @@ impl Config {
             if u.protocol == Protocol::Ews && u.resolved.ews_exchange_online {
                 let host = url::Url::parse(u.connect_url.trim())
                     .ok()
-                    .and_then(|url| url.host_str().map(|h| h.trim_end_matches('.').to_ascii_lowercase()))
+                    .and_then(|url| {
+                        url.host_str()
+                            .map(|h| h.trim_end_matches('.').to_ascii_lowercase())
+                    })
                     .unwrap_or_default();
                 out.push(format!(
                     "{key}.connect_url: {}",
@@ -43,7 +46,10 @@ impl Config {
             if matches!(u.protocol, Protocol::Smtp | Protocol::Smtps)
                 && u.requires_auth
                 && u.auth == AuthKind::Basic
-                && u.resolved.server.as_ref().is_some_and(|s| s.exchange_online)
+                && u.resolved
+                    .server
+                    .as_ref()
+                    .is_some_and(|s| s.exchange_online)
             {
                 out.push(format!(
                     "{key}: Exchange Online disables SMTP Basic authentication by default from the end of December 2026; use auth = \"oauth\""
@@ -106,13 +112,19 @@ mod tests {
             "{n}"
         );
         assert_eq!(n.matches("connect_url").count(), 1, "{n}");
-        assert!(n.contains("1 October 2026") && n.contains("1 April 2027"), "{n}");
+        assert!(
+            n.contains("1 October 2026") && n.contains("1 April 2027"),
+            "{n}"
+        );
         assert!(n.contains("\"graph\"") && n.contains("\"smtp\""), "{n}");
         let gov = notices(
             &format!("{EWS}connect_url = \"https://OUTLOOK.office365.us./EWS/Exchange.asmx\"\n"),
             d(2026, 11, 1),
         );
-        assert!(gov[0].contains("outlook.office365.us is") && gov[0].contains("since 1 October 2026"), "{gov:?}");
+        assert!(
+            gov[0].contains("outlook.office365.us is") && gov[0].contains("since 1 October 2026"),
+            "{gov:?}"
+        );
         let gone = notices(
             &format!("{EWS}connect_url = \"https://outlook.office.com/EWS/Exchange.asmx\"\n"),
             d(2027, 4, 1),
@@ -128,14 +140,29 @@ mod tests {
     #[test]
     fn smtp_basic_to_exchange_online_and_remote_admin() {
         let smtp = "[upstream]\nprotocol = \"smtp\"\nrequires_auth = true\nusername = \"u@contoso.com\"\npassword = \"pw\"\n";
-        let n = notices(&format!("{smtp}server = \"SMTP.office365.com\"\n"), d(2026, 5, 1));
+        let n = notices(
+            &format!("{smtp}server = \"SMTP.office365.com\"\n"),
+            d(2026, 5, 1),
+        );
         assert_eq!(n.len(), 1, "{n:?}");
-        assert!(n[0].starts_with("upstream: Exchange Online disables SMTP Basic"), "{n:?}");
-        assert!(notices(&format!("{smtp}server = \"mail.contoso.com\"\n"), d(2026, 5, 1)).is_empty());
+        assert!(
+            n[0].starts_with("upstream: Exchange Online disables SMTP Basic"),
+            "{n:?}"
+        );
+        assert!(
+            notices(
+                &format!("{smtp}server = \"mail.contoso.com\"\n"),
+                d(2026, 5, 1)
+            )
+            .is_empty()
+        );
         let n = notices(
             "[admin]\naddress = \"0.0.0.0:8025\"\nallow_remote = true\n",
             d(2026, 5, 1),
         );
-        assert!(n.len() == 1 && n[0].starts_with("admin.address: 0.0.0.0:8025"), "{n:?}");
+        assert!(
+            n.len() == 1 && n[0].starts_with("admin.address: 0.0.0.0:8025"),
+            "{n:?}"
+        );
     }
 }

@@ -149,7 +149,6 @@ pub fn default_scope(o: &OAuth, resource: Resource) -> Option<String> {
     }
 }
 
-
 /// An upstream table's OAuth settings as validation resolved them: what a
 /// token manager needs beyond the table's own keys.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -247,8 +246,12 @@ pub(super) fn resolve(
     } else {
         o.scope.trim().to_string()
     };
-    let client_certificate = (!o.client_certificate_file.is_empty())
-        .then(|| (base.join(&o.client_certificate_file), base.join(&o.client_key_file)));
+    let client_certificate = (!o.client_certificate_file.is_empty()).then(|| {
+        (
+            base.join(&o.client_certificate_file),
+            base.join(&o.client_key_file),
+        )
+    });
     Ok(Some(OAuthSettings {
         endpoints: endpoints(o),
         scope,
@@ -394,4 +397,3 @@ mod tests {
         assert_eq!(Resource::for_protocol(Protocol::File), None);
     }
 }
-

@@ -195,11 +195,20 @@ mod tests {
         ] {
             assert!(is_exchange_online(h), "{h}");
         }
-        for h in ["mail.contoso.com", "notoffice365.com", "office365.com.evil.example", ""] {
+        for h in [
+            "mail.contoso.com",
+            "notoffice365.com",
+            "office365.com.evil.example",
+            "",
+        ] {
             assert!(!is_exchange_online(h), "{h}");
         }
-        assert!(is_exchange_online_url("https://outlook.office365.com/EWS/Exchange.asmx"));
-        assert!(!is_exchange_online_url("https://mail.contoso.com/EWS/Exchange.asmx"));
+        assert!(is_exchange_online_url(
+            "https://outlook.office365.com/EWS/Exchange.asmx"
+        ));
+        assert!(!is_exchange_online_url(
+            "https://mail.contoso.com/EWS/Exchange.asmx"
+        ));
         assert!(!is_exchange_online_url("not a url"));
     }
 
@@ -209,8 +218,14 @@ mod tests {
         assert_eq!(p.addr.port, 587);
         assert!(p.exchange_online);
         let a = a.unwrap();
-        assert_eq!((a.addr.host.as_str(), a.addr.port, a.exchange_online), ("::1", 26, false));
-        assert_eq!(Resolved::servers("a", "b c", 25).unwrap_err().0, "alternate_server");
+        assert_eq!(
+            (a.addr.host.as_str(), a.addr.port, a.exchange_online),
+            ("::1", 26, false)
+        );
+        assert_eq!(
+            Resolved::servers("a", "b c", 25).unwrap_err().0,
+            "alternate_server"
+        );
         assert_eq!(Resolved::servers("", "", 25).unwrap_err().0, "server");
     }
 }

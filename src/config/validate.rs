@@ -61,12 +61,13 @@ impl Config {
             }
         }
         if !l.implicit_tls_address.is_empty() {
-            self.sockets.implicit_tls = Some(l.implicit_tls_address.parse::<SocketAddr>().map_err(|_| {
-                bad(
-                    "listen.implicit_tls_address",
-                    format!("`{}` is not an `ip:port` address", l.implicit_tls_address),
-                )
-            })?);
+            self.sockets.implicit_tls =
+                Some(l.implicit_tls_address.parse::<SocketAddr>().map_err(|_| {
+                    bad(
+                        "listen.implicit_tls_address",
+                        format!("`{}` is not an `ip:port` address", l.implicit_tls_address),
+                    )
+                })?);
             if l.tls_cert.is_empty() {
                 return Err(bad(
                     "listen.implicit_tls_address",
@@ -218,7 +219,10 @@ fn validate_upstream(
             }
             if u.protocol == Protocol::Smtp && !u.tls && u.requires_auth && !u.allow_plaintext_auth
             {
-                for (k, s) in [("server", Some(&server)), ("alternate_server", alternate.as_ref())] {
+                for (k, s) in [
+                    ("server", Some(&server)),
+                    ("alternate_server", alternate.as_ref()),
+                ] {
                     let Some(s) = s else { continue };
                     if !is_loopback_host(&s.addr.host) {
                         return Err(bad(
@@ -331,4 +335,3 @@ fn validate_upstream(
     }
     Ok(())
 }
-

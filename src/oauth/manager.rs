@@ -451,3 +451,7 @@ impl TokenSource for TokenManager {
         self.identity.clone()
     }
 }
+
+#[cfg(test)]
+#[path = "manager_tests.rs"]
+mod tests;

@@ -20,7 +20,6 @@ pub fn scope_on_refresh(provider: Provider) -> bool {
     provider != Provider::Gmail
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -295,3 +295,72 @@ impl Registries {
         Ok(out)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(dir: &std::path::Path, client_id: &str, flow: &str) -> Config {
+        let text = format!(
+            "[spool]\npath = \"{}\"\n[upstream]\nprotocol = \"smtp\"\nserver = \"smtp.office365.com\"\nrequires_auth = true\nauth = \"oauth\"\nusername = \"A@contoso.com\"\n[upstream.oauth]\nclient_id = \"{client_id}\"\nclient_secret = \"s\"\nflow = \"{flow}\"\n",
+            dir.display()
+        );
+        Config::from_toml(&text, "t.toml", dir).unwrap()
+    }
+
+    #[test]
+    fn registries_share_equal_settings_and_let_unused_ones_go() {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let dir = tempfile::tempdir().unwrap();
+        let all = Registries::new();
+        let a = cfg(dir.path(), "cid", "authorization_code");
+        let r1 = all.shared(&a, &a.upstream).unwrap();
+        let r2 = all.shared(&a, &a.upstream).unwrap();
+        assert!(Arc::ptr_eq(&r1, &r2));
+        // Another set of registries (another process, a test) shares nothing.
+        assert!(!Arc::ptr_eq(
+            &r1,
+            &Registries::new().shared(&a, &a.upstream).unwrap()
+        ));
+        let b = cfg(dir.path(), "other", "authorization_code");
+        let r3 = all.shared(&b, &b.upstream).unwrap();
+        assert!(!Arc::ptr_eq(&r1, &r3));
+        let listed = all.for_config(&a).unwrap();
+        assert_eq!(listed.len(), 1);
+        assert_eq!(listed[0].0, "upstream");
+        assert!(Arc::ptr_eq(&listed[0].1, &r1));
+        drop((r1, r2, r3, listed));
+        // Nothing holds them any more: the next ask builds a new one.
+        let r4 = all.shared(&a, &a.upstream).unwrap();
+        assert_eq!(
+            all.live
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|w| w.strong_count() > 0)
+                .count(),
+            1
+        );
+        drop(r4);
+    }
+
+    #[test]
+    fn managers_by_identity_and_one_app_identity() {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let dir = tempfile::tempdir().unwrap();
+        let all = Registries::new();
+        let a = cfg(dir.path(), "cid", "authorization_code");
+        let r = all.shared(&a, &a.upstream).unwrap();
+        assert!(Arc::ptr_eq(&r.manager(""), &r.manager("a@CONTOSO.com")));
+        assert!(!Arc::ptr_eq(&r.manager(""), &r.manager("b@contoso.com")));
+        assert_eq!(r.manager("").identity(), "a@contoso.com");
+        let app = cfg(dir.path(), "cid", "client_credentials");
+        let r = all.shared(&app, &app.upstream).unwrap();
+        assert!(Arc::ptr_eq(
+            &r.manager("x@contoso.com"),
+            &r.manager("y@contoso.com")
+        ));
+        assert_eq!(r.manager("").identity(), APP_IDENTITY);
+        assert!(r.start_login(None).is_err());
+    }
+}
