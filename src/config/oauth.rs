@@ -396,4 +396,77 @@ mod tests {
         assert_eq!(Resource::for_protocol(Protocol::Ews), Some(Resource::Ews));
         assert_eq!(Resource::for_protocol(Protocol::File), None);
     }
+
+    fn load(text: &str) -> Result<crate::config::Config, String> {
+        crate::config::Config::from_toml(text, "t.toml", Path::new("/etc/mb"))
+            .map_err(|e| e.to_string())
+    }
+
+    const SMTP_OAUTH: &str = "[spool]\npath = \"/var/spool/mb\"\n[upstream]\nprotocol = \"smtp\"\nserver = \"smtp.office365.us\"\nrequires_auth = true\nauth = \"oauth\"\nusername = \"a@contoso.us\"\n[upstream.oauth]\n";
+
+    #[test]
+    fn validation_resolves_endpoints_scope_and_store_once() {
+        let c = load(&format!(
+            "{SMTP_OAUTH}client_id = \"cid\"\ncloud = \"usgov\"\ntenant = \"contoso.us\"\n"
+        ))
+        .unwrap();
+        let r = c.upstream.resolved.oauth.clone().unwrap();
+        assert_eq!(
+            r.endpoints.token,
+            "https://login.microsoftonline.us/contoso.us/oauth2/v2.0/token"
+        );
+        assert_eq!(
+            r.scope,
+            "https://outlook.office365.us/SMTP.Send offline_access"
+        );
+        assert_eq!(r.store, PathBuf::from("/var/spool/mb/oauth-tokens.json"));
+        assert_eq!(r.client_certificate, None);
+        assert!(c.upstream.resolved.server.as_ref().unwrap().exchange_online);
+        // A configured scope wins (trimmed); Basic tables resolve no OAuth.
+        let c = load(&format!(
+            "{SMTP_OAUTH}client_id = \"cid\"\nscope = \" custom.scope \"\n"
+        ))
+        .unwrap();
+        assert_eq!(c.upstream.resolved.oauth.unwrap().scope, "custom.scope");
+        let basic = load("[upstream]\nprotocol = \"smtp\"\nserver = \"a\"\nrequires_auth = true\nusername = \"u\"\npassword = \"p\"\n").unwrap();
+        assert_eq!(basic.upstream.resolved.oauth, None);
+    }
+
+    #[test]
+    fn the_oauth_rules_name_their_key() {
+        let cases = [
+            ("", "upstream.oauth.client_id"),
+            (
+                "provider = \"gmail\"\nflow = \"client_credentials\"\nclient_secret = \"s\"\n",
+                "upstream.oauth.scope",
+            ),
+            (
+                "flow = \"client_credentials\"\n",
+                "upstream.oauth.client_secret",
+            ),
+            ("provider = \"custom\"\n", "upstream.oauth.token_url"),
+            (
+                "client_key_file = \"k.pem\"\n",
+                "upstream.oauth.client_key_file",
+            ),
+            (
+                "token_url = \"http://login.example/t\"\n",
+                "upstream.oauth.token_url",
+            ),
+            (
+                "redirect_url = \"ftp://x\"\n",
+                "upstream.oauth.redirect_url",
+            ),
+            ("token_store = \"\"\n", "upstream.oauth.token_store"),
+        ];
+        for (extra, key) in cases {
+            let id = if extra.is_empty() {
+                ""
+            } else {
+                "client_id = \"cid\"\n"
+            };
+            let e = load(&format!("{SMTP_OAUTH}{id}{extra}")).unwrap_err();
+            assert!(e.contains(&format!(": {key}: ")), "{extra:?} gave {e}");
+        }
+    }
 }
