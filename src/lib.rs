@@ -8,6 +8,7 @@
 pub mod address;
 pub mod admin;
 pub mod cli;
+pub mod common;
 pub mod config;
 pub mod http;
 pub mod inbound;
@@ -32,7 +33,8 @@ use anyhow::Context;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use config::{Config, Secret};
+use common::Secret;
+use config::Config;
 
 /// The admin token: the configured one, else the one in `<spool>/admin.token`,
 /// created (mode 0600) when `create` is true and it does not exist yet.
@@ -53,9 +55,9 @@ pub fn admin_token(cfg: &Config, create: bool) -> std::io::Result<Secret> {
                 .map(|_| format!("{:02x}", rand::random::<u8>()))
                 .collect();
             if let Some(dir) = path.parent() {
-                spool::create_private_dir(dir)?;
+                common::fs::create_private_dir(dir)?;
             }
-            spool::write_atomic(&path, token.as_bytes())?;
+            common::fs::write_atomic(&path, token.as_bytes())?;
             Ok(Secret::new(token))
         }
     }
@@ -107,7 +109,10 @@ pub async fn run(
         tracing::error!(file = %c.name, reason = %c.reason, dir = %spool_dir.join("corrupt").display(), "moved unreadable spool entry aside");
     }
     tracing::info!(messages = loaded.len(), spool = %spool_dir.display(), "spool loaded");
-    let router = Arc::new(routing::from_config(&cfg).map_err(|e| anyhow::anyhow!(e))?);
+    // One set of OAuth registries for the process: routing, the admin
+    // endpoint and each reload share one token manager per identity.
+    let oauth = Arc::new(oauth::Registries::new());
+    let router = Arc::new(routing::from_config(&cfg, &oauth).map_err(|e| anyhow::anyhow!(e))?);
     for n in cfg.notices() {
         tracing::warn!("{n}");
     }
@@ -144,7 +149,7 @@ pub async fn run(
         shutdown.clone(),
     ));
 
-    let reloader = config_path.map(|p| reload::Reloader::new(p, sched.clone()));
+    let reloader = config_path.map(|p| reload::Reloader::new(p, sched.clone(), oauth.clone()));
     let admin_task = match listeners.admin {
         Some(l) => {
             let token =
@@ -156,7 +161,8 @@ pub async fn run(
                 started: std::time::SystemTime::now(),
                 reloader: reloader.clone(),
             });
-            let extras = admin::Extras::from_config(&cfg).map_err(|e| anyhow::anyhow!(e))?;
+            let extras =
+                admin::Extras::from_config(&cfg, &oauth).map_err(|e| anyhow::anyhow!(e))?;
             Some(tokio::spawn(admin::serve_with(
                 l,
                 state,

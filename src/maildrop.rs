@@ -274,7 +274,7 @@ mod tests {
     struct Collect(Mutex<Vec<Incoming>>);
 
     impl Sink for Collect {
-        fn accept(&self, msg: Incoming) -> crate::transport::BoxFuture<'_, Result<(), SinkError>> {
+        fn accept(&self, msg: Incoming) -> crate::common::BoxFuture<'_, Result<(), SinkError>> {
             self.0.lock().push(msg);
             Box::pin(async { Ok(()) })
         }

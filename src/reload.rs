@@ -8,7 +8,7 @@ use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
-use crate::{routing, scheduler};
+use crate::{oauth, routing, scheduler};
 
 /// What a reload did.
 #[derive(Debug, Clone, Default)]
@@ -23,12 +23,18 @@ pub struct ReloadReport {
 pub struct Reloader {
     path: PathBuf,
     sched: scheduler::Scheduler,
+    oauth: Arc<oauth::Registries>,
 }
 
 impl Reloader {
-    /// A reloader for the file at `path`, applying to `sched`.
-    pub fn new(path: PathBuf, sched: scheduler::Scheduler) -> Reloader {
-        Reloader { path, sched }
+    /// A reloader for the file at `path`, applying to `sched`; OAuth
+    /// identities stay in `oauth`, shared with routing and the admin endpoint.
+    pub fn new(
+        path: PathBuf,
+        sched: scheduler::Scheduler,
+        oauth: Arc<oauth::Registries>,
+    ) -> Reloader {
+        Reloader { path, sched, oauth }
     }
 
     /// The configuration file this reloader reads.
@@ -40,7 +46,7 @@ impl Reloader {
     /// names the key at fault.
     pub fn reload(&self) -> Result<ReloadReport, String> {
         let cfg = Config::load(&self.path).map_err(|e| e.to_string())?;
-        let router = routing::from_config(&cfg)?;
+        let router = routing::from_config(&cfg, &self.oauth)?;
         self.sched
             .reconfigure(Arc::new(router), scheduler::Policy::from_config(&cfg));
         Ok(ReloadReport::default())

@@ -1,9 +1,9 @@
 //! The admin endpoint's protections, over real loopback sockets: the token on `/status`, `421` for a foreign `Host` (DNS rebinding), the header-read timeout and the connection cap.
 
+use mailbridge::common::Secret;
+use mailbridge::config::Config;
 use std::sync::Arc;
 use std::time::Duration;
-
-use mailbridge::config::{Config, Secret};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
@@ -27,7 +27,9 @@ async fn start() -> (
     let shutdown = CancellationToken::new();
     let (spool, loaded, _) =
         mailbridge::spool::Spool::open(&cfg.path(&cfg.spool.path), 100).unwrap();
-    let router = Arc::new(mailbridge::routing::from_config(&cfg).unwrap());
+    // Routing and the admin endpoint share the OAuth identities, as in `run`.
+    let oauth = mailbridge::oauth::Registries::new();
+    let router = Arc::new(mailbridge::routing::from_config(&cfg, &oauth).unwrap());
     let (sched, _task) = mailbridge::scheduler::Scheduler::start(
         Arc::new(spool),
         router,
@@ -43,7 +45,7 @@ async fn start() -> (
     });
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let extras = mailbridge::admin::Extras::from_config(&cfg).unwrap();
+    let extras = mailbridge::admin::Extras::from_config(&cfg, &oauth).unwrap();
     let task = tokio::spawn(mailbridge::admin::serve_with(
         listener,
         state,

@@ -9,12 +9,14 @@ use std::time::Duration;
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
 use common::fake_ews::{FakeAuth, FakeEws, NS_MESSAGES, NS_SOAP, NS_TYPES, PATH, Reply};
-use mailbridge::config::{Proxy, Secret};
+use mailbridge::common::BoxFuture;
+use mailbridge::common::Secret;
+use mailbridge::config::Proxy;
 use mailbridge::oauth::{StaticToken, TokenError, TokenSource};
 use mailbridge::transport::ews::{
     DEFAULT_BACKOFF, DEFAULT_SERVER_VERSION, EwsAuth, EwsSettings, EwsTransport,
 };
-use mailbridge::transport::{BoxFuture, Delivery, Envelope, Failure, Scope, Severity, Transport};
+use mailbridge::transport::{Delivery, Envelope, Failure, Scope, Severity, Transport};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 

@@ -56,7 +56,7 @@ fn private_modes_under_umask_0() {
         .put(
             "a@contoso.com",
             StoredGrant {
-                refresh_token: mailbridge::config::Secret::new("rt-secret"),
+                refresh_token: mailbridge::common::Secret::new("rt-secret"),
                 ..Default::default()
             },
         )

@@ -9,14 +9,14 @@ use std::time::Duration;
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
 use common::fake_graph::{FakeGraph, GraphConfig, Reply};
-use mailbridge::config::{LargeMessages, Secret};
+use mailbridge::common::BoxFuture;
+use mailbridge::common::Secret;
+use mailbridge::config::LargeMessages;
 use mailbridge::oauth::{IdentityTokens, StaticToken, TokenError, TokenSource};
 use mailbridge::routing::Router;
 use mailbridge::transport::governor::{Governed, Limits};
 use mailbridge::transport::graph::{GraphSettings, GraphTransport};
-use mailbridge::transport::{
-    BoxFuture, Delivery, Enhanced, Envelope, Failure, Scope, Severity, Transport,
-};
+use mailbridge::transport::{Delivery, Enhanced, Envelope, Failure, Scope, Severity, Transport};
 
 const MSG: &str = "From: Help Desk <desk@contoso.com>\r\nTo: Boss <boss@example.com>\r\nSubject: Ticket 42\r\nMessage-ID: <42@desk>\r\n\r\nHello.\r\n";
 

@@ -9,7 +9,8 @@ use common::fake_oauth::{
     ADMIN_TOKEN, CLIENT_SECRET, DeviceStep, FakeOAuth, LogCapture, RefreshError, Shape,
     oauth_config,
 };
-use mailbridge::config::{Config, Secret};
+use mailbridge::common::Secret;
+use mailbridge::config::Config;
 use mailbridge::oauth::flows::{LoginError, Settings};
 use mailbridge::oauth::store::{StoredGrant, TokenStore};
 use mailbridge::oauth::{Registry, TokenError, TokenSource};
@@ -71,7 +72,9 @@ async fn start_admin(
     let shutdown = tokio_util::sync::CancellationToken::new();
     let spool_dir = cfg.path(&cfg.spool.path);
     let (spool, loaded, _) = mailbridge::spool::Spool::open(&spool_dir, 100).unwrap();
-    let router = Arc::new(mailbridge::routing::from_config(cfg).unwrap());
+    // Routing and the admin endpoint share the OAuth identities, as in `run`.
+    let oauth = mailbridge::oauth::Registries::new();
+    let router = Arc::new(mailbridge::routing::from_config(cfg, &oauth).unwrap());
     let (sched, sched_task) = mailbridge::scheduler::Scheduler::start(
         Arc::new(spool),
         router,
@@ -85,7 +88,7 @@ async fn start_admin(
         started: std::time::SystemTime::now(),
         reloader: None,
     });
-    let extras = mailbridge::admin::Extras::from_config(cfg).unwrap();
+    let extras = mailbridge::admin::Extras::from_config(cfg, &oauth).unwrap();
     let admin = tokio::spawn(mailbridge::admin::serve_with(
         listener,
         state,
@@ -594,7 +597,10 @@ async fn client_credentials_with_a_certificate() {
     // Certificate and key that do not match: refused when the settings are built.
     let dir3 = tempfile::tempdir().unwrap();
     let cfg3 = cert_cfg(dir3.path(), "client-cert.pem", "other-key.pem");
-    let e3 = mailbridge::oauth::registries(&cfg3).err().unwrap();
+    let e3 = mailbridge::oauth::Registries::new()
+        .for_config(&cfg3)
+        .err()
+        .unwrap();
     assert!(e3.starts_with("upstream.oauth.client_key_file:"), "{e3}");
 
     let mut secrets = all_secrets(&fake);

@@ -8,7 +8,8 @@ use std::sync::Arc;
 use common::fake_oauth::{ADMIN_TOKEN, CLIENT_SECRET, FakeOAuth, LogCapture, Shape, oauth_config};
 use common::fake_smtp::{FakeConfig, FakeSmtp, Fault, Stage, XOAuth2Style};
 use mailbridge::cli::auth::{AuthAction, auth_command, hash_password};
-use mailbridge::config::{Config, Secret};
+use mailbridge::common::Secret;
+use mailbridge::config::Config;
 use mailbridge::oauth::flows::Settings;
 use mailbridge::oauth::store::{StoredGrant, TokenStore};
 
@@ -38,7 +39,9 @@ async fn start_admin(cfg: &Config, listener: tokio::net::TcpListener) -> Admin {
     let base = format!("http://{}", listener.local_addr().unwrap());
     let (spool, loaded, _) =
         mailbridge::spool::Spool::open(&cfg.path(&cfg.spool.path), 100).unwrap();
-    let router = Arc::new(mailbridge::routing::from_config(cfg).unwrap());
+    // Routing and the admin endpoint share the OAuth identities, as in `run`.
+    let oauth = mailbridge::oauth::Registries::new();
+    let router = Arc::new(mailbridge::routing::from_config(cfg, &oauth).unwrap());
     let (sched, sched_task) = mailbridge::scheduler::Scheduler::start(
         Arc::new(spool),
         router,
@@ -52,7 +55,7 @@ async fn start_admin(cfg: &Config, listener: tokio::net::TcpListener) -> Admin {
         started: std::time::SystemTime::now(),
         reloader: None,
     });
-    let extras = mailbridge::admin::Extras::from_config(cfg).unwrap();
+    let extras = mailbridge::admin::Extras::from_config(cfg, &oauth).unwrap();
     let admin = tokio::spawn(mailbridge::admin::serve_with(
         listener,
         state,

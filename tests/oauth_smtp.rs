@@ -12,7 +12,8 @@ use common::fake_oauth::{
     ADMIN_TOKEN, CLIENT_SECRET, FakeOAuth, LogCapture, RefreshError, Shape, oauth_config,
 };
 use common::fake_smtp::{FakeConfig, FakeSmtp, Fault, Stage, XOAuth2Style};
-use mailbridge::config::{Config, HostPort, Proxy, Secret};
+use mailbridge::common::Secret;
+use mailbridge::config::{Config, HostPort, Proxy};
 use mailbridge::oauth::flows::Settings;
 use mailbridge::oauth::store::{StoredGrant, TokenStore};
 use mailbridge::oauth::{IdentityTokens, Registry};
@@ -407,7 +408,8 @@ async fn smtp_and_token_endpoint_through_an_http_proxy() {
     };
     signed_in(&cfg, &oauth, USER, "rt-initial-smtp-07");
     // The router builds the transport exactly as `run` does.
-    let router = mailbridge::routing::from_config(&cfg).unwrap();
+    let router =
+        mailbridge::routing::from_config(&cfg, &mailbridge::oauth::Registries::new()).unwrap();
     let d = router.deliver(&envelope(None), MESSAGE).await.result;
     assert!(matches!(&d, Ok(r) if r.iter().all(Result::is_ok)), "{d:?}");
     let heads = proxy.heads();

@@ -3,10 +3,11 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use mailbridge::common::BoxFuture;
 use mailbridge::routing::Router;
 use mailbridge::scheduler::{Policy, Scheduler};
 use mailbridge::spool::{Meta, Spool};
-use mailbridge::transport::{BoxFuture, Delivery, Envelope, Failure, Transport};
+use mailbridge::transport::{Delivery, Envelope, Failure, Transport};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 

@@ -7,7 +7,8 @@ use std::time::{Duration, Instant};
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
 use common::fake_smtp::{FakeConfig, FakeSmtp, Fault, Security, Stage};
-use mailbridge::config::{HostPort, Secret};
+use mailbridge::common::Secret;
+use mailbridge::config::HostPort;
 use mailbridge::transport::smtp::{SmtpAuth, SmtpSettings, SmtpTransport};
 use mailbridge::transport::{Delivery, Envelope, Failure, Scope, Severity, Transport};
 

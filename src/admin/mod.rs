@@ -7,6 +7,10 @@ pub mod server;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use crate::common::Secret;
+use crate::config::Config;
+use crate::oauth::{Registries, Registry};
+use crate::scheduler::Scheduler;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -15,10 +19,6 @@ use axum::{Json, Router};
 use serde_json::json;
 use subtle::ConstantTimeEq;
 use tokio_util::sync::CancellationToken;
-
-use crate::config::{Config, Secret};
-use crate::oauth::Registry;
-use crate::scheduler::Scheduler;
 
 /// What the handlers need.
 #[derive(Clone)]
@@ -51,13 +51,13 @@ pub struct Extras {
 }
 
 impl Extras {
-    /// The extras a configuration asks for (the OAuth registries are the
-    /// ones routing uses, see [`crate::oauth::registries`]).
-    pub fn from_config(cfg: &Config) -> Result<Extras, String> {
+    /// The extras a configuration asks for, with its OAuth registries taken
+    /// from `oauth` (the set routing uses, so both see the same identities).
+    pub fn from_config(cfg: &Config, oauth: &Registries) -> Result<Extras, String> {
         let hostname = cfg.effective_hostname();
         let mailbox = cfg.upstream.effective_mailbox();
         Ok(Extras {
-            oauth: crate::oauth::registries(cfg)?,
+            oauth: oauth.for_config(cfg)?,
             send_test_wait: Duration::from_secs(cfg.upstream.timeout_secs.max(1) * 2),
             send_test_from: if mailbox.is_empty() {
                 format!("mailbridge@{hostname}")

@@ -8,7 +8,7 @@ use axum::response::{Html, IntoResponse, Response};
 use serde::Deserialize;
 
 use super::Ctx;
-use crate::config::Secret;
+use crate::common::Secret;
 
 /// `POST /oauth/start` parameters (the query string; the token is a header).
 #[derive(Deserialize, Default)]

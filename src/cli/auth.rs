@@ -78,7 +78,7 @@ fn registry_for(cfg: &Config, alternate: bool) -> Result<(&'static str, Arc<Regi
     } else {
         ("upstream", &cfg.upstream)
     };
-    if !crate::oauth::uses_oauth(u) {
+    if !u.uses_oauth() {
         return Err(bad_config(format!(
             "{label} does not use OAuth (set requires_auth = true and auth = \"oauth\")"
         )));

@@ -183,13 +183,10 @@ pub(super) fn validate(cfg: &Config) -> Result<(), Bad> {
     check_log_level(&cfg.log_level).map_err(|m| bad("log_level", m))?;
     let users = !cfg.users.is_empty();
     for (key, addr) in [
-        ("listen.address", &cfg.listen.address),
-        (
-            "listen.implicit_tls_address",
-            &cfg.listen.implicit_tls_address,
-        ),
+        ("listen.address", cfg.sockets.listen),
+        ("listen.implicit_tls_address", cfg.sockets.implicit_tls),
     ] {
-        if let Ok(a) = addr.parse::<SocketAddr>() {
+        if let Some(a) = addr {
             check_exposure(a, &cfg.listen, users).map_err(|m| {
                 let m = m
                     .strip_prefix("listen.allow_clients: ")
@@ -238,8 +235,7 @@ fn check_upstream(cfg: &Config, prefix: &str, u: &Upstream) -> Result<(), Bad> {
         count_pem_certificates(&cfg.base_dir.join(&u.tls_ca_file))
             .map_err(|m| bad(&key("tls_ca_file"), m))?;
     }
-    let uses_oauth = u.requires_auth && u.auth == AuthKind::Oauth && u.protocol != Protocol::File;
-    if uses_oauth && u.oauth.flow == Flow::AuthorizationCode {
+    if u.uses_oauth() && u.oauth.flow == Flow::AuthorizationCode {
         check_redirect(cfg, &key("oauth.redirect_url"), &u.oauth.redirect_url)?;
     }
     Ok(())
@@ -264,7 +260,7 @@ fn check_redirect(cfg: &Config, key: &str, redirect: &str) -> Result<(), Bad> {
             format!("`{redirect}` must end in /oauth/callback (the admin endpoint's callback)"),
         ));
     }
-    let Ok(admin) = cfg.admin.address.parse::<SocketAddr>() else {
+    let Some(admin) = cfg.sockets.admin else {
         // No admin endpoint: the browser sign-in is off (`auth login --device` still works).
         return Ok(());
     };
@@ -292,7 +288,7 @@ fn check_admin(cfg: &Config) -> Result<(), Bad> {
             ));
         }
     }
-    if let Ok(addr) = a.address.parse::<SocketAddr>()
+    if let Some(addr) = cfg.sockets.admin
         && !addr.ip().to_canonical().is_loopback()
         && !a.allow_remote
     {

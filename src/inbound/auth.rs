@@ -7,12 +7,12 @@
 //! dummy hash made at startup with the same parameters as a real one, so
 //! unknown user and wrong password cost the same time and get the same reply.
 
+use crate::common::Secret;
+use crate::config::User;
 use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
 use argon2::{Algorithm, Argon2, Params, Version};
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
-
-use crate::config::{Secret, User};
 
 /// The local users clients may authenticate as.
 #[derive(Clone, Default)]

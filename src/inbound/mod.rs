@@ -97,7 +97,7 @@ pub enum SinkError {
 /// message is on stable storage: its `Ok` is what the client's `250` promises.
 pub trait Sink: Send + Sync + 'static {
     /// Store `msg` durably.
-    fn accept(&self, msg: Incoming) -> crate::transport::BoxFuture<'_, Result<(), SinkError>>;
+    fn accept(&self, msg: Incoming) -> crate::common::BoxFuture<'_, Result<(), SinkError>>;
 }
 
 /// Settings of the listener, built from config by [`Settings::from_config`]

@@ -1,6 +1,6 @@
 //! Sans-IO SMTP command parsing: split command lines out of the input buffer and turn one line into a `Command`.
 
-use crate::config::Secret;
+use crate::common::Secret;
 
 /// The result of looking for one command line at the front of a buffer.
 #[derive(Debug, PartialEq, Eq)]

@@ -33,7 +33,7 @@ use super::auth::{self, Mechanism};
 use super::data::{self, DataOutcome, DataReader};
 use super::parser::{self, Command, Line, ParseError, Role};
 use super::{Incoming, Settings, SinkError};
-use crate::config::Secret;
+use crate::common::Secret;
 use crate::text::for_log;
 
 /// What the driver must do next.

@@ -18,7 +18,7 @@ use ring::signature::{KeyPair as _, RSA_PKCS1_SHA256, RsaKeyPair};
 use rustls_pki_types::pem::PemObject as _;
 use rustls_pki_types::{CertificateDer, PrivatePkcs8KeyDer};
 
-use crate::config::Secret;
+use crate::common::Secret;
 
 /// `client_assertion_type` for a JWT client assertion.
 pub const ASSERTION_TYPE: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";

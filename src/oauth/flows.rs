@@ -10,8 +10,9 @@ use sha2::Digest as _;
 
 use super::TokenError;
 use super::assertion::{self, ClientCertificate};
-use super::provider::{self, Endpoints, Resource};
-use crate::config::{Config, Flow, Provider, Proxy, Secret, Upstream};
+use super::provider;
+use crate::common::Secret;
+use crate::config::{Config, Endpoints, Flow, Provider, Proxy, Upstream};
 
 /// Largest token or device endpoint answer read (they are a few KiB).
 const MAX_TOKEN_RESPONSE: usize = 1 << 20;
@@ -84,43 +85,21 @@ impl PartialEq for Settings {
 }
 
 impl Settings {
-    /// The OAuth settings of upstream table `u` of `cfg`. `Err` names the key at fault.
+    /// The OAuth settings of upstream table `u` of a validated `cfg` (the
+    /// configuration resolved endpoints, scope and store; this loads the
+    /// client certificate). `Err` names the key at fault.
     pub fn from_upstream(cfg: &Config, u: &Upstream) -> Result<Settings, String> {
         let o = &u.oauth;
-        let resource = Resource::for_protocol(u.protocol).unwrap_or(Resource::Smtp);
-        let scope = if o.scope.trim().is_empty() {
-            provider::default_scope(o, resource).ok_or_else(|| {
-                "oauth.scope: there is no default scope for this provider and flow; set one"
-                    .to_string()
-            })?
-        } else {
-            o.scope.trim().to_string()
+        let Some(r) = u.resolved.oauth.as_ref() else {
+            return Err(if u.uses_oauth() {
+                "oauth: the configuration was not validated".into()
+            } else {
+                "auth: does not use OAuth (set requires_auth = true and auth = \"oauth\")".into()
+            });
         };
-        let endpoints = provider::endpoints(o);
-        if endpoints.token.is_empty() {
-            return Err("oauth.token_url: is required for provider = \"custom\"".into());
-        }
-        if o.client_id.is_empty() {
-            return Err("oauth.client_id: is required with auth = \"oauth\"".into());
-        }
-        if o.token_store.is_empty() {
-            return Err("oauth.token_store: is empty".into());
-        }
-        let client_certificate = match (
-            o.client_certificate_file.is_empty(),
-            o.client_key_file.is_empty(),
-        ) {
-            (true, true) => None,
-            (false, false) => Some(ClientCertificate::load(
-                &cfg.path(std::path::Path::new(&o.client_certificate_file)),
-                &cfg.path(std::path::Path::new(&o.client_key_file)),
-            )?),
-            _ => {
-                return Err(
-                    "oauth.client_key_file: client_certificate_file and client_key_file go together"
-                        .into(),
-                );
-            }
+        let client_certificate = match &r.client_certificate {
+            None => None,
+            Some((cert, key)) => Some(ClientCertificate::load(cert, key)?),
         };
         let default_identity = u.effective_mailbox().to_string();
         let mut known: Vec<String> = cfg
@@ -137,10 +116,10 @@ impl Settings {
             client_id: o.client_id.clone(),
             client_secret: o.client_secret.clone(),
             client_certificate,
-            endpoints,
-            scope,
+            endpoints: r.endpoints.clone(),
+            scope: r.scope.clone(),
             redirect_url: o.redirect_url.clone(),
-            store: cfg.path(&cfg.spool.path).join(&o.token_store),
+            store: r.store.clone(),
             ca_file: (!u.tls_ca_file.is_empty())
                 .then(|| cfg.path(std::path::Path::new(&u.tls_ca_file))),
             proxy: u.proxy.clone(),

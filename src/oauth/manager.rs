@@ -1,7 +1,4 @@
-//! One token manager per identity (refresh ahead of expiry, one refresh in flight, rotation persisted, backoff, the re-consent state) and the registry that holds them for an upstream.
-
-use std::collections::HashMap;
-use std::sync::{Arc, Weak};
+//! One token manager per identity: refresh ahead of expiry, one refresh in flight, rotation persisted, backoff, the re-consent state.
 
 use parking_lot::Mutex;
 use std::time::Duration;
@@ -9,11 +6,12 @@ use std::time::Duration;
 use serde_json::json;
 use tokio::time::Instant;
 
-use super::flows::{self, Grant, LoginError, Pkce, Settings, TokenClient};
+use super::flows::{Grant, TokenClient};
 use super::store::{StoredGrant, TokenStore};
-use super::{IdentityTokens, TokenError, TokenSource};
-use crate::config::{Config, Flow, Secret, Upstream};
-use crate::transport::BoxFuture;
+use super::{TokenError, TokenSource};
+use crate::common::BoxFuture;
+use crate::common::Secret;
+use crate::config::Flow;
 
 /// Refresh when less than this remains (or a tenth of the lifetime, if shorter).
 const REFRESH_MARGIN: Duration = Duration::from_secs(300);
@@ -21,10 +19,6 @@ const REFRESH_MARGIN: Duration = Duration::from_secs(300);
 const BACKOFF_FIRST: Duration = Duration::from_secs(30);
 /// Longest wait between calls to a failing token endpoint.
 const BACKOFF_MAX: Duration = Duration::from_secs(15 * 60);
-/// How long a started browser sign-in may take.
-const LOGIN_TTL: Duration = Duration::from_secs(600);
-/// Sign-ins started and not finished, at most (older ones are dropped).
-const MAX_PENDING_LOGINS: usize = 32;
 /// The identity name of an app-only (client credentials) token.
 pub const APP_IDENTITY: &str = "app";
 
@@ -119,13 +113,17 @@ impl TokenManager {
         }
     }
 
+    fn lock(&self) -> parking_lot::MutexGuard<'_, State> {
+        self.state.lock()
+    }
+
     fn app_only(&self) -> bool {
         self.client.settings().flow == Flow::ClientCredentials
     }
 
     /// The held token if it is not due for refresh yet.
     fn fresh(&self) -> Option<Secret> {
-        let st = self.state.lock();
+        let st = self.lock();
         let a = st.access.as_ref()?;
         let margin = REFRESH_MARGIN.min(a.lifetime / 10);
         (Instant::now() + margin < a.expires).then(|| a.token.clone())
@@ -133,7 +131,7 @@ impl TokenManager {
 
     /// The held token if it has not expired (used when a refresh fails).
     fn still_valid(&self) -> Option<Secret> {
-        let st = self.state.lock();
+        let st = self.lock();
         let a = st.access.as_ref()?;
         (Instant::now() < a.expires).then(|| a.token.clone())
     }
@@ -165,7 +163,7 @@ impl TokenManager {
 
     /// Remember a failure: phase, backoff, and one log line per change of state.
     fn failed(&self, err: &TokenError, refused: Option<Secret>) {
-        let mut st = self.state.lock();
+        let mut st = self.lock();
         let (phase, wait) = match err {
             TokenError::Unavailable(_) => (Phase::Unavailable, st.next_backoff),
             TokenError::Config(_) => (Phase::Config, st.next_backoff),
@@ -210,7 +208,7 @@ impl TokenManager {
         let new_refresh = grant.refresh_token.clone().or(refresh_used);
         let lifetime = grant.expires_in.min(crate::oauth::flows::MAX_LIFETIME);
         {
-            let mut st = self.state.lock();
+            let mut st = self.lock();
             st.access = Some(Access {
                 token: grant.access_token,
                 // `Grant` is public: clamp here too, so no lifetime overflows.
@@ -275,7 +273,7 @@ impl TokenManager {
         // logout); read it before deciding what to do.
         let stored = self.read_store().await?;
         let refresh = {
-            let mut st = self.state.lock();
+            let mut st = self.lock();
             match stored {
                 Some(g) if !g.refresh_token.is_empty() => {
                     if st.refused.as_ref() == Some(&g.refresh_token) {
@@ -310,12 +308,12 @@ impl TokenManager {
             }
         };
         let Some(refresh) = refresh else {
-            let phase = self.state.lock().phase.clone();
+            let phase = self.lock().phase.clone();
             let err = if phase == Phase::ReconsentNeeded {
                 TokenError::ReconsentNeeded(format!(
                     "the sign-in of {} was refused ({}); run `mailbridge auth login`",
                     self.identity,
-                    self.state.lock().last_error.clone().unwrap_or_default()
+                    self.lock().last_error.clone().unwrap_or_default()
                 ))
             } else {
                 TokenError::ReconsentNeeded(format!(
@@ -358,7 +356,7 @@ impl TokenManager {
 
     /// `Err` while backing off after a failure (no call to the endpoint).
     async fn quiet_check(&self) -> Result<(), TokenError> {
-        let st = self.state.lock();
+        let st = self.lock();
         match (st.quiet_until, &st.quiet_error) {
             (Some(until), Some(e)) if Instant::now() < until => {
                 let wait = until - Instant::now();
@@ -389,7 +387,7 @@ impl TokenManager {
 
     /// Forget the in-memory tokens (after `auth logout`).
     pub fn forget(&self) {
-        let mut st = self.state.lock();
+        let mut st = self.lock();
         st.access = None;
         st.refresh = None;
         st.phase = Phase::NeedsLogin;
@@ -397,7 +395,7 @@ impl TokenManager {
 
     /// This identity's state for `GET /status`: never a token.
     pub fn status(&self) -> serde_json::Value {
-        let st = self.state.lock();
+        let st = self.lock();
         let expires = st.access.as_ref().map(|a| a.expires_unix);
         let retry_in = st
             .quiet_until
@@ -415,7 +413,7 @@ impl TokenManager {
 
     /// The current phase.
     pub fn phase(&self) -> Phase {
-        self.state.lock().phase.clone()
+        self.lock().phase.clone()
     }
 }
 
@@ -425,14 +423,14 @@ impl TokenSource for TokenManager {
     }
 
     fn invalidate(&self, rejected: &Secret) {
-        let mut st = self.state.lock();
+        let mut st = self.lock();
         if st.access.as_ref().is_some_and(|a| &a.token == rejected) {
             st.access = None;
         }
     }
 
     fn rejected(&self, why: &str) {
-        let mut st = self.state.lock();
+        let mut st = self.lock();
         let phase = if self.app_only() {
             Phase::Config
         } else {
@@ -454,245 +452,6 @@ impl TokenSource for TokenManager {
     }
 }
 
-/// A browser sign-in waiting for its callback.
-struct PendingLogin {
-    pkce: Pkce,
-    identity: String,
-    started: Instant,
-}
-
-/// The token managers of one upstream's OAuth settings, by identity, plus
-/// the browser sign-ins in progress.
-pub struct Registry {
-    settings: Arc<Settings>,
-    client: TokenClient,
-    store: TokenStore,
-    managers: Mutex<HashMap<String, Arc<TokenManager>>>,
-    pending: Mutex<HashMap<String, PendingLogin>>,
-}
-
-/// Registries alive in this process, so routing, admin and a reload share
-/// one manager (and one refresh in flight) per identity.
-static REGISTRIES: Mutex<Vec<Weak<Registry>>> = Mutex::new(Vec::new());
-
-impl Registry {
-    /// A registry for `settings` (not shared; see [`Registry::shared`]).
-    pub fn new(settings: Settings) -> Result<Arc<Registry>, String> {
-        let http = settings.http_client()?;
-        let settings = Arc::new(settings);
-        Ok(Arc::new(Registry {
-            client: TokenClient::new(settings.clone(), http),
-            store: TokenStore::new(settings.store.clone()),
-            settings,
-            managers: Mutex::new(HashMap::new()),
-            pending: Mutex::new(HashMap::new()),
-        }))
-    }
-
-    /// The registry for upstream table `u` of `cfg`: the one already alive
-    /// in this process for the same settings, else a new one.
-    pub fn shared(cfg: &Config, u: &Upstream) -> Result<Arc<Registry>, String> {
-        let settings = Settings::from_upstream(cfg, u)?;
-        let mut all = REGISTRIES.lock();
-        all.retain(|w| w.strong_count() > 0);
-        if let Some(r) = all
-            .iter()
-            .filter_map(Weak::upgrade)
-            .find(|r| *r.settings == settings)
-        {
-            return Ok(r);
-        }
-        let r = Registry::new(settings)?;
-        all.push(Arc::downgrade(&r));
-        Ok(r)
-    }
-
-    /// The settings in use.
-    pub fn settings(&self) -> &Settings {
-        &self.settings
-    }
-
-    /// The token store.
-    pub fn store(&self) -> &TokenStore {
-        &self.store
-    }
-
-    /// The token endpoint client.
-    pub fn client(&self) -> &TokenClient {
-        &self.client
-    }
-
-    /// The identity used when none is named.
-    pub fn default_identity(&self) -> &str {
-        &self.settings.default_identity
-    }
-
-    fn key(&self, identity: &str) -> String {
-        if self.settings.flow == Flow::ClientCredentials {
-            APP_IDENTITY.to_string()
-        } else if identity.is_empty() {
-            self.settings.default_identity.to_ascii_lowercase()
-        } else {
-            identity.to_ascii_lowercase()
-        }
-    }
-
-    /// The manager for `identity` (the default identity when empty). With
-    /// client credentials every identity shares the one app-only token.
-    pub fn manager(&self, identity: &str) -> Arc<TokenManager> {
-        let key = self.key(identity);
-        let mut m = self.managers.lock();
-        m.entry(key.clone())
-            .or_insert_with(|| {
-                Arc::new(TokenManager::new(
-                    key,
-                    self.client.clone(),
-                    self.store.clone(),
-                ))
-            })
-            .clone()
-    }
-
-    /// Start a browser sign-in for `identity`: the provider URL to send the
-    /// browser to (state single-use, valid 10 minutes, PKCE S256).
-    pub fn start_login(&self, identity: Option<&str>) -> Result<String, String> {
-        if self.settings.flow == Flow::ClientCredentials {
-            return Err("flow = \"client_credentials\" needs no sign-in".into());
-        }
-        let identity = self.key(identity.unwrap_or(""));
-        if identity.is_empty() {
-            return Err(
-                "no identity: set upstream.mailbox (or username) or pass ?identity=".into(),
-            );
-        }
-        let pkce = Pkce::new();
-        let state = flows::random_state();
-        let url = flows::authorize_url(&self.settings, &state, &pkce.challenge, Some(&identity))?;
-        let mut p = self.pending.lock();
-        p.retain(|_, l| l.started.elapsed() < LOGIN_TTL);
-        while p.len() >= MAX_PENDING_LOGINS {
-            let Some(oldest) = p
-                .iter()
-                .min_by_key(|(_, l)| l.started)
-                .map(|(k, _)| k.clone())
-            else {
-                break;
-            };
-            p.remove(&oldest);
-        }
-        p.insert(
-            state,
-            PendingLogin {
-                pkce,
-                identity,
-                started: Instant::now(),
-            },
-        );
-        Ok(url)
-    }
-
-    /// True when `state` belongs to a sign-in started here (and not expired).
-    pub fn has_login(&self, state: &str) -> bool {
-        let p = self.pending.lock();
-        p.get(state)
-            .is_some_and(|l| l.started.elapsed() < LOGIN_TTL)
-    }
-
-    /// Finish a browser sign-in: `state` must be one we issued (used once,
-    /// within 10 minutes); the code is redeemed and the tokens stored.
-    /// Returns the identity signed in.
-    pub async fn finish_login(&self, state: &str, code: &Secret) -> Result<String, String> {
-        let login = {
-            let mut p = self.pending.lock();
-            p.remove(state)
-        };
-        let Some(login) = login.filter(|l| l.started.elapsed() < LOGIN_TTL) else {
-            return Err("unknown, expired or already used sign-in (state); start again".into());
-        };
-        let grant = self
-            .client
-            .exchange_code(code, &login.pkce.verifier)
-            .await
-            .map_err(|e| LoginError::from(e).to_string())?;
-        self.manager(&login.identity).complete_login(grant).await;
-        tracing::info!(identity = %login.identity, "OAuth sign-in completed");
-        Ok(login.identity)
-    }
-
-    /// Forget a pending sign-in (the provider answered `error=`).
-    pub fn cancel_login(&self, state: &str) -> bool {
-        let mut p = self.pending.lock();
-        p.remove(state).is_some()
-    }
-
-    /// Every identity's state: the default one, the configured users'
-    /// mailboxes, those in the store and those asked for. Never a token.
-    pub fn status(&self) -> serde_json::Value {
-        let mut names: Vec<String> = Vec::new();
-        if self.settings.flow == Flow::ClientCredentials {
-            names.push(APP_IDENTITY.into());
-        } else {
-            if !self.settings.default_identity.is_empty() {
-                names.push(self.key(""));
-            }
-            names.extend(self.settings.known_identities.iter().map(|i| self.key(i)));
-            if let Ok(all) = self.store.all() {
-                names.extend(all.into_keys());
-            }
-        }
-        {
-            let m = self.managers.lock();
-            names.extend(m.keys().cloned());
-        }
-        names.sort();
-        names.dedup();
-        let stored = self.store.all().unwrap_or_default();
-        let identities: Vec<serde_json::Value> = names
-            .iter()
-            .map(|n| {
-                let existing = self
-                    .managers
-                    .lock()
-                    .get(n)
-                    .cloned();
-                match existing {
-                    Some(m) if m.phase() != Phase::Idle => m.status(),
-                    _ => {
-                        let (state, err) = match stored.get(n) {
-                            _ if self.settings.flow == Flow::ClientCredentials => ("idle", None),
-                            Some(g) if !g.refresh_token.is_empty() => ("ok", None),
-                            Some(g) if g.reconsent.is_some() => {
-                                ("reconsent_needed", g.reconsent.clone())
-                            }
-                            _ => ("needs_login", None),
-                        };
-                        json!({
-                            "identity": n,
-                            "state": state,
-                            "access_token_expires_at": null,
-                            "has_refresh_token": stored.get(n).is_some_and(|g| !g.refresh_token.is_empty()),
-                            "last_error": err,
-                            "retry_in_secs": null,
-                        })
-                    }
-                }
-            })
-            .collect();
-        json!({
-            "provider": format!("{:?}", self.settings.provider).to_lowercase(),
-            "flow": match self.settings.flow {
-                Flow::AuthorizationCode => "authorization_code",
-                Flow::DeviceCode => "device_code",
-                Flow::ClientCredentials => "client_credentials",
-            },
-            "token_endpoint": self.settings.endpoints.token,
-            "identities": identities,
-        })
-    }
-}
-
-impl IdentityTokens for Registry {
-    fn source(&self, identity: &str) -> Arc<dyn TokenSource> {
-        self.manager(identity)
-    }
-}
+#[cfg(test)]
+#[path = "manager_tests.rs"]
+mod tests;

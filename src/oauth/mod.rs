@@ -1,17 +1,18 @@
-//! OAuth2 access tokens for upstreams: the `TokenSource` interface transports ask through (so each stays ignorant of flows and refresh), and behind it the per-identity token managers, flows, provider defaults and token store.
+//! OAuth2 access tokens for upstreams: the `TokenSource` interface transports ask through (so each stays ignorant of flows and refresh), and behind it the per-identity token managers and the registries that hold them, the flows, the providers' quirks and the token store.
 
 pub mod assertion;
 pub mod flows;
 pub mod manager;
 pub mod provider;
+pub mod registry;
 pub mod store;
 
 use std::sync::Arc;
 
-use crate::config::{Config, Secret};
-use crate::transport::BoxFuture;
+use crate::common::{BoxFuture, Secret};
 
-pub use manager::{Registry, TokenManager};
+pub use manager::TokenManager;
+pub use registry::{Registries, Registry};
 
 /// Why no token could be had.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -70,33 +71,4 @@ impl TokenSource for StaticToken {
 pub trait IdentityTokens: Send + Sync {
     /// The token source for `identity` (a mailbox); empty = the default identity.
     fn source(&self, identity: &str) -> Arc<dyn TokenSource>;
-}
-
-/// The OAuth registries a configuration needs, one per upstream table with
-/// `auth = "oauth"` (`upstream`, then `upstream.alternate`), shared with
-/// routing through [`Registry::shared`]. Tables with identical OAuth
-/// settings share one registry (and so one refresh per identity).
-pub fn registries(cfg: &Config) -> Result<Vec<(&'static str, Arc<Registry>)>, String> {
-    let mut out: Vec<(&'static str, Arc<Registry>)> = Vec::new();
-    let tables = [
-        ("upstream", Some(&cfg.upstream)),
-        ("upstream.alternate", cfg.upstream.alternate.as_deref()),
-    ];
-    for (label, u) in tables {
-        let Some(u) = u.filter(|u| uses_oauth(u)) else {
-            continue;
-        };
-        let r = Registry::shared(cfg, u).map_err(|e| format!("{label}.{e}"))?;
-        if !out.iter().any(|(_, o)| Arc::ptr_eq(o, &r)) {
-            out.push((label, r));
-        }
-    }
-    Ok(out)
-}
-
-/// True when upstream table `u` authenticates with OAuth.
-pub fn uses_oauth(u: &crate::config::Upstream) -> bool {
-    u.requires_auth
-        && u.auth == crate::config::AuthKind::Oauth
-        && u.protocol != crate::config::Protocol::File
 }

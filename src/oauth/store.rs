@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::Secret;
+use crate::common::Secret;
 
 /// One identity's grant on disk.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -47,7 +47,7 @@ struct StoreFile {
 
 /// Serialize a [`Secret`] as its value: only this file ever holds it in clear.
 mod plain {
-    use crate::config::Secret;
+    use crate::common::Secret;
     use serde::{Deserialize, Deserializer, Serializer};
 
     pub fn serialize<S: Serializer>(s: &Secret, ser: S) -> Result<S::Ok, S::Error> {
@@ -96,10 +96,10 @@ impl TokenStore {
         if let Some(dir) = self.path.parent()
             && !dir.as_os_str().is_empty()
         {
-            crate::spool::create_private_dir(dir)?;
+            crate::common::fs::create_private_dir(dir)?;
         }
         let json = serde_json::to_vec_pretty(file).map_err(io::Error::other)?;
-        crate::spool::write_atomic(&self.path, &json)?;
+        crate::common::fs::write_atomic(&self.path, &json)?;
         // write_atomic creates 0600 files; make sure even so.
         std::fs::set_permissions(&self.path, std::fs::Permissions::from_mode(0o600))
     }

@@ -3,33 +3,25 @@
 use std::sync::Arc;
 
 use super::Router;
+use crate::config::{Config, Flow, Protocol, Provider, Server, Upstream};
+use crate::oauth::Registries;
 use crate::transport::Transport;
 use crate::transport::governor::{Governed, Limits};
 
-/// Build the transport for one server of an upstream table.
+/// Build the transport for one server of an upstream table (`server` is
+/// the resolved `server` or `alternate_server`; `None` for HTTP and file
+/// upstreams).
 fn transport_for(
-    c: &crate::config::Config,
-    u: &crate::config::Upstream,
-    server: &str,
+    c: &Config,
+    u: &Upstream,
+    server: Option<&Server>,
+    oauth: &Registries,
 ) -> Result<Arc<dyn Transport>, String> {
-    let t = ungoverned(c, u, server)?;
+    let t = ungoverned(c, u, server, oauth)?;
     Ok(match limits_for(u, server) {
         Some(limits) => Arc::new(Governed::new(t, limits)),
         None => t,
     })
-}
-
-/// True for Exchange Online (and its national clouds): its SMTP AUTH limits apply.
-fn is_exchange_online(host: &str) -> bool {
-    let h = host.to_ascii_lowercase();
-    [
-        "office365.com",
-        "office365.us",
-        "outlook.com",
-        "partner.outlook.cn",
-    ]
-    .iter()
-    .any(|d| h == *d || h.ends_with(&format!(".{d}")))
 }
 
 /// The per-mailbox throttle an upstream gets: Graph 4 in flight, 10,000
@@ -37,14 +29,13 @@ fn is_exchange_online(host: &str) -> bool {
 /// day; EWS 27 in flight (in Exchange Online also 30 per minute and 10,000
 /// recipients a day); Exchange Online SMTP 3 connections, 30 messages per
 /// minute and 10,000 recipients a day; other servers only what is configured.
-fn limits_for(u: &crate::config::Upstream, server: &str) -> Option<Limits> {
-    use crate::config::Protocol;
+fn limits_for(u: &Upstream, server: Option<&Server>) -> Option<Limits> {
     let mailbox = u.effective_mailbox();
     match u.protocol {
         Protocol::File => None,
         Protocol::Graph => Some(Limits::graph(u.max_in_flight, mailbox)),
         Protocol::Ews => {
-            let online = crate::transport::ews::exchange_online_notice(&u.connect_url).is_some();
+            let online = u.resolved.ews_exchange_online;
             let in_flight = if u.max_in_flight == 0 {
                 crate::transport::ews::DEFAULT_MAX_IN_FLIGHT
             } else {
@@ -58,12 +49,8 @@ fn limits_for(u: &crate::config::Upstream, server: &str) -> Option<Limits> {
             ))
         }
         Protocol::Smtp | Protocol::Smtps => {
-            let host = crate::config::parse_host_port(server, u.port)
-                .map(|h| h.host)
-                .unwrap_or_default();
-            let office365 = is_exchange_online(&host)
-                || (crate::oauth::uses_oauth(u)
-                    && u.oauth.provider == crate::config::Provider::Office365);
+            let office365 = server.is_some_and(|s| s.exchange_online)
+                || (u.uses_oauth() && u.oauth.provider == Provider::Office365);
             if office365 {
                 Some(Limits::exchange_smtp(
                     u.max_in_flight,
@@ -86,22 +73,24 @@ fn limits_for(u: &crate::config::Upstream, server: &str) -> Option<Limits> {
 
 /// The transport itself, before any throttle.
 fn ungoverned(
-    c: &crate::config::Config,
-    u: &crate::config::Upstream,
-    server: &str,
+    c: &Config,
+    u: &Upstream,
+    server: Option<&Server>,
+    oauth: &Registries,
 ) -> Result<Arc<dyn Transport>, String> {
-    use crate::config::Protocol;
     use crate::transport::smtp::{SmtpAuth, SmtpSettings, SmtpTransport};
     match u.protocol {
         Protocol::File => Ok(Arc::new(crate::transport::file::FileTransport::new(
             c.path(&u.outbox),
         ))),
         Protocol::Smtp | Protocol::Smtps => {
-            let server = crate::config::parse_host_port(server, u.port)?;
-            let auth = if crate::oauth::uses_oauth(u) {
+            let server = server
+                .map(|s| s.addr.clone())
+                .ok_or("server: the configuration was not validated")?;
+            let auth = if u.uses_oauth() {
                 // Shared with the admin endpoint and across reloads: one
                 // token manager (and one refresh in flight) per identity.
-                let registry = crate::oauth::Registry::shared(c, u)?;
+                let registry = oauth.shared(c, u)?;
                 SmtpAuth::XOAuth2 {
                     user: u.effective_mailbox().to_string(),
                     tokens: registry.manager(""),
@@ -137,9 +126,9 @@ fn ungoverned(
             use crate::transport::ews::{
                 DEFAULT_SERVER_VERSION, EwsAuth, EwsSettings, EwsTransport,
             };
-            let auth = if crate::oauth::uses_oauth(u) {
-                let registry = crate::oauth::Registry::shared(c, u)?;
-                let app_only = u.oauth.flow == crate::config::Flow::ClientCredentials;
+            let auth = if u.uses_oauth() {
+                let registry = oauth.shared(c, u)?;
+                let app_only = u.oauth.flow == Flow::ClientCredentials;
                 // Delegated tokens are per mailbox; an app-only token impersonates any.
                 let per_mailbox = if app_only {
                     Default::default()
@@ -166,8 +155,7 @@ fn ungoverned(
             };
             let settings = EwsSettings {
                 connect_url: u.connect_url.clone(),
-                impersonate: crate::oauth::uses_oauth(u)
-                    && u.oauth.flow == crate::config::Flow::ClientCredentials,
+                impersonate: u.uses_oauth() && u.oauth.flow == Flow::ClientCredentials,
                 auth,
                 mailbox: u.effective_mailbox().to_string(),
                 save_to_sent_items: u.save_to_sent_items,
@@ -181,7 +169,7 @@ fn ungoverned(
         }
         Protocol::Graph => {
             use crate::transport::graph::{GraphSettings, GraphTransport};
-            let registry = crate::oauth::Registry::shared(c, u)?;
+            let registry = oauth.shared(c, u)?;
             let ca =
                 (!u.tls_ca_file.is_empty()).then(|| c.path(std::path::Path::new(&u.tls_ca_file)));
             let client = crate::http::client(
@@ -203,26 +191,28 @@ fn ungoverned(
     }
 }
 
-/// The router a configuration describes: `[upstream]` as primary, and as
-/// alternate either `[upstream.alternate]` (any protocol) or
-/// `upstream.alternate_server` with the primary's settings.
-pub fn from_config(c: &crate::config::Config) -> Result<Router, String> {
+/// The router a validated configuration describes: `[upstream]` as
+/// primary, and as alternate either `[upstream.alternate]` (any protocol) or
+/// `upstream.alternate_server` with the primary's settings. OAuth
+/// identities come from `oauth`, shared with the admin endpoint and reloads.
+pub fn from_config(c: &Config, oauth: &Registries) -> Result<Router, String> {
     let u = &c.upstream;
     let alternate = if let Some(alt) = u.alternate.as_deref() {
-        Some(transport_for(c, alt, &alt.server).map_err(|e| format!("upstream.alternate: {e}"))?)
-    } else if !u.alternate_server.is_empty()
-        && matches!(
-            u.protocol,
-            crate::config::Protocol::Smtp | crate::config::Protocol::Smtps
+        Some(
+            transport_for(c, alt, alt.resolved.server.as_ref(), oauth)
+                .map_err(|e| format!("upstream.alternate: {e}"))?,
         )
+    } else if let Some(server) = u.resolved.alternate_server.as_ref()
+        && matches!(u.protocol, Protocol::Smtp | Protocol::Smtps)
     {
         Some(
-            transport_for(c, u, &u.alternate_server)
+            transport_for(c, u, Some(server), oauth)
                 .map_err(|e| format!("upstream.alternate_server: {e}"))?,
         )
     } else {
         None
     };
-    let primary = transport_for(c, u, &u.server).map_err(|e| format!("upstream: {e}"))?;
+    let primary = transport_for(c, u, u.resolved.server.as_ref(), oauth)
+        .map_err(|e| format!("upstream: {e}"))?;
     Ok(Router::new(primary, alternate))
 }

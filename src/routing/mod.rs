@@ -214,7 +214,7 @@ impl Router {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::transport::BoxFuture;
+    use crate::common::BoxFuture;
     use std::sync::atomic::{AtomicUsize, Ordering};
 
     struct Scripted {

@@ -2,9 +2,9 @@
 
 use std::sync::Arc;
 
+use crate::common::BoxFuture;
 use crate::inbound::{Incoming, Sink, SinkError};
 use crate::spool::{Meta, SpoolError};
-use crate::transport::BoxFuture;
 
 use super::{Scheduler, now_unix};
 

@@ -15,10 +15,12 @@ pub mod meta;
 
 use parking_lot::{Condvar, Mutex};
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Write};
+use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
+
+use crate::common::fs::{create_private_dir, sync_dir, write_synced};
 
 pub use meta::{Meta, Rcpt, RcptStatus};
 
@@ -59,16 +61,6 @@ pub struct Corrupt {
     pub name: String,
     /// What was wrong with it.
     pub reason: String,
-}
-
-/// Create `dir` and any missing parents with mode 0700 (the umask can only
-/// remove bits from that). Existing directories are left as they are.
-pub fn create_private_dir(dir: &Path) -> io::Result<()> {
-    use std::os::unix::fs::DirBuilderExt;
-    fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)
 }
 
 /// How long [`Spool::open`] waits for a short-lived writer to let go of the lock.
@@ -200,43 +192,6 @@ impl DirSync {
             self.done.wait(&mut st);
         }
     }
-}
-
-fn sync_dir(dir: &Path) -> io::Result<()> {
-    File::open(dir)?.sync_all()
-}
-
-/// Write `data` to `path` (a new file, mode 0600; an existing file or a
-/// symlink there is an error, never followed or overwritten) and sync it.
-/// `fdatasync` suffices for a new file: it flushes the data and the metadata
-/// needed to read it back (size, blocks); the name becomes durable by the
-/// rename and the directory fsync that follow.
-fn write_synced(path: &Path, data: &[u8]) -> io::Result<()> {
-    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
-    let mut f = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(path)?;
-    // The umask may have taken bits away, never added: this only tightens.
-    f.set_permissions(fs::Permissions::from_mode(0o600))?;
-    f.write_all(data)?;
-    f.sync_data()
-}
-
-/// Write `data` to `path` atomically: a temp file beside it, fsync, rename, fsync the directory.
-pub fn write_atomic(path: &Path, data: &[u8]) -> io::Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
-    let tmp = dir.join(format!(".{name}.{:08x}.tmp", rand::random::<u32>()));
-    let result = write_synced(&tmp, data)
-        .and_then(|()| fs::rename(&tmp, path))
-        .and_then(|()| sync_dir(dir));
-    if result.is_err() {
-        let _ = fs::remove_file(&tmp);
-    }
-    result
 }
 
 fn is_disk_full(e: &io::Error) -> bool {

@@ -1,8 +1,8 @@
 //! The `file` upstream: each message becomes one `.eml` in an outbox directory, written atomically, so mailbridge runs with no account anywhere.
 
+use super::{Delivery, Envelope, Failure, Transport};
+use crate::common::BoxFuture;
 use std::path::PathBuf;
-
-use super::{BoxFuture, Delivery, Envelope, Failure, Transport};
 
 /// Writes `<outbox>/<queue id>.eml`, with `Return-Path` and `X-Mailbridge-To`
 /// headers recording the envelope.
@@ -35,7 +35,7 @@ impl Transport for FileTransport {
             let dir = self.dir.clone();
             let written = tokio::task::spawn_blocking(move || {
                 std::fs::create_dir_all(&dir)?;
-                crate::spool::write_atomic(&path, &data)
+                crate::common::fs::write_atomic(&path, &data)
             })
             .await;
             match written {

@@ -47,12 +47,11 @@ use std::time::{Duration, SystemTime};
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
 
+use crate::common::BoxFuture;
 use crate::config::LargeMessages;
 use crate::message::recipients;
 use crate::oauth::{IdentityTokens, TokenSource};
-use crate::transport::{
-    BoxFuture, Delivery, Enhanced, Envelope, Failure, Transport, exchange_error_status,
-};
+use crate::transport::{Delivery, Enhanced, Envelope, Failure, Transport, exchange_error_status};
 
 /// Graph's request size limit, after base64 (UPSTREAMS §2.4).
 pub const MAX_REQUEST_BYTES: usize = 4 * 1024 * 1024;
@@ -502,7 +501,7 @@ mod tests {
 
     fn transport(endpoint: &str) -> Result<GraphTransport, String> {
         let tokens = Arc::new(StaticToken {
-            token: crate::config::Secret::new("t"),
+            token: crate::common::Secret::new("t"),
             identity: "desk".into(),
         });
         GraphTransport::new(GraphSettings::new(

@@ -6,14 +6,11 @@ pub mod governor;
 pub mod graph;
 pub mod smtp;
 
-use std::future::Future;
-use std::pin::Pin;
 use std::time::Duration;
 
-pub use crate::outcome::{Enhanced, FailureClass};
+use crate::common::BoxFuture;
 
-/// A boxed future, so transports can sit behind `dyn Transport`.
-pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+pub use crate::outcome::{Enhanced, FailureClass};
 
 /// What a transport is asked to deliver: one spooled message to some of its recipients.
 #[derive(Debug, Clone)]

@@ -9,9 +9,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use argon2::password_hash::{PasswordHasher, SaltString};
+use mailbridge::common::BoxFuture;
 use mailbridge::config::{Listen, User};
 use mailbridge::inbound::{Incoming, Settings, Sink, SinkError, serve, serve_implicit_tls};
-use mailbridge::transport::BoxFuture;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::task::JoinHandle;

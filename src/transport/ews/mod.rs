@@ -30,7 +30,6 @@
 //! `MimeContentUTF8` for SMTPUTF8 messages.
 
 mod classify;
-mod notice;
 mod soap;
 
 use std::collections::HashMap;
@@ -38,14 +37,15 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::{BoxFuture, Delivery, Envelope, Failure, Transport};
-use crate::config::{Proxy, Secret};
+use super::{Delivery, Envelope, Failure, Transport};
+use crate::common::BoxFuture;
+use crate::common::Secret;
+use crate::config::Proxy;
 use crate::oauth::TokenSource;
 use classify::classify;
 use soap::get_folder_request;
 
 pub use classify::{MAX_DEPTH, SoapReply};
-pub use notice::exchange_online_notice;
 pub use soap::create_item_request;
 
 /// Classify one HTTP answer to a `CreateItem` exactly as the transport does

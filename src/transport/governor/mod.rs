@@ -43,10 +43,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use parking_lot::Mutex;
 use std::time::Duration;
 
+use crate::common::BoxFuture;
+use crate::transport::{Delivery, Envelope, Failure, Severity, Transport};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
-
-use super::{BoxFuture, Delivery, Envelope, Failure, Severity, Transport};
 
 /// What one governor enforces per key. `0`/`None` switches a limit off.
 #[derive(Debug, Clone)]

@@ -8,7 +8,7 @@ use base64::engine::general_purpose::STANDARD as B64;
 use super::conn::{Broken, Conn};
 use super::reply::Reply;
 use super::{SmtpTransport, printable};
-use crate::config::Secret;
+use crate::common::Secret;
 use crate::oauth::{IdentityTokens, TokenSource};
 use crate::transport::{Enhanced, Envelope, Failure};
 

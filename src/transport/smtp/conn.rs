@@ -11,7 +11,8 @@ use tokio::net::TcpStream;
 use super::encode::DataEncoder;
 use super::reply::{Extensions, Reply, ReplyParser};
 use super::{SmtpTransport, printable};
-use crate::config::{Proxy, Secret};
+use crate::common::Secret;
+use crate::config::Proxy;
 use crate::transport::Failure;
 
 /// Longest reply line we accept (RFC 5321 says 512; servers exceed it).

@@ -25,7 +25,8 @@ use std::time::Duration;
 
 use rustls_pki_types::ServerName;
 
-use super::{BoxFuture, Delivery, Envelope, Failure, Transport};
+use super::{Delivery, Envelope, Failure, Transport};
+use crate::common::BoxFuture;
 use crate::config::HostPort;
 use conn::ProxyTunnel;
 use pool::Pool;

@@ -1,0 +1,96 @@
+//! Durable, private files: directories created 0700, files written 0600 through a synced temp file and a rename, never through a symlink.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::path::Path;
+
+/// Create `dir` and any missing parents with mode 0700 (the umask can only
+/// remove bits from that). Existing directories are left as they are.
+pub fn create_private_dir(dir: &Path) -> io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+}
+
+/// fsync a directory, so the names created or renamed in it are durable.
+pub fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+/// Write `data` to `path` (a new file, mode 0600; an existing file or a
+/// symlink there is an error, never followed or overwritten) and sync it.
+/// `fdatasync` suffices for a new file: it flushes the data and the metadata
+/// needed to read it back (size, blocks); the name becomes durable by the
+/// rename and the directory fsync that follow.
+pub fn write_synced(path: &Path, data: &[u8]) -> io::Result<()> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)?;
+    // The umask may have taken bits away, never added: this only tightens.
+    f.set_permissions(fs::Permissions::from_mode(0o600))?;
+    f.write_all(data)?;
+    f.sync_data()
+}
+
+/// Write `data` to `path` atomically: a temp file beside it, fsync, rename, fsync the directory.
+pub fn write_atomic(path: &Path, data: &[u8]) -> io::Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
+    let tmp = dir.join(format!(".{name}.{:08x}.tmp", rand::random::<u32>()));
+    let result = write_synced(&tmp, data)
+        .and_then(|()| fs::rename(&tmp, path))
+        .and_then(|()| sync_dir(dir));
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn atomic_write_replaces_whole_file_with_mode_0600() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let sub = dir.path().join("a/b");
+        create_private_dir(&sub).unwrap();
+        assert_eq!(
+            fs::metadata(&sub).unwrap().permissions().mode() & 0o777,
+            0o700
+        );
+        let f = sub.join("f.json");
+        write_atomic(&f, b"one").unwrap();
+        write_atomic(&f, b"two").unwrap();
+        assert_eq!(fs::read(&f).unwrap(), b"two");
+        assert_eq!(
+            fs::metadata(&f).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        // No temp file is left beside it.
+        assert_eq!(fs::read_dir(&sub).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn synced_write_never_follows_a_symlink() {
+        let dir = tempfile::tempdir().unwrap();
+        let victim = dir.path().join("victim");
+        fs::write(&victim, b"keep").unwrap();
+        assert!(write_synced(&victim, b"x").is_err());
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(&victim, &link).unwrap();
+        let e = write_synced(&link, b"x").unwrap_err();
+        assert!(
+            e.kind() == io::ErrorKind::AlreadyExists || e.raw_os_error() == Some(libc::ELOOP),
+            "{e}"
+        );
+        assert_eq!(fs::read(&victim).unwrap(), b"keep");
+    }
+}
