@@ -18,7 +18,7 @@ const REASONS_SHOWN: usize = 8;
 pub(super) async fn show(State(ctx): State<Arc<Ctx>>, headers: HeaderMap) -> Response {
     let c = match signed_in(&ctx, &headers, "/") {
         Ok(c) => c,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     let mut body = String::new();
     body.push_str(&server_section(&ctx, &c.csrf));
@@ -103,7 +103,7 @@ async fn queue_section(ctx: &Ctx) -> String {
     ));
     if !reasons.is_empty() {
         let mut by_count: Vec<(String, usize)> = reasons.into_iter().collect();
-        by_count.sort_by(|a, b| b.1.cmp(&a.1));
+        by_count.sort_by_key(|b| std::cmp::Reverse(b.1));
         out.push_str("<table><tr><th>Why mail is waiting</th><th>Messages</th></tr>");
         for (why, n) in by_count.into_iter().take(REASONS_SHOWN) {
             out.push_str(&format!("<tr><td>{}</td><td>{n}</td></tr>", escape(&why)));
@@ -182,7 +182,7 @@ pub(super) async fn failback(
 ) -> Response {
     let c = match form_session(&ctx, &headers, &form) {
         Ok(c) => c,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     let router = ctx.admin.scheduler.router();
     if router.failback("failback requested on the admin page") {
@@ -209,13 +209,13 @@ pub(super) async fn send_sample(
 ) -> Response {
     let c = match form_session(&ctx, &headers, &form) {
         Ok(c) => c,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     let to = form.get("to").map(String::as_str).unwrap_or("");
     let (ok, text) = match crate::admin::send_test::send_sample(&ctx, to).await {
         Ok(r) if r.result == "delivered" => (
             true,
-            format!("Sample mail to {}: sent. {}", to.trim(), r.detail),
+            format!("Sample mail to {}: sent ({}).", to.trim(), r.detail),
         ),
         Ok(r) if r.result == "pending" => {
             (false, format!("Sample mail to {}: {}", to.trim(), r.detail))
@@ -241,7 +241,7 @@ pub(super) async fn connect(
 ) -> Response {
     let c = match form_session(&ctx, &headers, &form) {
         Ok(c) => c,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     let wanted = form
         .get("upstream")

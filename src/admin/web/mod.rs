@@ -79,11 +79,15 @@ fn login_page(code: StatusCode, message: Option<&str>) -> Response {
 
 /// The signed-in session, or the response for a browser without one (the
 /// login form on `/`, else a redirect there).
-pub(crate) fn signed_in(ctx: &Ctx, headers: &HeaderMap, path: &str) -> Result<Current, Response> {
+pub(crate) fn signed_in(
+    ctx: &Ctx,
+    headers: &HeaderMap,
+    path: &str,
+) -> Result<Current, Box<Response>> {
     match ctx.web.sessions.current(headers) {
         Some(c) => Ok(c),
-        None if path == "/" => Err(login_page(StatusCode::OK, None)),
-        None => Err(see_other("/")),
+        None if path == "/" => Err(Box::new(login_page(StatusCode::OK, None))),
+        None => Err(Box::new(see_other("/"))),
     }
 }
 
@@ -93,14 +97,14 @@ pub(crate) fn form_session(
     ctx: &Ctx,
     headers: &HeaderMap,
     form: &Fields,
-) -> Result<Current, Response> {
+) -> Result<Current, Box<Response>> {
     let Some(c) = ctx.web.sessions.current(headers) else {
-        return Err(see_other("/"));
+        return Err(Box::new(see_other("/")));
     };
     let given = form.get("csrf").map(String::as_str).unwrap_or("");
     if !session::same(given, &c.csrf) {
         tracing::warn!("admin page: form without a valid CSRF token refused");
-        return Err(page(
+        return Err(Box::new(page(
             StatusCode::FORBIDDEN,
             Frame {
                 title: "Form refused",
@@ -109,7 +113,7 @@ pub(crate) fn form_session(
             },
             "<section><p>This form did not carry this session's security token (it may come from another site, \
 or from a page opened before you signed in again). Nothing was changed.</p><p><a href=\"/\">Back to the dashboard</a></p></section>",
-        ));
+        )));
     }
     Ok(c)
 }
@@ -162,7 +166,7 @@ async fn logout(
 ) -> Response {
     let c = match form_session(&ctx, &headers, &form) {
         Ok(c) => c,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     ctx.web.sessions.remove(&c.id);
     let mut r = see_other("/");

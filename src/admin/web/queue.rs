@@ -30,7 +30,7 @@ async fn all(ctx: &Ctx) -> Result<Vec<Meta>, String> {
 pub(super) async fn list(State(ctx): State<Arc<Ctx>>, headers: HeaderMap) -> Response {
     let c = match signed_in(&ctx, &headers, "/queue") {
         Ok(c) => c,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     let metas = match all(&ctx).await {
         Ok(m) => m,
@@ -100,7 +100,7 @@ pub(super) async fn headers(
 ) -> Response {
     let c = match signed_in(&ctx, &headers, "/messages") {
         Ok(c) => c,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     if !crate::spool::is_valid_id(&id) {
         return problem(
@@ -153,7 +153,7 @@ pub(super) async fn retry(
 ) -> Response {
     let c = match form_session(&ctx, &headers, &form) {
         Ok(c) => c,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     let id = form.get("id").cloned().unwrap_or_default();
     if ctx.admin.scheduler.retry_now(&id).await {
@@ -177,7 +177,7 @@ pub(super) async fn delete(
 ) -> Response {
     let c = match form_session(&ctx, &headers, &form) {
         Ok(c) => c,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     let id = form.get("id").cloned().unwrap_or_default();
     let (ok, text) = match ctx.admin.scheduler.delete(&id).await {
@@ -199,7 +199,7 @@ pub(super) async fn retry_all(
 ) -> Response {
     let c = match form_session(&ctx, &headers, &form) {
         Ok(c) => c,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     let metas = match all(&ctx).await {
         Ok(m) => m,

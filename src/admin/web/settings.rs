@@ -398,7 +398,7 @@ Start it with <code>--config /path/config.toml</code> to edit the settings here.
 pub(super) async fn show(State(ctx): State<Arc<Ctx>>, headers: HeaderMap) -> Response {
     let c = match signed_in(&ctx, &headers, "/settings") {
         Ok(c) => c,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     let Some(reloader) = ctx.admin.reloader.as_ref() else {
         return signed_in_page(
@@ -587,6 +587,38 @@ fn named_key(message: &str) -> Option<String> {
         .max_by_key(|k| k.len())
 }
 
+/// Why a form was not saved, with the document as it was (to show the form again).
+struct Refused {
+    doc: Option<DocumentMut>,
+    message: String,
+}
+
+/// Apply the form to the file, validate, write it atomically and reload.
+/// The outer error: nothing was saved; the inner one: saved, not applied.
+fn save_file(
+    path: &Path,
+    form: &Fields,
+    reloader: &crate::reload::Reloader,
+) -> Result<Result<crate::reload::ReloadReport, String>, Box<Refused>> {
+    let (before, mut doc) =
+        read_doc(path).map_err(|message| Box::new(Refused { doc: None, message }))?;
+    let original = doc.clone();
+    let refused = |message: String| {
+        Box::new(Refused {
+            doc: Some(original.clone()),
+            message,
+        })
+    };
+    apply_form(&mut doc, form).map_err(|(k, m)| refused(format!("{k}: {m}")))?;
+    let text = doc.to_string();
+    validate(&text, path).map_err(&refused)?;
+    if text != before {
+        write_atomic(path, &text)
+            .map_err(|e| refused(format!("cannot write {}: {e}", path.display())))?;
+    }
+    Ok(reloader.reload())
+}
+
 pub(super) async fn save(
     State(ctx): State<Arc<Ctx>>,
     headers: HeaderMap,
@@ -594,7 +626,7 @@ pub(super) async fn save(
 ) -> Response {
     let c = match form_session(&ctx, &headers, &form) {
         Ok(c) => c,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     let Some(reloader) = ctx.admin.reloader.clone() else {
         return signed_in_page(
@@ -607,18 +639,8 @@ pub(super) async fn save(
     };
     let path = reloader.path().to_path_buf();
     let submitted = form.clone();
-    let outcome = tokio::task::spawn_blocking(move || -> Result<Result<crate::reload::ReloadReport, String>, (Option<DocumentMut>, String)> {
-        let (before, mut doc) = read_doc(&path).map_err(|e| (None, e))?;
-        let original = doc.clone();
-        apply_form(&mut doc, &submitted).map_err(|(k, m)| (Some(original.clone()), format!("{k}: {m}")))?;
-        let text = doc.to_string();
-        validate(&text, &path).map_err(|e| (Some(original.clone()), e))?;
-        if text != before {
-            write_atomic(&path, &text).map_err(|e| (Some(original.clone()), format!("cannot write {}: {e}", path.display())))?;
-        }
-        Ok(reloader.reload())
-    })
-    .await;
+    let outcome =
+        tokio::task::spawn_blocking(move || save_file(&path, &submitted, &reloader)).await;
     match outcome {
         Ok(Ok(Ok(report))) => {
             let mut text = "Settings saved and applied.".to_string();
@@ -642,7 +664,8 @@ pub(super) async fn save(
             );
             see_other("/settings")
         }
-        Ok(Err((doc, e))) => {
+        Ok(Err(refused)) => {
+            let Refused { doc, message: e } = *refused;
             let key = named_key(&e);
             let body = format!(
                 "<div class=\"banner err\" role=\"alert\" id=\"settings-error\">Not saved: {}</div><section>{}</section>",
