@@ -100,6 +100,27 @@ pub(crate) struct Ctx {
     admin: Arc<AdminState>,
     extras: Extras,
     web: web::Web,
+    /// The OAuth registries in use: those of `extras`, replaced when the
+    /// settings page saves new OAuth settings.
+    oauth: std::sync::RwLock<Vec<(&'static str, Arc<Registry>)>>,
+}
+
+impl Ctx {
+    /// The OAuth registries in use, by upstream table.
+    fn registries(&self) -> Vec<(&'static str, Arc<Registry>)> {
+        self.oauth
+            .read()
+            .map(|r| r.clone())
+            .unwrap_or_else(|p| p.into_inner().clone())
+    }
+
+    /// Use these registries from now on (the settings were saved).
+    fn set_registries(&self, r: Vec<(&'static str, Arc<Registry>)>) {
+        match self.oauth.write() {
+            Ok(mut g) => *g = r,
+            Err(p) => *p.into_inner() = r,
+        }
+    }
 }
 
 /// The admin routes without OAuth and send-test (see [`routes_with`]).
@@ -113,6 +134,7 @@ pub fn routes_with(state: Arc<AdminState>, extras: Extras) -> Router {
     let hostnames = Arc::new(extras.hostnames.clone());
     let ctx = Arc::new(Ctx {
         admin: state.clone(),
+        oauth: std::sync::RwLock::new(extras.oauth.clone()),
         extras,
         web: web::Web::default(),
     });
@@ -267,7 +289,9 @@ async fn status(State(ctx): State<Arc<Ctx>>, headers: HeaderMap) -> Response {
     if !authorized(&ctx.admin, &headers) && ctx.web.sessions.current(&headers).is_none() {
         return unauthorized();
     }
-    Json(status_json_with(&ctx.admin, &ctx.extras)).into_response()
+    let mut extras = ctx.extras.clone();
+    extras.oauth = ctx.registries();
+    Json(status_json_with(&ctx.admin, &extras)).into_response()
 }
 
 async fn failback(State(state): State<Arc<AdminState>>) -> Response {

@@ -96,16 +96,11 @@ pub(super) async fn start(
         );
     }
     let wanted = q.upstream.as_deref().unwrap_or("upstream");
-    let registry = ctx
-        .extras
-        .oauth
+    let regs = ctx.registries();
+    let registry = regs
         .iter()
         .find(|(label, _)| *label == wanted || label.strip_prefix("upstream.") == Some(wanted))
-        .or_else(|| {
-            (q.upstream.is_none())
-                .then(|| ctx.extras.oauth.first())
-                .flatten()
-        });
+        .or_else(|| (q.upstream.is_none()).then(|| regs.first()).flatten());
     let Some((_, registry)) = registry else {
         return page(
             StatusCode::NOT_FOUND,
@@ -171,7 +166,7 @@ async fn redeem(
     };
     if let Some(error) = q.error.as_deref() {
         // Whatever the provider said, this sign-in is over.
-        for (_, r) in &ctx.extras.oauth {
+        for (_, r) in &ctx.registries() {
             r.cancel_login(state);
         }
         tracing::warn!(error = %crate::text::for_log(error), description = %crate::text::for_log(q.error_description.as_deref().unwrap_or("")), "OAuth sign-in refused by the provider");
@@ -181,9 +176,8 @@ async fn redeem(
             detail.lines().next().unwrap_or(""),
         );
     }
-    let Some(registry) = ctx
-        .extras
-        .oauth
+    let regs = ctx.registries();
+    let Some(registry) = regs
         .iter()
         .map(|(_, r)| r)
         .find(|r| !state.is_empty() && r.has_login(state))

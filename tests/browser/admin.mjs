@@ -118,6 +118,7 @@ try {
   await submit(page, page.getByRole('button', { name: 'Save' }));
   check((await text(page, '.banner.ok')).includes('Settings saved and applied.'), `save: ${await text(page, 'main')}`);
   check(await page.inputValue('#f-server') === newServer, 'the new server is not shown');
+  if (screenshot) await page.screenshot({ path: screenshot.replace(/\.png$/, '') + '-settings.png', fullPage: true });
 
   step = 'sample mail through the new server';
   await page.locator('header').getByRole('link', { name: 'Dashboard', exact: true }).click();

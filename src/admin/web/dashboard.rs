@@ -128,13 +128,14 @@ fn state_text(state: &str) -> &'static str {
 }
 
 fn oauth_section(ctx: &Ctx, csrf: &str) -> String {
-    if ctx.extras.oauth.is_empty() {
+    let regs = ctx.registries();
+    if regs.is_empty() {
         return String::new();
     }
     let mut out = String::from(
         "<section><h2>OAuth accounts</h2><table><tr><th>Server</th><th>Account</th><th>State</th><th>Token valid until</th><th></th></tr>",
     );
-    for (label, registry) in &ctx.extras.oauth {
+    for (label, registry) in &regs {
         let status = registry.status();
         let browser = status["flow"] == "authorization_code";
         let idents = status["identities"].as_array().cloned().unwrap_or_default();
@@ -247,7 +248,8 @@ pub(super) async fn connect(
         .get("upstream")
         .map(String::as_str)
         .unwrap_or("upstream");
-    let Some((_, registry)) = ctx.extras.oauth.iter().find(|(l, _)| *l == wanted) else {
+    let regs = ctx.registries();
+    let Some((_, registry)) = regs.iter().find(|(l, _)| *l == wanted) else {
         ctx.web
             .sessions
             .flash(&c.id, false, format!("No OAuth settings for {wanted}."));
