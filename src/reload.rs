@@ -37,6 +37,11 @@ impl Reloader {
         Reloader { path, sched, oauth }
     }
 
+    /// The OAuth registries routes are built with.
+    pub fn oauth(&self) -> &Arc<oauth::Registries> {
+        &self.oauth
+    }
+
     /// The configuration file this reloader reads.
     pub fn path(&self) -> &Path {
         &self.path

@@ -54,6 +54,7 @@ prop_compose! {
             last_error, message_id, client,
             smtputf8: flags.0, is_dsn: flags.1, auth_user,
             bounce_undeliverable: flags.0 && flags.1,
+            sample: flags.1 && !flags.0,
         }
     }
 }

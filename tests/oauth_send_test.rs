@@ -144,6 +144,25 @@ async fn send_test_reports_the_first_attempt() {
         assert!(!v["id"].as_str().unwrap().is_empty());
         outputs.push(body);
     }
+    // Nothing is left queued: not the deferred sample, not the bounced one,
+    // and no DSN for it either (the answer was shown to the sender).
+    let queue = cfg.path(&cfg.spool.path).join("queue");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let left: Vec<String> = std::fs::read_dir(&queue)
+            .unwrap()
+            .filter_map(Result::ok)
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        if left.is_empty() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "sample mails left in the queue: {left:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
     let m = &fake.messages()[0];
     assert_eq!(m.auth, Some((USER.into(), "XOAUTH2".into())));
     assert!(String::from_utf8_lossy(&m.data).contains("Subject: mailbridge test message"));

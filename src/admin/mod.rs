@@ -1,8 +1,9 @@
-//! The local admin HTTP endpoint: health and readiness probes, status (active server and why, queue figures, OAuth token state), failback, queue control, OAuth sign-in and a sample mail; everything but `/healthz`, `/readyz` and the provider's OAuth callback needs the admin token (in a header, never in a URL), and a request for another `Host` gets `421`.
+//! The local admin HTTP endpoint: the admin web page, health and readiness probes, status (active server and why, queue figures, OAuth token state), failback, queue control, OAuth sign-in and a sample mail; everything but `/healthz`, `/readyz`, the login form and the provider's OAuth callback needs the admin token (in a header, never in a URL) or a signed-in page session, and a request for another `Host` gets `421`.
 
 mod oauth;
 mod send_test;
 pub mod server;
+pub mod web;
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -99,6 +100,22 @@ fn allowed_hostnames(cfg: &Config) -> Vec<String> {
 pub(crate) struct Ctx {
     admin: Arc<AdminState>,
     extras: Extras,
+    web: web::Web,
+    /// The OAuth registries in use: those of `extras`, replaced when the
+    /// settings page saves new OAuth settings.
+    oauth: parking_lot::RwLock<Vec<(&'static str, Arc<Registry>)>>,
+}
+
+impl Ctx {
+    /// The OAuth registries in use, by upstream table.
+    fn registries(&self) -> Vec<(&'static str, Arc<Registry>)> {
+        self.oauth.read().clone()
+    }
+
+    /// Use these registries from now on (the settings were saved).
+    fn set_registries(&self, r: Vec<(&'static str, Arc<Registry>)>) {
+        *self.oauth.write() = r;
+    }
 }
 
 /// The admin routes without OAuth and send-test (see [`routes_with`]).
@@ -112,14 +129,14 @@ pub fn routes_with(state: Arc<AdminState>, extras: Extras) -> Router {
     let hostnames = Arc::new(extras.hostnames.clone());
     let ctx = Arc::new(Ctx {
         admin: state.clone(),
+        oauth: parking_lot::RwLock::new(extras.oauth.clone()),
         extras,
+        web: web::Web::default(),
     });
-    // `/status` shows mailboxes, servers and errors: the token is needed.
-    let status_route = Router::new().route("/status", get(status)).route_layer(
-        axum::middleware::from_fn_with_state(state.clone(), require_token),
-    );
-    let with_extras = Router::new()
-        .merge(status_route)
+    // `/status` shows mailboxes, servers and errors: the token (or a
+    // signed-in page session) is needed.
+    let with_extras = web::routes()
+        .route("/status", get(status))
         .route("/oauth/start", post(oauth::start))
         .route("/oauth/callback", get(oauth::callback));
     let with_extras = with_extras.route("/send-test", post(send_test::send_test));
@@ -256,8 +273,13 @@ pub fn status_json_with(state: &AdminState, extras: &Extras) -> serde_json::Valu
     doc
 }
 
-async fn status(State(ctx): State<Arc<Ctx>>) -> Json<serde_json::Value> {
-    Json(status_json_with(&ctx.admin, &ctx.extras))
+async fn status(State(ctx): State<Arc<Ctx>>, headers: HeaderMap) -> Response {
+    if !authorized(&ctx.admin, &headers) && ctx.web.sessions.current(&headers).is_none() {
+        return unauthorized();
+    }
+    let mut extras = ctx.extras.clone();
+    extras.oauth = ctx.registries();
+    Json(status_json_with(&ctx.admin, &extras)).into_response()
 }
 
 async fn failback(State(state): State<Arc<AdminState>>) -> Response {

@@ -1,4 +1,4 @@
-//! The browser side of the authorization code flow: `POST /oauth/start` (admin token in the `Authorization` header, never in the URL; answers with a redirect to the provider with state and a PKCE challenge, which `mailbridge auth login` prints) and `GET /oauth/callback` (redeems the code, readable HTML pages for success and every error).
+//! The browser side of the authorization code flow: `POST /oauth/start` (admin token in the `Authorization` header, never in the URL; answers with a redirect to the provider with state and a PKCE challenge, which `mailbridge auth login` prints) and `GET /oauth/callback` (redeems the code, readable HTML pages for success and every error; a consent started on the admin page returns there with the outcome).
 
 use std::sync::Arc;
 
@@ -35,29 +35,28 @@ pub(super) struct CallbackQuery {
     error_description: Option<String>,
 }
 
-/// Escape text for HTML.
-fn escape(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    for c in text.chars() {
-        match c {
-            '&' => out.push_str("&amp;"),
-            '<' => out.push_str("&lt;"),
-            '>' => out.push_str("&gt;"),
-            '"' => out.push_str("&quot;"),
-            '\'' => out.push_str("&#39;"),
-            c if c.is_control() => out.push(' '),
-            c => out.push(c),
-        }
-    }
-    out
-}
+use super::web::html::escape;
 
 /// A small self-contained page; `body` is already escaped HTML.
 fn page(code: StatusCode, title: &str, body: &str) -> Response {
+    page_back(code, title, body, false)
+}
+
+/// Like [`page`]; with `back` the browser returns to the admin page at once
+/// (the consent was started there, and that page shows the outcome).
+fn page_back(code: StatusCode, title: &str, body: &str, back: bool) -> Response {
+    let (refresh, link) = if back {
+        (
+            "<meta http-equiv=\"refresh\" content=\"0;url=/\">",
+            "<p><a href=\"/\">Back to the mailbridge page</a></p>",
+        )
+    } else {
+        ("", "")
+    };
     let html = format!(
-        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>mailbridge: {t}</title>\
+        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">{refresh}<title>mailbridge: {t}</title>\
 <style>body{{font-family:sans-serif;max-width:40em;margin:3em auto;line-height:1.5}}code{{background:#eee;padding:0 .2em}}</style>\
-</head><body><h1>{t}</h1>{body}</body></html>\n",
+</head><body><h1>{t}</h1>{body}{link}</body></html>\n",
         t = escape(title)
     );
     (
@@ -97,16 +96,11 @@ pub(super) async fn start(
         );
     }
     let wanted = q.upstream.as_deref().unwrap_or("upstream");
-    let registry = ctx
-        .extras
-        .oauth
+    let regs = ctx.registries();
+    let registry = regs
         .iter()
         .find(|(label, _)| *label == wanted || label.strip_prefix("upstream.") == Some(wanted))
-        .or_else(|| {
-            (q.upstream.is_none())
-                .then(|| ctx.extras.oauth.first())
-                .flatten()
-        });
+        .or_else(|| (q.upstream.is_none()).then(|| regs.first()).flatten());
     let Some((_, registry)) = registry else {
         return page(
             StatusCode::NOT_FOUND,
@@ -137,71 +131,90 @@ pub(super) async fn callback(
     Query(q): Query<CallbackQuery>,
 ) -> Response {
     let state = q.state.clone().unwrap_or_default();
+    let from_page = ctx.web.sessions.started_here(&state);
+    let (ok, title, text, response) = redeem(&ctx, &state, q).await;
+    if !from_page {
+        return response;
+    }
+    // Back to the page that started it, which shows the outcome.
+    ctx.web.sessions.consent_result(&state, ok, text.clone());
+    page_back(
+        if ok {
+            StatusCode::OK
+        } else {
+            StatusCode::BAD_REQUEST
+        },
+        title,
+        &format!("<p>{}</p>", escape(&text)),
+        true,
+    )
+}
+
+/// Handle the provider's answer: (success, title, outcome as text, the page for a browser not sent by the admin page).
+async fn redeem(
+    ctx: &Ctx,
+    state: &str,
+    q: CallbackQuery,
+) -> (bool, &'static str, String, Response) {
+    let failed = |what: &str, detail: &str| {
+        (
+            false,
+            "Sign-in failed",
+            format!("Connect account failed: {what}: {detail}"),
+            error_page(StatusCode::BAD_REQUEST, what, detail),
+        )
+    };
     if let Some(error) = q.error.as_deref() {
         // Whatever the provider said, this sign-in is over.
-        for (_, r) in &ctx.extras.oauth {
-            r.cancel_login(&state);
+        for (_, r) in &ctx.registries() {
+            r.cancel_login(state);
         }
         tracing::warn!(error = %crate::text::for_log(error), description = %crate::text::for_log(q.error_description.as_deref().unwrap_or("")), "OAuth sign-in refused by the provider");
         let detail = q.error_description.as_deref().unwrap_or("");
-        return error_page(
-            StatusCode::BAD_REQUEST,
+        return failed(
             &format!("The provider answered `{error}`"),
             detail.lines().next().unwrap_or(""),
         );
     }
-    let Some(registry) = ctx
-        .extras
-        .oauth
+    let regs = ctx.registries();
+    let Some(registry) = regs
         .iter()
         .map(|(_, r)| r)
-        .find(|r| !state.is_empty() && r.has_login(&state))
+        .find(|r| !state.is_empty() && r.has_login(state))
     else {
-        return error_page(
-            StatusCode::BAD_REQUEST,
+        return failed(
             "Unknown sign-in",
             "this link was already used, has expired (10 minutes), or was not started by this mailbridge",
         );
     };
     let Some(code) = q.code.filter(|c| !c.is_empty()) else {
-        registry.cancel_login(&state);
-        return error_page(
-            StatusCode::BAD_REQUEST,
+        registry.cancel_login(state);
+        return failed(
             "No authorization code",
             "the provider sent neither a code nor an error",
         );
     };
-    match registry.finish_login(&state, &Secret::new(code)).await {
-        Ok(identity) => page(
-            StatusCode::OK,
+    match registry.finish_login(state, &Secret::new(code)).await {
+        Ok(identity) => (
+            true,
             "Signed in",
-            &format!(
-                "<p>mailbridge now holds a token for <b>{}</b> and stored its refresh token \
+            format!(
+                "Connected {identity}: mailbridge holds a token for it and stored its refresh token."
+            ),
+            page(
+                StatusCode::OK,
+                "Signed in",
+                &format!(
+                    "<p>mailbridge now holds a token for <b>{}</b> and stored its refresh token \
 (mode 0600). Mail waiting for this identity will be delivered at its next attempt.</p>\
 <p>You can close this window.</p>",
-                escape(&identity)
+                    escape(&identity)
+                ),
             ),
         ),
         Err(e) => {
             tracing::warn!(error = %e, "OAuth code exchange failed");
-            error_page(
-                StatusCode::BAD_REQUEST,
-                "The code could not be redeemed",
-                &e,
-            )
+            failed("The code could not be redeemed", &e)
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::escape;
-
-    #[test]
-    fn escapes_html() {
-        assert_eq!(
-            escape("<script>\"a\" & 'b'\n"),
-            "&lt;script&gt;&quot;a&quot; &amp; &#39;b&#39; "
-        );
     }
 }

@@ -1,4 +1,4 @@
-//! `POST /send-test` (the seed's "Send a sample mail"): a small message goes through the spool and the real route like any other, and the answer carries the first attempt's result and the upstream's text.
+//! `POST /send-test` (the seed's "Send a sample mail"): a small message goes through the spool and the real route once, the answer carries that attempt's result and the upstream's text, and the message leaves the queue whatever the outcome.
 
 use std::sync::Arc;
 
@@ -38,23 +38,26 @@ If you can read it, delivery through the configured upstream works.\r\n"
     .into_bytes()
 }
 
-pub(super) async fn send_test(
-    State(ctx): State<Arc<Ctx>>,
-    headers: HeaderMap,
-    body: Option<Json<SendTest>>,
-) -> Response {
-    if !super::authorized(&ctx.admin, &headers) {
-        return unauthorized();
-    }
-    let Some(Json(req)) = body else {
-        return error(
-            StatusCode::BAD_REQUEST,
-            "expected a JSON body {\"to\": \"address\"}",
-        );
-    };
-    let to = req.to.trim().to_string();
+/// The outcome of one sample mail.
+pub(crate) struct SampleResult {
+    /// Queue id it had.
+    pub id: String,
+    /// `delivered`, `deferred`, `bounced` or `pending` (no answer in time).
+    pub result: &'static str,
+    /// The upstream's answer (its code and text), or where it went.
+    pub detail: String,
+}
+
+/// Store a sample mail to `to`, hand it to the scheduler and wait for its
+/// first (and only) attempt. It is never retried: whatever the outcome it
+/// leaves the queue, so a failed one is not delivered days later.
+pub(crate) async fn send_sample(ctx: &Ctx, to: &str) -> Result<SampleResult, (StatusCode, String)> {
+    let to = to.trim().to_string();
     if !crate::address::is_valid_mailbox(&to) {
-        return error(StatusCode::BAD_REQUEST, "`to` is not an email address");
+        return Err((
+            StatusCode::BAD_REQUEST,
+            "`to` is not an email address".into(),
+        ));
     }
     let x = &ctx.extras;
     let id = crate::spool::new_id();
@@ -68,23 +71,25 @@ pub(super) async fn send_test(
     );
     meta.message_id = Some(format!("<{id}.test@{}>", x.hostname));
     meta.client = "admin send-test".into();
+    meta.sample = true;
     let scheduler = ctx.admin.scheduler.clone();
     // Subscribe before the message can be attempted, so no event is missed.
     let mut events = scheduler.subscribe();
     let spool = scheduler.spool().clone();
     let m = meta.clone();
+    let internal = |e: String| (StatusCode::INTERNAL_SERVER_ERROR, e);
     match tokio::task::spawn_blocking(move || spool.store(&m, &message)).await {
         Ok(Ok(())) => {}
         Ok(Err(SpoolError::Full(why))) => {
-            return error(
+            return Err((
                 StatusCode::SERVICE_UNAVAILABLE,
-                &format!("queue full: {why}"),
-            );
+                format!("queue full: {why}"),
+            ));
         }
-        Ok(Err(e)) => return error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
-        Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
+        Ok(Err(e)) => return Err(internal(e.to_string())),
+        Err(e) => return Err(internal(e.to_string())),
     }
-    tracing::info!(id = %id, to = %crate::text::for_log(&to), "queued test message");
+    tracing::info!(id = %id, to = %crate::text::for_log(&to), "queued sample mail");
     scheduler.enqueue(meta);
     let wait = x.send_test_wait;
     let first = tokio::time::timeout(wait, async {
@@ -102,23 +107,57 @@ pub(super) async fn send_test(
     })
     .await;
     match first {
-        Ok(Some((outcome, detail))) => {
-            let result = match outcome {
+        Ok(Some((outcome, detail))) => Ok(SampleResult {
+            id,
+            result: match outcome {
                 AttemptOutcome::Delivered => "delivered",
                 AttemptOutcome::Deferred => "deferred",
                 AttemptOutcome::Bounced => "bounced",
+            },
+            detail,
+        }),
+        Ok(None) => Err((
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the scheduler stopped".into(),
+        )),
+        Err(_) => Ok(SampleResult {
+            detail: format!(
+                "no answer from the upstream within {}s; the attempt goes on and the sample mail is removed when it ends (it is not retried)",
+                wait.as_secs()
+            ),
+            id,
+            result: "pending",
+        }),
+    }
+}
+
+pub(super) async fn send_test(
+    State(ctx): State<Arc<Ctx>>,
+    headers: HeaderMap,
+    body: Option<Json<SendTest>>,
+) -> Response {
+    if !super::authorized(&ctx.admin, &headers) {
+        return unauthorized();
+    }
+    let Some(Json(req)) = body else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "expected a JSON body {\"to\": \"address\"}",
+        );
+    };
+    match send_sample(&ctx, &req.to).await {
+        Ok(r) => {
+            let code = if r.result == "pending" {
+                StatusCode::ACCEPTED
+            } else {
+                StatusCode::OK
             };
-            Json(json!({ "id": id, "result": result, "detail": detail })).into_response()
+            (
+                code,
+                Json(json!({ "id": r.id, "result": r.result, "detail": r.detail })),
+            )
+                .into_response()
         }
-        Ok(None) => error(StatusCode::SERVICE_UNAVAILABLE, "the scheduler stopped"),
-        Err(_) => (
-            StatusCode::ACCEPTED,
-            Json(json!({
-                "id": id,
-                "result": "pending",
-                "detail": format!("no result within {}s; the message stays queued (see `mailbridge queue show {id}`)", wait.as_secs()),
-            })),
-        )
-            .into_response(),
+        Err((code, message)) => error(code, &message),
     }
 }

@@ -90,6 +90,17 @@ pub(super) async fn attempt(
         outcome,
         detail,
     });
+    if meta.sample {
+        // The sender saw the answer on screen: a sample mail is tried once,
+        // never retried and never bounced, so a failed one leaves nothing queued.
+        if outcome != AttemptOutcome::Delivered {
+            tracing::info!(id = %id, error = meta.last_error.as_deref().unwrap_or(""), "sample mail not delivered; removed from the queue");
+        }
+        if let Err(e) = spool.remove(&id) {
+            tracing::error!(id = %id, error = %e, "cannot remove the sample mail");
+        }
+        return None;
+    }
     match next {
         Next::Retry(delay) => {
             meta.next_attempt = now_unix() + delay.as_secs();

@@ -93,6 +93,10 @@ pub struct Meta {
     /// retried, until an operator retries or deletes it.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub bounce_undeliverable: bool,
+    /// A sample mail from the admin endpoint ("Send a sample mail"): tried
+    /// once, then removed whatever the outcome (never retried, no DSN).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub sample: bool,
 }
 
 impl Meta {
@@ -113,6 +117,7 @@ impl Meta {
             is_dsn: false,
             auth_user: None,
             bounce_undeliverable: false,
+            sample: false,
         }
     }
 
