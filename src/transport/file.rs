@@ -1,8 +1,10 @@
 //! The `file` upstream: each message becomes one `.eml` in an outbox directory, written atomically, so mailbridge runs with no account anywhere.
 
-use std::path::PathBuf;
+use std::fs;
+use std::io::{self, BufWriter, Write};
+use std::path::{Path, PathBuf};
 
-use super::{BoxFuture, Delivery, Envelope, Failure, Transport};
+use super::{Body, BoxFuture, Delivery, Envelope, Failure, Transport};
 
 /// Writes `<outbox>/<queue id>.eml`, with `Return-Path` and `X-Mailbridge-To`
 /// headers recording the envelope.
@@ -23,19 +25,19 @@ impl Transport for FileTransport {
         format!("file://{}", self.dir.display())
     }
 
-    fn deliver<'a>(&'a self, env: &'a Envelope, message: &'a [u8]) -> BoxFuture<'a, Delivery> {
+    fn deliver<'a>(&'a self, env: &'a Envelope, message: &'a Body) -> BoxFuture<'a, Delivery> {
         Box::pin(async move {
-            let mut data = Vec::with_capacity(message.len() + 128);
-            data.extend_from_slice(format!("Return-Path: <{}>\r\n", env.from).as_bytes());
-            data.extend_from_slice(
+            let mut head = Vec::with_capacity(256);
+            head.extend_from_slice(format!("Return-Path: <{}>\r\n", env.from).as_bytes());
+            head.extend_from_slice(
                 format!("X-Mailbridge-To: {}\r\n", env.rcpts.join(", ")).as_bytes(),
             );
-            data.extend_from_slice(message);
             let path = self.dir.join(format!("{}.eml", env.id));
             let dir = self.dir.clone();
+            let message = message.clone();
             let written = tokio::task::spawn_blocking(move || {
                 std::fs::create_dir_all(&dir)?;
-                crate::spool::write_atomic(&path, &data)
+                write_atomic(&path, &head, &message)
             })
             .await;
             match written {
@@ -58,6 +60,36 @@ impl Transport for FileTransport {
     }
 }
 
+/// Write `head` and then `message` to `path` atomically, a chunk at a time:
+/// a new temp file beside it (mode 0600, never through a symlink), fsync,
+/// rename, fsync the directory. The temp file goes when anything fails.
+fn write_atomic(path: &Path, head: &[u8], message: &Body) -> io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
+    let tmp = dir.join(format!(".{name}.{:08x}.tmp", rand::random::<u32>()));
+    let write = || -> io::Result<()> {
+        let file = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&tmp)?;
+        let mut w = BufWriter::with_capacity(super::body::CHUNK, file);
+        w.write_all(head)?;
+        message.write_to(&mut w)?;
+        let file = w.into_inner().map_err(|e| e.into_error())?;
+        file.sync_data()?;
+        fs::rename(&tmp, path)?;
+        fs::File::open(dir)?.sync_all()
+    };
+    let result = write();
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    result
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -72,7 +104,10 @@ mod tests {
             rcpts: vec!["c@d".into(), "e@f".into()],
             identity: None,
         };
-        let r = t.deliver(&env, b"Subject: x\r\n\r\nhi\r\n").await.unwrap();
+        let r = t
+            .deliver(&env, &Body::from(b"Subject: x\r\n\r\nhi\r\n"))
+            .await
+            .unwrap();
         assert_eq!(r.len(), 2);
         let got = std::fs::read(dir.path().join("out/q1.eml")).unwrap();
         assert_eq!(

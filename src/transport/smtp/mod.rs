@@ -25,7 +25,7 @@ use std::time::Duration;
 
 use rustls_pki_types::ServerName;
 
-use super::{BoxFuture, Delivery, Envelope, Failure, Transport};
+use super::{Body, BoxFuture, Delivery, Envelope, Failure, Transport};
 use crate::config::HostPort;
 use conn::ProxyTunnel;
 use pool::Pool;
@@ -152,7 +152,7 @@ impl Transport for SmtpTransport {
         self.peer()
     }
 
-    fn deliver<'a>(&'a self, env: &'a Envelope, message: &'a [u8]) -> BoxFuture<'a, Delivery> {
+    fn deliver<'a>(&'a self, env: &'a Envelope, message: &'a Body) -> BoxFuture<'a, Delivery> {
         Box::pin(self.deliver_inner(env, message))
     }
 
