@@ -842,3 +842,27 @@ async fn a_display_name_cannot_inject_a_header() {
         "From: \"Desk at floor2 Bcc: attacker2 at evil.test\" <relay@contoso.com>\r\nTo: \"Ops Bcc: attacker@evil.test\" <ok@example.com>\r\nSubject: s\r\n\r\nx\r\n"
     );
 }
+
+/// A 1 MB message from a spool file: the `MimeContent` is base64 made as
+/// the file is read, and EWS gets every byte.
+#[tokio::test]
+async fn a_spooled_message_streams_into_mime_content() {
+    let mut m = MESSAGE.to_vec();
+    let mut i = 0u32;
+    while m.len() < 1_000_000 {
+        m.extend_from_slice(format!(".line {i} \u{e9}\r\n").as_bytes());
+        i += 1;
+    }
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("m.eml");
+    std::fs::write(&path, &m).expect("write");
+    let body =
+        mailbridge::transport::Body::open(std::fs::File::open(&path).expect("open")).expect("head");
+    let fake = FakeEws::start(FakeAuth::basic(USER, PASSWORD)).await;
+    let t = transport(settings(&fake, basic(PASSWORD)));
+    delivered(&t.deliver(&envelope(&rcpts(), None), &body).await, 2);
+    let reqs = fake.requests();
+    assert_eq!(reqs.len(), 1);
+    assert!(reqs[0].problems.is_empty(), "{:?}", reqs[0].problems);
+    assert!(reqs[0].mime.as_deref() == Some(&m[..]), "the MIME differs");
+}

@@ -874,3 +874,38 @@ async fn a_display_name_cannot_inject_a_header() {
     );
     assert_eq!(sent[0].recipients, ["ok@example.com"]);
 }
+
+/// A 2 MB message from a spool file goes to `sendMail` base64-encoded as
+/// it is read, and again whole after a `401` (a new stream per request).
+#[tokio::test]
+async fn a_spooled_message_is_streamed_and_streamed_again_after_a_401() {
+    let mut m = MSG.replace("Hello.\r\n", "").into_bytes();
+    let mut i = 0u32;
+    while m.len() < 2_000_000 {
+        m.extend_from_slice(format!(".line {i} \u{e9}\r\n").as_bytes());
+        i += 1;
+    }
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("m.eml");
+    std::fs::write(&path, &m).expect("write");
+    let body =
+        mailbridge::transport::Body::open(std::fs::File::open(&path).expect("open")).expect("head");
+    let fake = FakeGraph::start(GraphConfig::default()).await;
+    fake.set_token("token-2");
+    let tokens = Arc::new(Rotating {
+        n: AtomicUsize::new(1),
+        invalidated: AtomicUsize::new(0),
+        fail: false,
+    });
+    let t = GraphTransport::new(settings(&fake, tokens)).expect("transport");
+    assert!(all_ok(
+        &t.deliver(&env(&["boss@example.com"]), &body).await,
+        1
+    ));
+    let statuses: Vec<u16> = fake.requests().into_iter().map(|r| r.status).collect();
+    assert_eq!(statuses, [401, 202]);
+    let sent = fake.sent();
+    assert_eq!(sent.len(), 1);
+    assert!(sent[0].mime.as_deref() == Some(&m[..]), "the MIME differs");
+    assert!(t.request_bytes(&body) >= m.len() as u64 / 3 * 4);
+}
