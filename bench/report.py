@@ -142,10 +142,11 @@ def main():
         print()
         print("Byte check (--verify: each message's body at the sink against smtp-source's, SHA-256):")
         print()
-        print("| run | message body bytes | intact | damaged | missing | peak RSS MiB | Σ PSS MiB |")
-        print("|---|---:|---:|---:|---:|---:|---:|")
+        print("| run | message body bytes | ingest s | end-to-end s | intact | damaged | missing | peak RSS MiB | Σ PSS MiB |")
+        print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
         for r in checked:
-            print(f"| {r.get('run')} | {r.get('body_bytes', '–')} | {r.get('intact', '–')} | "
+            print(f"| {r.get('run')} | {r.get('body_bytes', '–')} | {fmt(r.get('ingest_s'), 1)} | "
+                  f"{fmt(r.get('e2e_s'), 1)} | {r.get('intact', '–')} | "
                   f"{r.get('damaged', '–')} | {r.get('missing', '–')} | "
                   f"{mib(r.get('peak_rss_kib'))} | {mib(r.get('peak_sum_pss_kib'))} |"
                   + (f" {r['verify_error']}" if r.get("verify_error") else ""))
