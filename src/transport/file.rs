@@ -115,4 +115,33 @@ mod tests {
             b"Return-Path: <a@b>\r\nX-Mailbridge-To: c@d, e@f\r\nSubject: x\r\n\r\nhi\r\n"
         );
     }
+
+    #[tokio::test]
+    async fn a_spooled_message_is_copied_a_chunk_at_a_time_and_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut msg = b"Subject: big\r\n\r\n".to_vec();
+        while msg.len() < 700_000 {
+            msg.extend_from_slice(b"0123456789abcdef\r\n");
+        }
+        let src = dir.path().join("src.eml");
+        std::fs::write(&src, &msg).unwrap();
+        let body = Body::open(std::fs::File::open(&src).unwrap()).unwrap();
+        let t = FileTransport::new(dir.path().join("out"));
+        let env = Envelope {
+            id: "q2".into(),
+            from: "a@b".into(),
+            rcpts: vec!["c@d".into()],
+            identity: None,
+        };
+        t.deliver(&env, &body).await.unwrap();
+        let got = std::fs::read(dir.path().join("out/q2.eml")).unwrap();
+        let head = b"Return-Path: <a@b>\r\nX-Mailbridge-To: c@d\r\n";
+        assert_eq!(&got[..head.len()], head);
+        assert!(got[head.len()..] == msg[..], "the copy differs");
+        // No temp file is left beside it.
+        assert_eq!(
+            std::fs::read_dir(dir.path().join("out")).unwrap().count(),
+            1
+        );
+    }
 }
