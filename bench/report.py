@@ -136,6 +136,21 @@ def main():
     print("threads and whatever else runs on the machine); busy before = the machine in the 1 s")
     print("before the run (the run waits, within limits, for that to be ≤ 15 %).")
 
+    # Every byte intact (run.sh --verify / --large)
+    checked = [r for r in runs if "intact" in r or "verify_error" in r]
+    if checked:
+        print()
+        print("Byte check (--verify: each message's body at the sink against smtp-source's, SHA-256):")
+        print()
+        print("| run | message body bytes | ingest s | end-to-end s | intact | damaged | missing | peak RSS MiB | Σ PSS MiB |")
+        print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+        for r in checked:
+            print(f"| {r.get('run')} | {r.get('body_bytes', '–')} | {fmt(r.get('ingest_s'), 1)} | "
+                  f"{fmt(r.get('e2e_s'), 1)} | {r.get('intact', '–')} | "
+                  f"{r.get('damaged', '–')} | {r.get('missing', '–')} | "
+                  f"{mib(r.get('peak_rss_kib'))} | {mib(r.get('peak_sum_pss_kib'))} |"
+                  + (f" {r['verify_error']}" if r.get("verify_error") else ""))
+
     # Postfix CPU breakdown
     pf = [r for r in runs if r["relay"] == "postfix" and r.get("cpu_breakdown_ms")]
     if pf:

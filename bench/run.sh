@@ -21,6 +21,10 @@
 #                      second in which the machine is at most 15% busy
 #   --nice N           run relay, sink, smtp-source and the sampler under
 #                      `nice -n N` (e.g. -10 on a machine shared with builds)
+#   --verify           the sink keeps every message (smtp-sink -d) and each one's
+#                      body is compared (SHA-256) with what smtp-source sends
+#   --large            the large-message scenario: --messages 20 --sessions 20
+#                      --size 20971520 --repeat 1 --verify --timeout 900
 set -euo pipefail
 
 ORIG_ARGS="$*"
@@ -39,6 +43,7 @@ KEEP=0
 JSON_OUT=""
 QUIET_WAIT=120
 NICE=""
+VERIFY=0
 
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -55,7 +60,9 @@ while [ $# -gt 0 ]; do
         --json) JSON_OUT=$2; shift 2 ;;
         --quiet-wait) QUIET_WAIT=$2; shift 2 ;;
         --nice) NICE=$2; shift 2 ;;
-        -h|--help) sed -n '2,24p' "$0"; exit 0 ;;
+        --verify) VERIFY=1; shift ;;
+        --large) MESSAGES=20; SESSIONS=20; SIZE=20971520; REPEAT=1; VERIFY=1; TIMEOUT=900; shift ;;
+        -h|--help) sed -n '2,28p' "$0"; exit 0 ;;
         *) echo "run.sh: unknown option $1" >&2; exit 64 ;;
     esac
 done
@@ -221,6 +228,7 @@ postfix_setup() {
         "smtp_dns_support_level = disabled" \
         "smtpd_client_connection_count_limit = 100" \
         "smtpd_client_connection_rate_limit = 0" \
+        "message_size_limit = 104857600" \
         "default_destination_concurrency_limit = 20" \
         "smtp_tls_security_level = none" \
         "smtpd_tls_security_level = none" \
@@ -308,7 +316,13 @@ SINK_PID=""
 sink_start() { # run-id
     SINK_OUT="$T/sink-$1.out"
     : > "$SINK_OUT"
-    $NICE_CMD smtp-sink -c -u nobody "127.0.0.1:$SINK_PORT" 1000 > "$SINK_OUT" 2> "$T/sink-$1.err" &
+    local dump=()
+    if [ "$VERIFY" = 1 ]; then
+        # One file per message, written as user nobody (smtp-sink -u).
+        mkdir -p "$T/dump-$1"; chown nobody "$T/dump-$1"
+        dump=(-d "$T/dump-$1/%H%M%S.")
+    fi
+    $NICE_CMD smtp-sink -c -u nobody "${dump[@]}" "127.0.0.1:$SINK_PORT" 1000 > "$SINK_OUT" 2> "$T/sink-$1.err" &
     SINK_PID=$!
     echo "$SINK_PID" >> "$PIDS"
     wait_port "$SINK_PORT" 10 "$SINK_PID" || { log "smtp-sink did not start: $(cat "$T/sink-$1.err")"; return 1; }
@@ -352,7 +366,12 @@ one_run() { # relay sessions rep
             if [ -d "$MB_SPOOL/queue" ]; then left=$(queue_files "$MB_SPOOL/queue" "$MB_SPOOL/tmp")
             else left=$(queue_files "$MB_SPOOL"); fi ;;
     esac
-    echo "$out" | python3 -c 'import json,sys; d=json.loads(sys.stdin.read()); d["queue_files_left"]=int(sys.argv[1]); d["run"]=sys.argv[2]; print(json.dumps(d))' "$left" "$id" >> "$RESULTS"
+    local verified='{}'
+    if [ "$VERIFY" = 1 ]; then
+        verified=$(python3 "$HERE/verify.py" --reference "$T/dump-reference" --dumps "$T/dump-$id" --expect "$MESSAGES")
+        rm -rf "$T/dump-$id"
+    fi
+    echo "$out" | python3 -c 'import json,sys; d=json.loads(sys.stdin.read()); d["queue_files_left"]=int(sys.argv[1]); d["run"]=sys.argv[2]; d.update(json.loads(sys.argv[3])); print(json.dumps(d))' "$left" "$id" "$verified" >> "$RESULTS"
     [ "$rc" = 0 ] || log "$relay run had errors (see results)"
     case "$relay" in
         postfix) postfix_stop ;;
@@ -369,6 +388,19 @@ one_run() { # relay sessions rep
 case " $RELAYS " in
     *" postfix "*) postfix_setup || { log "private Postfix setup failed"; exit 1; } ;;
 esac
+
+# What every delivered message must be: one message from smtp-source straight
+# into the sink, no relay between them.
+if [ "$VERIFY" = 1 ]; then
+    sink_start reference || { log "reference sink did not start"; exit 1; }
+    if ! timeout "$TIMEOUT" smtp-source -s 1 -m 1 -l "$SIZE" -f from@bench.local -t to@bench.local \
+            "127.0.0.1:$SINK_PORT" > "$T/source-reference.log" 2>&1; then
+        log "reference message could not be sent: $(tail -3 "$T/source-reference.log" | tr '\n' ' ')"; exit 1
+    fi
+    i=0
+    while [ -z "$(find "$T/dump-reference" -type f -size +0 2>/dev/null)" ] && [ "$i" -lt 100 ]; do sleep 0.1; i=$((i + 1)); done
+    stop_pid "$SINK_PID"; SINK_PID=""
+fi
 
 for s in $SESSIONS; do
     for rep in $(seq 1 "$REPEAT"); do

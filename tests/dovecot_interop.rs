@@ -60,7 +60,9 @@ async fn batch(t: &SmtpTransport, tag: &str, n: usize, dovecot: &Dovecot) {
         let msg = format!(
             "From: {USER}\r\nTo: b@example.org\r\nSubject: {tag} {i}\r\n\r\nHello through Dovecot.\r\n"
         );
-        let d = t.deliver(&env, msg.as_bytes()).await;
+        let d = t
+            .deliver(&env, &mailbridge::transport::Body::from(msg.as_bytes()))
+            .await;
         assert!(
             matches!(&d, Ok(r) if r.iter().all(Result::is_ok)),
             "{tag} {i}: {d:?}\ndovecot log:\n{}",

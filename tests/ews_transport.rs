@@ -95,7 +95,12 @@ fn delivered(d: &Delivery, n: usize) {
 async fn exact_request_with_basic_auth_and_save_copy() {
     let fake = FakeEws::start(FakeAuth::basic(USER, PASSWORD)).await;
     let t = transport(settings(&fake, basic(PASSWORD)));
-    let d = t.deliver(&envelope(&rcpts(), None), MESSAGE).await;
+    let d = t
+        .deliver(
+            &envelope(&rcpts(), None),
+            &mailbridge::transport::Body::from(MESSAGE),
+        )
+        .await;
     delivered(&d, 2);
     let reqs = fake.requests();
     assert_eq!(reqs.len(), 1);
@@ -136,7 +141,10 @@ async fn send_only_has_no_saved_item_folder() {
     let mut s = settings(&fake, basic(PASSWORD));
     s.save_to_sent_items = false;
     let d = transport(s)
-        .deliver(&envelope(&rcpts(), None), MESSAGE)
+        .deliver(
+            &envelope(&rcpts(), None),
+            &mailbridge::transport::Body::from(MESSAGE),
+        )
         .await;
     delivered(&d, 2);
     let r = &fake.requests()[0];
@@ -159,7 +167,11 @@ async fn envelope_only_recipients_go_to_bcc_and_stay_hidden() {
         ],
         None,
     );
-    delivered(&t.deliver(&env, MESSAGE).await, 4);
+    delivered(
+        &t.deliver(&env, &mailbridge::transport::Body::from(MESSAGE))
+            .await,
+        4,
+    );
     let mime = fake.requests()[0].mime_text();
     let (head, body) = mime.split_once("\r\n\r\n").expect("header and body");
     assert_eq!(body, "Hello.\r\n");
@@ -181,7 +193,11 @@ async fn a_stale_bcc_field_is_replaced() {
     let t = transport(settings(&fake, basic(PASSWORD)));
     let msg = b"Bcc: old@example.com\r\nFrom: relay@contoso.com\r\nTo: bob@example.com\r\nSubject: s\r\n\r\nx\r\n";
     let env = envelope(&["bob@example.com", "new@example.com"], None);
-    delivered(&t.deliver(&env, msg).await, 2);
+    delivered(
+        &t.deliver(&env, &mailbridge::transport::Body::from(msg))
+            .await,
+        2,
+    );
     assert_eq!(
         fake.requests()[0].mime_text(),
         "From: relay@contoso.com\r\nTo: bob@example.com\r\nSubject: s\r\nBcc: new@example.com\r\n\r\nx\r\n"
@@ -192,7 +208,14 @@ async fn a_stale_bcc_field_is_replaced() {
 async fn bearer_delegated_sends_no_impersonation() {
     let fake = FakeEws::start(FakeAuth::bearer(&[TOKEN])).await;
     let t = transport(settings(&fake, bearer(TOKEN)));
-    delivered(&t.deliver(&envelope(&rcpts(), None), MESSAGE).await, 2);
+    delivered(
+        &t.deliver(
+            &envelope(&rcpts(), None),
+            &mailbridge::transport::Body::from(MESSAGE),
+        )
+        .await,
+        2,
+    );
     let r = &fake.requests()[0];
     assert!(r.problems.is_empty(), "{:?}", r.problems);
     assert_eq!(
@@ -209,10 +232,20 @@ async fn app_only_impersonates_the_default_or_the_envelope_identity() {
     let mut s = settings(&fake, bearer(TOKEN));
     s.impersonate = true;
     let t = transport(s);
-    delivered(&t.deliver(&envelope(&rcpts(), None), MESSAGE).await, 2);
     delivered(
-        &t.deliver(&envelope(&rcpts(), Some("printer@contoso.com")), MESSAGE)
-            .await,
+        &t.deliver(
+            &envelope(&rcpts(), None),
+            &mailbridge::transport::Body::from(MESSAGE),
+        )
+        .await,
+        2,
+    );
+    delivered(
+        &t.deliver(
+            &envelope(&rcpts(), Some("printer@contoso.com")),
+            &mailbridge::transport::Body::from(MESSAGE),
+        )
+        .await,
         2,
     );
     let reqs = fake.requests();
@@ -233,7 +266,13 @@ async fn app_only_without_impersonation_is_refused_by_the_fake() {
     // The fake enforces what Exchange Online enforces; this keeps it honest.
     let fake = FakeEws::start(FakeAuth::bearer(&[TOKEN]).impersonation()).await;
     let t = transport(settings(&fake, bearer(TOKEN)));
-    let f = failed(t.deliver(&envelope(&rcpts(), None), MESSAGE).await);
+    let f = failed(
+        t.deliver(
+            &envelope(&rcpts(), None),
+            &mailbridge::transport::Body::from(MESSAGE),
+        )
+        .await,
+    );
     assert_eq!(f.severity, Severity::Permanent);
     assert!(f.text.contains("ErrorSchemaValidation"), "{}", f.text);
 }
@@ -269,7 +308,14 @@ async fn a_rejected_token_is_refreshed_once() {
     let fake = FakeEws::start(FakeAuth::bearer(&["tok-new"])).await;
     let tokens = Arc::new(Rotating::default());
     let t = transport(settings(&fake, EwsAuth::bearer(tokens.clone())));
-    delivered(&t.deliver(&envelope(&rcpts(), None), MESSAGE).await, 2);
+    delivered(
+        &t.deliver(
+            &envelope(&rcpts(), None),
+            &mailbridge::transport::Body::from(MESSAGE),
+        )
+        .await,
+        2,
+    );
     let reqs = fake.requests();
     assert_eq!(reqs.len(), 2);
     assert_eq!(reqs[0].status, 401);
@@ -281,7 +327,13 @@ async fn a_rejected_token_is_refreshed_once() {
 
     // Rejected again after the refresh: one retry only, then a server failure.
     fake.set_tokens(&["something-else"]);
-    let f = failed(t.deliver(&envelope(&rcpts(), None), MESSAGE).await);
+    let f = failed(
+        t.deliver(
+            &envelope(&rcpts(), None),
+            &mailbridge::transport::Body::from(MESSAGE),
+        )
+        .await,
+    );
     assert!(f.fails_over(), "{f:?}");
     assert!(f.text.contains("OAuth token rejected"), "{}", f.text);
     assert_eq!(fake.requests().len(), 4);
@@ -292,7 +344,13 @@ async fn a_rejected_token_is_refreshed_once() {
 async fn basic_credentials_rejected_is_a_clear_server_failure() {
     let fake = FakeEws::start(FakeAuth::basic(USER, PASSWORD)).await;
     let t = transport(settings(&fake, basic("wrong-Pa55word!")));
-    let f = failed(t.deliver(&envelope(&rcpts(), None), MESSAGE).await);
+    let f = failed(
+        t.deliver(
+            &envelope(&rcpts(), None),
+            &mailbridge::transport::Body::from(MESSAGE),
+        )
+        .await,
+    );
     assert!(f.fails_over(), "{f:?}");
     assert!(
         f.text.contains("credentials rejected")
@@ -307,7 +365,13 @@ async fn basic_credentials_rejected_is_a_clear_server_failure() {
     // A 401 although the credentials are right (e.g. Basic disabled).
     let t = transport(settings(&fake, basic(PASSWORD)));
     fake.push(Reply::Unauthorized);
-    let f = failed(t.deliver(&envelope(&rcpts(), None), MESSAGE).await);
+    let f = failed(
+        t.deliver(
+            &envelope(&rcpts(), None),
+            &mailbridge::transport::Body::from(MESSAGE),
+        )
+        .await,
+    );
     assert!(f.fails_over() && f.text.contains("credentials rejected"));
 }
 
@@ -332,7 +396,13 @@ impl TokenSource for NoToken {
 async fn no_token_is_a_transient_message_failure_without_a_request() {
     let fake = FakeEws::start(FakeAuth::bearer(&[TOKEN])).await;
     let t = transport(settings(&fake, EwsAuth::bearer(Arc::new(NoToken))));
-    let f = failed(t.deliver(&envelope(&rcpts(), None), MESSAGE).await);
+    let f = failed(
+        t.deliver(
+            &envelope(&rcpts(), None),
+            &mailbridge::transport::Body::from(MESSAGE),
+        )
+        .await,
+    );
     assert_eq!((f.severity, f.scope), (Severity::Transient, Scope::Message));
     assert!(f.text.contains("re-consent needed"), "{}", f.text);
     assert!(fake.requests().is_empty());
@@ -344,15 +414,34 @@ async fn server_busy_is_transient_with_back_off() {
     let t = transport(settings(&fake, basic(PASSWORD)));
     fake.push(Reply::server_busy(Some(25)));
     fake.push(Reply::server_busy(None));
-    let f = failed(t.deliver(&envelope(&rcpts(), None), MESSAGE).await);
+    let f = failed(
+        t.deliver(
+            &envelope(&rcpts(), None),
+            &mailbridge::transport::Body::from(MESSAGE),
+        )
+        .await,
+    );
     assert_eq!((f.severity, f.scope), (Severity::Transient, Scope::Message));
     assert_eq!(f.not_before, Some(Duration::from_millis(25)));
     assert!(f.text.contains("ErrorServerBusy"), "{}", f.text);
-    let f = failed(t.deliver(&envelope(&rcpts(), None), MESSAGE).await);
+    let f = failed(
+        t.deliver(
+            &envelope(&rcpts(), None),
+            &mailbridge::transport::Body::from(MESSAGE),
+        )
+        .await,
+    );
     assert_eq!(f.not_before, Some(DEFAULT_BACKOFF));
     assert_eq!(fake.requests()[0].status, 500);
     // And the next attempt goes through.
-    delivered(&t.deliver(&envelope(&rcpts(), None), MESSAGE).await, 2);
+    delivered(
+        &t.deliver(
+            &envelope(&rcpts(), None),
+            &mailbridge::transport::Body::from(MESSAGE),
+        )
+        .await,
+        2,
+    );
 }
 
 #[tokio::test]
@@ -360,7 +449,13 @@ async fn connection_count_and_503_are_transient() {
     let fake = FakeEws::start(FakeAuth::basic(USER, PASSWORD)).await;
     let t = transport(settings(&fake, basic(PASSWORD)));
     fake.push(Reply::ConnectionCount);
-    let f = failed(t.deliver(&envelope(&rcpts(), None), MESSAGE).await);
+    let f = failed(
+        t.deliver(
+            &envelope(&rcpts(), None),
+            &mailbridge::transport::Body::from(MESSAGE),
+        )
+        .await,
+    );
     assert_eq!((f.severity, f.scope), (Severity::Transient, Scope::Message));
     assert!(
         f.text.contains("ErrorExceededConnectionCount")
@@ -372,14 +467,26 @@ async fn connection_count_and_503_are_transient() {
     assert_eq!(f.not_before, None);
 
     fake.push(Reply::Unavailable { retry_after: None });
-    let f = failed(t.deliver(&envelope(&rcpts(), None), MESSAGE).await);
+    let f = failed(
+        t.deliver(
+            &envelope(&rcpts(), None),
+            &mailbridge::transport::Body::from(MESSAGE),
+        )
+        .await,
+    );
     assert_eq!((f.severity, f.scope), (Severity::Transient, Scope::Server));
     assert!(f.text.contains("503"), "{}", f.text);
 
     fake.push(Reply::Unavailable {
         retry_after: Some(30),
     });
-    let f = failed(t.deliver(&envelope(&rcpts(), None), MESSAGE).await);
+    let f = failed(
+        t.deliver(
+            &envelope(&rcpts(), None),
+            &mailbridge::transport::Body::from(MESSAGE),
+        )
+        .await,
+    );
     assert!(f.fails_over());
     assert_eq!(f.not_before, Some(Duration::from_secs(30)));
 }
@@ -402,7 +509,13 @@ async fn permission_and_content_errors_are_permanent_with_the_ews_code() {
             unreachable!()
         };
         fake.push(reply);
-        let f = failed(t.deliver(&envelope(&rcpts(), None), MESSAGE).await);
+        let f = failed(
+            t.deliver(
+                &envelope(&rcpts(), None),
+                &mailbridge::transport::Body::from(MESSAGE),
+            )
+            .await,
+        );
         assert_eq!((f.severity, f.scope), (Severity::Permanent, Scope::Message));
         assert!(
             f.text.contains(&format!("{code}: {text}")),
@@ -422,7 +535,10 @@ async fn unreachable_server_is_a_server_failure() {
     s.connect_url = format!("http://{addr}{PATH}");
     let f = failed(
         transport(s)
-            .deliver(&envelope(&rcpts(), None), MESSAGE)
+            .deliver(
+                &envelope(&rcpts(), None),
+                &mailbridge::transport::Body::from(MESSAGE),
+            )
             .await,
     );
     assert!(f.fails_over(), "{f:?}");
@@ -445,7 +561,10 @@ async fn a_silent_server_times_out_as_a_server_failure() {
     s.connect_url = format!("http://{addr}{PATH}");
     let f = failed(
         transport(s)
-            .deliver(&envelope(&rcpts(), None), MESSAGE)
+            .deliver(
+                &envelope(&rcpts(), None),
+                &mailbridge::transport::Body::from(MESSAGE),
+            )
             .await,
     );
     assert!(f.fails_over(), "{f:?}");
@@ -598,7 +717,14 @@ async fn requests_go_through_the_configured_proxy() {
         ..Proxy::default()
     };
     let t = transport(s);
-    delivered(&t.deliver(&envelope(&rcpts(), None), MESSAGE).await, 2);
+    delivered(
+        &t.deliver(
+            &envelope(&rcpts(), None),
+            &mailbridge::transport::Body::from(MESSAGE),
+        )
+        .await,
+        2,
+    );
     let seen = proxy.seen();
     assert_eq!(seen.len(), 1);
     assert_eq!(seen[0].0, format!("POST {} HTTP/1.1", fake.url()));
@@ -624,7 +750,11 @@ async fn a_large_message_round_trips() {
         msg.extend_from_slice(b"\r\n");
     }
     delivered(
-        &t.deliver(&envelope(&["bob@example.com"], None), &msg).await,
+        &t.deliver(
+            &envelope(&["bob@example.com"], None),
+            &mailbridge::transport::Body::from(&msg),
+        )
+        .await,
         1,
     );
     assert_eq!(fake.requests()[0].mime.as_deref(), Some(msg.as_slice()));
@@ -703,10 +833,38 @@ async fn a_display_name_cannot_inject_a_header() {
         "From: =?utf-8?B?{from_name}?= <relay@contoso.com>\r\nTo: =?utf-8?B?{name}?= <ok@example.com>, other@outside.test\r\nSubject: s\r\n\r\nx\r\n"
     );
     let env = envelope(&["ok@example.com"], None);
-    delivered(&t.deliver(&env, msg.as_bytes()).await, 1);
+    delivered(
+        &t.deliver(&env, &mailbridge::transport::Body::from(msg.as_bytes()))
+            .await,
+        1,
+    );
     // The From name has an `@`, so it is rewritten too: CR LF gone, quoted.
     assert_eq!(
         fake.requests()[0].mime_text(),
         "From: \"Desk at floor2 Bcc: attacker2 at evil.test\" <relay@contoso.com>\r\nTo: \"Ops Bcc: attacker@evil.test\" <ok@example.com>\r\nSubject: s\r\n\r\nx\r\n"
     );
+}
+
+/// A 1 MB message from a spool file: the `MimeContent` is base64 made as
+/// the file is read, and EWS gets every byte.
+#[tokio::test]
+async fn a_spooled_message_streams_into_mime_content() {
+    let mut m = MESSAGE.to_vec();
+    let mut i = 0u32;
+    while m.len() < 1_000_000 {
+        m.extend_from_slice(format!(".line {i} \u{e9}\r\n").as_bytes());
+        i += 1;
+    }
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("m.eml");
+    std::fs::write(&path, &m).expect("write");
+    let body =
+        mailbridge::transport::Body::open(std::fs::File::open(&path).expect("open")).expect("head");
+    let fake = FakeEws::start(FakeAuth::basic(USER, PASSWORD)).await;
+    let t = transport(settings(&fake, basic(PASSWORD)));
+    delivered(&t.deliver(&envelope(&rcpts(), None), &body).await, 2);
+    let reqs = fake.requests();
+    assert_eq!(reqs.len(), 1);
+    assert!(reqs[0].problems.is_empty(), "{:?}", reqs[0].problems);
+    assert!(reqs[0].mime.as_deref() == Some(&m[..]), "the MIME differs");
 }

@@ -62,7 +62,11 @@ async fn send_mail_request_shape() {
     let fake = FakeGraph::start(GraphConfig::default()).await;
     let t = graph(&fake);
     assert!(all_ok(
-        &t.deliver(&env(&["boss@example.com"]), MSG.as_bytes()).await,
+        &t.deliver(
+            &env(&["boss@example.com"]),
+            &mailbridge::transport::Body::from(MSG.as_bytes())
+        )
+        .await,
         1
     ));
     let reqs = fake.requests();
@@ -99,7 +103,7 @@ async fn bcc_only_recipients_get_it_hidden_and_header_only_ones_do_not() {
                 "audit@example.com",
                 "Archive@Example.com",
             ]),
-            MSG.as_bytes(),
+            &mailbridge::transport::Body::from(MSG.as_bytes()),
         )
         .await;
     assert!(all_ok(&d, 3));
@@ -123,7 +127,11 @@ async fn bcc_only_recipients_get_it_hidden_and_header_only_ones_do_not() {
     // must mail only this transaction's recipient.
     let m = "From: desk@contoso.com\r\nTo: a@example.com, b@example.com\r\nBcc: secret@example.com\r\nSubject: s\r\n\r\nx\r\n";
     assert!(all_ok(
-        &t.deliver(&env(&["b@example.com"]), m.as_bytes()).await,
+        &t.deliver(
+            &env(&["b@example.com"]),
+            &mailbridge::transport::Body::from(m.as_bytes())
+        )
+        .await,
         1
     ));
     let sent = fake.sent();
@@ -141,7 +149,11 @@ async fn from_display_name_with_at_is_defused() {
     let t = graph(&fake);
     let m = "From: printer@contoso.com <printer@contoso.com>\r\nTo: a@example.com\r\n\r\nscan\r\n";
     assert!(all_ok(
-        &t.deliver(&env(&["a@example.com"]), m.as_bytes()).await,
+        &t.deliver(
+            &env(&["a@example.com"]),
+            &mailbridge::transport::Body::from(m.as_bytes())
+        )
+        .await,
         1
     ));
     let mime = fake.sent()[0].mime.clone().unwrap_or_default();
@@ -185,7 +197,9 @@ async fn documented_errors_are_classified_with_the_code_in_the_text() {
         ),
     ] {
         fake.push(reply);
-        let f = err(t.deliver(&e, MSG.as_bytes()).await);
+        let f = err(t
+            .deliver(&e, &mailbridge::transport::Body::from(MSG.as_bytes()))
+            .await);
         assert_eq!(f.severity, Severity::Permanent, "{f}");
         assert!(!f.fails_over());
         assert!(
@@ -196,7 +210,9 @@ async fn documented_errors_are_classified_with_the_code_in_the_text() {
     }
 
     fake.push(Reply::too_many_requests(7));
-    let f = err(t.deliver(&e, MSG.as_bytes()).await);
+    let f = err(t
+        .deliver(&e, &mailbridge::transport::Body::from(MSG.as_bytes()))
+        .await);
     assert_eq!((f.severity, f.fails_over()), (Severity::Transient, false));
     assert_eq!(f.not_before, Some(Duration::from_secs(7)));
     assert!(
@@ -207,16 +223,25 @@ async fn documented_errors_are_classified_with_the_code_in_the_text() {
     );
 
     fake.push(Reply::unavailable(Some("5")));
-    let f = err(t.deliver(&e, MSG.as_bytes()).await);
+    let f = err(t
+        .deliver(&e, &mailbridge::transport::Body::from(MSG.as_bytes()))
+        .await);
     assert!(f.fails_over(), "503 is the server's failure");
     assert_eq!(f.not_before, Some(Duration::from_secs(5)));
 
     fake.push(Reply::new(504, ""));
-    assert!(err(t.deliver(&e, MSG.as_bytes()).await).fails_over());
+    assert!(
+        err(t
+            .deliver(&e, &mailbridge::transport::Body::from(MSG.as_bytes()))
+            .await)
+        .fails_over()
+    );
 
     // Any 2xx but 202 is suspicious: retried, not counted as sent.
     fake.push(Reply::new(200, ""));
-    let f = err(t.deliver(&e, MSG.as_bytes()).await);
+    let f = err(t
+        .deliver(&e, &mailbridge::transport::Body::from(MSG.as_bytes()))
+        .await);
     assert_eq!((f.severity, f.fails_over()), (Severity::Transient, false));
     assert!(f.text.contains("200 instead of 202"), "{}", f.text);
     assert!(fake.sent().is_empty());
@@ -265,7 +290,11 @@ async fn a_401_refreshes_the_token_once() {
     });
     let t = GraphTransport::new(settings(&fake, tokens.clone())).expect("transport");
     assert!(all_ok(
-        &t.deliver(&env(&["boss@example.com"]), MSG.as_bytes()).await,
+        &t.deliver(
+            &env(&["boss@example.com"]),
+            &mailbridge::transport::Body::from(MSG.as_bytes())
+        )
+        .await,
         1
     ));
     let statuses: Vec<(u16, Option<String>)> = fake
@@ -285,7 +314,12 @@ async fn a_401_refreshes_the_token_once() {
     // Refused again after the refresh: a server failure (authentication
     // rejected), tried exactly twice, and no token in the text.
     fake.set_token("nothing-we-have");
-    let f = err(t.deliver(&env(&["boss@example.com"]), MSG.as_bytes()).await);
+    let f = err(t
+        .deliver(
+            &env(&["boss@example.com"]),
+            &mailbridge::transport::Body::from(MSG.as_bytes()),
+        )
+        .await);
     assert!(f.fails_over(), "{f}");
     assert!(
         f.text.contains("401 InvalidAuthenticationToken"),
@@ -305,7 +339,12 @@ async fn a_401_refreshes_the_token_once() {
         }),
     ))
     .expect("transport");
-    let f = err(t.deliver(&env(&["boss@example.com"]), MSG.as_bytes()).await);
+    let f = err(t
+        .deliver(
+            &env(&["boss@example.com"]),
+            &mailbridge::transport::Body::from(MSG.as_bytes()),
+        )
+        .await);
     assert_eq!((f.severity, f.fails_over()), (Severity::Transient, false));
     assert!(
         f.text.contains("re-consent needed: AADSTS70043"),
@@ -340,12 +379,20 @@ async fn national_cloud_endpoints_and_identities() {
     s.identity_tokens = Some(Arc::new(PerMailbox));
     let t = GraphTransport::new(s).expect("transport");
     assert!(all_ok(
-        &t.deliver(&env(&["a@example.com"]), MSG.as_bytes()).await,
+        &t.deliver(
+            &env(&["a@example.com"]),
+            &mailbridge::transport::Body::from(MSG.as_bytes())
+        )
+        .await,
         1
     ));
     let mut e = env(&["a@example.com"]);
     e.identity = Some("sales@contoso.com".into());
-    assert!(all_ok(&t.deliver(&e, MSG.as_bytes()).await, 1));
+    assert!(all_ok(
+        &t.deliver(&e, &mailbridge::transport::Body::from(MSG.as_bytes()))
+            .await,
+        1
+    ));
     let paths: Vec<String> = fake.requests().into_iter().map(|r| r.path).collect();
     assert_eq!(
         paths,
@@ -393,7 +440,10 @@ async fn large_messages_go_draft_upload_session_send() {
     let pdf = pattern(3_500_000, 2);
     let m = big_message(&image, &pdf);
     let d = t
-        .deliver(&env(&["boss@example.com", "hidden@example.com"]), &m)
+        .deliver(
+            &env(&["boss@example.com", "hidden@example.com"]),
+            &mailbridge::transport::Body::from(&m),
+        )
         .await;
     assert!(all_ok(&d, 2), "{d:?}");
     let sent = fake.sent();
@@ -473,7 +523,12 @@ async fn a_failed_large_send_deletes_its_draft_and_leaks_no_token() {
     let t = GraphTransport::new(s).expect("transport");
     let m = big_message(&pattern(1000, 1), &pattern(100_000, 2));
     fake.push_on("/send", Reply::access_denied());
-    let f = err(t.deliver(&env(&["boss@example.com"]), &m).await);
+    let f = err(t
+        .deliver(
+            &env(&["boss@example.com"]),
+            &mailbridge::transport::Body::from(&m),
+        )
+        .await);
     assert_eq!(f.severity, Severity::Permanent);
     assert!(
         f.text.starts_with("Graph send: 403 ErrorAccessDenied"),
@@ -486,7 +541,12 @@ async fn a_failed_large_send_deletes_its_draft_and_leaks_no_token() {
 
     // The upload URL's token never shows up in a failure.
     fake.push_on("/createUploadSession", Reply::unavailable(None));
-    let f = err(t.deliver(&env(&["boss@example.com"]), &m).await);
+    let f = err(t
+        .deliver(
+            &env(&["boss@example.com"]),
+            &mailbridge::transport::Body::from(&m),
+        )
+        .await);
     assert!(f.fails_over());
     assert!(!f.text.contains("eyJ0eXAi"), "{}", f.text);
     assert_eq!(fake.drafts(), 0);
@@ -502,12 +562,16 @@ impl Transport for Recorder {
     fn describe(&self) -> String {
         "smtp://smtp.office365.com:587".into()
     }
-    fn deliver<'a>(&'a self, env: &'a Envelope, message: &'a [u8]) -> BoxFuture<'a, Delivery> {
+    fn deliver<'a>(
+        &'a self,
+        env: &'a Envelope,
+        message: &'a mailbridge::transport::Body,
+    ) -> BoxFuture<'a, Delivery> {
         Box::pin(async move {
             self.got
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
-                .push((env.rcpts.clone(), message.len()));
+                .push((env.rcpts.clone(), message.len() as usize));
             (self.answer)()
         })
     }
@@ -529,7 +593,12 @@ async fn large_messages_can_go_to_the_alternate_instead() {
     let graph: Arc<dyn Transport> = Arc::new(GraphTransport::new(s.clone()).expect("transport"));
     // Graph alone: the message is not for this route.
     let m = big_message(&pattern(1000, 1), &pattern(100_000, 2));
-    let f = err(graph.deliver(&env(&["boss@example.com"]), &m).await);
+    let f = err(graph
+        .deliver(
+            &env(&["boss@example.com"]),
+            &mailbridge::transport::Body::from(&m),
+        )
+        .await);
     assert_eq!((f.scope, f.severity), (Scope::Route, Severity::Permanent));
     assert!(
         f.text
@@ -542,7 +611,12 @@ async fn large_messages_can_go_to_the_alternate_instead() {
     // Behind the router: the alternate carries it, and says so; the active
     // route stays the primary.
     let router = Router::new(graph.clone(), Some(alt.clone()));
-    let d = router.deliver(&env(&["boss@example.com"]), &m).await;
+    let d = router
+        .deliver(
+            &env(&["boss@example.com"]),
+            &mailbridge::transport::Body::from(&m),
+        )
+        .await;
     assert!(all_ok(&d.result, 1));
     assert_eq!(
         (d.route, d.server.as_str()),
@@ -556,7 +630,10 @@ async fn large_messages_can_go_to_the_alternate_instead() {
     assert!(fake.requests().is_empty());
     // Small ones still go to Graph.
     let d = router
-        .deliver(&env(&["boss@example.com"]), MSG.as_bytes())
+        .deliver(
+            &env(&["boss@example.com"]),
+            &mailbridge::transport::Body::from(MSG.as_bytes()),
+        )
         .await;
     assert!(all_ok(&d.result, 1));
     assert_eq!(d.route, "primary");
@@ -568,13 +645,25 @@ async fn large_messages_can_go_to_the_alternate_instead() {
         answer: || Err(Failure::server("connection refused")),
     });
     let router = Router::new(graph.clone(), Some(down));
-    let f = err(router.deliver(&env(&["boss@example.com"]), &m).await.result);
+    let f = err(router
+        .deliver(
+            &env(&["boss@example.com"]),
+            &mailbridge::transport::Body::from(&m),
+        )
+        .await
+        .result);
     assert_eq!((f.severity, f.fails_over()), (Severity::Transient, false));
     assert_eq!(router.state().active, "primary");
 
     // No alternate: a clear bounce.
     let router = Router::new(graph, None);
-    let f = err(router.deliver(&env(&["boss@example.com"]), &m).await.result);
+    let f = err(router
+        .deliver(
+            &env(&["boss@example.com"]),
+            &mailbridge::transport::Body::from(&m),
+        )
+        .await
+        .result);
     assert_eq!(f.severity, Severity::Permanent);
     assert!(
         f.text
@@ -588,7 +677,13 @@ async fn burst(t: Arc<dyn Transport>, n: usize) -> Vec<Delivery> {
     let mut set = tokio::task::JoinSet::new();
     for _ in 0..n {
         let t = t.clone();
-        set.spawn(async move { t.deliver(&env(&["boss@example.com"]), MSG.as_bytes()).await });
+        set.spawn(async move {
+            t.deliver(
+                &env(&["boss@example.com"]),
+                &mailbridge::transport::Body::from(MSG.as_bytes()),
+            )
+            .await
+        });
     }
     let mut out = Vec::new();
     while let Some(r) = set.join_next().await {
@@ -673,7 +768,12 @@ async fn network_failures_are_server_failures() {
     let t = graph(&fake);
     drop(fake);
     tokio::task::yield_now().await;
-    let f = err(t.deliver(&env(&["boss@example.com"]), MSG.as_bytes()).await);
+    let f = err(t
+        .deliver(
+            &env(&["boss@example.com"]),
+            &mailbridge::transport::Body::from(MSG.as_bytes()),
+        )
+        .await);
     assert!(f.fails_over(), "{f}");
     assert!(t.probe().await.is_err());
 }
@@ -694,9 +794,13 @@ async fn the_governor_keeps_to_the_upload_budget_the_fake_enforces() {
             let mut set = tokio::task::JoinSet::new();
             for _ in 0..n {
                 let (t, m) = (t.clone(), message.clone());
-                set.spawn(
-                    async move { t.deliver(&env(&["boss@example.com"]), m.as_bytes()).await },
-                );
+                set.spawn(async move {
+                    t.deliver(
+                        &env(&["boss@example.com"]),
+                        &mailbridge::transport::Body::from(m.as_bytes()),
+                    )
+                    .await
+                });
             }
             while let Some(r) = set.join_next().await {
                 out.push(r.expect("task"));
@@ -753,7 +857,11 @@ async fn a_display_name_cannot_inject_a_header() {
     let t = graph(&fake);
     let m = injection_message();
     assert!(all_ok(
-        &t.deliver(&env(&["ok@example.com"]), m.as_bytes()).await,
+        &t.deliver(
+            &env(&["ok@example.com"]),
+            &mailbridge::transport::Body::from(m.as_bytes())
+        )
+        .await,
         1
     ));
     let sent = fake.sent();
@@ -765,4 +873,39 @@ async fn a_display_name_cannot_inject_a_header() {
         "From: \"Desk Bcc: attacker2 at evil.test\" <desk@contoso.com>\r\nTo: \"Ops Bcc: attacker@evil.test\" <ok@example.com>\r\nSubject: s\r\n\r\nx\r\n"
     );
     assert_eq!(sent[0].recipients, ["ok@example.com"]);
+}
+
+/// A 2 MB message from a spool file goes to `sendMail` base64-encoded as
+/// it is read, and again whole after a `401` (a new stream per request).
+#[tokio::test]
+async fn a_spooled_message_is_streamed_and_streamed_again_after_a_401() {
+    let mut m = MSG.replace("Hello.\r\n", "").into_bytes();
+    let mut i = 0u32;
+    while m.len() < 2_000_000 {
+        m.extend_from_slice(format!(".line {i} \u{e9}\r\n").as_bytes());
+        i += 1;
+    }
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("m.eml");
+    std::fs::write(&path, &m).expect("write");
+    let body =
+        mailbridge::transport::Body::open(std::fs::File::open(&path).expect("open")).expect("head");
+    let fake = FakeGraph::start(GraphConfig::default()).await;
+    fake.set_token("token-2");
+    let tokens = Arc::new(Rotating {
+        n: AtomicUsize::new(1),
+        invalidated: AtomicUsize::new(0),
+        fail: false,
+    });
+    let t = GraphTransport::new(settings(&fake, tokens)).expect("transport");
+    assert!(all_ok(
+        &t.deliver(&env(&["boss@example.com"]), &body).await,
+        1
+    ));
+    let statuses: Vec<u16> = fake.requests().into_iter().map(|r| r.status).collect();
+    assert_eq!(statuses, [401, 202]);
+    let sent = fake.sent();
+    assert_eq!(sent.len(), 1);
+    assert!(sent[0].mime.as_deref() == Some(&m[..]), "the MIME differs");
+    assert!(t.request_bytes(&body) >= m.len() as u64 / 3 * 4);
 }

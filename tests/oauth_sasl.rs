@@ -125,7 +125,9 @@ async fn long_tokens_go_after_the_334_short_ones_inline() {
         let s = setup(&[mech], "rt-sasl-long-01", |c| c).await;
         let t = transport(s.fake.addr(), &s.reg);
         // Short token: one line.
-        let d = t.deliver(&envelope(), MESSAGE).await;
+        let d = t
+            .deliver(&envelope(), &mailbridge::transport::Body::from(MESSAGE))
+            .await;
         assert!(delivered(&d), "{mech}: {d:?}");
         let auths = auth_lines(&s.fake);
         assert_eq!(auths.len(), 1);
@@ -142,7 +144,9 @@ async fn long_tokens_go_after_the_334_short_ones_inline() {
         s.oauth.expire_access_tokens();
         s.fake.drop_connections().await;
         let before = s.fake.commands().len();
-        let d = t.deliver(&envelope(), MESSAGE).await;
+        let d = t
+            .deliver(&envelope(), &mailbridge::transport::Body::from(MESSAGE))
+            .await;
         assert!(delivered(&d), "{mech}: {d:?}");
         let cmds = s.fake.commands()[before..].to_vec();
         let i = cmds
@@ -172,14 +176,14 @@ async fn oauthbearer_only_when_xoauth2_is_not_offered() {
     // Both offered: XOAUTH2 (Microsoft supports nothing else).
     let s = setup(&["XOAUTH2", "OAUTHBEARER"], "rt-sasl-pick-02", |c| c).await;
     let d = transport(s.fake.addr(), &s.reg)
-        .deliver(&envelope(), MESSAGE)
+        .deliver(&envelope(), &mailbridge::transport::Body::from(MESSAGE))
         .await;
     assert!(delivered(&d), "{d:?}");
     assert_eq!(s.fake.messages()[0].auth.as_ref().unwrap().1, "XOAUTH2");
     // Only OAUTHBEARER: the gs2 header and host/port key-values.
     let s = setup(&["OAUTHBEARER"], "rt-sasl-pick-03", |c| c).await;
     let d = transport(s.fake.addr(), &s.reg)
-        .deliver(&envelope(), MESSAGE)
+        .deliver(&envelope(), &mailbridge::transport::Body::from(MESSAGE))
         .await;
     assert!(delivered(&d), "{d:?}");
     assert_eq!(s.fake.messages()[0].auth.as_ref().unwrap().1, "OAUTHBEARER");
@@ -196,7 +200,7 @@ async fn oauthbearer_only_when_xoauth2_is_not_offered() {
     let s = setup(&["PLAIN", "LOGIN"], "rt-sasl-pick-04", |c| c).await;
     let f = whole_failure(
         transport(s.fake.addr(), &s.reg)
-            .deliver(&envelope(), MESSAGE)
+            .deliver(&envelope(), &mailbridge::transport::Body::from(MESSAGE))
             .await,
     );
     assert!(
@@ -212,12 +216,17 @@ async fn oauthbearer_error_challenge_gets_the_dummy_response_then_one_refresh() 
     let (logs, _guard) = LogCapture::start();
     let s = setup(&["OAUTHBEARER"], "rt-sasl-chal-05", |c| c).await;
     let t = transport(s.fake.addr(), &s.reg);
-    assert!(delivered(&t.deliver(&envelope(), MESSAGE).await));
+    assert!(delivered(
+        &t.deliver(&envelope(), &mailbridge::transport::Body::from(MESSAGE))
+            .await
+    ));
     assert_eq!(s.oauth.calls("refresh_token"), 1);
     s.oauth.expire_access_tokens();
     s.fake.drop_connections().await;
     let before = s.fake.commands().len();
-    let d = t.deliver(&envelope(), MESSAGE).await;
+    let d = t
+        .deliver(&envelope(), &mailbridge::transport::Body::from(MESSAGE))
+        .await;
     assert!(delivered(&d), "{d:?}");
     let cmds = s.fake.commands()[before..].to_vec();
     // The stale token drew the 334 JSON challenge; we answered %x01.
@@ -245,7 +254,10 @@ async fn protocol_errors_are_not_token_rejections() {
         })
         .await;
         let t = transport(s.fake.addr(), &s.reg);
-        let f = whole_failure(t.deliver(&envelope(), MESSAGE).await);
+        let f = whole_failure(
+            t.deliver(&envelope(), &mailbridge::transport::Body::from(MESSAGE))
+                .await,
+        );
         // One AUTH, no forced refresh, no retry: a new token would not help.
         assert_eq!(auth_lines(&s.fake).len(), 1, "{reply}");
         assert_eq!(s.oauth.calls("refresh_token"), 1, "{reply}");
@@ -258,7 +270,10 @@ async fn protocol_errors_are_not_token_rejections() {
         assert!(!f.text.contains("rejected the OAuth token"), "{}", f.text);
         // The token is still good: the next attempt uses it without a refresh.
         s.fake.clear_faults();
-        assert!(delivered(&t.deliver(&envelope(), MESSAGE).await));
+        assert!(delivered(
+            &t.deliver(&envelope(), &mailbridge::transport::Body::from(MESSAGE))
+                .await
+        ));
         assert_eq!(s.oauth.calls("refresh_token"), 1, "{reply}");
     }
     // 454: temporary, no refresh either.
@@ -271,7 +286,7 @@ async fn protocol_errors_are_not_token_rejections() {
     .await;
     let f = whole_failure(
         transport(s.fake.addr(), &s.reg)
-            .deliver(&envelope(), MESSAGE)
+            .deliver(&envelope(), &mailbridge::transport::Body::from(MESSAGE))
             .await,
     );
     assert_eq!(f.severity, mailbridge::transport::Severity::Transient);
@@ -288,7 +303,10 @@ async fn protocol_errors_are_not_token_rejections() {
 async fn rejected_twice_marks_the_identity_and_concurrent_rejections_refresh_once() {
     let s = setup(&["XOAUTH2"], "rt-sasl-conc-08", |c| c).await;
     let t = Arc::new(transport(s.fake.addr(), &s.reg));
-    assert!(delivered(&t.deliver(&envelope(), MESSAGE).await));
+    assert!(delivered(
+        &t.deliver(&envelope(), &mailbridge::transport::Body::from(MESSAGE))
+            .await
+    ));
     assert_eq!(s.oauth.calls("refresh_token"), 1);
     // The upstream revokes the token: eight attempts at once all fail with
     // it; only the first invalidation drops it, so there is one refresh.
@@ -298,7 +316,8 @@ async fn rejected_twice_marks_the_identity_and_concurrent_rejections_refresh_onc
     for _ in 0..8 {
         let t = t.clone();
         tasks.push(tokio::spawn(async move {
-            t.deliver(&envelope(), MESSAGE).await
+            t.deliver(&envelope(), &mailbridge::transport::Body::from(MESSAGE))
+                .await
         }));
     }
     for task in tasks {
@@ -317,7 +336,10 @@ async fn rejected_twice_marks_the_identity_and_concurrent_rejections_refresh_onc
         Fault::reply("535 5.7.8 Authentication failed."),
     );
     s.oauth.expire_access_tokens();
-    let f = whole_failure(t.deliver(&envelope(), MESSAGE).await);
+    let f = whole_failure(
+        t.deliver(&envelope(), &mailbridge::transport::Body::from(MESSAGE))
+            .await,
+    );
     assert!(f.text.contains("rejected the OAuth token"), "{}", f.text);
     assert_eq!(s.oauth.calls("refresh_token"), 3);
     let status = s.reg.manager("").status();

@@ -128,7 +128,9 @@ async fn stale_token_is_refreshed_once_microsoft_and_gmail_style() {
         signed_in(&cfg, &oauth, USER, "rt-initial-smtp-01");
         let t = transport(fake.addr(), &reg);
         // First delivery: token from the refresh token, accepted.
-        let d = t.deliver(&envelope(None), MESSAGE).await;
+        let d = t
+            .deliver(&envelope(None), &mailbridge::transport::Body::from(MESSAGE))
+            .await;
         assert!(matches!(&d, Ok(r) if r.iter().all(Result::is_ok)), "{d:?}");
         assert_eq!(oauth.calls("refresh_token"), 1);
         let m = &fake.messages()[0];
@@ -138,7 +140,9 @@ async fn stale_token_is_refreshed_once_microsoft_and_gmail_style() {
         oauth.expire_access_tokens();
         fake.drop_connections().await;
         let before = fake.connections();
-        let d = t.deliver(&envelope(None), MESSAGE).await;
+        let d = t
+            .deliver(&envelope(None), &mailbridge::transport::Body::from(MESSAGE))
+            .await;
         assert!(matches!(&d, Ok(r) if r.iter().all(Result::is_ok)), "{d:?}");
         assert_eq!(oauth.calls("refresh_token"), 2);
         assert_eq!(fake.connections() - before, 2);
@@ -169,7 +173,10 @@ async fn stale_token_is_refreshed_once_microsoft_and_gmail_style() {
             .iter()
             .filter(|c| c.starts_with("AUTH "))
             .count();
-        let f = whole_failure(t.deliver(&envelope(None), MESSAGE).await);
+        let f = whole_failure(
+            t.deliver(&envelope(None), &mailbridge::transport::Body::from(MESSAGE))
+                .await,
+        );
         assert!(f.fails_over(), "{f:?}");
         assert!(f.text.contains("rejected the OAuth token"), "{}", f.text);
         assert!(f.text.contains("535"), "{}", f.text);
@@ -209,7 +216,7 @@ async fn smtp_auth_disabled_for_the_tenant_says_what_to_change() {
     signed_in(&cfg, &oauth, USER, "rt-initial-smtp-02");
     let f = whole_failure(
         transport(fake.addr(), &reg)
-            .deliver(&envelope(None), MESSAGE)
+            .deliver(&envelope(None), &mailbridge::transport::Body::from(MESSAGE))
             .await,
     );
     assert_eq!(f.severity, mailbridge::transport::Severity::Transient);
@@ -234,13 +241,19 @@ async fn token_problems_hold_the_mail_without_connecting() {
     let (cfg, reg) = setup(dir.path(), &oauth, fake.addr(), "authorization_code");
     let t = transport(fake.addr(), &reg);
     // Never signed in.
-    let f1 = whole_failure(t.deliver(&envelope(None), MESSAGE).await);
+    let f1 = whole_failure(
+        t.deliver(&envelope(None), &mailbridge::transport::Body::from(MESSAGE))
+            .await,
+    );
     assert!(!f1.fails_over() && f1.severity == mailbridge::transport::Severity::Transient);
     assert!(f1.text.contains("auth login"), "{}", f1.text);
     // Signed in, but the grant was revoked.
     signed_in(&cfg, &oauth, USER, "rt-initial-smtp-03");
     oauth.set(|s| s.refresh_error = Some(RefreshError::Aadsts70043));
-    let f2 = whole_failure(t.deliver(&envelope(None), MESSAGE).await);
+    let f2 = whole_failure(
+        t.deliver(&envelope(None), &mailbridge::transport::Body::from(MESSAGE))
+            .await,
+    );
     assert!(!f2.fails_over(), "{f2:?}");
     assert!(f2.text.contains("re-consent needed"), "{}", f2.text);
     // Token endpoint down.
@@ -249,7 +262,10 @@ async fn token_problems_hold_the_mail_without_connecting() {
         s.down = true;
     });
     signed_in(&cfg, &oauth, USER, "rt-initial-smtp-04");
-    let f3 = whole_failure(t.deliver(&envelope(None), MESSAGE).await);
+    let f3 = whole_failure(
+        t.deliver(&envelope(None), &mailbridge::transport::Body::from(MESSAGE))
+            .await,
+    );
     assert!(
         !f3.fails_over() && f3.text.contains("unavailable"),
         "{}",
@@ -275,7 +291,12 @@ async fn each_identity_uses_its_own_tokens_and_connections() {
         None,
         Some("Shared@Contoso.com"),
     ] {
-        let d = t.deliver(&envelope(identity), MESSAGE).await;
+        let d = t
+            .deliver(
+                &envelope(identity),
+                &mailbridge::transport::Body::from(MESSAGE),
+            )
+            .await;
         assert!(matches!(&d, Ok(r) if r.iter().all(Result::is_ok)), "{d:?}");
     }
     let users: Vec<String> = fake
@@ -292,8 +313,11 @@ async fn each_identity_uses_its_own_tokens_and_connections() {
     assert_eq!(oauth.calls("refresh_token"), 2);
     // An identity nobody signed in for: held, not sent as someone else.
     let f = whole_failure(
-        t.deliver(&envelope(Some("nobody@contoso.com")), MESSAGE)
-            .await,
+        t.deliver(
+            &envelope(Some("nobody@contoso.com")),
+            &mailbridge::transport::Body::from(MESSAGE),
+        )
+        .await,
     );
     assert!(
         !f.fails_over() && f.text.contains("nobody@contoso.com"),
@@ -410,7 +434,10 @@ async fn smtp_and_token_endpoint_through_an_http_proxy() {
     // The router builds the transport exactly as `run` does.
     let router =
         mailbridge::routing::from_config(&cfg, &mailbridge::oauth::Registries::new()).unwrap();
-    let d = router.deliver(&envelope(None), MESSAGE).await.result;
+    let d = router
+        .deliver(&envelope(None), &mailbridge::transport::Body::from(MESSAGE))
+        .await
+        .result;
     assert!(matches!(&d, Ok(r) if r.iter().all(Result::is_ok)), "{d:?}");
     let heads = proxy.heads();
     let expected_auth = format!(
@@ -459,7 +486,10 @@ async fn smtp_and_token_endpoint_through_an_http_proxy() {
         ..Proxy::default()
     })
     .unwrap();
-    let f = whole_failure(t.deliver(&envelope(None), MESSAGE).await);
+    let f = whole_failure(
+        t.deliver(&envelope(None), &mailbridge::transport::Body::from(MESSAGE))
+            .await,
+    );
     assert!(f.fails_over(), "{f:?}");
     assert!(
         f.text.contains("407 Proxy Authentication Required"),

@@ -36,15 +36,20 @@ impl Transport for Scripted {
     fn describe(&self) -> String {
         "scripted://".into()
     }
-    fn deliver<'a>(&'a self, env: &'a Envelope, message: &'a [u8]) -> BoxFuture<'a, Delivery> {
-        self.calls
-            .lock()
-            .unwrap()
-            .push((Instant::now(), env.clone(), message.to_vec()));
+    fn deliver<'a>(
+        &'a self,
+        env: &'a Envelope,
+        message: &'a mailbridge::transport::Body,
+    ) -> BoxFuture<'a, Delivery> {
+        let at = Instant::now();
         let mut a = self.answers.lock().unwrap();
         let f = if a.len() > 1 { a.remove(0) } else { a[0] };
         let r = f(env);
-        Box::pin(async move { r })
+        Box::pin(async move {
+            let m = message.to_vec().await.unwrap_or_default();
+            self.calls.lock().unwrap().push((at, env.clone(), m));
+            r
+        })
     }
     fn probe(&self) -> BoxFuture<'_, Result<(), Failure>> {
         Box::pin(async { Ok(()) })
@@ -282,7 +287,11 @@ impl Transport for Panicky {
     fn describe(&self) -> String {
         "panicky://".into()
     }
-    fn deliver<'a>(&'a self, env: &'a Envelope, _: &'a [u8]) -> BoxFuture<'a, Delivery> {
+    fn deliver<'a>(
+        &'a self,
+        env: &'a Envelope,
+        _: &'a mailbridge::transport::Body,
+    ) -> BoxFuture<'a, Delivery> {
         self.calls.lock().unwrap().push(Instant::now());
         let left = self.panics.load(std::sync::atomic::Ordering::SeqCst);
         Box::pin(async move {

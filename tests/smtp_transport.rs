@@ -123,7 +123,10 @@ async fn delivers_over_plain_smtp() {
     let fake = FakeSmtp::start(FakeConfig::default()).await;
     let t = transport(settings(&fake));
     let result = t
-        .deliver(&envelope(&["b@example.com", "c@example.com"]), MESSAGE)
+        .deliver(
+            &envelope(&["b@example.com", "c@example.com"]),
+            &mailbridge::transport::Body::from(MESSAGE),
+        )
         .await;
     assert!(all_ok(&result), "{result:?}");
     let got = fake.messages();
@@ -146,7 +149,12 @@ async fn mail_parameters_follow_what_the_server_offers() {
     .await;
     let t = transport(settings(&fake));
     let body = "Subject: caf\u{e9}\r\n\r\n8-bit body \u{e9}\r\n".as_bytes();
-    let result = t.deliver(&envelope(&["j\u{f6}rg@example.de"]), body).await;
+    let result = t
+        .deliver(
+            &envelope(&["j\u{f6}rg@example.de"]),
+            &mailbridge::transport::Body::from(body),
+        )
+        .await;
     assert!(all_ok(&result), "{result:?}");
     let params = &fake.messages()[0].mail_params;
     assert_eq!(
@@ -166,7 +174,7 @@ async fn non_ascii_recipient_without_smtputf8_fails_only_that_recipient() {
     let results = t
         .deliver(
             &envelope(&["b@example.com", "j\u{f6}rg@example.de"]),
-            MESSAGE,
+            &mailbridge::transport::Body::from(MESSAGE),
         )
         .await
         .expect("per recipient");
@@ -191,7 +199,12 @@ async fn falls_back_to_helo_when_ehlo_is_rejected() {
     )
     .await;
     let t = transport(settings(&fake));
-    let result = t.deliver(&envelope(&["b@example.com"]), MESSAGE).await;
+    let result = t
+        .deliver(
+            &envelope(&["b@example.com"]),
+            &mailbridge::transport::Body::from(MESSAGE),
+        )
+        .await;
     assert!(all_ok(&result), "{result:?}");
     assert!(fake.commands().contains(&"HELO relay.test".to_string()));
     // Without EHLO there are no extensions, so no SIZE parameter.
@@ -205,7 +218,13 @@ async fn required_starttls_not_offered_is_a_server_failure() {
         starttls: true,
         ..settings(&fake)
     });
-    let failure = whole_failure(t.deliver(&envelope(&["b@example.com"]), MESSAGE).await);
+    let failure = whole_failure(
+        t.deliver(
+            &envelope(&["b@example.com"]),
+            &mailbridge::transport::Body::from(MESSAGE),
+        )
+        .await,
+    );
     assert_server(&failure, "STARTTLS");
     assert_eq!(count(&fake, "MAIL"), 0, "never downgrade to cleartext");
 }
@@ -225,7 +244,12 @@ async fn starttls_with_the_generated_ca_and_auth_plain() {
         auth: basic(PASSWORD),
         ..settings(&fake)
     });
-    let result = t.deliver(&envelope(&["b@example.com"]), MESSAGE).await;
+    let result = t
+        .deliver(
+            &envelope(&["b@example.com"]),
+            &mailbridge::transport::Body::from(MESSAGE),
+        )
+        .await;
     assert!(all_ok(&result), "{result:?}");
     let got = &fake.messages()[0];
     assert!(got.tls);
@@ -240,7 +264,13 @@ async fn starttls_with_an_unknown_ca_is_a_server_failure() {
         starttls: true,
         ..settings(&fake)
     });
-    let failure = whole_failure(t.deliver(&envelope(&["b@example.com"]), MESSAGE).await);
+    let failure = whole_failure(
+        t.deliver(
+            &envelope(&["b@example.com"]),
+            &mailbridge::transport::Body::from(MESSAGE),
+        )
+        .await,
+    );
     assert_server(&failure, "TLS handshake");
     assert_eq!(count(&fake, "MAIL"), 0);
 }
@@ -269,7 +299,12 @@ async fn smtps_with_a_dns_name_and_auth_login() {
         t.describe(),
         format!("smtps://localhost:{}", fake.addr().port())
     );
-    let result = t.deliver(&envelope(&["b@example.com"]), MESSAGE).await;
+    let result = t
+        .deliver(
+            &envelope(&["b@example.com"]),
+            &mailbridge::transport::Body::from(MESSAGE),
+        )
+        .await;
     assert!(all_ok(&result), "{result:?}");
     let got = &fake.messages()[0];
     assert!(got.tls);
@@ -294,7 +329,13 @@ async fn wrong_password_is_a_server_failure_that_hides_the_password() {
             auth: basic(PASSWORD),
             ..settings(&fake)
         });
-        let failure = whole_failure(t.deliver(&envelope(&["b@example.com"]), MESSAGE).await);
+        let failure = whole_failure(
+            t.deliver(
+                &envelope(&["b@example.com"]),
+                &mailbridge::transport::Body::from(MESSAGE),
+            )
+            .await,
+        );
         assert_server(&failure, "authentication failed");
         assert!(failure.text.contains("535 5.7.3"), "{failure:?}");
         for secret in &secrets {
@@ -322,7 +363,13 @@ async fn a_server_echoing_the_credentials_does_not_leak_them() {
         auth: basic(PASSWORD),
         ..settings(&fake)
     });
-    let failure = whole_failure(t.deliver(&envelope(&["b@example.com"]), MESSAGE).await);
+    let failure = whole_failure(
+        t.deliver(
+            &envelope(&["b@example.com"]),
+            &mailbridge::transport::Body::from(MESSAGE),
+        )
+        .await,
+    );
     assert_server(&failure, "501 5.5.2 Cannot decode");
     assert!(
         !failure.text.contains(&plain) && !failure.text.contains(PASSWORD),
@@ -343,7 +390,13 @@ async fn no_supported_auth_mechanism_is_a_server_failure() {
         auth: basic(PASSWORD),
         ..settings(&fake)
     });
-    let failure = whole_failure(t.deliver(&envelope(&["b@example.com"]), MESSAGE).await);
+    let failure = whole_failure(
+        t.deliver(
+            &envelope(&["b@example.com"]),
+            &mailbridge::transport::Body::from(MESSAGE),
+        )
+        .await,
+    );
     assert_server(&failure, "no AUTH mechanism we support");
 }
 
@@ -356,7 +409,10 @@ async fn one_rejected_recipient_of_two() {
     .await;
     let t = transport(settings(&fake));
     let results = t
-        .deliver(&envelope(&["b@example.com", "bad@example.com"]), MESSAGE)
+        .deliver(
+            &envelope(&["b@example.com", "bad@example.com"]),
+            &mailbridge::transport::Body::from(MESSAGE),
+        )
         .await
         .expect("per recipient");
     assert!(results[0].is_ok(), "{results:?}");
@@ -383,7 +439,10 @@ async fn temporarily_rejected_recipient_is_transient() {
     .await;
     let t = transport(settings(&fake));
     let results = t
-        .deliver(&envelope(&["later@example.com", "b@example.com"]), MESSAGE)
+        .deliver(
+            &envelope(&["later@example.com", "b@example.com"]),
+            &mailbridge::transport::Body::from(MESSAGE),
+        )
         .await
         .expect("per recipient");
     assert_message(
@@ -410,7 +469,10 @@ async fn all_recipients_rejected_resets_and_keeps_the_connection() {
     .await;
     let t = transport(settings(&fake));
     let results = t
-        .deliver(&envelope(&["x@example.com", "y@example.com"]), MESSAGE)
+        .deliver(
+            &envelope(&["x@example.com", "y@example.com"]),
+            &mailbridge::transport::Body::from(MESSAGE),
+        )
         .await
         .expect("per recipient");
     assert!(
@@ -422,7 +484,11 @@ async fn all_recipients_rejected_resets_and_keeps_the_connection() {
     assert_eq!(count(&fake, "DATA"), 0);
     assert_eq!(count(&fake, "RSET"), 1);
     assert!(all_ok(
-        &t.deliver(&envelope(&["b@example.com"]), MESSAGE).await
+        &t.deliver(
+            &envelope(&["b@example.com"]),
+            &mailbridge::transport::Body::from(MESSAGE)
+        )
+        .await
     ));
     assert_eq!(fake.connections(), 1, "the reset connection is reused");
 }
@@ -437,7 +503,13 @@ async fn reply_421_at_the_greeting_fails_over() {
     ))
     .await;
     let t = transport(settings(&fake));
-    let failure = whole_failure(t.deliver(&envelope(&["b@example.com"]), MESSAGE).await);
+    let failure = whole_failure(
+        t.deliver(
+            &envelope(&["b@example.com"]),
+            &mailbridge::transport::Body::from(MESSAGE),
+        )
+        .await,
+    );
     assert_server(
         &failure,
         "421 4.3.2 The maximum number of concurrent connections",
@@ -452,11 +524,21 @@ async fn reply_421_at_mail_fails_over_and_drops_the_connection() {
     )
     .await;
     let t = transport(settings(&fake));
-    let failure = whole_failure(t.deliver(&envelope(&["b@example.com"]), MESSAGE).await);
+    let failure = whole_failure(
+        t.deliver(
+            &envelope(&["b@example.com"]),
+            &mailbridge::transport::Body::from(MESSAGE),
+        )
+        .await,
+    );
     assert_server(&failure, "421 4.4.2 Connection dropped");
     fake.clear_faults();
     assert!(all_ok(
-        &t.deliver(&envelope(&["b@example.com"]), MESSAGE).await
+        &t.deliver(
+            &envelope(&["b@example.com"]),
+            &mailbridge::transport::Body::from(MESSAGE)
+        )
+        .await
     ));
     assert_eq!(fake.connections(), 2, "a 421 connection must not be pooled");
 }
@@ -469,7 +551,13 @@ async fn reply_451_at_mail_is_a_transient_message_failure() {
     ))
     .await;
     let t = transport(settings(&fake));
-    let failure = whole_failure(t.deliver(&envelope(&["b@example.com"]), MESSAGE).await);
+    let failure = whole_failure(
+        t.deliver(
+            &envelope(&["b@example.com"]),
+            &mailbridge::transport::Body::from(MESSAGE),
+        )
+        .await,
+    );
     assert_message(
         &failure,
         Severity::Transient,
@@ -483,7 +571,11 @@ async fn reply_451_at_mail_is_a_transient_message_failure() {
     // The connection was reset and is reused for the next message.
     fake.clear_faults();
     assert!(all_ok(
-        &t.deliver(&envelope(&["b@example.com"]), MESSAGE).await
+        &t.deliver(
+            &envelope(&["b@example.com"]),
+            &mailbridge::transport::Body::from(MESSAGE)
+        )
+        .await
     ));
     assert_eq!(count(&fake, "RSET"), 1);
     assert_eq!(fake.connections(), 1);
@@ -496,7 +588,10 @@ async fn reply_550_at_end_of_data_is_permanent() {
         FakeSmtp::start(FakeConfig::default().fault(Stage::EndOfData, Fault::reply(text))).await;
     let t = transport(settings(&fake));
     let results = t
-        .deliver(&envelope(&["b@example.com", "c@example.com"]), MESSAGE)
+        .deliver(
+            &envelope(&["b@example.com", "c@example.com"]),
+            &mailbridge::transport::Body::from(MESSAGE),
+        )
         .await
         .expect("per recipient");
     for result in &results {
@@ -517,7 +612,13 @@ async fn connection_closed_mid_data_is_a_server_failure() {
         .chain(b"0123456789abcdef\r\n".repeat(60_000).iter())
         .copied()
         .collect();
-    let failure = whole_failure(t.deliver(&envelope(&["b@example.com"]), &big).await);
+    let failure = whole_failure(
+        t.deliver(
+            &envelope(&["b@example.com"]),
+            &mailbridge::transport::Body::from(&big),
+        )
+        .await,
+    );
     assert!(failure.fails_over(), "{failure:?}");
     assert!(fake.transactions().is_empty());
 }
@@ -526,7 +627,13 @@ async fn connection_closed_mid_data_is_a_server_failure() {
 async fn connection_closed_before_the_final_reply_is_a_server_failure() {
     let fake = FakeSmtp::start(FakeConfig::default().fault(Stage::EndOfData, Fault::Close)).await;
     let t = transport(settings(&fake));
-    let failure = whole_failure(t.deliver(&envelope(&["b@example.com"]), MESSAGE).await);
+    let failure = whole_failure(
+        t.deliver(
+            &envelope(&["b@example.com"]),
+            &mailbridge::transport::Body::from(MESSAGE),
+        )
+        .await,
+    );
     // The server may have taken the message: no failover, retry it later.
     assert_maybe_delivered(
         &failure,
@@ -541,7 +648,13 @@ async fn a_hanging_server_times_out() {
         timeout: Duration::from_secs(1),
         ..settings(&fake)
     });
-    let failure = whole_failure(t.deliver(&envelope(&["b@example.com"]), MESSAGE).await);
+    let failure = whole_failure(
+        t.deliver(
+            &envelope(&["b@example.com"]),
+            &mailbridge::transport::Body::from(MESSAGE),
+        )
+        .await,
+    );
     assert_server(&failure, "timeout");
     assert!(failure.text.contains("after MAIL FROM"), "{}", failure.text);
 }
@@ -555,7 +668,13 @@ async fn the_final_reply_gets_a_longer_timeout() {
         ..settings(&fake)
     });
     let started = Instant::now();
-    let failure = whole_failure(t.deliver(&envelope(&["b@example.com"]), MESSAGE).await);
+    let failure = whole_failure(
+        t.deliver(
+            &envelope(&["b@example.com"]),
+            &mailbridge::transport::Body::from(MESSAGE),
+        )
+        .await,
+    );
     assert_maybe_delivered(&failure, "timeout");
     // A lower bound only: the wait cannot end before the longer timeout.
     assert!(
@@ -570,7 +689,12 @@ async fn wire_bytes_are_dot_stuffed_and_canonical() {
     let fake = FakeSmtp::start(FakeConfig::default()).await;
     let t = transport(settings(&fake));
     let input: &[u8] = b"Subject: dots\r\n\r\n.leading dot\r\n..two\r\nbare lf\nbare cr\rcr cr lf\r\r\n.\r\nsmuggle\n.\r\nMAIL FROM:<evil@example.com>\r\n.\nlast line";
-    let result = t.deliver(&envelope(&["b@example.com"]), input).await;
+    let result = t
+        .deliver(
+            &envelope(&["b@example.com"]),
+            &mailbridge::transport::Body::from(input),
+        )
+        .await;
     assert!(all_ok(&result), "{result:?}");
     let got = &fake.messages()[0];
     let expected_wire: &[u8] = b"Subject: dots\r\n\r\n..leading dot\r\n...two\r\nbare lf\r\nbare cr\r\ncr cr lf\r\n\r\n..\r\nsmuggle\r\n..\r\nMAIL FROM:<evil@example.com>\r\n..\r\nlast line\r\n.\r\n";
@@ -595,7 +719,12 @@ async fn a_large_message_arrives_intact() {
     for i in 0..50_000 {
         big.extend_from_slice(format!(".line {i} with some text to make it longer\r\n").as_bytes());
     }
-    let result = t.deliver(&envelope(&["b@example.com"]), &big).await;
+    let result = t
+        .deliver(
+            &envelope(&["b@example.com"]),
+            &mailbridge::transport::Body::from(&big),
+        )
+        .await;
     assert!(all_ok(&result), "{result:?}");
     assert_eq!(fake.messages()[0].data, big);
 }
@@ -608,10 +737,18 @@ async fn two_deliveries_share_one_connection() {
         ..settings(&fake)
     });
     assert!(all_ok(
-        &t.deliver(&envelope(&["b@example.com"]), MESSAGE).await
+        &t.deliver(
+            &envelope(&["b@example.com"]),
+            &mailbridge::transport::Body::from(MESSAGE)
+        )
+        .await
     ));
     assert!(all_ok(
-        &t.deliver(&envelope(&["c@example.com"]), MESSAGE).await
+        &t.deliver(
+            &envelope(&["c@example.com"]),
+            &mailbridge::transport::Body::from(MESSAGE)
+        )
+        .await
     ));
     assert_eq!(fake.connections(), 1);
     assert_eq!(count(&fake, "EHLO"), 1);
@@ -627,10 +764,19 @@ async fn a_dead_pooled_connection_is_replaced_transparently() {
     let fake = FakeSmtp::start(FakeConfig::default()).await;
     let t = transport(settings(&fake));
     assert!(all_ok(
-        &t.deliver(&envelope(&["b@example.com"]), MESSAGE).await
+        &t.deliver(
+            &envelope(&["b@example.com"]),
+            &mailbridge::transport::Body::from(MESSAGE)
+        )
+        .await
     ));
     fake.drop_connections().await;
-    let result = t.deliver(&envelope(&["c@example.com"]), MESSAGE).await;
+    let result = t
+        .deliver(
+            &envelope(&["c@example.com"]),
+            &mailbridge::transport::Body::from(MESSAGE),
+        )
+        .await;
     assert!(all_ok(&result), "{result:?}");
     assert_eq!(fake.connections(), 2);
     assert_eq!(fake.messages().len(), 2);
@@ -641,14 +787,24 @@ async fn a_pooled_connection_answering_421_is_replaced_transparently() {
     let fake = FakeSmtp::start(FakeConfig::default()).await;
     let t = transport(settings(&fake));
     assert!(all_ok(
-        &t.deliver(&envelope(&["b@example.com"]), MESSAGE).await
+        &t.deliver(
+            &envelope(&["b@example.com"]),
+            &mailbridge::transport::Body::from(MESSAGE)
+        )
+        .await
     ));
     // The server timed the idle session out: its next answer is 421.
     fake.set_fault(
         Stage::Mail,
         Fault::reply("421 4.4.2 fake.test Error: timeout exceeded"),
     );
-    let failure = whole_failure(t.deliver(&envelope(&["c@example.com"]), MESSAGE).await);
+    let failure = whole_failure(
+        t.deliver(
+            &envelope(&["c@example.com"]),
+            &mailbridge::transport::Body::from(MESSAGE),
+        )
+        .await,
+    );
     // The reused connection got the 421, a new one got it too: that one counts.
     assert_server(&failure, "421 4.4.2");
     assert_eq!(fake.connections(), 2, "exactly one reconnect");
@@ -659,7 +815,13 @@ async fn a_refused_port_is_a_server_failure() {
     let fake = FakeSmtp::start(FakeConfig::default()).await;
     let t = transport(settings(&fake));
     fake.shutdown().await;
-    let failure = whole_failure(t.deliver(&envelope(&["b@example.com"]), MESSAGE).await);
+    let failure = whole_failure(
+        t.deliver(
+            &envelope(&["b@example.com"]),
+            &mailbridge::transport::Body::from(MESSAGE),
+        )
+        .await,
+    );
     assert_server(&failure, "cannot connect");
     assert_server(&t.probe().await.expect_err("refused"), "cannot connect");
 }
@@ -726,7 +888,10 @@ async fn unsafe_addresses_never_reach_the_wire() {
         "b@example.com>\r\nRCPT TO:<evil@example.com",
         "c@example.com",
     ]);
-    let results = t.deliver(&env, MESSAGE).await.expect("per recipient");
+    let results = t
+        .deliver(&env, &mailbridge::transport::Body::from(MESSAGE))
+        .await
+        .expect("per recipient");
     assert_message(
         results[0].as_ref().unwrap_err(),
         Severity::Permanent,
@@ -757,7 +922,10 @@ async fn no_failover_after_the_final_dot() {
     let msg = b"From: a@example.com\r\nMessage-ID: <dup-1@example.com>\r\n\r\nHello.\r\n";
     let failure = whole_failure(
         router
-            .deliver(&envelope(&["b@example.com"]), msg)
+            .deliver(
+                &envelope(&["b@example.com"]),
+                &mailbridge::transport::Body::from(msg),
+            )
             .await
             .result,
     );
@@ -767,7 +935,12 @@ async fn no_failover_after_the_final_dot() {
     assert!(alternate.messages().is_empty());
     // A server failure before the data still fails over.
     primary.set_fault(Stage::Mail, Fault::Close);
-    let d = router.deliver(&envelope(&["b@example.com"]), msg).await;
+    let d = router
+        .deliver(
+            &envelope(&["b@example.com"]),
+            &mailbridge::transport::Body::from(msg),
+        )
+        .await;
     assert!(all_ok(&d.result), "{:?}", d.result);
     assert_eq!(d.route, "alternate");
     assert_eq!(router.state().active, "alternate");

@@ -80,7 +80,7 @@ async fn self_signed_listed_in_tls_ca_file_and_pinned_certificates() {
     // Listed in tls_ca_file: trusted, by IP and by name.
     for host in ["127.0.0.1", "localhost"] {
         let d = transport(host, port, Some(&cert), None)
-            .deliver(&envelope(), MESSAGE)
+            .deliver(&envelope(), &mailbridge::transport::Body::from(MESSAGE))
             .await;
         assert!(delivered(&d), "{host}: {d:?}\nstunnel: {}", tunnel.log());
     }
@@ -94,7 +94,7 @@ async fn self_signed_listed_in_tls_ca_file_and_pinned_certificates() {
     let fp = fingerprint(&cert);
     let f = failure(
         transport("127.0.0.1", port, None, None)
-            .deliver(&envelope(), MESSAGE)
+            .deliver(&envelope(), &mailbridge::transport::Body::from(MESSAGE))
             .await,
     );
     assert!(f.fails_over(), "{f:?}");
@@ -137,7 +137,7 @@ async fn self_signed_listed_in_tls_ca_file_and_pinned_certificates() {
     let wrong_name = Stunnel::start(&other, &other_key, sink.addr());
     let f = failure(
         transport("127.0.0.1", wrong_name.addr.port(), Some(&other), None)
-            .deliver(&envelope(), MESSAGE)
+            .deliver(&envelope(), &mailbridge::transport::Body::from(MESSAGE))
             .await,
     );
     assert!(
@@ -149,12 +149,12 @@ async fn self_signed_listed_in_tls_ca_file_and_pinned_certificates() {
     // Pinned: the name no longer matters, the fingerprint does.
     let pin = fingerprint(&other);
     let d = transport("127.0.0.1", wrong_name.addr.port(), None, Some(&pin))
-        .deliver(&envelope(), MESSAGE)
+        .deliver(&envelope(), &mailbridge::transport::Body::from(MESSAGE))
         .await;
     assert!(delivered(&d), "{d:?}");
     let f = failure(
         transport("127.0.0.1", wrong_name.addr.port(), None, Some(&fp))
-            .deliver(&envelope(), MESSAGE)
+            .deliver(&envelope(), &mailbridge::transport::Body::from(MESSAGE))
             .await,
     );
     assert!(

@@ -25,8 +25,17 @@ pub fn sync_dir(dir: &Path) -> io::Result<()> {
 /// needed to read it back (size, blocks); the name becomes durable by the
 /// rename and the directory fsync that follow.
 pub fn write_synced(path: &Path, data: &[u8]) -> io::Result<()> {
+    write_synced_with(path, |w| w.write_all(data))
+}
+
+/// Like [`write_synced`], with the content written by `fill` (through a
+/// buffer, so large content can be streamed in pieces).
+pub fn write_synced_with(
+    path: &Path,
+    fill: impl FnOnce(&mut dyn Write) -> io::Result<()>,
+) -> io::Result<()> {
     use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
-    let mut f = OpenOptions::new()
+    let f = OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(0o600)
@@ -34,16 +43,26 @@ pub fn write_synced(path: &Path, data: &[u8]) -> io::Result<()> {
         .open(path)?;
     // The umask may have taken bits away, never added: this only tightens.
     f.set_permissions(fs::Permissions::from_mode(0o600))?;
-    f.write_all(data)?;
+    let mut w = io::BufWriter::with_capacity(64 * 1024, f);
+    fill(&mut w)?;
+    let f = w.into_inner().map_err(|e| e.into_error())?;
     f.sync_data()
 }
 
 /// Write `data` to `path` atomically: a temp file beside it, fsync, rename, fsync the directory.
 pub fn write_atomic(path: &Path, data: &[u8]) -> io::Result<()> {
+    write_atomic_with(path, |w| w.write_all(data))
+}
+
+/// Like [`write_atomic`], with the content written by `fill`.
+pub fn write_atomic_with(
+    path: &Path,
+    fill: impl FnOnce(&mut dyn Write) -> io::Result<()>,
+) -> io::Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
     let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
     let tmp = dir.join(format!(".{name}.{:08x}.tmp", rand::random::<u32>()));
-    let result = write_synced(&tmp, data)
+    let result = write_synced_with(&tmp, fill)
         .and_then(|()| fs::rename(&tmp, path))
         .and_then(|()| sync_dir(dir));
     if result.is_err() {

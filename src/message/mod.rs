@@ -187,6 +187,10 @@ pub fn format_mailbox(name: &str, addr: &str) -> String {
 /// the message is sent from that address (with `sender_name` as display
 /// name), and the original `From` is kept as `Reply-To` unless the message
 /// has one. When `reply_to` is empty the message is returned unchanged.
+///
+/// Deliveries pass only the header block ([`crate::transport::Body::head`]):
+/// everything after the header is copied as it is, so the body read from
+/// the spool file never needs to be in memory for this.
 pub fn rewrite_from<'a>(
     msg: &'a [u8],
     sender_name: &str,

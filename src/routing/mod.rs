@@ -123,7 +123,7 @@ impl Router {
     /// route cannot carry this message ([`Scope::Route`], e.g. too large for
     /// Graph), the next route is tried for this message only and the active
     /// route stays. The answer names the route that carried the message.
-    pub async fn deliver(&self, env: &Envelope, message: &[u8]) -> Routed {
+    pub async fn deliver(&self, env: &Envelope, message: &crate::transport::Body) -> Routed {
         let start = self.active_index();
         let mut last: Option<Failure> = None;
         let mut handed_over = false;
@@ -148,7 +148,7 @@ impl Router {
                 if let Err(f) = &result
                     && f.scope == Scope::MaybeDelivered
                 {
-                    let message_id = crate::message::header_value(message, "message-id")
+                    let message_id = crate::message::header_value(message.head(), "message-id")
                         .map(|v| crate::message::clean_display_name(&v))
                         .unwrap_or_default();
                     tracing::warn!(id = %env.id, route = route.label, server = %route.transport.describe(), message_id = %message_id, error = %f, "possible_duplicate: the message was sent but not confirmed; retrying the same server later, not the other one");
@@ -227,7 +227,11 @@ mod tests {
         fn describe(&self) -> String {
             self.name.into()
         }
-        fn deliver<'a>(&'a self, _: &'a Envelope, _: &'a [u8]) -> BoxFuture<'a, Delivery> {
+        fn deliver<'a>(
+            &'a self,
+            _: &'a Envelope,
+            _: &'a crate::transport::Body,
+        ) -> BoxFuture<'a, Delivery> {
             self.calls.fetch_add(1, Ordering::SeqCst);
             Box::pin(async move { (self.answer)() })
         }
@@ -258,10 +262,20 @@ mod tests {
         let p = t("p", || Err(Failure::server("connection refused")));
         let a = t("a", || Ok(vec![Ok(())]));
         let r = Router::new(p.clone(), Some(a.clone()));
-        assert!(r.deliver(&env(), b"x").await.result.is_ok());
+        assert!(
+            r.deliver(&env(), &crate::transport::Body::from(b"x"))
+                .await
+                .result
+                .is_ok()
+        );
         assert_eq!(r.state().active, "alternate");
         assert!(r.state().reason.contains("connection refused"));
-        assert!(r.deliver(&env(), b"x").await.result.is_ok());
+        assert!(
+            r.deliver(&env(), &crate::transport::Body::from(b"x"))
+                .await
+                .result
+                .is_ok()
+        );
         assert_eq!(
             (
                 p.calls.load(Ordering::SeqCst),
@@ -286,7 +300,7 @@ mod tests {
             let p = t("p", answer);
             let a = t("a", || Ok(vec![Ok(())]));
             let r = Router::new(p, Some(a.clone()));
-            let _ = r.deliver(&env(), b"x").await;
+            let _ = r.deliver(&env(), &crate::transport::Body::from(b"x")).await;
             assert_eq!(a.calls.load(Ordering::SeqCst), 0);
             assert_eq!(r.state().active, "primary");
         }
@@ -297,14 +311,18 @@ mod tests {
         let p = t("p", || Err(Failure::route("552 5.3.4 too large for p")));
         let a = t("a", || Ok(vec![Ok(())]));
         let r = Router::new(p.clone(), Some(a.clone()));
-        let d = r.deliver(&env(), b"x").await;
+        let d = r.deliver(&env(), &crate::transport::Body::from(b"x")).await;
         assert!(d.result.is_ok());
         assert_eq!((d.route, d.server.as_str()), ("alternate", "a"));
         assert_eq!(r.state().active, "primary", "the active route stays");
         // The alternate down: retry later, no switch, no bounce.
         let down = t("a", || Err(Failure::server("refused")));
         let r = Router::new(p.clone(), Some(down));
-        let f = r.deliver(&env(), b"x").await.result.unwrap_err();
+        let f = r
+            .deliver(&env(), &crate::transport::Body::from(b"x"))
+            .await
+            .result
+            .unwrap_err();
         assert_eq!((f.severity, f.fails_over()), (Severity::Transient, false));
         assert!(
             f.text.contains("too large") && f.text.contains("refused"),
@@ -315,11 +333,19 @@ mod tests {
         // it either, but the alternate may come back: still transient.
         let r = Router::new(p.clone(), Some(t("a", || Err(Failure::server("refused")))));
         r.switch(1, "test".into());
-        let f = r.deliver(&env(), b"x").await.result.unwrap_err();
+        let f = r
+            .deliver(&env(), &crate::transport::Body::from(b"x"))
+            .await
+            .result
+            .unwrap_err();
         assert_eq!(f.severity, Severity::Transient, "{f}");
         // No other route: a bounce with the route's reason.
         let r = Router::new(p, None);
-        let f = r.deliver(&env(), b"x").await.result.unwrap_err();
+        let f = r
+            .deliver(&env(), &crate::transport::Body::from(b"x"))
+            .await
+            .result
+            .unwrap_err();
         assert_eq!(f.severity, Severity::Permanent);
         assert!(f.text.starts_with("552 5.3.4"), "{f}");
     }
@@ -330,7 +356,7 @@ mod tests {
             t("p", || Err(Failure::server("refused"))),
             Some(t("a", || Ok(vec![Ok(())]))),
         );
-        let d = r.deliver(&env(), b"x").await;
+        let d = r.deliver(&env(), &crate::transport::Body::from(b"x")).await;
         assert_eq!((d.route, d.server.as_str()), ("alternate", "a"));
     }
 
@@ -340,7 +366,11 @@ mod tests {
             t("p", || Err(Failure::server("refused"))),
             Some(t("a", || Err(Failure::server("timeout")))),
         );
-        let e = r.deliver(&env(), b"x").await.result.unwrap_err();
+        let e = r
+            .deliver(&env(), &crate::transport::Body::from(b"x"))
+            .await
+            .result
+            .unwrap_err();
         assert!(
             e.fails_over() && e.text.contains("refused") && e.text.contains("timeout"),
             "{e}"

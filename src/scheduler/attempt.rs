@@ -9,7 +9,7 @@ use super::{
     now_unix,
 };
 use crate::spool::{Meta, RcptStatus};
-use crate::transport::Envelope;
+use crate::transport::{Body, Envelope};
 
 /// One delivery attempt. Returns the updated metadata and the retry delay,
 /// or `None` when the message left the queue.
@@ -22,13 +22,18 @@ pub(super) async fn attempt(
     let policy = s.policy();
     let id = meta.id.clone();
     // A small body was just written and sits in the page cache: reading it
-    // in place costs microseconds, less than handing it to a blocking thread.
+    // in place costs microseconds, less than handing it to a blocking
+    // thread. A large one is opened there and only its header block read:
+    // the transports read the rest in chunks.
     let body = if meta.size <= INLINE_IO_BYTES {
-        spool.read_body(&id).map_err(|e| e.to_string())
+        spool
+            .open_body(&id)
+            .and_then(Body::open)
+            .map_err(|e| e.to_string())
     } else {
         let spool = spool.clone();
         let id = id.clone();
-        match tokio::task::spawn_blocking(move || spool.read_body(&id)).await {
+        match tokio::task::spawn_blocking(move || spool.open_body(&id).and_then(Body::open)).await {
             Ok(r) => r.map_err(|e| e.to_string()),
             Err(e) => Err(e.to_string()),
         }
@@ -40,7 +45,12 @@ pub(super) async fn attempt(
             return Some((meta, policy.retry_max));
         }
     };
-    let outgoing = crate::message::rewrite_from(&body, &policy.sender_name, &policy.reply_to);
+    // The Sender Name / Reply-to rewrite touches the header block only.
+    let outgoing =
+        match crate::message::rewrite_from(body.head(), &policy.sender_name, &policy.reply_to) {
+            std::borrow::Cow::Borrowed(_) => body.clone(),
+            std::borrow::Cow::Owned(head) => body.with_head(head),
+        };
     let from = if policy.reply_to.is_empty() {
         meta.from.clone()
     } else {
@@ -119,7 +129,7 @@ pub(super) async fn attempt(
                 Dsn::Send => {
                     if let Err(why) = dsn_policy::dsn_allowed(&policy.dsn, &meta) {
                         tracing::info!(id = %id, to = %crate::text::for_log(&meta.from), reason = why, "no DSN");
-                    } else if let Err(e) = queue_dsn(s, &meta, &body, &policy).await {
+                    } else if let Err(e) = queue_dsn(s, &meta, body.head(), &policy).await {
                         // Keep the message (all final) so the DSN is retried after a restart.
                         tracing::error!(id = %id, error = %e, "cannot queue DSN; keeping message");
                         return Some((meta, policy.retry_max));
@@ -182,14 +192,20 @@ fn dsn_decision(meta: &Meta) -> Dsn {
     }
 }
 
-/// Store and schedule the DSN for `meta`. Its id is derived from the
+/// Store and schedule the DSN for `meta` (`headers`: the header block of
+/// the original, which the DSN quotes). Its id is derived from the
 /// original's, so a crash between storing it and removing the original
 /// rewrites the same DSN instead of sending two.
-async fn queue_dsn(s: &Scheduler, meta: &Meta, body: &[u8], policy: &Policy) -> Result<(), String> {
+async fn queue_dsn(
+    s: &Scheduler,
+    meta: &Meta,
+    headers: &[u8],
+    policy: &Policy,
+) -> Result<(), String> {
     let dsn_id = format!("{}-dsn", meta.id);
     let date = chrono::Utc::now().to_rfc2822();
     let from = policy.dsn_from_header(meta);
-    let text = dsn::build(meta, body, &policy.hostname, &from, &date, &dsn_id);
+    let text = dsn::build(meta, headers, &policy.hostname, &from, &date, &dsn_id);
     let mut m = Meta::new(
         dsn_id.clone(),
         String::new(),

@@ -378,6 +378,17 @@ impl Spool {
         fs::read(self.body_path(id))
     }
 
+    /// Open a message body for reading (delivery reads it in chunks; see
+    /// [`crate::transport::Body`]). The file holds the whole RFC 5322
+    /// message; it is never followed through a symlink.
+    pub fn open_body(&self, id: &str) -> io::Result<File> {
+        use std::os::unix::fs::OpenOptionsExt;
+        OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(self.body_path(id))
+    }
+
     /// Read one entry's metadata as it is on disk.
     pub fn read_meta(&self, id: &str) -> io::Result<Meta> {
         if !is_valid_id(id) {

@@ -1,7 +1,8 @@
 //! The `file` upstream: each message becomes one `.eml` in an outbox directory, written atomically, so mailbridge runs with no account anywhere.
 
-use super::{Delivery, Envelope, Failure, Transport};
+use super::{Body, Delivery, Envelope, Failure, Transport};
 use crate::common::BoxFuture;
+use crate::common::fs::write_atomic_with;
 use std::path::PathBuf;
 
 /// Writes `<outbox>/<queue id>.eml`, with `Return-Path` and `X-Mailbridge-To`
@@ -23,19 +24,22 @@ impl Transport for FileTransport {
         format!("file://{}", self.dir.display())
     }
 
-    fn deliver<'a>(&'a self, env: &'a Envelope, message: &'a [u8]) -> BoxFuture<'a, Delivery> {
+    fn deliver<'a>(&'a self, env: &'a Envelope, message: &'a Body) -> BoxFuture<'a, Delivery> {
         Box::pin(async move {
-            let mut data = Vec::with_capacity(message.len() + 128);
-            data.extend_from_slice(format!("Return-Path: <{}>\r\n", env.from).as_bytes());
-            data.extend_from_slice(
+            let mut head = Vec::with_capacity(256);
+            head.extend_from_slice(format!("Return-Path: <{}>\r\n", env.from).as_bytes());
+            head.extend_from_slice(
                 format!("X-Mailbridge-To: {}\r\n", env.rcpts.join(", ")).as_bytes(),
             );
-            data.extend_from_slice(message);
             let path = self.dir.join(format!("{}.eml", env.id));
             let dir = self.dir.clone();
+            let message = message.clone();
             let written = tokio::task::spawn_blocking(move || {
                 std::fs::create_dir_all(&dir)?;
-                crate::common::fs::write_atomic(&path, &data)
+                write_atomic_with(&path, |w| {
+                    w.write_all(&head)?;
+                    message.write_to(w)
+                })
             })
             .await;
             match written {
@@ -72,12 +76,44 @@ mod tests {
             rcpts: vec!["c@d".into(), "e@f".into()],
             identity: None,
         };
-        let r = t.deliver(&env, b"Subject: x\r\n\r\nhi\r\n").await.unwrap();
+        let r = t
+            .deliver(&env, &Body::from(b"Subject: x\r\n\r\nhi\r\n"))
+            .await
+            .unwrap();
         assert_eq!(r.len(), 2);
         let got = std::fs::read(dir.path().join("out/q1.eml")).unwrap();
         assert_eq!(
             got,
             b"Return-Path: <a@b>\r\nX-Mailbridge-To: c@d, e@f\r\nSubject: x\r\n\r\nhi\r\n"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_spooled_message_is_copied_a_chunk_at_a_time_and_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut msg = b"Subject: big\r\n\r\n".to_vec();
+        while msg.len() < 700_000 {
+            msg.extend_from_slice(b"0123456789abcdef\r\n");
+        }
+        let src = dir.path().join("src.eml");
+        std::fs::write(&src, &msg).unwrap();
+        let body = Body::open(std::fs::File::open(&src).unwrap()).unwrap();
+        let t = FileTransport::new(dir.path().join("out"));
+        let env = Envelope {
+            id: "q2".into(),
+            from: "a@b".into(),
+            rcpts: vec!["c@d".into()],
+            identity: None,
+        };
+        t.deliver(&env, &body).await.unwrap();
+        let got = std::fs::read(dir.path().join("out/q2.eml")).unwrap();
+        let head = b"Return-Path: <a@b>\r\nX-Mailbridge-To: c@d\r\n";
+        assert_eq!(&got[..head.len()], head);
+        assert!(got[head.len()..] == msg[..], "the copy differs");
+        // No temp file is left beside it.
+        assert_eq!(
+            std::fs::read_dir(dir.path().join("out")).unwrap().count(),
+            1
         );
     }
 }

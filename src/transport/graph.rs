@@ -2,10 +2,11 @@
 //!
 //! What goes where:
 //!
-//! - **Send** (`deliver`): the header is rewritten first ([`recipients::prepare`]:
-//!   exactly the envelope recipients, Bcc hidden, `From:` names Graph
-//!   rejects defused), then the whole message goes base64-encoded as
-//!   `text/plain` to `{endpoint}/v1.0/users/{mailbox}/sendMail`. The mailbox
+//! - **Send** (`deliver`): the header block is rewritten first
+//!   ([`recipients::prepare`]: exactly the envelope recipients, Bcc hidden,
+//!   `From:` names Graph rejects defused), then the message goes
+//!   base64-encoded as `text/plain` to `{endpoint}/v1.0/users/{mailbox}/sendMail`,
+//!   encoded as it is read from the spool a chunk at a time. The mailbox
 //!   is [`Envelope::identity`] when set, else [`GraphSettings::mailbox`]; the
 //!   endpoint keeps any path prefix, so national clouds and test servers are
 //!   just another `endpoint`. `202 Accepted` means every recipient was
@@ -44,14 +45,15 @@ mod upload;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use base64::Engine as _;
-use base64::engine::general_purpose::STANDARD as B64;
+use bytes::Bytes;
 
 use crate::common::BoxFuture;
 use crate::config::LargeMessages;
 use crate::message::recipients;
 use crate::oauth::{IdentityTokens, TokenSource};
-use crate::transport::{Delivery, Enhanced, Envelope, Failure, Transport, exchange_error_status};
+use crate::transport::{
+    Body, Delivery, Enhanced, Envelope, Failure, Transport, exchange_error_status,
+};
 
 /// Graph's request size limit, after base64 (UPSTREAMS §2.4).
 pub const MAX_REQUEST_BYTES: usize = 4 * 1024 * 1024;
@@ -284,31 +286,40 @@ impl GraphTransport {
         )
     }
 
-    async fn deliver_inner(&self, env: &Envelope, message: &[u8]) -> Delivery {
+    async fn deliver_inner(&self, env: &Envelope, message: &Body) -> Delivery {
         let identity = env.identity.as_deref().filter(|s| !s.trim().is_empty());
         let mailbox = identity.unwrap_or(&self.s.mailbox);
         let tokens = self.tokens_for(mailbox, identity.is_some());
-        let prepared = recipients::prepare(message, &env.rcpts);
-        let encoded_len = prepared.message.len().div_ceil(3) * 4;
-        if encoded_len > self.s.max_request_bytes {
+        // Only the header block is rewritten; the rest is read from the
+        // spool as the request goes out.
+        let mut prepared = recipients::prepare(message.head(), &env.rcpts);
+        let outgoing = message.with_head(std::mem::take(&mut prepared.message));
+        let encoded_len = outgoing.base64_len();
+        if encoded_len > self.s.max_request_bytes as u64 {
             return match self.s.large_messages {
                 LargeMessages::Upload => {
+                    // The JSON path parses the whole MIME structure.
+                    prepared.message = outgoing.to_vec().await.map_err(|e| {
+                        Failure::transient(format!("cannot read the spooled message: {e}"))
+                    })?;
                     upload::send(self, tokens.as_ref(), mailbox, &prepared).await?;
                     Ok(vec![Ok(()); env.rcpts.len()])
                 }
                 LargeMessages::Alternate => Err(self.too_large(env, message, encoded_len)),
             };
         }
-        let body = B64.encode(&prepared.message);
         let url = self.url(mailbox, &["sendMail"]);
         let a = self
             .call(tokens.as_ref(), "sendMail", |token| {
+                // A new stream per try: base64 made as the spool is read.
+                let stream = outgoing.base64_stream(Bytes::new(), Bytes::new());
                 self.s
                     .client
                     .post(url.clone())
                     .bearer_auth(token)
                     .header(reqwest::header::CONTENT_TYPE, "text/plain")
-                    .body(body.clone())
+                    .header(reqwest::header::CONTENT_LENGTH, encoded_len)
+                    .body(reqwest::Body::wrap_stream(stream))
             })
             .await?;
         accepted("sendMail", &a, self)?;
@@ -317,7 +328,7 @@ impl GraphTransport {
 
     /// `large_messages = alternate`: this route cannot carry the message;
     /// the router hands it to the next route for this message only.
-    fn too_large(&self, env: &Envelope, message: &[u8], encoded: usize) -> Failure {
+    fn too_large(&self, env: &Envelope, message: &Body, encoded: u64) -> Failure {
         tracing::info!(id = %env.id, size = message.len(), "too large for Graph: leaving it to the next route");
         Failure::route(format!(
             "552 5.3.4 message too large for Microsoft Graph ({} bytes after base64, the limit is {})",
@@ -458,7 +469,7 @@ impl Transport for GraphTransport {
         )
     }
 
-    fn deliver<'a>(&'a self, env: &'a Envelope, message: &'a [u8]) -> BoxFuture<'a, Delivery> {
+    fn deliver<'a>(&'a self, env: &'a Envelope, message: &'a Body) -> BoxFuture<'a, Delivery> {
         Box::pin(self.deliver_inner(env, message))
     }
 
@@ -466,12 +477,14 @@ impl Transport for GraphTransport {
     /// the recipients); on the upload path at most the same (attachments
     /// travel base64 in the draft or raw in upload-session chunks); nothing
     /// when the message is left to the next route.
-    fn request_bytes(&self, message: &[u8]) -> u64 {
-        let encoded = (message.len() + REQUEST_SLACK).div_ceil(3) * 4;
-        if encoded > self.s.max_request_bytes && self.s.large_messages == LargeMessages::Alternate {
+    fn request_bytes(&self, message: &Body) -> u64 {
+        let encoded = (message.len() + REQUEST_SLACK as u64).div_ceil(3) * 4;
+        if encoded > self.s.max_request_bytes as u64
+            && self.s.large_messages == LargeMessages::Alternate
+        {
             0
         } else {
-            encoded as u64
+            encoded
         }
     }
 
@@ -550,15 +563,15 @@ mod tests {
     fn request_bytes_cover_base64_and_nothing_when_left_to_another_route() {
         let t = transport("https://graph.microsoft.com").unwrap();
         let m = vec![b'x'; 300_000];
-        let n = t.request_bytes(&m);
+        let n = t.request_bytes(&Body::from(&m));
         assert!((400_000..=410_000).contains(&n), "{n}");
         // Over 4 MB: the upload path counts the whole message too.
-        assert!(t.request_bytes(&vec![b'x'; 6_000_000]) >= 8_000_000);
+        assert!(t.request_bytes(&Body::from(vec![b'x'; 6_000_000])) >= 8_000_000);
         let mut s = t.settings().clone();
         s.large_messages = LargeMessages::Alternate;
         let t = GraphTransport::new(s).unwrap();
-        assert_eq!(t.request_bytes(&vec![b'x'; 6_000_000]), 0);
-        assert!(t.request_bytes(&m) >= 400_000);
+        assert_eq!(t.request_bytes(&Body::from(vec![b'x'; 6_000_000])), 0);
+        assert!(t.request_bytes(&Body::from(&m)) >= 400_000);
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! The one delivery interface every upstream (SMTP, file, Graph, EWS) implements, and the outcome types the scheduler and router branch on.
 
+pub mod body;
 pub mod ews;
 pub mod file;
 pub mod governor;
@@ -9,8 +10,8 @@ pub mod smtp;
 use std::time::Duration;
 
 use crate::common::BoxFuture;
-
 pub use crate::outcome::{Enhanced, FailureClass};
+pub use body::Body;
 
 /// What a transport is asked to deliver: one spooled message to some of its recipients.
 #[derive(Debug, Clone)]
@@ -228,13 +229,16 @@ pub type Delivery = Result<Vec<Result<(), Failure>>, Failure>;
 pub trait Transport: Send + Sync {
     /// Short description for status and logs, e.g. `smtp://smtp.office365.com:587`. No secrets.
     fn describe(&self) -> String;
-    /// Deliver `message` (canonical CRLF, not dot-stuffed) to `env.rcpts`.
-    fn deliver<'a>(&'a self, env: &'a Envelope, message: &'a [u8]) -> BoxFuture<'a, Delivery>;
+    /// Deliver `message` (canonical CRLF, not dot-stuffed) to `env.rcpts`,
+    /// reading it in chunks (see [`Body`]): nothing here holds a whole
+    /// message in memory.
+    fn deliver<'a>(&'a self, env: &'a Envelope, message: &'a Body) -> BoxFuture<'a, Delivery>;
     /// The request bytes delivering `message` will upload, for a governor's
     /// byte budget (Graph: 150 MB per 5 minutes). An estimate that must not
-    /// be low; the default is the message's size.
-    fn request_bytes(&self, message: &[u8]) -> u64 {
-        message.len() as u64
+    /// be low, from the message's size (nothing is read); the default is
+    /// that size.
+    fn request_bytes(&self, message: &Body) -> u64 {
+        message.len()
     }
     /// Check that the server is reachable and usable, without sending mail
     /// (used by the automatic failback probe).

@@ -37,7 +37,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::{Delivery, Envelope, Failure, Transport};
+use bytes::Bytes;
+
+use super::{Body, Delivery, Envelope, Failure, Transport};
 use crate::common::BoxFuture;
 use crate::common::Secret;
 use crate::config::Proxy;
@@ -46,7 +48,7 @@ use classify::classify;
 use soap::get_folder_request;
 
 pub use classify::{MAX_DEPTH, SoapReply};
-pub use soap::create_item_request;
+pub use soap::{create_item_envelope, create_item_request};
 
 /// Classify one HTTP answer to a `CreateItem` exactly as the transport does
 /// (status, body, `Retry-After`); the entry point of the `ews_reply` fuzz target.
@@ -249,14 +251,14 @@ impl EwsTransport {
     }
 
     /// `POST` one SOAP request, with authentication; on a 401 with a bearer
-    /// token, once more with a fresh token.
-    async fn post(&self, body: String, target: &Target<'_>) -> Result<Reply, Failure> {
+    /// token, once more with a fresh token (and a new body from `body`).
+    async fn post(&self, body: &SoapBody, target: &Target<'_>) -> Result<Reply, Failure> {
         let mut base = self
             .client
             .post(self.url.clone())
             .header(reqwest::header::CONTENT_TYPE, "text/xml; charset=utf-8")
             .header(reqwest::header::ACCEPT, "text/xml")
-            .body(body);
+            .header(reqwest::header::CONTENT_LENGTH, body.len());
         if self.settings.impersonate {
             base = base.header("X-AnchorMailbox", target.mailbox);
         }
@@ -286,7 +288,11 @@ impl EwsTransport {
                     return Err(Failure::transient("EWS: no token source"));
                 }
             }
-            let resp = req.send().await.map_err(|e| self.network_failure(&e))?;
+            let resp = req
+                .body(body.request_body())
+                .send()
+                .await
+                .map_err(|e| self.network_failure(&e))?;
             let status = resp.status().as_u16();
             if status == 401 {
                 let diagnostics = header_text(&resp, "x-ms-diagnostics")
@@ -374,20 +380,25 @@ impl EwsTransport {
         })
     }
 
-    async fn deliver_inner(&self, env: &Envelope, message: &[u8]) -> Delivery {
+    async fn deliver_inner(&self, env: &Envelope, message: &Body) -> Delivery {
         if env.rcpts.is_empty() {
             return Ok(Vec::new());
         }
         let target = self.target(env);
-        let mime = crate::message::recipients::prepare(message, &env.rcpts).message;
-        let body = create_item_request(
+        // Only the header block is rewritten; the MIME content is read from
+        // the spool and base64-encoded as the request goes out.
+        let head = crate::message::recipients::prepare(message.head(), &env.rcpts).message;
+        let (open, close) = create_item_envelope(
             &self.settings.server_version,
             self.settings.impersonate.then_some(target.mailbox),
             self.settings.save_to_sent_items,
-            &mime,
         );
-        drop(mime);
-        let reply = self.post(body, &target).await?;
+        let body = SoapBody::Streamed {
+            open: Bytes::from(open),
+            mime: message.with_head(head),
+            close: Bytes::from_static(close.as_bytes()),
+        };
+        let reply = self.post(&body, &target).await?;
         self.outcome(&reply)?;
         Ok(env.rcpts.iter().map(|_| Ok(())).collect())
     }
@@ -404,7 +415,7 @@ impl EwsTransport {
             &self.settings.server_version,
             self.settings.impersonate.then_some(target.mailbox),
         );
-        let reply = self.post(body, &target).await?;
+        let reply = self.post(&SoapBody::Text(body.into()), &target).await?;
         match self.outcome(&reply) {
             Ok(()) => Ok(()),
             // A throttled or failing server is not ready to take traffic back.
@@ -428,7 +439,7 @@ impl Transport for EwsTransport {
         }
     }
 
-    fn deliver<'a>(&'a self, env: &'a Envelope, message: &'a [u8]) -> BoxFuture<'a, Delivery> {
+    fn deliver<'a>(&'a self, env: &'a Envelope, message: &'a Body) -> BoxFuture<'a, Delivery> {
         Box::pin(self.deliver_inner(env, message))
     }
 
@@ -438,6 +449,42 @@ impl Transport for EwsTransport {
     /// 5xx and network errors mean "not yet".
     fn probe(&self) -> BoxFuture<'_, Result<(), Failure>> {
         Box::pin(self.probe_inner())
+    }
+}
+
+/// A SOAP request body that can be sent more than once (the retry after a
+/// `401`).
+enum SoapBody {
+    /// A small request held whole (the probe).
+    Text(Bytes),
+    /// `CreateItem`: the envelope up to `<t:MimeContent>`, the message in
+    /// base64 made as the spool file is read, and the rest of the envelope.
+    Streamed {
+        open: Bytes,
+        mime: Body,
+        close: Bytes,
+    },
+}
+
+impl SoapBody {
+    /// Bytes on the wire (the `Content-Length`).
+    fn len(&self) -> u64 {
+        match self {
+            SoapBody::Text(t) => t.len() as u64,
+            SoapBody::Streamed { open, mime, close } => {
+                open.len() as u64 + mime.base64_len() + close.len() as u64
+            }
+        }
+    }
+
+    /// A fresh request body.
+    fn request_body(&self) -> reqwest::Body {
+        match self {
+            SoapBody::Text(t) => reqwest::Body::from(t.clone()),
+            SoapBody::Streamed { open, mime, close } => {
+                reqwest::Body::wrap_stream(mime.base64_stream(open.clone(), close.clone()))
+            }
+        }
     }
 }
 

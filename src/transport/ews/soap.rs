@@ -32,14 +32,30 @@ fn soap_head(out: &mut String, version: &str, impersonate: Option<&str>) {
 }
 
 /// The `CreateItem` request that sends `mime` (UPSTREAMS.md §4.2):
-/// `SendAndSaveCopy` into `sentitems`, or `SendOnly`.
+/// `SendAndSaveCopy` into `sentitems`, or `SendOnly`. The whole request in
+/// memory; the transport streams the same bytes ([`create_item_envelope`]).
 pub fn create_item_request(
     version: &str,
     impersonate: Option<&str>,
     save_to_sent_items: bool,
     mime: &[u8],
 ) -> String {
-    let mut out = String::with_capacity(mime.len() / 3 * 4 + 1024);
+    let (mut out, close) = create_item_envelope(version, impersonate, save_to_sent_items);
+    out.reserve(mime.len() / 3 * 4 + 4 + close.len());
+    B64.encode_string(mime, &mut out);
+    out.push_str(close);
+    out
+}
+
+/// The `CreateItem` request around its base64 `MimeContent`: everything up
+/// to `<t:MimeContent>`, and everything from `</t:MimeContent>` on.
+/// The message goes between them, base64 without line breaks.
+pub fn create_item_envelope(
+    version: &str,
+    impersonate: Option<&str>,
+    save_to_sent_items: bool,
+) -> (String, &'static str) {
+    let mut out = String::with_capacity(1024);
     soap_head(&mut out, version, impersonate);
     if save_to_sent_items {
         out.push_str("<m:CreateItem MessageDisposition=\"SendAndSaveCopy\">");
@@ -50,10 +66,10 @@ pub fn create_item_request(
         out.push_str("<m:CreateItem MessageDisposition=\"SendOnly\">");
     }
     out.push_str("<m:Items><t:Message><t:MimeContent>");
-    B64.encode_string(mime, &mut out);
-    out.push_str("</t:MimeContent></t:Message></m:Items></m:CreateItem>");
-    out.push_str("</soap:Body></soap:Envelope>\r\n");
-    out
+    (
+        out,
+        "</t:MimeContent></t:Message></m:Items></m:CreateItem></soap:Body></soap:Envelope>\r\n",
+    )
 }
 
 /// The probe request: `GetFolder` of Sent Items, ids only.

@@ -481,7 +481,11 @@ impl Transport for Governed {
         self.inner.describe()
     }
 
-    fn deliver<'a>(&'a self, env: &'a Envelope, message: &'a [u8]) -> BoxFuture<'a, Delivery> {
+    fn deliver<'a>(
+        &'a self,
+        env: &'a Envelope,
+        message: &'a crate::transport::Body,
+    ) -> BoxFuture<'a, Delivery> {
         Box::pin(async move {
             let g = &self.governor;
             let key = g.key_for(env);
@@ -507,7 +511,7 @@ impl Transport for Governed {
         })
     }
 
-    fn request_bytes(&self, message: &[u8]) -> u64 {
+    fn request_bytes(&self, message: &crate::transport::Body) -> u64 {
         self.inner.request_bytes(message)
     }
 
@@ -564,7 +568,11 @@ mod tests {
         fn describe(&self) -> String {
             "slow".into()
         }
-        fn deliver<'a>(&'a self, env: &'a Envelope, _: &'a [u8]) -> BoxFuture<'a, Delivery> {
+        fn deliver<'a>(
+            &'a self,
+            env: &'a Envelope,
+            _: &'a crate::transport::Body,
+        ) -> BoxFuture<'a, Delivery> {
             Box::pin(async move {
                 self.calls
                     .lock()
@@ -602,7 +610,10 @@ mod tests {
         let mut set = tokio::task::JoinSet::new();
         for _ in 0..n {
             let g = g.clone();
-            set.spawn(async move { g.deliver(&env(identity), b"m").await });
+            set.spawn(async move {
+                g.deliver(&env(identity), &crate::transport::Body::from(b"m"))
+                    .await
+            });
         }
         let mut out = Vec::new();
         while let Some(r) = set.join_next().await {
@@ -679,9 +690,15 @@ mod tests {
         inner.script.lock().push_back(Err(
             Failure::transient("429").with_not_before(Duration::from_secs(30))
         ));
-        let _ = g.deliver(&env(None), b"m").await;
+        let _ = g
+            .deliver(&env(None), &crate::transport::Body::from(b"m"))
+            .await;
         let t1 = Instant::now();
-        assert!(g.deliver(&env(Some("other@x")), b"m").await.is_ok());
+        assert!(
+            g.deliver(&env(Some("other@x")), &crate::transport::Body::from(b"m"))
+                .await
+                .is_ok()
+        );
         assert_eq!(t1.elapsed(), Duration::from_millis(100));
         assert!(g.governor().paused_for("desk@contoso.com").is_some());
         assert!(
@@ -814,8 +831,11 @@ mod tests {
         for i in 0..n {
             let g = g.clone();
             set.spawn(async move {
-                g.deliver(&env_n(&i.to_string(), rcpts), &vec![b'x'; size])
-                    .await
+                g.deliver(
+                    &env_n(&i.to_string(), rcpts),
+                    &crate::transport::Body::from(&vec![b'x'; size]),
+                )
+                .await
             });
             tokio::task::yield_now().await;
         }
@@ -905,14 +925,23 @@ mod tests {
         let t0 = Instant::now();
         let first = {
             let g = g.clone();
-            tokio::spawn(async move { g.deliver(&env_n("first", 1), b"m").await })
+            tokio::spawn(async move {
+                g.deliver(&env_n("first", 1), &crate::transport::Body::from(b"m"))
+                    .await
+            })
         };
         tokio::time::sleep(Duration::from_secs(1)).await;
         // Newer mail arrives during the pause.
         let mut later = tokio::task::JoinSet::new();
         for i in 0..3 {
             let g = g.clone();
-            later.spawn(async move { g.deliver(&env_n(&format!("later{i}"), 1), b"m").await });
+            later.spawn(async move {
+                g.deliver(
+                    &env_n(&format!("later{i}"), 1),
+                    &crate::transport::Body::from(b"m"),
+                )
+                .await
+            });
             tokio::task::yield_now().await;
         }
         assert!(first.await.unwrap().is_ok(), "held, then delivered");
@@ -935,7 +964,9 @@ mod tests {
                 .push_back(Err(Failure::throttled("429", Duration::from_secs(5))));
         }
         let g = Arc::new(Governed::new(inner.clone(), Limits::graph(4, "k")));
-        let r = g.deliver(&env_n("m", 1), b"m").await;
+        let r = g
+            .deliver(&env_n("m", 1), &crate::transport::Body::from(b"m"))
+            .await;
         assert!(matches!(&r, Err(f) if f.throttled), "{r:?}");
         assert_eq!(inner.starts().len(), 1 + HOLD_RETRIES as usize);
         // Not throttling (a plain transient failure with a wait): not held.
@@ -944,7 +975,11 @@ mod tests {
             Failure::transient("503").with_not_before(Duration::from_secs(5))
         ));
         let g = Arc::new(Governed::new(inner.clone(), Limits::graph(4, "k")));
-        assert!(g.deliver(&env_n("m", 1), b"m").await.is_err());
+        assert!(
+            g.deliver(&env_n("m", 1), &crate::transport::Body::from(b"m"))
+                .await
+                .is_err()
+        );
         assert_eq!(inner.starts().len(), 1);
     }
 }

@@ -13,12 +13,21 @@ use super::reply::{Extensions, Reply, ReplyParser};
 use super::{SmtpTransport, printable};
 use crate::common::Secret;
 use crate::config::Proxy;
-use crate::transport::Failure;
+use crate::transport::{Body, Failure};
 
 /// Longest reply line we accept (RFC 5321 says 512; servers exceed it).
 const MAX_REPLY_LINE: usize = 8192;
 /// Message bytes encoded per write; the write buffer stays below twice this.
 const WRITE_CHUNK: usize = 32 * 1024;
+
+/// Why sending the message text stopped.
+#[derive(Debug)]
+pub(super) enum DataError {
+    /// The connection broke.
+    Net(Broken),
+    /// The spooled message could not be read.
+    Spool(io::Error),
+}
 
 /// An HTTP proxy reached with `CONNECT host:port`.
 #[derive(Debug, Clone)]
@@ -366,19 +375,26 @@ impl Conn {
         self.read_reply(self.timeout).await
     }
 
-    /// Send the message dot-stuffed and canonical, then `.CRLF`, in chunks.
-    pub(super) async fn send_data(&mut self, message: &[u8]) -> Result<(), Broken> {
+    /// Send the message dot-stuffed and canonical, then `.CRLF`, as it is
+    /// read from the spool a chunk at a time: the write buffer stays below
+    /// twice [`WRITE_CHUNK`] whatever the message size. A spool read error
+    /// stops the DATA (the connection must then be dropped: no end-of-data
+    /// marker went out, so nothing is delivered).
+    pub(super) async fn send_data(&mut self, message: &Body) -> Result<(), DataError> {
         let mut encoder = DataEncoder::default();
         let mut out = Vec::with_capacity(2 * WRITE_CHUNK + 8);
-        for chunk in message.chunks(WRITE_CHUNK) {
-            encoder.push(chunk, &mut out);
-            if out.len() >= WRITE_CHUNK {
-                self.send(&out).await?;
-                out.clear();
+        let mut reader = message.reader();
+        while let Some(chunk) = reader.next().await.map_err(DataError::Spool)? {
+            for piece in chunk.chunks(WRITE_CHUNK) {
+                encoder.push(piece, &mut out);
+                if out.len() >= WRITE_CHUNK {
+                    self.send(&out).await.map_err(DataError::Net)?;
+                    out.clear();
+                }
             }
         }
         encoder.finish(&mut out);
-        self.send(&out).await
+        self.send(&out).await.map_err(DataError::Net)
     }
 
     /// The failure for a connection that broke at `stage`.

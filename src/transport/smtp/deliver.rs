@@ -2,11 +2,11 @@
 
 use std::time::Duration;
 
-use super::conn::{Broken, Conn};
+use super::conn::{Broken, Conn, DataError};
 use super::pool::Pool;
 use super::reply::Reply;
 use super::{SmtpTransport, printable};
-use crate::transport::{Delivery, Envelope, Failure};
+use crate::transport::{Body, Delivery, Envelope, Failure};
 
 /// A connection is not reused once it is this old (Postfix
 /// `smtp_connection_reuse_time_limit`), so a long-lived session cannot pin
@@ -22,7 +22,7 @@ const THROTTLE_WAIT: Duration = Duration::from_secs(10);
 impl SmtpTransport {
     /// One attempt: a pooled connection if there is one, else a new one; a
     /// pooled connection found dead at its first command is replaced once.
-    pub(super) async fn deliver_inner(&self, env: &Envelope, message: &[u8]) -> Delivery {
+    pub(super) async fn deliver_inner(&self, env: &Envelope, message: &Body) -> Delivery {
         if unsafe_address(&env.from) {
             return Err(Failure::permanent(format!(
                 "invalid sender address <{}>",
@@ -75,7 +75,7 @@ impl SmtpTransport {
         &self,
         conn: &mut Conn,
         env: &Envelope,
-        message: &[u8],
+        message: &Body,
         results: &mut [Option<Result<(), Failure>>],
         reused: bool,
     ) -> Tx {
@@ -110,7 +110,7 @@ impl SmtpTransport {
         }
         if let Some(limit) = conn.ext.size
             && limit > 0
-            && message.len() as u64 > limit
+            && message.len() > limit
         {
             let text = format!(
                 "message of {} bytes exceeds the size limit of {limit} bytes of {}",
@@ -124,8 +124,12 @@ impl SmtpTransport {
         if conn.ext.size.is_some() {
             mail.push_str(&format!(" SIZE={}", message.len()));
         }
-        if conn.ext.eightbitmime && message.iter().any(|b| *b >= 0x80) {
-            mail.push_str(" BODY=8BITMIME");
+        if conn.ext.eightbitmime {
+            match message.has_8bit().await {
+                Ok(true) => mail.push_str(" BODY=8BITMIME"),
+                Ok(false) => {}
+                Err(e) => return Tx::Done(Err(spool_failure(&e)), After::Keep),
+            }
         }
         if utf8 {
             mail.push_str(" SMTPUTF8");
@@ -185,11 +189,17 @@ impl SmtpTransport {
             }
         }
 
-        if let Err(b) = conn.send_data(message).await {
-            return Tx::Done(
-                Err(conn.broken(b, "while sending the message")),
-                After::Drop,
-            );
+        match conn.send_data(message).await {
+            Ok(()) => {}
+            Err(DataError::Net(b)) => {
+                return Tx::Done(
+                    Err(conn.broken(b, "while sending the message")),
+                    After::Drop,
+                );
+            }
+            // Half a message went out without its end: close the
+            // connection so the server discards it.
+            Err(DataError::Spool(e)) => return Tx::Done(Err(spool_failure(&e)), After::Drop),
         }
         let stage = "after end of data";
         let reply = match conn.read_reply(conn.timeout * FINAL_REPLY_FACTOR).await {
@@ -243,6 +253,12 @@ fn refusal(conn: &Conn, reply: &Reply, stage: &str) -> Failure {
     } else {
         f
     }
+}
+
+/// The spooled message could not be read: this message's trouble, not the
+/// server's (no failover), retried later.
+fn spool_failure(e: &std::io::Error) -> Failure {
+    Failure::transient(format!("cannot read the spooled message: {e}"))
 }
 
 /// True for addresses that would break the command line they go into.

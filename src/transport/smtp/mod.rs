@@ -25,7 +25,7 @@ use std::time::Duration;
 
 use rustls_pki_types::ServerName;
 
-use super::{Delivery, Envelope, Failure, Transport};
+use super::{Body, Delivery, Envelope, Failure, Transport};
 use crate::common::BoxFuture;
 use crate::config::HostPort;
 use conn::ProxyTunnel;
@@ -153,7 +153,7 @@ impl Transport for SmtpTransport {
         self.peer()
     }
 
-    fn deliver<'a>(&'a self, env: &'a Envelope, message: &'a [u8]) -> BoxFuture<'a, Delivery> {
+    fn deliver<'a>(&'a self, env: &'a Envelope, message: &'a Body) -> BoxFuture<'a, Delivery> {
         Box::pin(self.deliver_inner(env, message))
     }
 
