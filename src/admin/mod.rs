@@ -1,4 +1,4 @@
-//! The local admin HTTP endpoint: health and readiness probes, status (active server and why, queue figures, OAuth token state), failback, queue control, OAuth sign-in and a sample mail; everything but `/healthz`, `/readyz` and the provider's OAuth callback needs the admin token (in a header, never in a URL), and a request for another `Host` gets `421`.
+//! The local admin HTTP endpoint: health and readiness probes, status (active server and why, queue figures, OAuth token state), Prometheus metrics, failback, queue control, OAuth sign-in and a sample mail; everything but `/healthz`, `/readyz` and the provider's OAuth callback needs the admin token (in a header, never in a URL), and a request for another `Host` gets `421`.
 
 mod oauth;
 mod send_test;
@@ -47,6 +47,8 @@ pub struct Extras {
     /// `Host` names served besides loopback ones: `admin.hostnames` and the
     /// host of each `redirect_url`; other names get `421`.
     pub hostnames: Vec<String>,
+    /// What `GET /metrics` shows (absent: `404`).
+    pub metrics: Option<Arc<crate::metrics::Metrics>>,
 }
 
 impl Extras {
@@ -65,6 +67,7 @@ impl Extras {
             },
             hostname,
             hostnames: allowed_hostnames(cfg),
+            metrics: None,
         })
     }
 }
@@ -100,6 +103,21 @@ pub(crate) struct Ctx {
     extras: Extras,
 }
 
+impl Ctx {
+    /// The OAuth registries in force: the reloaded ones when the relay
+    /// reloads its file, else the ones given at start.
+    pub(crate) fn oauth(&self) -> Vec<(&'static str, Arc<Registry>)> {
+        current_oauth(&self.admin, &self.extras)
+    }
+}
+
+fn current_oauth(state: &AdminState, extras: &Extras) -> Vec<(&'static str, Arc<Registry>)> {
+    match &state.reloader {
+        Some(r) => r.oauth(),
+        None => extras.oauth.clone(),
+    }
+}
+
 /// The admin routes without OAuth and send-test (see [`routes_with`]).
 pub fn routes(state: Arc<AdminState>) -> Router {
     routes_with(state, Extras::default())
@@ -114,9 +132,15 @@ pub fn routes_with(state: Arc<AdminState>, extras: Extras) -> Router {
         extras,
     });
     // `/status` shows mailboxes, servers and errors: the token is needed.
-    let status_route = Router::new().route("/status", get(status)).route_layer(
-        axum::middleware::from_fn_with_state(state.clone(), require_token),
-    );
+    // `/metrics` is protected like `/status` (Prometheus sends the token
+    // from `authorization.credentials_file`).
+    let status_route = Router::new()
+        .route("/status", get(status))
+        .route("/metrics", get(metrics))
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            require_token,
+        ));
     let with_extras = Router::new()
         .merge(status_route)
         .route("/oauth/start", post(oauth::start))
@@ -126,6 +150,7 @@ pub fn routes_with(state: Arc<AdminState>, extras: Extras) -> Router {
     let protected = Router::new()
         .route("/failback", post(failback))
         .route("/queue/{id}/retry", post(retry))
+        .route("/queue/retry-all", post(retry_all))
         .route("/queue/{id}", delete(remove))
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
@@ -243,11 +268,11 @@ fn corrupt_json(c: &crate::spool::CorruptSummary) -> serde_json::Value {
 /// (`"oauth"`: one entry per upstream table; never a token).
 pub fn status_json_with(state: &AdminState, extras: &Extras) -> serde_json::Value {
     let mut doc = status_json(state);
-    if !extras.oauth.is_empty()
+    let registries = current_oauth(state, extras);
+    if !registries.is_empty()
         && let Some(obj) = doc.as_object_mut()
     {
-        let oauth: Vec<serde_json::Value> = extras
-            .oauth
+        let oauth: Vec<serde_json::Value> = registries
             .iter()
             .map(|(label, r)| {
                 let mut v = r.status();
@@ -266,6 +291,20 @@ async fn status(State(ctx): State<Arc<Ctx>>) -> Json<serde_json::Value> {
     Json(status_json_with(&ctx.admin, &ctx.extras))
 }
 
+async fn metrics(State(ctx): State<Arc<Ctx>>) -> Response {
+    match &ctx.extras.metrics {
+        Some(m) => (
+            [(
+                axum::http::header::CONTENT_TYPE,
+                crate::metrics::CONTENT_TYPE,
+            )],
+            m.render(),
+        )
+            .into_response(),
+        None => error(StatusCode::NOT_FOUND, "metrics are not enabled"),
+    }
+}
+
 async fn failback(State(state): State<Arc<AdminState>>) -> Response {
     let router = state.scheduler.router();
     let changed = router.failback("failback requested by operator");
@@ -278,6 +317,11 @@ async fn retry(State(state): State<Arc<AdminState>>, Path(id): Path<String>) -> 
     } else {
         error(StatusCode::NOT_FOUND, "no such message in the queue")
     }
+}
+
+async fn retry_all(State(state): State<Arc<AdminState>>) -> Response {
+    let n = state.scheduler.retry_all().await;
+    Json(json!({ "retried": n })).into_response()
 }
 
 async fn remove(State(state): State<Arc<AdminState>>, Path(id): Path<String>) -> Response {

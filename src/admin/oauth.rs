@@ -97,16 +97,11 @@ pub(super) async fn start(
         );
     }
     let wanted = q.upstream.as_deref().unwrap_or("upstream");
-    let registry = ctx
-        .extras
-        .oauth
+    let registries = ctx.oauth();
+    let registry = registries
         .iter()
         .find(|(label, _)| *label == wanted || label.strip_prefix("upstream.") == Some(wanted))
-        .or_else(|| {
-            (q.upstream.is_none())
-                .then(|| ctx.extras.oauth.first())
-                .flatten()
-        });
+        .or_else(|| (q.upstream.is_none()).then(|| registries.first()).flatten());
     let Some((_, registry)) = registry else {
         return page(
             StatusCode::NOT_FOUND,
@@ -139,7 +134,7 @@ pub(super) async fn callback(
     let state = q.state.clone().unwrap_or_default();
     if let Some(error) = q.error.as_deref() {
         // Whatever the provider said, this sign-in is over.
-        for (_, r) in &ctx.extras.oauth {
+        for (_, r) in &ctx.oauth() {
             r.cancel_login(&state);
         }
         tracing::warn!(error = %crate::text::for_log(error), description = %crate::text::for_log(q.error_description.as_deref().unwrap_or("")), "OAuth sign-in refused by the provider");
@@ -150,9 +145,8 @@ pub(super) async fn callback(
             detail.lines().next().unwrap_or(""),
         );
     }
-    let Some(registry) = ctx
-        .extras
-        .oauth
+    let registries = ctx.oauth();
+    let Some(registry) = registries
         .iter()
         .map(|(_, r)| r)
         .find(|r| !state.is_empty() && r.has_login(&state))

@@ -94,6 +94,7 @@ pub(super) async fn send_test(
                     id: got,
                     outcome,
                     detail,
+                    ..
                 }) if got == id => return Some((outcome, detail)),
                 Ok(_) | Err(RecvError::Lagged(_)) => continue,
                 Err(RecvError::Closed) => return None,

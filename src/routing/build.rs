@@ -4,18 +4,26 @@ use std::sync::Arc;
 
 use super::Router;
 use crate::transport::Transport;
-use crate::transport::governor::{Governed, Limits};
+use crate::transport::governor::{Governed, Governor, Limits};
 
-/// Build the transport for one server of an upstream table.
+/// A transport and the throttle in front of it, if any.
+type Built = (Arc<dyn Transport>, Option<Arc<Governor>>);
+
+/// Build the transport for one server of an upstream table, and the
+/// throttle in front of it, if any.
 fn transport_for(
     c: &crate::config::Config,
     u: &crate::config::Upstream,
     server: &str,
-) -> Result<Arc<dyn Transport>, String> {
+) -> Result<Built, String> {
     let t = ungoverned(c, u, server)?;
     Ok(match limits_for(u, server) {
-        Some(limits) => Arc::new(Governed::new(t, limits)),
-        None => t,
+        Some(limits) => {
+            let governed = Governed::new(t, limits);
+            let governor = governed.governor().clone();
+            (Arc::new(governed), Some(governor))
+        }
+        None => (t, None),
     })
 }
 
@@ -223,6 +231,17 @@ pub fn from_config(c: &crate::config::Config) -> Result<Router, String> {
     } else {
         None
     };
-    let primary = transport_for(c, u, &u.server).map_err(|e| format!("upstream: {e}"))?;
-    Ok(Router::new(primary, alternate))
+    let (primary, primary_gov) =
+        transport_for(c, u, &u.server).map_err(|e| format!("upstream: {e}"))?;
+    let (alternate, alternate_gov) = match alternate {
+        Some((t, g)) => (Some(t), g),
+        None => (None, None),
+    };
+    let mut router = Router::new(primary, alternate);
+    for (label, g) in [("primary", primary_gov), ("alternate", alternate_gov)] {
+        if let Some(g) = g {
+            router = router.with_governor(label, g);
+        }
+    }
+    Ok(router)
 }
