@@ -135,7 +135,7 @@ impl Metrics {
         let rejected = Family::<Reason, Counter>::default();
         registry.register(
             "mailbridge_inbound_rejected",
-            "Messages refused after DATA, by reason",
+            "Inbound refusals by reason: of a client (client_not_allowed, auth_failed, auth_required), a sender (sender_domain, sender_not_owned), a recipient (relay_denied, too_many_recipients) or a message (too_big, bare_line_ending, nul_byte, mail_loop, from_not_owned, queue_full, spool_error)",
             rejected.clone(),
         );
         let attempts = Family::<Attempt, Counter>::default();
@@ -226,8 +226,8 @@ impl Metrics {
         self.accepted.inc();
     }
 
-    /// Count a message refused after DATA, by a short reason
-    /// (`queue_full`, `spool_error`).
+    /// Count an inbound refusal, by a short reason (`relay_denied`,
+    /// `queue_full`, …).
     pub fn rejected(&self, reason: &'static str) {
         self.rejected.get_or_create(&Reason { reason }).inc();
     }
@@ -331,6 +331,11 @@ impl CountingSink {
 }
 
 impl Sink for CountingSink {
+    fn refused(&self, reason: &'static str) {
+        self.metrics.rejected(reason);
+        self.inner.refused(reason);
+    }
+
     fn accept(&self, msg: Incoming) -> BoxFuture<'_, Result<(), SinkError>> {
         Box::pin(async move {
             let r = self.inner.accept(msg).await;

@@ -54,6 +54,15 @@ fn unchunk(body: &str) -> String {
     out
 }
 
+/// The body as sent, or joined when it came in chunks.
+fn unchunk_if_needed(body: String) -> String {
+    if body.starts_with('#') {
+        body
+    } else {
+        unchunk(&body)
+    }
+}
+
 /// Samples by `name{labels}` as written (labels in the order written).
 fn samples(text: &str) -> HashMap<String, f64> {
     text.lines()
@@ -90,11 +99,7 @@ fn metrics_after_real_deliveries() {
     assert_eq!(get(d.admin, "/metrics", None).0, 401, "the token is needed");
     let (code, body) = get(d.admin, "/metrics", Some(&token(&d)));
     assert_eq!(code, 200, "{body}");
-    let text = if body.contains("# HELP") && !body.starts_with('#') {
-        unchunk(&body)
-    } else {
-        body
-    };
+    let text = unchunk_if_needed(body);
     let m = samples(&text);
     let want = [
         ("mailbridge_inbound_accepted_total", 2.0),
@@ -187,6 +192,13 @@ fn sighup_applies_a_sender_policy_and_names_a_listen_change() {
     assert!(r.starts_with("550 5.7.1"), "after the reload: {r}");
     let r = smtp_send(d.smtp, "app@ok.test", &["a@x.test"], BODY);
     assert!(r.starts_with("250"), "{r}");
+    let (_, body) = get(d.admin, "/metrics", Some(&token(&d)));
+    let m = samples(&unchunk_if_needed(body));
+    assert_eq!(
+        m.get("mailbridge_inbound_rejected_total{reason=\"sender_domain\"}"),
+        Some(&1.0)
+    );
+    assert_eq!(m.get("mailbridge_inbound_accepted_total"), Some(&2.0));
 
     // `status` reads as text with dates; `--json` is the document.
     let (code, out, err) = d.cli(&["status"]);

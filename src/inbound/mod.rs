@@ -98,6 +98,12 @@ pub enum SinkError {
 pub trait Sink: Send + Sync + 'static {
     /// Store `msg` durably.
     fn accept(&self, msg: Incoming) -> crate::transport::BoxFuture<'_, Result<(), SinkError>>;
+
+    /// The session refused a client, sender, recipient or message, for the
+    /// short `reason` given (e.g. `relay_denied`); for metrics.
+    fn refused(&self, reason: &'static str) {
+        let _ = reason;
+    }
 }
 
 /// Settings of the listener, built from config by [`Settings::from_config`]
@@ -402,6 +408,9 @@ impl Connection {
                 // (221, 421): a client that saw this session end may connect
                 // again at once and must find its slot free.
                 slots.take();
+            }
+            for reason in session.take_refusals() {
+                self.sink.refused(reason);
             }
             // Replies go out before anything that may wait (RFC 2920 §3.2 (5)).
             let out = session.take_output();
