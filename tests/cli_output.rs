@@ -1,5 +1,7 @@
 //! The CLI's output against hostile or awkward surroundings: a closed pipe for every command (`queue list | head -1`), a spool it may not read, header bytes that would drive a terminal, a password from a pipe, the readable `status` text, and `queue retry --all` without a running relay.
 
+mod daemon;
+
 use std::process::{Command, Stdio};
 
 use mailbridge::spool::{Meta, Spool};
@@ -283,4 +285,53 @@ fn status_text_shows_dates_the_reason_the_queue_and_identities() {
         "{text}"
     );
     assert!(!text.contains('\u{1b}'), "escaped for the terminal: {text}");
+}
+
+/// The keys of `v` and of each object inside it, as paths.
+fn shape(v: &serde_json::Value, at: &str, out: &mut Vec<String>) {
+    match v {
+        serde_json::Value::Object(o) => {
+            for (k, v) in o {
+                let p = format!("{at}.{k}");
+                out.push(p.clone());
+                shape(v, &p, out);
+            }
+        }
+        serde_json::Value::Array(a) => {
+            for v in a {
+                shape(v, &format!("{at}[]"), out);
+            }
+        }
+        _ => {}
+    }
+    out.sort();
+    out.dedup();
+}
+
+#[test]
+fn auth_status_has_one_shape_whether_or_not_the_relay_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    daemon::write_config(
+        dir.path(),
+        "protocol = \"graph\"\nrequires_auth = true\nauth = \"oauth\"\nmailbox = \"desk@corp.test\"\n\
+         [upstream.oauth]\nprovider = \"custom\"\nscope = \"x\"\nflow = \"client_credentials\"\n\
+         client_id = \"c\"\nclient_secret = \"s\"\ntoken_url = \"http://127.0.0.1:9/token\"",
+    );
+    let d = daemon::Daemon::start(dir.path());
+    let (code, live, err) = d.cli(&["auth", "status"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("from the running relay"), "{err}");
+    drop(d);
+    let (code, offline, err) = daemon::cli(
+        &dir.path().join("config.toml"),
+        &["auth", "status"],
+        "127.0.0.1:9".parse().unwrap(),
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("the relay is not running"), "{err}");
+    let (mut a, mut b) = (Vec::new(), Vec::new());
+    shape(&serde_json::from_str(&live).unwrap(), "", &mut a);
+    shape(&serde_json::from_str(&offline).unwrap(), "", &mut b);
+    assert_eq!(a, b, "live:\n{live}\noffline:\n{offline}");
+    assert!(a.contains(&".identities[].state".to_string()), "{a:?}");
 }

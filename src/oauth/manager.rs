@@ -710,6 +710,7 @@ impl Registry {
                             "has_refresh_token": stored.get(n).is_some_and(|g| !g.refresh_token.is_empty()),
                             "last_error": err,
                             "retry_in_secs": null,
+                            "token_requests": TokenRequests::default(),
                         })
                     }
                 }
