@@ -1,4 +1,4 @@
-//! Live reload in process, on paused time: the active route and its reason survive a reload, a new `failback_probe_secs` takes effect at once, inbound settings change for new connections, restart-only keys are reported, and a bad file changes nothing.
+//! Live reload in process, on paused time: the active route and its reason survive a reload, a new `failback_probe_secs` takes effect at once, inbound settings change for new connections, restart-only keys are reported, and a bad file or one that would open the relay changes nothing.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -162,5 +162,32 @@ async fn a_reload_keeps_the_route_applies_the_probe_and_names_what_needs_a_resta
         "{:?}",
         sched.router().state()
     );
+    stop.cancel();
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_reload_that_would_open_the_relay_is_refused_and_changes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write(dir.path(), "allow_clients = [\"192.0.2.0/24\"]", 0);
+    let cfg = Config::load(&path).unwrap();
+    let (spool, loaded, _) = Spool::open(&dir.path().join("spool"), 100).unwrap();
+    let stop = CancellationToken::new();
+    let (sched, _task) = Scheduler::start(
+        Arc::new(spool),
+        Arc::new(mailbridge::routing::from_config(&cfg).unwrap()),
+        Policy::from_config(&cfg),
+        loaded,
+        stop.clone(),
+    );
+    let settings = Arc::new(Settings::from_config(&cfg).unwrap());
+    // As if the listener were bound beyond loopback.
+    let listening = vec!["192.0.2.1:2525".parse().unwrap()];
+    let reloader =
+        Reloader::new(Some(path.clone()), sched.clone(), cfg, settings, listening).unwrap();
+    write(dir.path(), "allow_clients = [\"0.0.0.0/0\"]", 0);
+    let err = reloader.reload().unwrap_err();
+    assert!(err.contains("listen.allow_clients"), "{err}");
+    let live = reloader.inbound_settings().current();
+    assert_eq!(live.listen.allow_clients, ["192.0.2.0/24".parse().unwrap()]);
     stop.cancel();
 }
