@@ -15,6 +15,7 @@ pub mod inbound;
 pub mod listener;
 pub mod maildrop;
 pub mod message;
+pub mod metrics;
 pub mod oauth;
 pub mod outcome;
 pub mod reload;
@@ -123,6 +124,34 @@ pub async fn run(
     let (sched, sched_task) =
         scheduler::Scheduler::start(Arc::new(spool), router, policy, loaded, shutdown.clone());
 
+    let mut listening = vec![local];
+    if let Some(l) = &listeners.smtps {
+        listening.extend(l.local_addr().ok());
+    }
+    let has_file = config_path.is_some();
+    // Also without a file: it holds the settings in force for the listeners,
+    // the failback probe and the metrics.
+    let reloader = reload::Reloader::new(
+        config_path,
+        sched.clone(),
+        cfg.clone(),
+        settings.clone(),
+        listening,
+        oauth.clone(),
+    )
+    .map_err(|e| anyhow::anyhow!(e))?;
+    let metrics = Arc::new(metrics::Metrics::new());
+    metrics.watch(sched.clone(), reloader.clone());
+    let metrics_task = tokio::spawn(metrics::record(
+        metrics.clone(),
+        sched.clone(),
+        shutdown.clone(),
+    ));
+    let sink: Arc<dyn inbound::Sink> = Arc::new(metrics::CountingSink::new(
+        Arc::new(sched.clone()),
+        metrics.clone(),
+    ));
+
     tracing::info!(address = %local, "listening for SMTP");
     let smtps_task = listeners.smtps.map(|l| {
         if let Ok(a) = l.local_addr() {
@@ -130,26 +159,25 @@ pub async fn run(
         }
         tokio::spawn(inbound::serve_implicit_tls(
             l,
-            settings.clone(),
-            Arc::new(sched.clone()),
+            reloader.inbound_settings(),
+            sink.clone(),
             shutdown.clone(),
         ))
     });
     let maildrop_task = tokio::spawn(maildrop::watch(
         maildrop::dir(&cfg),
         Arc::new(maildrop::import_settings(&settings)),
-        Arc::new(sched.clone()),
+        sink.clone(),
         Duration::from_secs(MAILDROP_POLL_SECS),
         shutdown.clone(),
     ));
     let smtp_task = tokio::spawn(inbound::serve(
         listeners.smtp,
-        settings,
-        Arc::new(sched.clone()),
+        reloader.inbound_settings(),
+        sink,
         shutdown.clone(),
     ));
 
-    let reloader = config_path.map(|p| reload::Reloader::new(p, sched.clone(), oauth.clone()));
     let admin_task = match listeners.admin {
         Some(l) => {
             let token =
@@ -159,10 +187,11 @@ pub async fn run(
                 scheduler: sched.clone(),
                 token,
                 started: std::time::SystemTime::now(),
-                reloader: reloader.clone(),
+                reloader: has_file.then(|| reloader.clone()),
             });
-            let extras =
+            let mut extras =
                 admin::Extras::from_config(&cfg, &oauth).map_err(|e| anyhow::anyhow!(e))?;
+            extras.metrics = Some(metrics.clone());
             Some(tokio::spawn(admin::serve_with(
                 l,
                 state,
@@ -175,10 +204,11 @@ pub async fn run(
 
     let probe_task = tokio::spawn(failback_probe(
         sched.clone(),
-        cfg.upstream.failback_probe_secs,
+        reloader.probe_secs(),
         shutdown.clone(),
     ));
-    let reload_task = reloader.map(|r| tokio::spawn(reload::on_sighup(r, shutdown.clone())));
+    let reload_task =
+        has_file.then(|| tokio::spawn(reload::on_sighup(reloader.clone(), shutdown.clone())));
 
     notify_systemd("READY=1");
     shutdown.cancelled().await;
@@ -194,6 +224,7 @@ pub async fn run(
     }
     probe_task.abort();
     maildrop_task.abort();
+    metrics_task.abort();
     if let Some(t) = reload_task {
         t.abort();
     }
@@ -202,17 +233,40 @@ pub async fn run(
 }
 
 /// While the alternate is active, probe the primary every `secs` seconds and
-/// fail back when it answers. `secs = 0` disables this.
-async fn failback_probe(sched: scheduler::Scheduler, secs: u64, shutdown: CancellationToken) {
-    if secs == 0 {
-        return;
-    }
-    let mut tick = tokio::time::interval(Duration::from_secs(secs));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+/// fail back when it answers. `secs = 0` disables this. A reload that
+/// changes `secs` takes effect at once (the next probe is `secs` from then).
+pub async fn failback_probe(
+    sched: scheduler::Scheduler,
+    mut secs: tokio::sync::watch::Receiver<u64>,
+    shutdown: CancellationToken,
+) {
+    // False once the reloader is gone: the last value stays.
+    let mut open = true;
     loop {
+        let every = *secs.borrow_and_update();
+        if every == 0 && !open {
+            return;
+        }
+        let wait = async {
+            if every == 0 {
+                std::future::pending::<()>().await
+            }
+            tokio::time::sleep(Duration::from_secs(every)).await
+        };
+        let watching = open;
+        let changed = async {
+            if !watching {
+                std::future::pending::<()>().await
+            }
+            secs.changed().await.is_ok()
+        };
         tokio::select! {
             _ = shutdown.cancelled() => return,
-            _ = tick.tick() => {}
+            still = changed => {
+                open = still;
+                continue;
+            }
+            _ = wait => {}
         }
         let router = sched.router();
         if router.state().active == "primary" {

@@ -61,8 +61,17 @@ async fn start(file: bool) -> Admin {
         scheduler: sched.clone(),
         token: Secret::new(TOKEN),
         started: std::time::SystemTime::now(),
-        reloader: file
-            .then(|| mailbridge::reload::Reloader::new(path.clone(), sched.clone(), oauth.clone())),
+        reloader: file.then(|| {
+            mailbridge::reload::Reloader::new(
+                Some(path.clone()),
+                sched.clone(),
+                cfg.clone(),
+                Arc::new(mailbridge::inbound::Settings::from_config(&cfg).unwrap()),
+                vec![],
+                oauth.clone(),
+            )
+            .unwrap()
+        }),
     });
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());

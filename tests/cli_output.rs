@@ -1,4 +1,6 @@
-//! The CLI's output against hostile or awkward surroundings: a closed pipe (`queue list | head -1`), a spool it may not read, and header bytes that would drive a terminal.
+//! The CLI's output against hostile or awkward surroundings: a closed pipe for every command (`queue list | head -1`), a spool it may not read, header bytes that would drive a terminal, a password from a pipe, the readable `status` text, and `queue retry --all` without a running relay.
+
+mod daemon;
 
 use std::process::{Command, Stdio};
 
@@ -128,4 +130,208 @@ fn queue_list_without_read_access_fails() {
         err.contains("spool.path") && err.contains("ermission denied"),
         "{err}"
     );
+}
+
+#[test]
+fn every_command_into_a_closed_pipe_ends_without_a_panic() {
+    let dir = tempfile::tempdir().unwrap();
+    let id = setup(dir.path());
+    let commands: [&[&str]; 8] = [
+        &["queue", "list"],
+        &["queue", "show", &id],
+        &["queue", "retry", "--all"],
+        &["check"],
+        &["status"],
+        &["status", "--json"],
+        &["health"],
+        &["--help"],
+    ];
+    for args in commands {
+        let (reader, writer) = std::io::pipe().unwrap();
+        drop(reader);
+        let out = mailbridge(dir.path(), args)
+            .stdout(writer)
+            .stderr(Stdio::piped())
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+        // 0, or 1 for what needs the (not running) relay; never a signal.
+        assert!(matches!(out.status.code(), Some(0 | 1)), "{args:?}: {err}");
+    }
+    // `hash-password` too, with the password on a pipe.
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let mut child = Command::new(bin())
+        .arg("hash-password")
+        .stdin(Stdio::piped())
+        .stdout(writer)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    child.stdin.take().unwrap().write_all(b"pw\n").unwrap();
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("panicked"), "{err}");
+    assert_eq!(out.status.code(), Some(0), "{err}");
+}
+
+#[test]
+fn hash_password_from_a_pipe_prints_only_the_hash() {
+    use std::io::Write;
+    let mut child = Command::new(bin())
+        .arg("hash-password")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"correct horse\n")
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    let hash = String::from_utf8_lossy(&out.stdout);
+    assert!(hash.starts_with("$argon2id$"), "{hash}");
+    assert!(!hash.contains("correct horse"));
+    // No prompt and no echo when stdin is not a terminal.
+    assert_eq!(String::from_utf8_lossy(&out.stderr), "");
+    use argon2::password_hash::{PasswordHash, PasswordVerifier};
+    let parsed = PasswordHash::new(hash.trim()).unwrap();
+    assert!(
+        argon2::Argon2::default()
+            .verify_password(b"correct horse", &parsed)
+            .is_ok()
+    );
+}
+
+#[test]
+fn queue_retry_all_without_a_relay_makes_every_message_due() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = setup(dir.path());
+    let (spool, _, _) = Spool::open(&dir.path().join("spool"), 100).unwrap();
+    let second = "20261201T000001-abcdef13".to_string();
+    let mut meta = Meta::new(
+        second.clone(),
+        "a@b.test".into(),
+        vec!["e@f.test".into()],
+        8,
+        0,
+    );
+    meta.next_attempt = 4_000_000_000;
+    spool.store(&meta, b"x: y\r\n\r\n").unwrap();
+    let mut m = spool.read_meta(&first).unwrap();
+    m.next_attempt = 4_000_000_000;
+    spool.update(&m).unwrap();
+    drop(spool);
+    let out = mailbridge(dir.path(), &["queue", "retry", "--all"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("2 message(s) due now"), "{err}");
+    let (spool, _, _) = Spool::open(&dir.path().join("spool"), 100).unwrap();
+    for id in [&first, &second] {
+        assert_eq!(spool.read_meta(id).unwrap().next_attempt, 0, "{id}");
+    }
+    // An id and --all together is a usage error.
+    let out = mailbridge(dir.path(), &["queue", "retry", "--all", &first])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+}
+
+#[test]
+fn status_text_shows_dates_the_reason_the_queue_and_identities() {
+    let doc = serde_json::json!({
+        "version": "0.1.0",
+        "uptime_secs": 3700,
+        "route": {"active": "alternate", "server": "smtp://backup.test:587", "since": 1_796_150_375u64,
+                  "reason": "primary unavailable: connection refused"},
+        "servers": [{"label": "primary", "server": "smtp://main.test:587"},
+                    {"label": "alternate", "server": "smtp://backup.test:587"}],
+        "queue": {"depth": 3, "in_flight": 1, "deferred": 2, "bounce_undeliverable": 0,
+                  "oldest_age_secs": 5400, "last_error": "451 4.3.0 try later\u{1b}[2J"},
+        "corrupt": {"count": 0, "newest": null},
+        "oauth": [{"upstream": "upstream", "provider": "office365", "flow": "authorization_code",
+                   "identities": [{"identity": "desk@corp.test", "state": "reconsent_needed",
+                                   "access_token_expires_at": null, "last_error": "invalid_grant"}]}],
+    });
+    let text = mailbridge::cli::status::status_text(&doc, 1_796_150_375 + 600);
+    assert!(
+        text.contains("Sending through: alternate server smtp://backup.test:587 since "),
+        "{text}"
+    );
+    assert!(
+        text.contains(&mailbridge::cli::status::date(1_796_150_375)),
+        "{text}"
+    );
+    assert!(!text.contains("1796150375"), "no epoch numbers: {text}");
+    assert!(text.contains("(10m ago)"), "{text}");
+    assert!(
+        text.contains("because: primary unavailable: connection refused"),
+        "{text}"
+    );
+    assert!(
+        text.contains("Queue: 3 message(s), 2 waiting for a retry, 1 in flight, oldest 90m"),
+        "{text}"
+    );
+    assert!(
+        text.contains("desk@corp.test") && text.contains("reconsent_needed"),
+        "{text}"
+    );
+    assert!(!text.contains('\u{1b}'), "escaped for the terminal: {text}");
+}
+
+/// The keys of `v` and of each object inside it, as paths.
+fn shape(v: &serde_json::Value, at: &str, out: &mut Vec<String>) {
+    match v {
+        serde_json::Value::Object(o) => {
+            for (k, v) in o {
+                let p = format!("{at}.{k}");
+                out.push(p.clone());
+                shape(v, &p, out);
+            }
+        }
+        serde_json::Value::Array(a) => {
+            for v in a {
+                shape(v, &format!("{at}[]"), out);
+            }
+        }
+        _ => {}
+    }
+    out.sort();
+    out.dedup();
+}
+
+#[test]
+fn auth_status_has_one_shape_whether_or_not_the_relay_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    daemon::write_config(
+        dir.path(),
+        "protocol = \"graph\"\nrequires_auth = true\nauth = \"oauth\"\nmailbox = \"desk@corp.test\"\n\
+         [upstream.oauth]\nprovider = \"custom\"\nscope = \"x\"\nflow = \"client_credentials\"\n\
+         client_id = \"c\"\nclient_secret = \"s\"\ntoken_url = \"http://127.0.0.1:9/token\"",
+    );
+    let d = daemon::Daemon::start(dir.path());
+    let (code, live, err) = d.cli(&["auth", "status"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("from the running relay"), "{err}");
+    drop(d);
+    let (code, offline, err) = daemon::cli(
+        &dir.path().join("config.toml"),
+        &["auth", "status"],
+        "127.0.0.1:9".parse().unwrap(),
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("the relay is not running"), "{err}");
+    let (mut a, mut b) = (Vec::new(), Vec::new());
+    shape(&serde_json::from_str(&live).unwrap(), "", &mut a);
+    shape(&serde_json::from_str(&offline).unwrap(), "", &mut b);
+    assert_eq!(a, b, "live:\n{live}\noffline:\n{offline}");
+    assert!(a.contains(&".identities[].state".to_string()), "{a:?}");
 }

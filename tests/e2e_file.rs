@@ -112,7 +112,7 @@ fn cli_status_failback_and_queue() {
     let dir = tempfile::tempdir().unwrap();
     write_config(dir.path(), "protocol = \"file\"\noutbox = \"outbox\"");
     let d = Daemon::start(dir.path());
-    let (code, out, err) = d.cli(&["status"]);
+    let (code, out, err) = d.cli(&["status", "--json"]);
     assert_eq!(code, 0, "{err}");
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(v["route"]["active"], "primary");
@@ -254,7 +254,7 @@ fn a_held_spool_refuses_a_second_daemon_and_offline_edits() {
         "{err}"
     );
     // The daemon still runs and answers.
-    let (code, _, err) = d.cli(&["status"]);
+    let (code, _, err) = d.cli(&["status", "--json"]);
     assert_eq!(code, 0, "{err}");
 }
 
@@ -267,7 +267,7 @@ fn status_counts_corrupt_entries() {
     std::fs::write(queue.join("0123456789abc.json"), b"{ truncated").unwrap();
     std::fs::write(queue.join("orphan.eml"), b"x").unwrap();
     let d = Daemon::start(dir.path());
-    let (code, out, err) = d.cli(&["status"]);
+    let (code, out, err) = d.cli(&["status", "--json"]);
     assert_eq!(code, 0, "{err}");
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(v["corrupt"]["count"], 2, "{out}");

@@ -67,7 +67,7 @@ async fn delivers_through_sendmail_with_bcc_and_no_secret_in_logs() {
     for s in oauth.secrets() {
         assert!(!log.contains(&s), "a secret reached the log");
     }
-    let (_, status, _) = d.cli(&["status"]);
+    let (_, status, _) = d.cli(&["status", "--json"]);
     for s in oauth.secrets() {
         assert!(!status.contains(&s), "a secret reached the status output");
     }
@@ -128,6 +128,6 @@ async fn graph_unavailable_fails_over_to_an_smtp_alternate() {
         smtp.messages().len() == 1
     })
     .await;
-    let (_, status, _) = d.cli(&["status"]);
+    let (_, status, _) = d.cli(&["status", "--json"]);
     assert!(status.contains("\"active\": \"alternate\""), "{status}");
 }

@@ -54,7 +54,7 @@ async fn fails_over_to_the_alternate_stays_there_and_fails_back() {
     })
     .await;
     assert_eq!(primary.messages().len(), 0);
-    let (code, status, _) = d.cli(&["status"]);
+    let (code, status, _) = d.cli(&["status", "--json"]);
     assert_eq!(code, 0);
     let v: serde_json::Value = serde_json::from_str(&status).unwrap();
     assert_eq!(v["route"]["active"], "alternate", "{status}");
@@ -141,7 +141,7 @@ async fn survives_sigkill_after_250_and_delivers_exactly_once() {
     // scheduler forgets the entry, so status may lag a moment.)
     let d2 = d.clone();
     let status_empty = move || {
-        let (code, out, _) = d2.cli(&["status"]);
+        let (code, out, _) = d2.cli(&["status", "--json"]);
         code == 0 && out.contains("\"depth\": 0")
     };
     wait(&d, "status to show an empty queue", status_empty).await;
@@ -266,7 +266,7 @@ async fn full_queue_answers_452_and_secrets_stay_out_of_logs() {
     assert!(r.starts_with("452 4.3.1"), "{r}");
     wait(&d, "a failed attempt", || d.log().contains("deferred")).await;
     assert!(d.log().to_lowercase().contains("auth"), "{}", d.log());
-    let (_, status, _) = d.cli(&["status"]);
+    let (_, status, _) = d.cli(&["status", "--json"]);
     let (_, check, _) = d.cli(&["check"]);
     let (_, list, _) = d.cli(&["queue", "list"]);
     for (what, text) in [
@@ -288,7 +288,7 @@ async fn wait(d: &Daemon, what: &str, check: impl FnMut() -> bool) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn automatic_probe_and_sighup_return_to_the_primary() {
+async fn the_automatic_probe_returns_to_the_primary_and_sighup_keeps_the_route() {
     let primary = FakeSmtp::start(down()).await;
     let alternate = FakeSmtp::start(FakeConfig::default()).await;
     let (_dir, d) = start(smtp_upstream(
@@ -306,7 +306,7 @@ async fn automatic_probe_and_sighup_return_to_the_primary() {
     })
     .await;
     let route = |d: &Daemon| -> String {
-        let (_, out, _) = d.cli(&["status"]);
+        let (_, out, _) = d.cli(&["status", "--json"]);
         serde_json::from_str::<serde_json::Value>(&out)
             .map(|v| v["route"]["active"].as_str().unwrap_or("").to_string())
             .unwrap_or_default()
@@ -324,7 +324,7 @@ async fn automatic_probe_and_sighup_return_to_the_primary() {
         d.log()
     );
 
-    // SIGHUP: reload, and back to the primary from wherever we are.
+    // SIGHUP: reload; the route stays where it is, with its reason.
     primary.set_fault(
         Stage::Greeting,
         Fault::reply("421 4.3.2 Service not available"),
@@ -335,10 +335,19 @@ async fn automatic_probe_and_sighup_return_to_the_primary() {
         alternate.messages().len() == 2
     })
     .await;
+    let reason = |d: &Daemon| -> String {
+        let (_, out, _) = d.cli(&["status", "--json"]);
+        serde_json::from_str::<serde_json::Value>(&out)
+            .map(|v| v["route"]["reason"].as_str().unwrap_or("").to_string())
+            .unwrap_or_default()
+    };
+    let before = reason(&d);
+    assert!(before.contains("421"), "{before}");
     d.signal("HUP");
     wait(&d, "the reload", || {
         d.log().contains("configuration reloaded")
     })
     .await;
-    assert_eq!(route(&d), "primary");
+    assert_eq!(route(&d), "alternate");
+    assert_eq!(reason(&d), before);
 }

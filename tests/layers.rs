@@ -20,10 +20,10 @@ const LAYERS: &[(&str, &[&str])] = &[
     // src/transport/, and either path is the transport layer.
     ("transport", &["transport", "scheduler::governor"]),
     ("routing", &["routing"]),
-    ("scheduler", &["scheduler", "reload"]),
+    ("scheduler", &["scheduler"]),
     (
-        "inbound, admin, maildrop",
-        &["inbound", "admin", "maildrop"],
+        "inbound, admin, maildrop, metrics, reload",
+        &["inbound", "admin", "maildrop", "metrics", "reload"],
     ),
     ("cli", &["cli"]),
     // The crate root (`run`, `admin_token`, `Listeners`) and the binary.

@@ -205,7 +205,7 @@ async fn corporate_ca_from_ssl_cert_file_and_untrusted_mail_stays_queued() {
         assert_eq!(d.queued(), 1, "the mail stays queued");
         // `status` shows the same cause (once the scheduler recorded the attempt).
         d.wait_for(30, "the cause in status", || {
-            let (code, out, _) = d.cli(&["status"]);
+            let (code, out, _) = d.cli(&["status", "--json"]);
             code == 0 && out.contains("issued by a CA that is not trusted")
         });
         // So does `send-test`, which goes the same way.

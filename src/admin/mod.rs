@@ -1,4 +1,4 @@
-//! The local admin HTTP endpoint: the admin web page, health and readiness probes, status (active server and why, queue figures, OAuth token state), failback, queue control, OAuth sign-in and a sample mail; everything but `/healthz`, `/readyz`, the login form and the provider's OAuth callback needs the admin token (in a header, never in a URL) or a signed-in page session, and a request for another `Host` gets `421`.
+//! The local admin HTTP endpoint: the admin web page, health and readiness probes, status (active server and why, queue figures, OAuth token state), Prometheus metrics, failback, queue control, OAuth sign-in and a sample mail; everything but `/healthz`, `/readyz`, the login form and the provider's OAuth callback needs the admin token (in a header, never in a URL) or a signed-in page session, and a request for another `Host` gets `421`.
 
 mod oauth;
 mod send_test;
@@ -49,6 +49,8 @@ pub struct Extras {
     /// `Host` names served besides loopback ones: `admin.hostnames` and the
     /// host of each `redirect_url`; other names get `421`.
     pub hostnames: Vec<String>,
+    /// What `GET /metrics` shows (absent: `404`).
+    pub metrics: Option<Arc<crate::metrics::Metrics>>,
 }
 
 impl Extras {
@@ -67,6 +69,7 @@ impl Extras {
             },
             hostname,
             hostnames: allowed_hostnames(cfg),
+            metrics: None,
         })
     }
 }
@@ -101,20 +104,20 @@ pub(crate) struct Ctx {
     admin: Arc<AdminState>,
     extras: Extras,
     web: web::Web,
-    /// The OAuth registries in use: those of `extras`, replaced when the
-    /// settings page saves new OAuth settings.
-    oauth: parking_lot::RwLock<Vec<(&'static str, Arc<Registry>)>>,
 }
 
 impl Ctx {
-    /// The OAuth registries in use, by upstream table.
-    fn registries(&self) -> Vec<(&'static str, Arc<Registry>)> {
-        self.oauth.read().clone()
+    /// The OAuth registries in force: the reloaded ones when the relay
+    /// reloads its file, else the ones given at start.
+    pub(crate) fn oauth(&self) -> Vec<(&'static str, Arc<Registry>)> {
+        current_oauth(&self.admin, &self.extras)
     }
+}
 
-    /// Use these registries from now on (the settings were saved).
-    fn set_registries(&self, r: Vec<(&'static str, Arc<Registry>)>) {
-        *self.oauth.write() = r;
+fn current_oauth(state: &AdminState, extras: &Extras) -> Vec<(&'static str, Arc<Registry>)> {
+    match &state.reloader {
+        Some(r) => r.oauth(),
+        None => extras.oauth.clone(),
     }
 }
 
@@ -129,14 +132,15 @@ pub fn routes_with(state: Arc<AdminState>, extras: Extras) -> Router {
     let hostnames = Arc::new(extras.hostnames.clone());
     let ctx = Arc::new(Ctx {
         admin: state.clone(),
-        oauth: parking_lot::RwLock::new(extras.oauth.clone()),
         extras,
         web: web::Web::default(),
     });
-    // `/status` shows mailboxes, servers and errors: the token (or a
-    // signed-in page session) is needed.
+    // `/status` and `/metrics` show mailboxes, servers and errors: the token
+    // (or a signed-in page session) is needed. Prometheus sends the token
+    // from `authorization.credentials_file`.
     let with_extras = web::routes()
         .route("/status", get(status))
+        .route("/metrics", get(metrics))
         .route("/oauth/start", post(oauth::start))
         .route("/oauth/callback", get(oauth::callback));
     let with_extras = with_extras.route("/send-test", post(send_test::send_test));
@@ -144,6 +148,7 @@ pub fn routes_with(state: Arc<AdminState>, extras: Extras) -> Router {
     let protected = Router::new()
         .route("/failback", post(failback))
         .route("/queue/{id}/retry", post(retry))
+        .route("/queue/retry-all", post(retry_all))
         .route("/queue/{id}", delete(remove))
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
@@ -254,11 +259,11 @@ fn corrupt_json(c: &crate::spool::CorruptSummary) -> serde_json::Value {
 /// (`"oauth"`: one entry per upstream table; never a token).
 pub fn status_json_with(state: &AdminState, extras: &Extras) -> serde_json::Value {
     let mut doc = status_json(state);
-    if !extras.oauth.is_empty()
+    let registries = current_oauth(state, extras);
+    if !registries.is_empty()
         && let Some(obj) = doc.as_object_mut()
     {
-        let oauth: Vec<serde_json::Value> = extras
-            .oauth
+        let oauth: Vec<serde_json::Value> = registries
             .iter()
             .map(|(label, r)| {
                 let mut v = r.status();
@@ -277,9 +282,24 @@ async fn status(State(ctx): State<Arc<Ctx>>, headers: HeaderMap) -> Response {
     if !authorized(&ctx.admin, &headers) && ctx.web.sessions.current(&headers).is_none() {
         return unauthorized();
     }
-    let mut extras = ctx.extras.clone();
-    extras.oauth = ctx.registries();
-    Json(status_json_with(&ctx.admin, &extras)).into_response()
+    Json(status_json_with(&ctx.admin, &ctx.extras)).into_response()
+}
+
+async fn metrics(State(ctx): State<Arc<Ctx>>, headers: HeaderMap) -> Response {
+    if !authorized(&ctx.admin, &headers) && ctx.web.sessions.current(&headers).is_none() {
+        return unauthorized();
+    }
+    match &ctx.extras.metrics {
+        Some(m) => (
+            [(
+                axum::http::header::CONTENT_TYPE,
+                crate::metrics::CONTENT_TYPE,
+            )],
+            m.render(),
+        )
+            .into_response(),
+        None => error(StatusCode::NOT_FOUND, "metrics are not enabled"),
+    }
 }
 
 async fn failback(State(state): State<Arc<AdminState>>) -> Response {
@@ -294,6 +314,11 @@ async fn retry(State(state): State<Arc<AdminState>>, Path(id): Path<String>) -> 
     } else {
         error(StatusCode::NOT_FOUND, "no such message in the queue")
     }
+}
+
+async fn retry_all(State(state): State<Arc<AdminState>>) -> Response {
+    let n = state.scheduler.retry_all().await;
+    Json(json!({ "retried": n })).into_response()
 }
 
 async fn remove(State(state): State<Arc<AdminState>>, Path(id): Path<String>) -> Response {

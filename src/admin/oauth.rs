@@ -96,7 +96,7 @@ pub(super) async fn start(
         );
     }
     let wanted = q.upstream.as_deref().unwrap_or("upstream");
-    let regs = ctx.registries();
+    let regs = ctx.oauth();
     let registry = regs
         .iter()
         .find(|(label, _)| *label == wanted || label.strip_prefix("upstream.") == Some(wanted))
@@ -166,7 +166,7 @@ async fn redeem(
     };
     if let Some(error) = q.error.as_deref() {
         // Whatever the provider said, this sign-in is over.
-        for (_, r) in &ctx.registries() {
+        for (_, r) in &ctx.oauth() {
             r.cancel_login(state);
         }
         tracing::warn!(error = %crate::text::for_log(error), description = %crate::text::for_log(q.error_description.as_deref().unwrap_or("")), "OAuth sign-in refused by the provider");
@@ -176,7 +176,7 @@ async fn redeem(
             detail.lines().next().unwrap_or(""),
         );
     }
-    let regs = ctx.registries();
+    let regs = ctx.oauth();
     let Some(registry) = regs
         .iter()
         .map(|(_, r)| r)

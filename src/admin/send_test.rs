@@ -99,6 +99,7 @@ pub(crate) async fn send_sample(ctx: &Ctx, to: &str) -> Result<SampleResult, (St
                     id: got,
                     outcome,
                     detail,
+                    ..
                 }) if got == id => return Some((outcome, detail)),
                 Ok(_) | Err(RecvError::Lagged(_)) => continue,
                 Err(RecvError::Closed) => return None,

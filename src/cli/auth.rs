@@ -269,29 +269,42 @@ fn browser_login(
     }
 }
 
+/// `auth status`: the upstream table's OAuth state, one JSON object of the
+/// same shape (`provider`, `flow`, `token_endpoint`, `identities`) from the
+/// running relay when it answers, else from the token store; where it came
+/// from goes to stderr.
 fn status(cfg: &Config, alternate: bool) -> ExitCode {
     let (_, reg) = match registry_for(cfg, alternate) {
         Ok(t) => t,
         Err(c) => return c,
     };
+    let table = if alternate {
+        "upstream.alternate"
+    } else {
+        "upstream"
+    };
     // The running relay knows more (expiry, backoff); fall back to the store.
-    if !alternate && let Some(live) = live_status(cfg) {
-        outln!("{live}");
-        return ExitCode::SUCCESS;
-    }
-    let doc = reg.status();
+    let (doc, source) = match live_status(cfg, table) {
+        Some(doc) => (doc, "from the running relay".to_string()),
+        None => (
+            reg.status(),
+            format!(
+                "from the token store {}; the relay is not running",
+                reg.store().path().display()
+            ),
+        ),
+    };
     outln!(
         "{}",
         serde_json::to_string_pretty(&doc).unwrap_or_else(|_| doc.to_string())
     );
-    eprintln!(
-        "mailbridge: (from the token store {}; the relay is not running)",
-        reg.store().path().display()
-    );
+    eprintln!("mailbridge: ({source})");
     ExitCode::SUCCESS
 }
 
-fn live_status(cfg: &Config) -> Option<String> {
+/// The running relay's OAuth state of upstream table `table`, in the shape
+/// of [`crate::oauth::Registry::status`].
+fn live_status(cfg: &Config, table: &str) -> Option<serde_json::Value> {
     if cfg.admin.address.is_empty() {
         return None;
     }
@@ -307,8 +320,14 @@ fn live_status(cfg: &Config) -> Option<String> {
             .await
             .ok()?;
         let v: serde_json::Value = resp.error_for_status().ok()?.json().await.ok()?;
-        let oauth = v.get("oauth")?;
-        serde_json::to_string_pretty(oauth).ok()
+        let mut one = v
+            .get("oauth")?
+            .as_array()?
+            .iter()
+            .find(|o| o["upstream"] == table)?
+            .clone();
+        one.as_object_mut()?.remove("upstream");
+        Some(one)
     })
 }
 
@@ -383,22 +402,67 @@ pub fn send_test_command(cfg: &Config, to: &str) -> ExitCode {
 /// print its argon2id PHC string for `[[users]] password_hash`.
 pub fn hash_password_command() -> ExitCode {
     let stdin = std::io::stdin();
-    if stdin.is_terminal() {
-        eprint!("Password (visible as you type; input ends at the newline): ");
-        let _ = std::io::stderr().flush();
-    }
-    let mut line = String::new();
-    if let Err(e) = stdin.lock().read_line(&mut line) {
-        return fail(format!("cannot read the password: {e}"));
-    }
-    let password = line.trim_end_matches(['\r', '\n']);
-    match hash_password(password) {
+    let password = if stdin.is_terminal() {
+        let first = match read_hidden("Password: ") {
+            Ok(p) => p,
+            Err(e) => return fail(format!("cannot read the password: {e}")),
+        };
+        match read_hidden("Again: ") {
+            Ok(again) if again == first => first,
+            Ok(_) => return fail("the two passwords differ"),
+            Err(e) => return fail(format!("cannot read the password: {e}")),
+        }
+    } else {
+        // A pipe or file: one line, nothing to hide.
+        let mut line = String::new();
+        if let Err(e) = stdin.lock().read_line(&mut line) {
+            return fail(format!("cannot read the password: {e}"));
+        }
+        line.trim_end_matches(['\r', '\n']).to_string()
+    };
+    match hash_password(&password) {
         Ok(phc) => {
             outln!("{phc}");
             ExitCode::SUCCESS
         }
         Err(e) => fail(e),
     }
+}
+
+/// Read one line from the terminal on stdin without echoing it (the
+/// terminal's echo is restored afterwards, also on error).
+fn read_hidden(prompt: &str) -> std::io::Result<String> {
+    use std::os::fd::AsRawFd;
+    struct Restore(i32, libc::termios);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            // SAFETY: `self.1` came from tcgetattr on the same descriptor.
+            unsafe {
+                libc::tcsetattr(self.0, libc::TCSANOW, &self.1);
+            }
+        }
+    }
+    let fd = std::io::stdin().as_raw_fd();
+    // SAFETY: termios is plain data; tcgetattr fills it or fails.
+    let mut term: libc::termios = unsafe { std::mem::zeroed() };
+    if unsafe { libc::tcgetattr(fd, &mut term) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let restore = Restore(fd, term);
+    let mut quiet = term;
+    quiet.c_lflag &= !libc::ECHO;
+    quiet.c_lflag |= libc::ECHONL;
+    // SAFETY: a valid termios for this descriptor.
+    if unsafe { libc::tcsetattr(fd, libc::TCSANOW, &quiet) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    eprint!("{prompt}");
+    let _ = std::io::stderr().flush();
+    let mut line = String::new();
+    let read = std::io::stdin().lock().read_line(&mut line);
+    drop(restore);
+    read?;
+    Ok(line.trim_end_matches(['\r', '\n']).to_string())
 }
 
 /// The argon2id PHC string of `password` (default parameters, random salt).

@@ -23,6 +23,7 @@ macro_rules! out {
 
 pub mod auth;
 pub mod sendmail;
+pub mod status;
 
 /// Write to stdout; a closed pipe ends the process with exit 0 (the reader
 /// has all it wanted), any other write error with exit 1.
@@ -66,8 +67,13 @@ pub enum Command {
     Run,
     /// Validate the configuration and print it with secrets masked.
     Check,
-    /// Show the running relay's status (active server and why, queue figures).
-    Status,
+    /// Show the running relay's status: the active server and why, the
+    /// queue, the OAuth identities (`--json`: the admin endpoint's document).
+    Status {
+        /// Print the JSON document instead of text, for scripts.
+        #[arg(long)]
+        json: bool,
+    },
     /// Return delivery to the primary server.
     Failback,
     /// Inspect and control the queue.
@@ -88,7 +94,7 @@ pub enum Command {
         #[arg(long)]
         to: String,
     },
-    /// Read a password on stdin and print its argon2id hash for `[[users]] password_hash`.
+    /// Read a password (without echo on a terminal; else one line on stdin) and print its argon2id hash for `[[users]] password_hash`.
     HashPassword,
     /// Read a message on stdin and send it, as `/usr/sbin/sendmail` does
     /// (`-t`, `-i`, `-f`, `-F`, `-v`, recipients); also how the binary acts
@@ -113,10 +119,14 @@ pub enum QueueAction {
         /// Queue id.
         id: String,
     },
-    /// Try a message again now.
+    /// Try a message again now (`--all`: every queued message).
     Retry {
         /// Queue id.
-        id: String,
+        #[arg(required_unless_present = "all", conflicts_with = "all")]
+        id: Option<String>,
+        /// Every message in the queue.
+        #[arg(long)]
+        all: bool,
     },
     /// Remove a message without delivering it.
     Delete {
@@ -201,7 +211,7 @@ pub fn main() -> ExitCode {
             }
             ExitCode::SUCCESS
         }
-        Command::Status => admin_call(&cfg, "GET", "/status", true),
+        Command::Status { json } => status::command(&cfg, json),
         Command::Failback => admin_call(&cfg, "POST", "/failback", true),
         Command::Queue { action } => queue(&cfg, action),
         Command::Auth { action } => auth::auth_command(&cfg, action),
@@ -353,12 +363,12 @@ pub(crate) fn cli_runtime() -> Result<tokio::runtime::Runtime, String> {
 }
 
 /// The answer of an admin call: HTTP status and body.
-enum AdminAnswer {
+pub(crate) enum AdminAnswer {
     Reply(u16, String),
     Unreachable(String),
 }
 
-fn admin_request(cfg: &Config, method: &str, path: &str, auth: bool) -> AdminAnswer {
+pub(crate) fn admin_request(cfg: &Config, method: &str, path: &str, auth: bool) -> AdminAnswer {
     if cfg.admin.address.is_empty() {
         return AdminAnswer::Unreachable(
             "the admin endpoint is disabled (admin.address is empty)".into(),
@@ -401,14 +411,14 @@ fn admin_request(cfg: &Config, method: &str, path: &str, auth: bool) -> AdminAns
     })
 }
 
-fn pretty(body: &str) -> String {
+pub(crate) fn pretty(body: &str) -> String {
     serde_json::from_str::<serde_json::Value>(body)
         .ok()
         .and_then(|v| serde_json::to_string_pretty(&v).ok())
         .unwrap_or_else(|| body.to_string())
 }
 
-fn admin_call(cfg: &Config, method: &str, path: &str, auth: bool) -> ExitCode {
+pub(crate) fn admin_call(cfg: &Config, method: &str, path: &str, auth: bool) -> ExitCode {
     match admin_request(cfg, method, path, auth) {
         AdminAnswer::Reply(200, body) => {
             outln!("{}", pretty(&body));
@@ -428,7 +438,7 @@ fn admin_call(cfg: &Config, method: &str, path: &str, auth: bool) -> ExitCode {
     }
 }
 
-fn age(secs: u64) -> String {
+pub(crate) fn age(secs: u64) -> String {
     match secs {
         s if s < 120 => format!("{s}s"),
         s if s < 7200 => format!("{}m", s / 60),
@@ -506,8 +516,53 @@ fn queue(cfg: &Config, action: QueueAction) -> ExitCode {
                 }
             }
         }
-        QueueAction::Retry { id } => queue_change(cfg, &root, "POST", &id, "retry"),
+        QueueAction::Retry { all: true, .. } => retry_all(cfg, &root),
+        QueueAction::Retry { id, .. } => {
+            queue_change(cfg, &root, "POST", id.as_deref().unwrap_or(""), "retry")
+        }
         QueueAction::Delete { id } => queue_change(cfg, &root, "DELETE", &id, "delete"),
+    }
+}
+
+/// `queue retry --all`: every message due now, through the running relay or,
+/// when it is not running, in the spool directly.
+fn retry_all(cfg: &Config, root: &Path) -> ExitCode {
+    match admin_request(cfg, "POST", "/queue/retry-all", true) {
+        AdminAnswer::Reply(200, body) => {
+            let n = serde_json::from_str::<serde_json::Value>(&body)
+                .ok()
+                .and_then(|v| v["retried"].as_u64())
+                .unwrap_or(0);
+            outln!("{n} message(s) will be retried now");
+            ExitCode::SUCCESS
+        }
+        AdminAnswer::Reply(code, body) => {
+            eprintln!(
+                "mailbridge: admin endpoint answered {code}: {}",
+                pretty(&body)
+            );
+            ExitCode::from(FAILED)
+        }
+        AdminAnswer::Unreachable(_) => {
+            let ids: Vec<String> = match Spool::list(root) {
+                Ok(m) => m.into_iter().map(|m| m.id).collect(),
+                Err(e) => {
+                    eprintln!(
+                        "mailbridge: spool.path: cannot read {}: {e}",
+                        root.display()
+                    );
+                    return ExitCode::from(FAILED);
+                }
+            };
+            let mut code = ExitCode::SUCCESS;
+            for id in &ids {
+                if offline_change(cfg, root, id, "retry") != ExitCode::SUCCESS {
+                    code = ExitCode::from(FAILED);
+                }
+            }
+            eprintln!("{} message(s) due now", ids.len());
+            code
+        }
     }
 }
 
@@ -605,7 +660,7 @@ fn offline_change(cfg: &Config, root: &Path, id: &str, what: &str) -> ExitCode {
 fn health(cfg: &Config) -> ExitCode {
     match admin_request(cfg, "GET", "/readyz", false) {
         AdminAnswer::Reply(200, body) => {
-            println!("{}", body.trim_end());
+            outln!("{}", body.trim_end());
             ExitCode::SUCCESS
         }
         AdminAnswer::Reply(code, body) => {

@@ -98,6 +98,12 @@ pub enum SinkError {
 pub trait Sink: Send + Sync + 'static {
     /// Store `msg` durably.
     fn accept(&self, msg: Incoming) -> crate::common::BoxFuture<'_, Result<(), SinkError>>;
+
+    /// The session refused a client, sender, recipient or message, for the
+    /// short `reason` given (e.g. `relay_denied`); for metrics.
+    fn refused(&self, reason: &'static str) {
+        let _ = reason;
+    }
 }
 
 /// Settings of the listener, built from config by [`Settings::from_config`]
@@ -205,11 +211,36 @@ enum Mode {
 /// `settings.tls` is set.
 pub async fn serve(
     listener: TcpListener,
-    settings: Arc<Settings>,
+    settings: impl Into<LiveSettings>,
     sink: Arc<dyn Sink>,
     shutdown: CancellationToken,
 ) {
-    serve_mode(listener, settings, sink, shutdown, Mode::StartTls).await
+    serve_mode(listener, settings.into(), sink, shutdown, Mode::StartTls).await
+}
+
+/// The settings a listener gives each new connection: fixed, or replaced
+/// by a configuration reload (a session keeps the settings it started with;
+/// the connection limits are read once, when the listener starts).
+#[derive(Clone)]
+pub struct LiveSettings(tokio::sync::watch::Receiver<Arc<Settings>>);
+
+impl LiveSettings {
+    /// Settings that a reload replaces through `rx`.
+    pub fn new(rx: tokio::sync::watch::Receiver<Arc<Settings>>) -> LiveSettings {
+        LiveSettings(rx)
+    }
+
+    /// The settings for a connection starting now.
+    pub fn current(&self) -> Arc<Settings> {
+        self.0.borrow().clone()
+    }
+}
+
+impl From<Arc<Settings>> for LiveSettings {
+    fn from(s: Arc<Settings>) -> LiveSettings {
+        // The sender is dropped: these settings never change.
+        LiveSettings(tokio::sync::watch::channel(s).1)
+    }
 }
 
 /// Like [`serve`], but every connection starts with a TLS handshake
@@ -220,11 +251,12 @@ pub async fn serve(
 /// hears `554 5.7.1` once TLS is up.
 pub async fn serve_implicit_tls(
     listener: TcpListener,
-    settings: Arc<Settings>,
+    settings: impl Into<LiveSettings>,
     sink: Arc<dyn Sink>,
     shutdown: CancellationToken,
 ) {
-    if settings.tls.is_none() {
+    let settings = settings.into();
+    if settings.current().tls.is_none() {
         tracing::error!(
             "inbound: implicit-TLS listener without listen.tls_cert/tls_key; not serving it"
         );
@@ -235,13 +267,15 @@ pub async fn serve_implicit_tls(
 
 async fn serve_mode(
     listener: TcpListener,
-    settings: Arc<Settings>,
+    live: LiveSettings,
     sink: Arc<dyn Sink>,
     shutdown: CancellationToken,
     mode: Mode,
 ) {
-    let slots = Arc::new(Semaphore::new(settings.listen.max_connections.max(1)));
-    let per_ip = access::PerIp::new(settings.listen.max_connections_per_ip);
+    let first = live.current();
+    let slots = Arc::new(Semaphore::new(first.listen.max_connections.max(1)));
+    let per_ip = access::PerIp::new(first.listen.max_connections_per_ip);
+    drop(first);
     let tracker = TaskTracker::new();
     // Cancelled when the grace period is over.
     let hard_stop = CancellationToken::new();
@@ -265,7 +299,7 @@ async fn serve_mode(
             continue;
         };
         let conn = Connection {
-            settings: settings.clone(),
+            settings: live.current(),
             sink: sink.clone(),
             shutdown: shutdown.clone(),
             hard_stop: hard_stop.clone(),
@@ -374,6 +408,9 @@ impl Connection {
                 // (221, 421): a client that saw this session end may connect
                 // again at once and must find its slot free.
                 slots.take();
+            }
+            for reason in session.take_refusals() {
+                self.sink.refused(reason);
             }
             // Replies go out before anything that may wait (RFC 2920 §3.2 (5)).
             let out = session.take_output();

@@ -121,6 +121,8 @@ pub struct Session {
     auth_user: Option<String>,
     /// Failed AUTH attempts in this session.
     auth_failures: u32,
+    /// Why mail was refused since the driver last looked (for metrics).
+    refusals: Vec<&'static str>,
     /// Skipping the rest of an over-long command line, up to its LF.
     discarding: bool,
     out: Vec<u8>,
@@ -169,6 +171,7 @@ impl Session {
             loopback: false,
             auth_user: None,
             auth_failures: 0,
+            refusals: Vec::new(),
             discarding: false,
             out: Vec::new(),
             new_id,
@@ -177,6 +180,7 @@ impl Session {
         s.loopback = (s.settings.loopback)(client.ip());
         if !access::client_allowed(&s.settings.listen.allow_clients, client.ip()) {
             tracing::warn!(client = %client, "inbound: client not in listen.allow_clients");
+            s.refusals.push("client_not_allowed");
             s.close_with("554 5.7.1 Access denied");
             return s;
         }
@@ -222,6 +226,7 @@ impl Session {
             return;
         }
         self.auth_failures += 1;
+        self.refusals.push("auth_failed");
         tracing::warn!(client = %self.client, user = %for_log(&user), failures = self.auth_failures, "inbound: authentication failed");
         self.reply("535 5.7.8 Authentication credentials invalid");
         if self.auth_failures >= self.settings.listen.max_auth_failures.max(1) {
@@ -425,6 +430,12 @@ impl Session {
         self.reply(&line);
     }
 
+    /// Why mail was refused since the last call (`relay_denied`,
+    /// `too_big`, …), for metrics.
+    pub fn take_refusals(&mut self) -> Vec<&'static str> {
+        std::mem::take(&mut self.refusals)
+    }
+
     fn reply(&mut self, line: &str) {
         self.out.extend_from_slice(line.as_bytes());
         self.out.extend_from_slice(b"\r\n");
@@ -614,6 +625,7 @@ impl Session {
                 self.error("503 5.5.1 Error: send HELO/EHLO first")
             }
             Command::Mail(_) if limits.require_auth && self.auth_user.is_none() => {
+                self.refusals.push("auth_required");
                 self.error("530 5.7.0 Authentication required")
             }
             Command::Mail(_) if self.tx.is_some() => {
@@ -621,15 +633,18 @@ impl Session {
             }
             Command::Mail(m) if !self.may_send_as(&m.address) => {
                 tracing::warn!(client = %self.client, user = %for_log(self.auth_user.as_deref().unwrap_or("")), from = %for_log(&m.address), "inbound: sender not owned by the authenticated user");
+                self.refusals.push("sender_not_owned");
                 self.error("553 5.7.1 Sender address rejected: not owned by the authenticated user")
             }
             Command::Mail(m) => {
                 if m.size.is_some_and(|s| s > limits.max_message_size as u64) {
+                    self.refusals.push("too_big");
                     self.reply(REPLY_TOO_BIG);
                 } else if !m.address.is_ascii() && !m.smtputf8 {
                     self.error("553 5.6.7 Non-ASCII sender address needs SMTPUTF8");
                 } else if !access::domain_allowed(&limits.allowed_sender_domains, &m.address) {
                     tracing::info!(client = %self.client, from = %for_log(&m.address), "inbound: sender domain not allowed");
+                    self.refusals.push("sender_domain");
                     self.error("550 5.7.1 Sender address rejected: domain not allowed");
                 } else {
                     self.tx = Some(Transaction {
@@ -652,10 +667,12 @@ impl Session {
                         if !access::domain_allowed(&limits.allowed_recipient_domains, &addr) =>
                     {
                         tracing::info!(client = %self.client, rcpt = %for_log(&addr), "inbound: recipient domain not allowed");
+                        self.refusals.push("relay_denied");
                         self.error("550 5.7.1 Relay access denied")
                     }
                     Some(tx) if tx.rcpts.contains(&addr) => self.reply("250 2.1.5 Ok"),
                     Some(tx) if tx.rcpts.len() >= max => {
+                        self.refusals.push("too_many_recipients");
                         self.reply("452 4.5.3 Too many recipients")
                     }
                     Some(tx) => {
@@ -706,25 +723,30 @@ impl Session {
         let body = match outcome {
             DataOutcome::Complete(body) => body,
             DataOutcome::TooBig => {
+                self.refusals.push("too_big");
                 self.reply(REPLY_TOO_BIG);
                 return None;
             }
             DataOutcome::BareLineEnding => {
+                self.refusals.push("bare_line_ending");
                 self.reply("550 5.6.11 Bare CR or LF not allowed; use CRLF line endings");
                 return None;
             }
             DataOutcome::NulByte => {
+                self.refusals.push("nul_byte");
                 self.reply(REPLY_NUL);
                 return None;
             }
         };
         let info = data::scan_headers(&body);
         if info.received > self.settings.listen.max_received_headers {
+            self.refusals.push("mail_loop");
             self.reply("554 5.4.6 Too many hops (mail loop)");
             return None;
         }
         if let Err(why) = self.check_from_header(&body) {
             tracing::warn!(client = %self.client, user = %for_log(self.auth_user.as_deref().unwrap_or("")), reason = why, "inbound: From: not owned by the authenticated user");
+            self.refusals.push("from_not_owned");
             self.reply("550 5.7.1 From: header not owned by the authenticated user");
             return None;
         }

@@ -80,6 +80,22 @@ struct State {
     refused: Option<Secret>,
     /// The error returned while quiet.
     quiet_error: Option<TokenError>,
+    /// Answers of the token endpoint so far (refresh and client credentials).
+    requests: TokenRequests,
+}
+
+/// How the token endpoint answered this identity's refresh (or
+/// client-credentials) requests, counted since the process started.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct TokenRequests {
+    /// A token was issued.
+    pub ok: u64,
+    /// The endpoint was unreachable or failing.
+    pub unavailable: u64,
+    /// The provider refused our configuration (client, secret, scope).
+    pub config_error: u64,
+    /// The grant was refused: someone must sign in again.
+    pub reconsent_needed: u64,
 }
 
 /// Tokens for one identity (a mailbox, or [`APP_IDENTITY`]).
@@ -108,6 +124,7 @@ impl TokenManager {
                 next_backoff: BACKOFF_FIRST,
                 refused: None,
                 quiet_error: None,
+                requests: TokenRequests::default(),
             }),
             refreshing: tokio::sync::Mutex::new(()),
         }
@@ -327,7 +344,9 @@ impl TokenManager {
             return Err(err);
         };
         self.quiet_check().await?;
-        match self.client.refresh(&refresh).await {
+        let answer = self.client.refresh(&refresh).await;
+        self.count(&answer);
+        match answer {
             Ok(grant) => {
                 let t = grant.access_token.clone();
                 self.install(grant, Some(refresh)).await;
@@ -354,6 +373,18 @@ impl TokenManager {
         }
     }
 
+    /// Count one answer of the token endpoint (for metrics and status).
+    fn count<T>(&self, answer: &Result<T, TokenError>) {
+        let mut st = self.lock();
+        let c = &mut st.requests;
+        match answer {
+            Ok(_) => c.ok += 1,
+            Err(TokenError::Unavailable(_)) => c.unavailable += 1,
+            Err(TokenError::Config(_)) => c.config_error += 1,
+            Err(TokenError::ReconsentNeeded(_)) => c.reconsent_needed += 1,
+        }
+    }
+
     /// `Err` while backing off after a failure (no call to the endpoint).
     async fn quiet_check(&self) -> Result<(), TokenError> {
         let st = self.lock();
@@ -372,7 +403,9 @@ impl TokenManager {
     }
 
     async fn fetch_app(&self) -> Result<Secret, TokenError> {
-        match self.client.client_credentials().await {
+        let answer = self.client.client_credentials().await;
+        self.count(&answer);
+        match answer {
             Ok(grant) => {
                 let t = grant.access_token.clone();
                 self.install(grant, None).await;
@@ -408,6 +441,7 @@ impl TokenManager {
             "has_refresh_token": st.refresh.is_some(),
             "last_error": st.last_error,
             "retry_in_secs": retry_in,
+            "token_requests": st.requests,
         })
     }
 

@@ -10,7 +10,7 @@ use serde_json::json;
 use tokio::time::Instant;
 
 use super::flows::{self, LoginError, Pkce, Settings, TokenClient};
-use super::manager::{APP_IDENTITY, Phase, TokenManager};
+use super::manager::{APP_IDENTITY, Phase, TokenManager, TokenRequests};
 use super::store::TokenStore;
 use super::{IdentityTokens, TokenSource};
 use crate::common::Secret;
@@ -218,6 +218,7 @@ impl Registry {
                             "has_refresh_token": stored.get(n).is_some_and(|g| !g.refresh_token.is_empty()),
                             "last_error": err,
                             "retry_in_secs": null,
+                            "token_requests": TokenRequests::default(),
                         })
                     }
                 }

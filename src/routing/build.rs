@@ -6,21 +6,28 @@ use super::Router;
 use crate::config::{Config, Flow, Protocol, Provider, Server, Upstream};
 use crate::oauth::Registries;
 use crate::transport::Transport;
-use crate::transport::governor::{Governed, Limits};
+use crate::transport::governor::{Governed, Governor, Limits};
+
+/// A transport and the throttle in front of it, if any.
+type Built = (Arc<dyn Transport>, Option<Arc<Governor>>);
 
 /// Build the transport for one server of an upstream table (`server` is
 /// the resolved `server` or `alternate_server`; `None` for HTTP and file
-/// upstreams).
+/// upstreams), and the throttle in front of it, if any.
 fn transport_for(
     c: &Config,
     u: &Upstream,
     server: Option<&Server>,
     oauth: &Registries,
-) -> Result<Arc<dyn Transport>, String> {
+) -> Result<Built, String> {
     let t = ungoverned(c, u, server, oauth)?;
     Ok(match limits_for(u, server) {
-        Some(limits) => Arc::new(Governed::new(t, limits)),
-        None => t,
+        Some(limits) => {
+            let governed = Governed::new(t, limits);
+            let governor = governed.governor().clone();
+            (Arc::new(governed), Some(governor))
+        }
+        None => (t, None),
     })
 }
 
@@ -212,7 +219,17 @@ pub fn from_config(c: &Config, oauth: &Registries) -> Result<Router, String> {
     } else {
         None
     };
-    let primary = transport_for(c, u, u.resolved.server.as_ref(), oauth)
+    let (primary, primary_gov) = transport_for(c, u, u.resolved.server.as_ref(), oauth)
         .map_err(|e| format!("upstream: {e}"))?;
-    Ok(Router::new(primary, alternate))
+    let (alternate, alternate_gov) = match alternate {
+        Some((t, g)) => (Some(t), g),
+        None => (None, None),
+    };
+    let mut router = Router::new(primary, alternate);
+    for (label, g) in [("primary", primary_gov), ("alternate", alternate_gov)] {
+        if let Some(g) = g {
+            router = router.with_governor(label, g);
+        }
+    }
+    Ok(router)
 }

@@ -6,6 +6,7 @@ use parking_lot::Mutex;
 
 use serde::Serialize;
 
+use crate::transport::governor::Governor;
 use crate::transport::{Delivery, Envelope, Failure, Scope, Severity, Transport};
 
 mod build;
@@ -48,6 +49,8 @@ pub struct RouteState {
 pub struct Router {
     routes: Vec<Route>,
     active: Mutex<(usize, RouteState)>,
+    /// The throttle of each governed route, by label (for metrics).
+    governors: Vec<(&'static str, Arc<Governor>)>,
 }
 
 fn now_unix() -> u64 {
@@ -79,7 +82,19 @@ impl Router {
         Router {
             routes,
             active: Mutex::new((0, state)),
+            governors: Vec::new(),
         }
+    }
+
+    /// Name the throttle in front of route `label` (for metrics).
+    pub fn with_governor(mut self, label: &'static str, governor: Arc<Governor>) -> Router {
+        self.governors.push((label, governor));
+        self
+    }
+
+    /// The throttles in front of the routes, by route label.
+    pub fn governors(&self) -> &[(&'static str, Arc<Governor>)] {
+        &self.governors
     }
 
     /// The current choice.
@@ -203,6 +218,38 @@ impl Router {
         let was = self.active_index();
         self.switch(0, reason.to_string());
         was != 0
+    }
+
+    /// Take over the choice of the router this one replaces (configuration
+    /// reload): the same route stays active with its `since` and reason. When
+    /// the previously active route no longer exists (the alternate was
+    /// removed) the primary becomes active and the reason says so.
+    pub fn resume(&self, prev: &RouteState) {
+        let idx = self.routes.iter().position(|r| r.label == prev.active);
+        let mut g = self.active.lock();
+        *g = match idx {
+            Some(i) => (
+                i,
+                RouteState {
+                    active: self.routes[i].label,
+                    server: self.routes[i].transport.describe(),
+                    since: prev.since,
+                    reason: prev.reason.clone(),
+                },
+            ),
+            None => (
+                0,
+                RouteState {
+                    active: self.routes[0].label,
+                    server: self.routes[0].transport.describe(),
+                    since: now_unix(),
+                    reason: format!(
+                        "the {} server was removed from the configuration",
+                        prev.active
+                    ),
+                },
+            ),
+        };
     }
 
     /// Probe the primary server.
@@ -358,6 +405,43 @@ mod tests {
         );
         let d = r.deliver(&env(), &crate::transport::Body::from(b"x")).await;
         assert_eq!((d.route, d.server.as_str()), ("alternate", "a"));
+    }
+
+    #[tokio::test]
+    async fn a_replacement_router_keeps_the_route_and_its_reason() {
+        let old = Router::new(
+            t("p", || Err(Failure::server("refused"))),
+            Some(t("a", || Ok(vec![Ok(())]))),
+        );
+        let _ = old
+            .deliver(&env(), &crate::transport::Body::from(b"x"))
+            .await;
+        let before = old.state();
+        assert_eq!(before.active, "alternate");
+        let new = Router::new(
+            t("p2", || Ok(vec![Ok(())])),
+            Some(t("a2", || Ok(vec![Ok(())]))),
+        );
+        new.resume(&before);
+        let after = new.state();
+        assert_eq!((after.active, after.server.as_str()), ("alternate", "a2"));
+        assert_eq!((after.since, &after.reason), (before.since, &before.reason));
+        // The next delivery goes to the alternate, as before the reload.
+        assert_eq!(
+            new.deliver(&env(), &crate::transport::Body::from(b"x"))
+                .await
+                .route,
+            "alternate"
+        );
+        // Without an alternate any more: the primary, and the reason says why.
+        let alone = Router::new(t("p3", || Ok(vec![Ok(())])), None);
+        alone.resume(&before);
+        assert_eq!(alone.state().active, "primary");
+        assert!(
+            alone.state().reason.contains("removed"),
+            "{:?}",
+            alone.state()
+        );
     }
 
     #[tokio::test]

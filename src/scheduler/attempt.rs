@@ -95,10 +95,17 @@ pub(super) async fn attempt(
         AttemptOutcome::Delivered => format!("delivered via {server} ({route} route)"),
         _ => meta.last_error.clone().unwrap_or_default(),
     };
+    let failure = match &result {
+        Err(f) => Some(f.clone()),
+        Ok(each) => each.iter().find_map(|r| r.as_ref().err().cloned()),
+    };
     let _ = s.shared.events.send(AttemptEvent {
         id: id.clone(),
         outcome,
         detail,
+        route,
+        age: born.elapsed(),
+        failure,
     });
     if meta.sample {
         // The sender saw the answer on screen: a sample mail is tried once,

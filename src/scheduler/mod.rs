@@ -32,6 +32,14 @@ pub struct AttemptEvent {
     pub outcome: AttemptOutcome,
     /// The upstream's answer: the last error text, or `delivered via <server>`.
     pub detail: String,
+    /// The route that carried the attempt (or that it started on): `primary`
+    /// or `alternate`.
+    pub route: &'static str,
+    /// How long the message had been queued when the attempt ended.
+    pub age: Duration,
+    /// What the upstream answered: `None` when it accepted every recipient
+    /// tried, else the first failure (of the attempt, or of a recipient).
+    pub failure: Option<crate::transport::Failure>,
 }
 
 /// Where a message stands after an attempt.
@@ -70,6 +78,7 @@ pub struct QueueStats {
 enum Cmd {
     Enqueue(Meta),
     RetryNow(String, oneshot::Sender<bool>),
+    RetryAll(oneshot::Sender<usize>),
     Delete(String, oneshot::Sender<Result<bool, String>>),
 }
 
@@ -120,7 +129,7 @@ impl Scheduler {
             policy: RwLock::new(policy),
             stats: Mutex::new(QueueStats::default()),
             tx,
-            events: broadcast::channel(64).0,
+            events: broadcast::channel(1024).0,
         });
         // A stored next_attempt beyond now + retry_max (the clock moved back,
         // or the file was edited) would hold the message that long: clamp it.
@@ -146,6 +155,14 @@ impl Scheduler {
         let (tx, rx) = oneshot::channel();
         let _ = self.shared.tx.send(Cmd::RetryNow(id.to_string(), tx));
         rx.await.unwrap_or(false)
+    }
+
+    /// Make every queued message due now (one being delivered is left to
+    /// finish). The number of messages in the queue.
+    pub async fn retry_all(&self) -> usize {
+        let (tx, rx) = oneshot::channel();
+        let _ = self.shared.tx.send(Cmd::RetryAll(tx));
+        rx.await.unwrap_or(0)
     }
 
     /// Remove a queued message without delivering it. `Ok(false)` if there is
@@ -288,27 +305,20 @@ async fn run_loop(
                 }
                 Some(Cmd::RetryNow(id, reply)) => {
                     let found = match items.get_mut(&id) {
-                        Some(item) if !item.in_flight => {
-                            if item.meta.bounce_undeliverable {
-                                // The operator asks for another go: its
-                                // recipients are pending again.
-                                item.meta.bounce_undeliverable = false;
-                                for r in &mut item.meta.rcpts {
-                                    if r.status == RcptStatus::Failed {
-                                        r.status = RcptStatus::Pending;
-                                    }
-                                }
-                                tracing::info!(id = %id, "undeliverable DSN retried by operator");
-                            }
-                            due.remove(&(item.due, id.clone()));
-                            item.due = Instant::now();
-                            due.insert((item.due, id.clone()));
+                        Some(item) => {
+                            retry_item(&id, item, &mut due);
                             true
                         }
-                        Some(_) => true,
                         None => false,
                     };
                     let _ = reply.send(found);
+                }
+                Some(Cmd::RetryAll(reply)) => {
+                    for (id, item) in items.iter_mut() {
+                        retry_item(id, item, &mut due);
+                    }
+                    tracing::info!(messages = items.len(), "every queued message retried by operator");
+                    let _ = reply.send(items.len());
                 }
                 Some(Cmd::Delete(id, reply)) => {
                     let answer = match items.get(&id) {
@@ -379,6 +389,26 @@ async fn run_loop(
             }
         }
     }
+}
+
+/// Make `item` due now (the operator asked); one in flight is left alone.
+fn retry_item(id: &str, item: &mut Item, due: &mut BTreeSet<(Instant, String)>) {
+    if item.in_flight {
+        return;
+    }
+    if item.meta.bounce_undeliverable {
+        // The operator asks for another go: its recipients are pending again.
+        item.meta.bounce_undeliverable = false;
+        for r in &mut item.meta.rcpts {
+            if r.status == RcptStatus::Failed {
+                r.status = RcptStatus::Pending;
+            }
+        }
+        tracing::info!(id = %id, "undeliverable DSN retried by operator");
+    }
+    due.remove(&(item.due, id.to_string()));
+    item.due = Instant::now();
+    due.insert((item.due, id.to_string()));
 }
 
 /// An attempt that panicked (or was cancelled): its message is no longer in

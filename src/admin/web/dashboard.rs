@@ -128,7 +128,7 @@ fn state_text(state: &str) -> &'static str {
 }
 
 fn oauth_section(ctx: &Ctx, csrf: &str) -> String {
-    let regs = ctx.registries();
+    let regs = ctx.oauth();
     if regs.is_empty() {
         return String::new();
     }
@@ -248,7 +248,7 @@ pub(super) async fn connect(
         .get("upstream")
         .map(String::as_str)
         .unwrap_or("upstream");
-    let regs = ctx.registries();
+    let regs = ctx.oauth();
     let Some((_, registry)) = regs.iter().find(|(l, _)| *l == wanted) else {
         ctx.web
             .sessions

@@ -596,7 +596,6 @@ struct Refused {
 /// Apply the form to the file, validate, write it atomically and reload.
 /// The outer error: nothing was saved; the inner one: saved, not applied.
 fn save_file(
-    ctx: &Ctx,
     path: &Path,
     form: &Fields,
     reloader: &crate::reload::Reloader,
@@ -617,14 +616,9 @@ fn save_file(
         write_atomic(path, &text)
             .map_err(|e| refused(format!("cannot write {}: {e}", path.display())))?;
     }
+    // The reloader also replaces the OAuth registries that Connect account
+    // and the identities shown use.
     let report = reloader.reload();
-    // Connect account and the identities shown follow the new OAuth settings.
-    if report.is_ok()
-        && let Ok(cfg) = crate::config::Config::load(path)
-        && let Ok(registries) = reloader.oauth().for_config(&cfg)
-    {
-        ctx.set_registries(registries);
-    }
     Ok(report)
 }
 
@@ -648,9 +642,8 @@ pub(super) async fn save(
     };
     let path = reloader.path().to_path_buf();
     let submitted = form.clone();
-    let ctx2 = ctx.clone();
     let outcome =
-        tokio::task::spawn_blocking(move || save_file(&ctx2, &path, &submitted, &reloader)).await;
+        tokio::task::spawn_blocking(move || save_file(&path, &submitted, &reloader)).await;
     match outcome {
         Ok(Ok(Ok(report))) => {
             let mut text = "Settings saved and applied.".to_string();
