@@ -107,7 +107,11 @@ pub async fn run(
         tracing::error!(file = %c.name, reason = %c.reason, dir = %spool_dir.join("corrupt").display(), "moved unreadable spool entry aside");
     }
     tracing::info!(messages = loaded.len(), spool = %spool_dir.display(), "spool loaded");
-    let router = Arc::new(routing::from_config(&cfg).map_err(|e| anyhow::anyhow!(e))?);
+    // One governor per upstream application for the life of the process:
+    // routes rebuilt by a reload take theirs from here.
+    let governors = transport::governor::Governors::new();
+    let router =
+        Arc::new(routing::from_config_with(&cfg, &governors).map_err(|e| anyhow::anyhow!(e))?);
     for n in cfg.notices() {
         tracing::warn!("{n}");
     }
@@ -144,7 +148,7 @@ pub async fn run(
         shutdown.clone(),
     ));
 
-    let reloader = config_path.map(|p| reload::Reloader::new(p, sched.clone()));
+    let reloader = config_path.map(|p| reload::Reloader::new(p, sched.clone(), governors.clone()));
     let admin_task = match listeners.admin {
         Some(l) => {
             let token =

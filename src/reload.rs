@@ -8,6 +8,7 @@ use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
+use crate::transport::governor::Governors;
 use crate::{routing, scheduler};
 
 /// What a reload did.
@@ -23,12 +24,18 @@ pub struct ReloadReport {
 pub struct Reloader {
     path: PathBuf,
     sched: scheduler::Scheduler,
+    governors: Arc<Governors>,
 }
 
 impl Reloader {
-    /// A reloader for the file at `path`, applying to `sched`.
-    pub fn new(path: PathBuf, sched: scheduler::Scheduler) -> Reloader {
-        Reloader { path, sched }
+    /// A reloader for the file at `path`, applying to `sched`; rebuilt
+    /// routes keep their application's governor from `governors`.
+    pub fn new(path: PathBuf, sched: scheduler::Scheduler, governors: Arc<Governors>) -> Reloader {
+        Reloader {
+            path,
+            sched,
+            governors,
+        }
     }
 
     /// The configuration file this reloader reads.
@@ -40,7 +47,7 @@ impl Reloader {
     /// names the key at fault.
     pub fn reload(&self) -> Result<ReloadReport, String> {
         let cfg = Config::load(&self.path).map_err(|e| e.to_string())?;
-        let router = routing::from_config(&cfg)?;
+        let router = routing::from_config_with(&cfg, &self.governors)?;
         self.sched
             .reconfigure(Arc::new(router), scheduler::Policy::from_config(&cfg));
         Ok(ReloadReport::default())

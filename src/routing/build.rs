@@ -4,19 +4,43 @@ use std::sync::Arc;
 
 use super::Router;
 use crate::transport::Transport;
-use crate::transport::governor::{Governed, Limits};
+use crate::transport::governor::{Governed, Governors, Limits};
 
-/// Build the transport for one server of an upstream table.
+/// Build the transport for one server of an upstream table, behind the
+/// governor of its application (the one in `governors` if alive).
 fn transport_for(
     c: &crate::config::Config,
     u: &crate::config::Upstream,
     server: &str,
+    governors: &Governors,
 ) -> Result<Arc<dyn Transport>, String> {
     let t = ungoverned(c, u, server)?;
     Ok(match limits_for(u, server) {
-        Some(limits) => Arc::new(Governed::new(t, limits)),
+        Some(limits) => Arc::new(Governed::with_governor(
+            t,
+            governors.governor(&application(u, server), limits),
+        )),
         None => t,
     })
+}
+
+/// What identifies the upstream application whose limits a governor keeps:
+/// Microsoft counts per app (the OAuth client) and mailbox, so the
+/// protocol, the service address, the tenant and the client id (or the
+/// account signing in). The mailboxes are the governor's keys.
+fn application(u: &crate::config::Upstream, server: &str) -> String {
+    use crate::config::Protocol;
+    let service = match u.protocol {
+        Protocol::Graph => u.graph_endpoint.as_str(),
+        Protocol::Ews => u.connect_url.as_str(),
+        _ => server,
+    };
+    let account = if crate::oauth::uses_oauth(u) {
+        format!("{}/{}", u.oauth.tenant, u.oauth.client_id)
+    } else {
+        u.username.clone()
+    };
+    format!("{:?} {service} {account}", u.protocol).to_ascii_lowercase()
 }
 
 /// True for Exchange Online (and its national clouds): its SMTP AUTH limits apply.
@@ -203,13 +227,28 @@ fn ungoverned(
     }
 }
 
+/// The router a configuration describes, with governors of its own (see
+/// [`from_config_with`] to keep them across reloads).
+pub fn from_config(c: &crate::config::Config) -> Result<Router, String> {
+    from_config_with(c, &Governors::new())
+}
+
 /// The router a configuration describes: `[upstream]` as primary, and as
 /// alternate either `[upstream.alternate]` (any protocol) or
-/// `upstream.alternate_server` with the primary's settings.
-pub fn from_config(c: &crate::config::Config) -> Result<Router, String> {
+/// `upstream.alternate_server` with the primary's settings. Each governed
+/// route takes its application's governor from `governors`: a reload that
+/// keeps the application keeps its pauses, budget windows and attempts in
+/// flight, under the new limits.
+pub fn from_config_with(
+    c: &crate::config::Config,
+    governors: &Governors,
+) -> Result<Router, String> {
     let u = &c.upstream;
     let alternate = if let Some(alt) = u.alternate.as_deref() {
-        Some(transport_for(c, alt, &alt.server).map_err(|e| format!("upstream.alternate: {e}"))?)
+        Some(
+            transport_for(c, alt, &alt.server, governors)
+                .map_err(|e| format!("upstream.alternate: {e}"))?,
+        )
     } else if !u.alternate_server.is_empty()
         && matches!(
             u.protocol,
@@ -217,12 +256,13 @@ pub fn from_config(c: &crate::config::Config) -> Result<Router, String> {
         )
     {
         Some(
-            transport_for(c, u, &u.alternate_server)
+            transport_for(c, u, &u.alternate_server, governors)
                 .map_err(|e| format!("upstream.alternate_server: {e}"))?,
         )
     } else {
         None
     };
-    let primary = transport_for(c, u, &u.server).map_err(|e| format!("upstream: {e}"))?;
+    let primary =
+        transport_for(c, u, &u.server, governors).map_err(|e| format!("upstream: {e}"))?;
     Ok(Router::new(primary, alternate))
 }

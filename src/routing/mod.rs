@@ -7,7 +7,7 @@ use serde::Serialize;
 use crate::transport::{Delivery, Envelope, Failure, Scope, Severity, Transport};
 
 mod build;
-pub use build::from_config;
+pub use build::{from_config, from_config_with};
 
 /// One configured server.
 pub struct Route {
