@@ -266,3 +266,62 @@ pub fn from_config_with(
         transport_for(c, u, &u.server, governors).map_err(|e| format!("upstream: {e}"))?;
     Ok(Router::new(primary, alternate))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn exchange_online(per_minute: u32, server: &str) -> crate::config::Config {
+        let text = format!(
+            "[upstream]\nprotocol = \"smtp\"\nserver = \"{server}\"\nport = 587\nrequires_auth = true\nusername = \"desk@contoso.com\"\npassword = \"pw\"\nmessages_per_minute = {per_minute}\n"
+        );
+        crate::config::Config::from_toml(&text, "t.toml", std::path::Path::new("."))
+            .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_rebuild_keeps_the_governor_of_the_same_application_with_new_limits() {
+        let governors = Governors::new();
+        let first = from_config_with(&exchange_online(30, "smtp.office365.com"), &governors)
+            .unwrap_or_else(|e| panic!("{e}"));
+        let stats = governors.stats();
+        assert_eq!(stats.len(), 1, "{stats:?}");
+        let app = stats[0].0.clone();
+        let g = governors.get(&app).unwrap_or_else(|| panic!("no governor"));
+        assert_eq!(g.limits().messages_per_minute, 30);
+        // Exchange paused the mailbox; then the configuration is reloaded.
+        g.pause("desk@contoso.com", Duration::from_secs(120));
+        let second = from_config_with(&exchange_online(20, "smtp.office365.com"), &governors)
+            .unwrap_or_else(|e| panic!("{e}"));
+        drop(first);
+        let again = governors
+            .get(&app)
+            .unwrap_or_else(|| panic!("governor lost"));
+        assert!(Arc::ptr_eq(&g, &again));
+        assert_eq!(
+            again.limits().messages_per_minute,
+            20,
+            "the new limit applies"
+        );
+        assert!(
+            again.paused_for("desk@contoso.com").is_some(),
+            "the pause survives"
+        );
+        // Another server is another application: a governor of its own, and
+        // the old one goes with the last route that used it.
+        drop(g);
+        drop(again);
+        let third = from_config_with(&exchange_online(20, "smtp-2.office365.com"), &governors)
+            .unwrap_or_else(|e| panic!("{e}"));
+        drop(second);
+        let names: Vec<String> = governors.stats().into_iter().map(|s| s.0).collect();
+        assert_eq!(names.len(), 1, "{names:?}");
+        assert_ne!(names[0], app);
+        drop(third);
+        // Without a shared registry (`from_config`), nothing is kept.
+        let alone = from_config(&exchange_online(30, "smtp.office365.com"));
+        assert!(alone.is_ok());
+        assert!(governors.stats().is_empty());
+    }
+}
