@@ -109,7 +109,8 @@ pub async fn run(
     tracing::info!(messages = loaded.len(), spool = %spool_dir.display(), "spool loaded");
     // One governor per upstream application for the life of the process:
     // routes rebuilt by a reload take theirs from here.
-    let governors = transport::governor::Governors::new();
+    let governors =
+        transport::governor::Governors::from_config(&cfg).map_err(|e| anyhow::anyhow!(e))?;
     let router =
         Arc::new(routing::from_config_with(&cfg, &governors).map_err(|e| anyhow::anyhow!(e))?);
     for n in cfg.notices() {

@@ -3,6 +3,7 @@
 pub mod checks;
 pub mod env;
 pub mod secret;
+pub mod throttle;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -66,6 +67,8 @@ pub struct Config {
     pub admin: Admin,
     /// Local SMTP users (AUTH PLAIN/LOGIN on the listener), each mapped to an upstream identity.
     pub users: Vec<User>,
+    /// Where the throttle budget lives (this process, or Redis shared by many).
+    pub throttle: throttle::Throttle,
     /// Directory the relative paths in this file are relative to (the file's own directory).
     #[serde(skip)]
     pub base_dir: PathBuf,
@@ -97,6 +100,7 @@ impl Default for Config {
             upstream: Upstream::default(),
             admin: Admin::default(),
             users: Vec::new(),
+            throttle: throttle::Throttle::default(),
             base_dir: PathBuf::from("."),
             from_env: Vec::new(),
         }
@@ -1157,6 +1161,7 @@ impl Config {
             &self.base_dir,
         )
         .map_err(|m| bad("admin.token", m))?;
+        throttle::validate(&mut self.throttle, &self.base_dir)?;
         checks::validate(self)
     }
 

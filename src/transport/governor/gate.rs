@@ -164,6 +164,11 @@ pub(super) struct Queued {
 }
 
 impl Queued {
+    /// Its place in line.
+    pub(super) fn ticket(&self) -> u64 {
+        self.ticket
+    }
+
     /// Wait until this attempt is first in line and may start under
     /// `limits()` (read again at every step, so a reload applies to
     /// waiters), then record the start.

@@ -50,10 +50,12 @@
 
 mod gate;
 mod registry;
+pub mod shared;
 #[cfg(test)]
 mod tests;
 
 pub use registry::Governors;
+pub use shared::{Shared, SharedState};
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -167,6 +169,26 @@ impl Limits {
     }
 }
 
+impl Limits {
+    /// This instance's share when `n` instances send as the same mailboxes
+    /// and cannot coordinate: every limit divided by `n`, each limit that
+    /// is on kept at 1 or more.
+    pub fn divided(&self, n: u32) -> Limits {
+        let n = n.max(1);
+        let share = |v: u64| if v == 0 { 0 } else { (v / u64::from(n)).max(1) };
+        let count = |v: usize| share(v as u64) as usize;
+        Limits {
+            max_in_flight: count(self.max_in_flight),
+            app_in_flight: count(self.app_in_flight),
+            budget: self.budget.map(|(m, s)| (share(u64::from(m)) as u32, s)),
+            bytes_budget: self.bytes_budget.map(|(m, s)| (share(m), s)),
+            recipients_budget: self.recipients_budget.map(|(m, s)| (share(m), s)),
+            messages_per_minute: share(u64::from(self.messages_per_minute)) as u32,
+            ..self.clone()
+        }
+    }
+}
+
 /// Graph's upload budget per app and mailbox: "150 MB" per 5 minutes, read
 /// as decimal megabytes (the smaller reading).
 pub const GRAPH_UPLOAD_BYTES: u64 = 150_000_000;
@@ -195,6 +217,9 @@ pub struct GovernorStats {
     pub throttled: u64,
     /// Keys paused right now.
     pub paused_keys: u64,
+    /// Where the budget is kept: `local`, `redis`, or `fallback` (Redis
+    /// unreachable: the local limits divided by `expected_instances`).
+    pub backend: &'static str,
 }
 
 /// How long after a pause ends a key keeps the place of a message whose
@@ -202,10 +227,12 @@ pub struct GovernorStats {
 /// when the pause ends).
 pub const RETURN_GRACE: Duration = Duration::from_secs(1);
 
-/// Held while an attempt runs; dropping it frees the slot.
+/// Held while an attempt runs; dropping it frees the slot (and its lease
+/// in Redis).
 pub struct Permit {
     gate: Arc<Gate>,
     _app: Option<OwnedSemaphorePermit>,
+    _lease: Option<shared::Lease>,
     in_flight: Arc<AtomicU64>,
 }
 
@@ -227,12 +254,35 @@ pub struct Governor {
     in_flight: Arc<AtomicU64>,
     started: AtomicU64,
     throttled: AtomicU64,
+    /// The budget shared with other instances, and this application's
+    /// prefix for its keys.
+    shared: Option<(Arc<Shared>, String)>,
+    /// When Redis was last asked while unreachable (milliseconds since
+    /// `created`), so a dead Redis is tried about once a second.
+    last_try: AtomicU64,
+    created: Instant,
 }
 
+/// While Redis is unreachable, ask it again at most this often.
+const REDIS_RETRY: Duration = Duration::from_secs(1);
+
 impl Governor {
-    /// A governor enforcing `limits`.
+    /// A governor enforcing `limits` in this process.
     pub fn new(limits: Limits) -> Governor {
+        Governor::with_shared(limits, None)
+    }
+
+    /// A governor enforcing `limits` together with the other instances
+    /// sharing `shared` under application name `app`.
+    pub fn shared(limits: Limits, shared: Arc<Shared>, app: &str) -> Governor {
+        Governor::with_shared(limits, Some((shared, format!("mailbridge:{app}:"))))
+    }
+
+    fn with_shared(limits: Limits, shared: Option<(Arc<Shared>, String)>) -> Governor {
         Governor {
+            shared,
+            last_try: AtomicU64::new(0),
+            created: Instant::now(),
             app: Mutex::new(app_semaphore(&limits)),
             limits: Mutex::new(Arc::new(limits)),
             gates: Mutex::new(HashMap::new()),
@@ -246,6 +296,36 @@ impl Governor {
     /// The limits in force.
     pub fn limits(&self) -> Arc<Limits> {
         lock(&self.limits).clone()
+    }
+
+    /// The limits this process keeps itself: all of them, or its share
+    /// while the shared budget is unreachable.
+    pub fn local_limits(&self) -> Arc<Limits> {
+        let l = self.limits();
+        match &self.shared {
+            Some((s, _)) => s.local_limits(&l),
+            None => l,
+        }
+    }
+
+    /// Where the budget stands, when it is shared.
+    pub fn shared_state(&self) -> Option<SharedState> {
+        self.shared.as_ref().map(|(s, _)| s.state())
+    }
+
+    /// Whether to ask Redis for this start: while it answers, always; while
+    /// it does not, about once a second (to notice it is back).
+    fn ask_redis(&self, s: &Shared) -> bool {
+        if s.is_up() {
+            return true;
+        }
+        let now = u64::try_from(self.created.elapsed().as_millis()).unwrap_or(u64::MAX);
+        let last = self.last_try.load(Ordering::Relaxed);
+        now.saturating_sub(last) >= REDIS_RETRY.as_millis() as u64
+            && self
+                .last_try
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
     }
 
     /// Apply new limits (a reload): pauses, budget windows and attempts in
@@ -293,24 +373,49 @@ impl Governor {
     pub async fn acquire_for(&self, key: &str, cost: Cost) -> Permit {
         let gate = self.gate(key);
         let ticket = self.tickets.fetch_add(1, Ordering::Relaxed);
-        self.enter(&gate, ticket, cost).await
+        self.enter(key, &gate, ticket, cost).await
     }
 
     /// Wait in line with `ticket` and start.
-    async fn enter(&self, gate: &Arc<Gate>, ticket: u64, cost: Cost) -> Permit {
+    async fn enter(&self, key: &str, gate: &Arc<Gate>, ticket: u64, cost: Cost) -> Permit {
         let queued = gate.queue(ticket);
-        self.start(gate, queued, cost).await
+        self.start(key, gate, queued, cost).await
     }
 
-    async fn start(&self, gate: &Arc<Gate>, queued: gate::Queued, cost: Cost) -> Permit {
-        queued.start(|| self.limits(), cost).await;
-        // From here the key's slot is taken: the permit gives it back.
-        let mut permit = Permit {
-            gate: gate.clone(),
-            _app: None,
-            in_flight: self.in_flight.clone(),
+    async fn start(
+        &self,
+        key: &str,
+        gate: &Arc<Gate>,
+        mut queued: gate::Queued,
+        cost: Cost,
+    ) -> Permit {
+        let mut permit = loop {
+            let ticket = queued.ticket();
+            queued.start(|| self.local_limits(), cost).await;
+            // From here the key's slot is taken: the permit gives it back.
+            let mut permit = Permit {
+                gate: gate.clone(),
+                _app: None,
+                _lease: None,
+                in_flight: self.in_flight.clone(),
+            };
+            self.in_flight.fetch_add(1, Ordering::Relaxed);
+            // First in line here: now the budget shared with the other instances.
+            if let Some((s, app)) = &self.shared
+                && self.ask_redis(s)
+            {
+                let limits = self.limits();
+                permit._lease = s.acquire(&format!("{app}{key}:"), &limits, cost).await;
+                if permit._lease.is_none() && !s.is_up() {
+                    // Redis went away while we waited for it: in line again,
+                    // under this instance's share of the limits.
+                    queued = gate.queue(ticket);
+                    drop(permit);
+                    continue;
+                }
+            }
+            break permit;
         };
-        self.in_flight.fetch_add(1, Ordering::Relaxed);
         // Then the app-wide slot, if the app is capped across its mailboxes.
         let app = lock(&self.app).clone();
         if let Some(s) = app {
@@ -352,6 +457,19 @@ impl Governor {
         }
     }
 
+    /// [`Governor::observe`], and a pause passed on to the other instances.
+    async fn observe_shared(&self, key: &str, result: &Delivery) {
+        self.observe(key, result);
+        if let (Some((s, app)), Err(f)) = (&self.shared, result)
+            && f.severity == Severity::Transient
+            && let Some(wait) = f.not_before
+            && s.is_up()
+        {
+            let max = self.limits().max_pause;
+            s.pause(&format!("{app}{key}:"), wait.min(max)).await;
+        }
+    }
+
     /// Current figures.
     pub fn stats(&self) -> GovernorStats {
         let now = Instant::now();
@@ -364,6 +482,10 @@ impl Governor {
             started: self.started.load(Ordering::Relaxed),
             throttled: self.throttled.load(Ordering::Relaxed),
             paused_keys: paused,
+            backend: match &self.shared {
+                None => "local",
+                Some((s, _)) => s.state().mode,
+            },
         }
     }
 
@@ -379,9 +501,9 @@ impl Governor {
         // A message whose holds ran out comes back with its old place.
         let returned = lock(&gate.state).take_returned(&env.id);
         let ticket = returned.unwrap_or_else(|| self.tickets.fetch_add(1, Ordering::Relaxed));
-        let mut permit = self.enter(&gate, ticket, cost).await;
+        let mut permit = self.enter(&key, &gate, ticket, cost).await;
         let mut result = inner.deliver(env, message).await;
-        self.observe(&key, &result);
+        self.observe_shared(&key, &result).await;
         // Throttled: stay first in line and go again when the pause ends, so
         // this message is not overtaken by mail that arrived later.
         let mut held = 0;
@@ -398,9 +520,9 @@ impl Governor {
             // In line again before the slot is given back: nobody slips in.
             let queued = gate.queue(ticket);
             drop(permit);
-            permit = self.start(&gate, queued, cost).await;
+            permit = self.start(&key, &gate, queued, cost).await;
             result = inner.deliver(env, message).await;
-            self.observe(&key, &result);
+            self.observe_shared(&key, &result).await;
         }
         drop(permit);
         result
