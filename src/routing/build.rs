@@ -241,7 +241,7 @@ pub fn from_config(c: &crate::config::Config) -> Result<Router, String> {
 /// flight, under the new limits.
 pub fn from_config_with(
     c: &crate::config::Config,
-    governors: &Governors,
+    governors: &Arc<Governors>,
 ) -> Result<Router, String> {
     let u = &c.upstream;
     let alternate = if let Some(alt) = u.alternate.as_deref() {
@@ -264,7 +264,7 @@ pub fn from_config_with(
     };
     let primary =
         transport_for(c, u, &u.server, governors).map_err(|e| format!("upstream: {e}"))?;
-    Ok(Router::new(primary, alternate))
+    Ok(Router::new(primary, alternate).with_governors(governors.clone()))
 }
 
 #[cfg(test)]

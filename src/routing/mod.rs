@@ -46,6 +46,8 @@ pub struct RouteState {
 pub struct Router {
     routes: Vec<Route>,
     active: Mutex<(usize, RouteState)>,
+    /// The governors behind its routes, for status.
+    governors: Option<Arc<crate::transport::governor::Governors>>,
 }
 
 fn now_unix() -> u64 {
@@ -77,6 +79,37 @@ impl Router {
         Router {
             routes,
             active: Mutex::new((0, state)),
+            governors: None,
+        }
+    }
+
+    /// Name the governors behind the routes, so status can show them.
+    pub fn with_governors(mut self, g: Arc<crate::transport::governor::Governors>) -> Router {
+        self.governors = Some(g);
+        self
+    }
+
+    /// The throttle for status and metrics: where the budget is kept
+    /// (`local`, `redis`, or `fallback` while Redis is unreachable) and the
+    /// figures of each upstream application's governor.
+    pub fn throttle(&self) -> serde_json::Value {
+        let Some(g) = &self.governors else {
+            return serde_json::json!({ "backend": "local", "applications": [] });
+        };
+        let apps: Vec<serde_json::Value> = g
+            .stats()
+            .into_iter()
+            .map(|(app, s)| serde_json::json!({ "application": app, "stats": s }))
+            .collect();
+        match g.shared_state() {
+            None => serde_json::json!({ "backend": "local", "applications": apps }),
+            Some(s) => serde_json::json!({
+                "backend": "redis",
+                "mode": s.mode,
+                "expected_instances": s.expected_instances,
+                "last_error": s.last_error,
+                "applications": apps,
+            }),
         }
     }
 
