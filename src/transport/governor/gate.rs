@@ -38,6 +38,11 @@ pub(super) struct GateState {
     waiting: BTreeSet<u64>,
     /// Attempts running (holding a slot).
     pub(super) running: usize,
+    /// Of those, attempts held through a pause (retried in place, or back
+    /// from the scheduler): until they are answered nothing else starts,
+    /// so the held mail is first on the wire too, and one answer shows
+    /// whether the pause was enough before the rest follow.
+    held_running: usize,
     /// Messages whose holds ran out and that went back to the scheduler:
     /// queue id → (their ticket, until when their place is kept). Newer
     /// mail waits behind them until they are back or the time is up.
@@ -54,7 +59,13 @@ enum Blocked {
 
 impl GateState {
     /// Whether attempt `ticket` may start now; if so, its start is recorded.
-    fn try_start(&mut self, ticket: u64, limits: &Limits, cost: Cost) -> Result<(), Blocked> {
+    fn try_start(
+        &mut self,
+        ticket: u64,
+        held: bool,
+        limits: &Limits,
+        cost: Cost,
+    ) -> Result<(), Blocked> {
         let now = Instant::now();
         self.returned.retain(|_, (_, until)| *until > now);
         if let Some(p) = self.paused_until.filter(|p| *p > now) {
@@ -73,6 +84,9 @@ impl GateState {
             return Err(Blocked::Until(until));
         }
         if limits.max_in_flight > 0 && self.running >= limits.max_in_flight {
+            return Err(Blocked::Turn);
+        }
+        if !held && self.held_running > 0 {
             return Err(Blocked::Turn);
         }
         if let Some(free) = self.budgets_full_until(limits, cost, now) {
@@ -95,6 +109,9 @@ impl GateState {
         }
         self.waiting.remove(&ticket);
         self.running += 1;
+        if held {
+            self.held_running += 1;
+        }
         Ok(())
     }
 
@@ -139,19 +156,23 @@ const MAX_RETURNED: usize = 10_000;
 impl Gate {
     /// Join the line with `ticket`; the guard leaves it if dropped before
     /// the start (a cancelled attempt never blocks the line).
-    pub(super) fn queue(self: &Arc<Self>, ticket: u64) -> Queued {
+    pub(super) fn queue(self: &Arc<Self>, ticket: u64, held: bool) -> Queued {
         lock(&self.state).waiting.insert(ticket);
         Queued {
             gate: self.clone(),
             ticket,
+            held,
         }
     }
 
-    /// An attempt ended: its slot is free.
-    pub(super) fn finish(&self) {
+    /// An attempt ended (`held`: one held through a pause): its slot is free.
+    pub(super) fn finish(&self, held: bool) {
         {
             let mut st = lock(&self.state);
             st.running = st.running.saturating_sub(1);
+            if held {
+                st.held_running = st.held_running.saturating_sub(1);
+            }
         }
         self.wake.notify_waiters();
     }
@@ -161,12 +182,18 @@ impl Gate {
 pub(super) struct Queued {
     gate: Arc<Gate>,
     ticket: u64,
+    held: bool,
 }
 
 impl Queued {
     /// Its place in line.
     pub(super) fn ticket(&self) -> u64 {
         self.ticket
+    }
+
+    /// Whether it is held through a pause.
+    pub(super) fn held(&self) -> bool {
+        self.held
     }
 
     /// Wait until this attempt is first in line and may start under
@@ -177,7 +204,7 @@ impl Queued {
             let notified = self.gate.wake.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            let blocked = lock(&self.gate.state).try_start(self.ticket, &limits(), cost);
+            let blocked = lock(&self.gate.state).try_start(self.ticket, self.held, &limits(), cost);
             match blocked {
                 Ok(()) => break,
                 Err(Blocked::Until(t)) => tokio::select! {

@@ -33,7 +33,9 @@
 //!    ([`Failure::throttled`]: 429, `432 4.3.2`, EWS server busy) keeps its
 //!    place (its ticket) and is tried again as soon as the pause ends, up to
 //!    [`Limits::hold_retries`] times, so the mail that was first stays first
-//!    and newer mail waits behind it. When its holds run out it goes back to
+//!    and newer mail waits behind it: nothing else starts until the held
+//!    attempts are answered (they are first on the wire too, and their
+//!    answer shows whether the pause was enough). When its holds run out it goes back to
 //!    the scheduler, and the key keeps its place until the pause has ended
 //!    and [`RETURN_GRACE`] more has passed: newer mail waits that long for it
 //!    to come back.
@@ -231,6 +233,7 @@ pub const RETURN_GRACE: Duration = Duration::from_secs(1);
 /// in Redis).
 pub struct Permit {
     gate: Arc<Gate>,
+    held: bool,
     _app: Option<OwnedSemaphorePermit>,
     _lease: Option<shared::Lease>,
     in_flight: Arc<AtomicU64>,
@@ -239,7 +242,7 @@ pub struct Permit {
 impl Drop for Permit {
     fn drop(&mut self) {
         self.in_flight.fetch_sub(1, Ordering::Relaxed);
-        self.gate.finish();
+        self.gate.finish(self.held);
     }
 }
 
@@ -373,12 +376,19 @@ impl Governor {
     pub async fn acquire_for(&self, key: &str, cost: Cost) -> Permit {
         let gate = self.gate(key);
         let ticket = self.tickets.fetch_add(1, Ordering::Relaxed);
-        self.enter(key, &gate, ticket, cost).await
+        self.enter(key, &gate, ticket, false, cost).await
     }
 
     /// Wait in line with `ticket` and start.
-    async fn enter(&self, key: &str, gate: &Arc<Gate>, ticket: u64, cost: Cost) -> Permit {
-        let queued = gate.queue(ticket);
+    async fn enter(
+        &self,
+        key: &str,
+        gate: &Arc<Gate>,
+        ticket: u64,
+        held: bool,
+        cost: Cost,
+    ) -> Permit {
+        let queued = gate.queue(ticket, held);
         self.start(key, gate, queued, cost).await
     }
 
@@ -390,11 +400,12 @@ impl Governor {
         cost: Cost,
     ) -> Permit {
         let mut permit = loop {
-            let ticket = queued.ticket();
+            let (ticket, held) = (queued.ticket(), queued.held());
             queued.start(|| self.local_limits(), cost).await;
             // From here the key's slot is taken: the permit gives it back.
             let mut permit = Permit {
                 gate: gate.clone(),
+                held,
                 _app: None,
                 _lease: None,
                 in_flight: self.in_flight.clone(),
@@ -409,7 +420,7 @@ impl Governor {
                 if permit._lease.is_none() && !s.is_up() {
                     // Redis went away while we waited for it: in line again,
                     // under this instance's share of the limits.
-                    queued = gate.queue(ticket);
+                    queued = gate.queue(ticket, held);
                     drop(permit);
                     continue;
                 }
@@ -501,7 +512,9 @@ impl Governor {
         // A message whose holds ran out comes back with its old place.
         let returned = lock(&gate.state).take_returned(&env.id);
         let ticket = returned.unwrap_or_else(|| self.tickets.fetch_add(1, Ordering::Relaxed));
-        let mut permit = self.enter(&key, &gate, ticket, cost).await;
+        let mut permit = self
+            .enter(&key, &gate, ticket, returned.is_some(), cost)
+            .await;
         let mut result = inner.deliver(env, message).await;
         self.observe_shared(&key, &result).await;
         // Throttled: stay first in line and go again when the pause ends, so
@@ -518,7 +531,7 @@ impl Governor {
             held += 1;
             tracing::info!(id = %env.id, key = %key, retry = held, "throttled: holding the message until the pause ends");
             // In line again before the slot is given back: nobody slips in.
-            let queued = gate.queue(ticket);
+            let queued = gate.queue(ticket, true);
             drop(permit);
             permit = self.start(&key, &gate, queued, cost).await;
             result = inner.deliver(env, message).await;

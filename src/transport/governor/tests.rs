@@ -453,6 +453,9 @@ async fn after_a_pause_held_mail_goes_first_then_the_rest_in_arrival_order() {
     );
     assert_eq!(after[0].1, Duration::from_millis(3100));
     assert_eq!(after[1].1, Duration::from_millis(3100));
+    // The rest follow once the held ones are answered (first on the wire
+    // too, and proof the pause was enough).
+    assert_eq!(after[2].1, Duration::from_millis(3200));
     // Nothing started during the pause.
     assert!(
         calls
