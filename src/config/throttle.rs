@@ -96,6 +96,10 @@ pub fn validate(t: &mut Throttle, base: &std::path::Path) -> Result<(), (String,
     if url.host_str().is_none_or(str::is_empty) {
         return Err(bad("redis_url", "names no host".into()));
     }
+    // What `run` will parse (e.g. the database number in the path).
+    t.redis_url
+        .parse::<redis::ConnectionInfo>()
+        .map_err(|e| bad("redis_url", e.to_string()))?;
     Ok(())
 }
 
@@ -121,6 +125,10 @@ mod tests {
             ),
             (
                 "[throttle]\nbackend = \"redis\"\nredis_url = \"http://127.0.0.1\"\n",
+                "throttle.redis_url",
+            ),
+            (
+                "[throttle]\nbackend = \"redis\"\nredis_url = \"redis://127.0.0.1/db-one\"\n",
                 "throttle.redis_url",
             ),
             (
