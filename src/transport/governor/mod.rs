@@ -6,10 +6,10 @@
 //! as: [`Envelope::identity`], else [`Limits::default_key`]) has its own
 //! gate:
 //!
-//! 1. **Slots**: at most [`Limits::max_in_flight`] attempts at once (a fair,
-//!    first-come semaphore: Graph allows 4 concurrent requests per app and
-//!    mailbox, Exchange Online SMTP 3 connections per mailbox). An optional
-//!    [`Limits::app_in_flight`] caps all keys together.
+//! 1. **Slots**: at most [`Limits::max_in_flight`] attempts at once (Graph
+//!    allows 4 concurrent requests per app and mailbox, Exchange Online SMTP
+//!    3 connections per mailbox). An optional [`Limits::app_in_flight`] caps
+//!    all keys together.
 //! 2. **Pause**: an attempt that fails transiently with a `not_before` (a 429
 //!    or 503 with `Retry-After`, EWS `BackOffMilliseconds`) pauses the whole
 //!    key until then: every waiting attempt waits, not only the one that was
@@ -39,6 +39,11 @@
 //!    the scheduler, and the key keeps its place until the pause has ended
 //!    and [`RETURN_GRACE`] more has passed: newer mail waits that long for it
 //!    to come back.
+//!
+//! With `[throttle] backend = "redis"` ([`shared`]) the slots, budgets,
+//! pacing and pauses are also kept in Redis, shared by every instance
+//! sending as the same mailboxes; the local line still orders this
+//! instance's mail.
 //!
 //! Limits can change while the governor runs ([`Governor::set_limits`], a
 //! configuration reload): pauses, budget windows and attempts in flight are
