@@ -113,7 +113,13 @@ pub async fn run(
     // One set of OAuth registries for the process: routing, the admin
     // endpoint and each reload share one token manager per identity.
     let oauth = Arc::new(oauth::Registries::new());
-    let router = Arc::new(routing::from_config(&cfg, &oauth).map_err(|e| anyhow::anyhow!(e))?);
+    // One governor per upstream application for the life of the process:
+    // routes rebuilt by a reload take theirs from here.
+    let governors =
+        transport::governor::Governors::from_config(&cfg).map_err(|e| anyhow::anyhow!(e))?;
+    let router = Arc::new(
+        routing::from_config_with(&cfg, &oauth, &governors).map_err(|e| anyhow::anyhow!(e))?,
+    );
     for n in cfg.notices() {
         tracing::warn!("{n}");
     }
@@ -138,6 +144,7 @@ pub async fn run(
         settings.clone(),
         listening,
         oauth.clone(),
+        governors.clone(),
     )
     .map_err(|e| anyhow::anyhow!(e))?;
     let metrics = Arc::new(metrics::Metrics::new());

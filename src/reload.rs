@@ -9,7 +9,8 @@
 //! inbound settings for new connections (users, `allow_clients`, domain
 //! lists, TLS certificate, size and time limits) and `failback_probe_secs`.
 //! Settings read once at start (listen addresses and connection limits,
-//! spool path and size, admin address, token and host names, logging) are
+//! spool path and size, admin address, token and host names, `[throttle]`,
+//! logging) are
 //! listed in [`ReloadReport::needs_restart`] and logged as warnings.
 
 use std::net::SocketAddr;
@@ -24,6 +25,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::Config;
 use crate::inbound::{LiveSettings, Settings};
 use crate::oauth::{Registries, Registry};
+use crate::transport::governor::Governors;
 use crate::{routing, scheduler};
 
 /// What a reload did.
@@ -48,6 +50,9 @@ struct Inner {
     /// The process's OAuth registries (one token manager per identity,
     /// kept across reloads).
     registries: Arc<Registries>,
+    /// The process's governors (pauses, budgets and slots kept across
+    /// reloads for an unchanged upstream application).
+    governors: Arc<Governors>,
     /// The OAuth registries of the configuration in force, by upstream table.
     oauth: Mutex<Vec<(&'static str, Arc<Registry>)>>,
     probe_secs: watch::Sender<u64>,
@@ -64,7 +69,7 @@ impl Reloader {
     /// file and [`Reloader::reload`] refuses), applying to `sched`, starting
     /// from the configuration `cfg` and inbound `settings` in force, for SMTP
     /// listeners bound to `listening`; routes are built with the OAuth
-    /// identities of `registries`.
+    /// identities of `registries` and keep their governors from `governors`.
     pub fn new(
         path: Option<PathBuf>,
         sched: scheduler::Scheduler,
@@ -72,6 +77,7 @@ impl Reloader {
         settings: Arc<Settings>,
         listening: Vec<SocketAddr>,
         registries: Arc<Registries>,
+        governors: Arc<Governors>,
     ) -> Result<Reloader, String> {
         let oauth = registries.for_config(&cfg)?;
         Ok(Reloader {
@@ -82,6 +88,7 @@ impl Reloader {
                 current: Mutex::new(Arc::new(cfg)),
                 oauth: Mutex::new(oauth),
                 registries,
+                governors,
                 inbound: watch::channel(settings).0,
                 listening,
                 busy: Mutex::new(()),
@@ -137,7 +144,8 @@ impl Reloader {
         for a in &self.inner.listening {
             settings.check_exposure(*a)?;
         }
-        let router = routing::from_config(&cfg, &self.inner.registries)?;
+        let router =
+            routing::from_config_with(&cfg, &self.inner.registries, &self.inner.governors)?;
         let oauth = self.inner.registries.for_config(&cfg)?;
         let policy = scheduler::Policy::from_config(&cfg);
 
@@ -203,6 +211,16 @@ pub fn needs_restart(old: &Config, new: &Config) -> Vec<String> {
     check(
         "admin.allow_remote",
         old.admin.allow_remote != new.admin.allow_remote,
+    );
+    let (a, b) = (&old.throttle, &new.throttle);
+    check(
+        "throttle",
+        a.backend != b.backend
+            || a.redis_url != b.redis_url
+            || a.redis_username != b.redis_username
+            || a.redis_password.expose() != b.redis_password.expose()
+            || a.expected_instances != b.expected_instances
+            || a.lease_secs != b.lease_secs,
     );
     check("log_level", old.log_level != new.log_level);
     check("log_format", old.log_format != new.log_format);

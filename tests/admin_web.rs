@@ -69,6 +69,7 @@ async fn start(file: bool) -> Admin {
                 Arc::new(mailbridge::inbound::Settings::from_config(&cfg).unwrap()),
                 vec![],
                 oauth.clone(),
+                mailbridge::transport::governor::Governors::new(),
             )
             .unwrap()
         }),

@@ -103,6 +103,7 @@ async fn a_reload_keeps_the_route_applies_the_probe_and_names_what_needs_a_resta
         settings,
         vec![],
         oauth.clone(),
+        mailbridge::transport::governor::Governors::new(),
     )
     .unwrap();
     tokio::spawn(mailbridge::failback_probe(
@@ -200,6 +201,7 @@ async fn a_reload_that_would_open_the_relay_is_refused_and_changes_nothing() {
         settings,
         listening,
         oauth.clone(),
+        mailbridge::transport::governor::Governors::new(),
     )
     .unwrap();
     write(dir.path(), "allow_clients = [\"0.0.0.0/0\"]", 0);

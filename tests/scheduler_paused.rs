@@ -441,3 +441,53 @@ async fn stored_next_attempt_is_clamped_at_load() {
     assert_eq!(calls[0].1.id, "due");
     stop.cancel();
 }
+
+/// A message throttled until its holds ran out goes back to the scheduler;
+/// mail that arrived during the pause must not take its turn, even with
+/// every delivery slot of the scheduler taken by that newer mail.
+#[tokio::test(start_paused = true)]
+async fn a_throttled_message_whose_holds_ran_out_is_not_overtaken() {
+    use mailbridge::transport::governor::{Governed, Limits};
+    let t = Scripted::new(vec![
+        |_| {
+            Err(Failure::throttled(
+                "Graph 429 TooManyRequests",
+                Duration::from_secs(30),
+            ))
+        },
+        all_ok,
+    ]);
+    let limits = Limits {
+        hold_retries: 0,
+        ..Limits::graph(1, "desk@relay.test")
+    };
+    let governed: Arc<dyn Transport> = Arc::new(Governed::new(t.clone(), limits));
+    let dir = tempfile::tempdir().unwrap();
+    let (spool, _, _) = Spool::open(dir.path(), 100).unwrap();
+    let spool = Arc::new(spool);
+    let stop = CancellationToken::new();
+    let p = Policy {
+        concurrency: 1,
+        ..policy(86400)
+    };
+    let (s, _task) = Scheduler::start(
+        spool.clone(),
+        Arc::new(Router::new(governed, None)),
+        p,
+        Vec::new(),
+        stop.clone(),
+    );
+    let t0 = Instant::now();
+    enqueue(&s, &spool, "first", "app@legacy.local", &["a@x.test"]);
+    until(|| !t.calls().is_empty()).await;
+    // Newer mail arrives during the pause and takes the scheduler's slot.
+    enqueue(&s, &spool, "second", "app@legacy.local", &["b@x.test"]);
+    enqueue(&s, &spool, "third", "app@legacy.local", &["c@x.test"]);
+    until(|| t.calls().len() == 4 && spool.is_empty()).await;
+    let c = t.calls();
+    let ids: Vec<&str> = c.iter().map(|c| c.1.id.as_str()).collect();
+    assert_eq!(ids, ["first", "first", "second", "third"]);
+    // Retried the moment the pause ended, without backoff.
+    assert_eq!(c[1].0 - t0, Duration::from_secs(30));
+    stop.cancel();
+}

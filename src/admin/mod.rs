@@ -243,6 +243,7 @@ pub fn status_json(state: &AdminState) -> serde_json::Value {
         "route": router.state(),
         "servers": router.servers().into_iter().map(|(label, server)| json!({"label": label, "server": server})).collect::<Vec<_>>(),
         "queue": state.scheduler.stats(),
+        "throttle": router.throttle(),
         "corrupt": corrupt_json(&state.scheduler.spool().corrupt_summary()),
     })
 }

@@ -14,6 +14,7 @@ pub mod oauth;
 pub mod resolved;
 pub mod schema;
 pub mod secret;
+pub mod throttle;
 mod validate;
 
 use std::path::{Path, PathBuf};

@@ -30,6 +30,8 @@ pub struct Config {
     pub admin: Admin,
     /// Local SMTP users (AUTH PLAIN/LOGIN on the listener), each mapped to an upstream identity.
     pub users: Vec<User>,
+    /// Where the throttle budget lives (this process, or Redis shared by many).
+    pub throttle: super::throttle::Throttle,
     /// Directory the relative paths in this file are relative to (the file's own directory).
     #[serde(skip)]
     pub base_dir: PathBuf,
@@ -64,6 +66,7 @@ impl Default for Config {
             upstream: Upstream::default(),
             admin: Admin::default(),
             users: Vec::new(),
+            throttle: super::throttle::Throttle::default(),
             base_dir: PathBuf::from("."),
             from_env: Vec::new(),
             sockets: Sockets::default(),

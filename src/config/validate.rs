@@ -159,6 +159,7 @@ impl Config {
             &self.base_dir,
         )
         .map_err(|m| bad("admin.token", m))?;
+        super::throttle::validate(&mut self.throttle, &self.base_dir)?;
         checks::validate(self)
     }
 }

@@ -6,29 +6,49 @@ use super::Router;
 use crate::config::{Config, Flow, Protocol, Provider, Server, Upstream};
 use crate::oauth::Registries;
 use crate::transport::Transport;
-use crate::transport::governor::{Governed, Governor, Limits};
+use crate::transport::governor::{Governed, Governor, Governors, Limits};
 
 /// A transport and the throttle in front of it, if any.
 type Built = (Arc<dyn Transport>, Option<Arc<Governor>>);
 
 /// Build the transport for one server of an upstream table (`server` is
 /// the resolved `server` or `alternate_server`; `None` for HTTP and file
-/// upstreams), and the throttle in front of it, if any.
+/// upstreams), behind the governor of its application (the one in
+/// `governors` if alive), and that governor.
 fn transport_for(
     c: &Config,
     u: &Upstream,
     server: Option<&Server>,
     oauth: &Registries,
+    governors: &Governors,
 ) -> Result<Built, String> {
     let t = ungoverned(c, u, server, oauth)?;
     Ok(match limits_for(u, server) {
         Some(limits) => {
-            let governed = Governed::new(t, limits);
-            let governor = governed.governor().clone();
+            let governor = governors.governor(&application(u, server), limits);
+            let governed = Governed::with_governor(t, governor.clone());
             (Arc::new(governed), Some(governor))
         }
         None => (t, None),
     })
+}
+
+/// What identifies the upstream application whose limits a governor keeps:
+/// Microsoft counts per app (the OAuth client) and mailbox, so the
+/// protocol, the service address, the tenant and the client id (or the
+/// account signing in). The mailboxes are the governor's keys.
+fn application(u: &Upstream, server: Option<&Server>) -> String {
+    let service = match u.protocol {
+        Protocol::Graph => u.graph_endpoint.clone(),
+        Protocol::Ews => u.connect_url.clone(),
+        _ => server.map(|s| s.addr.to_string()).unwrap_or_default(),
+    };
+    let account = if u.uses_oauth() {
+        format!("{}/{}", u.oauth.tenant, u.oauth.client_id)
+    } else {
+        u.username.clone()
+    };
+    format!("{:?} {service} {account}", u.protocol).to_ascii_lowercase()
 }
 
 /// The per-mailbox throttle an upstream gets: Graph 4 in flight, 10,000
@@ -198,38 +218,123 @@ fn ungoverned(
     }
 }
 
+/// The router a configuration describes, with governors of its own (see
+/// [`from_config_with`] to keep them across reloads).
+pub fn from_config(c: &Config, oauth: &Registries) -> Result<Router, String> {
+    from_config_with(c, oauth, &Governors::new())
+}
+
 /// The router a validated configuration describes: `[upstream]` as
 /// primary, and as alternate either `[upstream.alternate]` (any protocol) or
 /// `upstream.alternate_server` with the primary's settings. OAuth
 /// identities come from `oauth`, shared with the admin endpoint and reloads.
-pub fn from_config(c: &Config, oauth: &Registries) -> Result<Router, String> {
+/// Each governed route takes its application's governor from `governors`: a
+/// reload that keeps the application keeps its pauses, budget windows and
+/// attempts in flight, under the new limits.
+pub fn from_config_with(
+    c: &Config,
+    oauth: &Registries,
+    governors: &Arc<Governors>,
+) -> Result<Router, String> {
     let u = &c.upstream;
     let alternate = if let Some(alt) = u.alternate.as_deref() {
         Some(
-            transport_for(c, alt, alt.resolved.server.as_ref(), oauth)
+            transport_for(c, alt, alt.resolved.server.as_ref(), oauth, governors)
                 .map_err(|e| format!("upstream.alternate: {e}"))?,
         )
     } else if let Some(server) = u.resolved.alternate_server.as_ref()
         && matches!(u.protocol, Protocol::Smtp | Protocol::Smtps)
     {
         Some(
-            transport_for(c, u, Some(server), oauth)
+            transport_for(c, u, Some(server), oauth, governors)
                 .map_err(|e| format!("upstream.alternate_server: {e}"))?,
         )
     } else {
         None
     };
-    let (primary, primary_gov) = transport_for(c, u, u.resolved.server.as_ref(), oauth)
+    let (primary, primary_gov) = transport_for(c, u, u.resolved.server.as_ref(), oauth, governors)
         .map_err(|e| format!("upstream: {e}"))?;
     let (alternate, alternate_gov) = match alternate {
         Some((t, g)) => (Some(t), g),
         None => (None, None),
     };
-    let mut router = Router::new(primary, alternate);
+    let mut router = Router::new(primary, alternate).with_registry(governors.clone());
     for (label, g) in [("primary", primary_gov), ("alternate", alternate_gov)] {
         if let Some(g) = g {
             router = router.with_governor(label, g);
         }
     }
     Ok(router)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn exchange_online(per_minute: u32, server: &str) -> crate::config::Config {
+        let text = format!(
+            "[upstream]\nprotocol = \"smtp\"\nserver = \"{server}\"\nport = 587\nrequires_auth = true\nusername = \"desk@contoso.com\"\npassword = \"pw\"\nmessages_per_minute = {per_minute}\n"
+        );
+        crate::config::Config::from_toml(&text, "t.toml", std::path::Path::new("."))
+            .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_rebuild_keeps_the_governor_of_the_same_application_with_new_limits() {
+        let governors = Governors::new();
+        let oauth = Registries::new();
+        let first = from_config_with(
+            &exchange_online(30, "smtp.office365.com"),
+            &oauth,
+            &governors,
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        let stats = governors.stats();
+        assert_eq!(stats.len(), 1, "{stats:?}");
+        let app = stats[0].0.clone();
+        let g = governors.get(&app).unwrap_or_else(|| panic!("no governor"));
+        assert_eq!(g.limits().messages_per_minute, 30);
+        // Exchange paused the mailbox; then the configuration is reloaded.
+        g.pause("desk@contoso.com", Duration::from_secs(120));
+        let second = from_config_with(
+            &exchange_online(20, "smtp.office365.com"),
+            &oauth,
+            &governors,
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        drop(first);
+        let again = governors
+            .get(&app)
+            .unwrap_or_else(|| panic!("governor lost"));
+        assert!(Arc::ptr_eq(&g, &again));
+        assert_eq!(
+            again.limits().messages_per_minute,
+            20,
+            "the new limit applies"
+        );
+        assert!(
+            again.paused_for("desk@contoso.com").is_some(),
+            "the pause survives"
+        );
+        // Another server is another application: a governor of its own, and
+        // the old one goes with the last route that used it.
+        drop(g);
+        drop(again);
+        let third = from_config_with(
+            &exchange_online(20, "smtp-2.office365.com"),
+            &oauth,
+            &governors,
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        drop(second);
+        let names: Vec<String> = governors.stats().into_iter().map(|s| s.0).collect();
+        assert_eq!(names.len(), 1, "{names:?}");
+        assert_ne!(names[0], app);
+        drop(third);
+        // Without a shared registry (`from_config`), nothing is kept.
+        let alone = from_config(&exchange_online(30, "smtp.office365.com"), &oauth);
+        assert!(alone.is_ok());
+        assert!(governors.stats().is_empty());
+    }
 }

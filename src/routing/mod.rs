@@ -10,7 +10,7 @@ use crate::transport::governor::Governor;
 use crate::transport::{Delivery, Envelope, Failure, Scope, Severity, Transport};
 
 mod build;
-pub use build::from_config;
+pub use build::{from_config, from_config_with};
 
 /// One configured server.
 pub struct Route {
@@ -51,6 +51,8 @@ pub struct Router {
     active: Mutex<(usize, RouteState)>,
     /// The throttle of each governed route, by label (for metrics).
     governors: Vec<(&'static str, Arc<Governor>)>,
+    /// The governors behind its routes, for status.
+    registry: Option<Arc<crate::transport::governor::Governors>>,
 }
 
 fn now_unix() -> u64 {
@@ -83,6 +85,38 @@ impl Router {
             routes,
             active: Mutex::new((0, state)),
             governors: Vec::new(),
+            registry: None,
+        }
+    }
+
+    /// Name the registry of governors behind the routes, so status can show
+    /// where the throttle budget is kept.
+    pub fn with_registry(mut self, g: Arc<crate::transport::governor::Governors>) -> Router {
+        self.registry = Some(g);
+        self
+    }
+
+    /// The throttle for status and metrics: where the budget is kept
+    /// (`local`, `redis`, or `fallback` while Redis is unreachable) and the
+    /// figures of each upstream application's governor.
+    pub fn throttle(&self) -> serde_json::Value {
+        let Some(g) = &self.registry else {
+            return serde_json::json!({ "backend": "local", "applications": [] });
+        };
+        let apps: Vec<serde_json::Value> = g
+            .stats()
+            .into_iter()
+            .map(|(app, s)| serde_json::json!({ "application": app, "stats": s }))
+            .collect();
+        match g.shared_state() {
+            None => serde_json::json!({ "backend": "local", "applications": apps }),
+            Some(s) => serde_json::json!({
+                "backend": "redis",
+                "mode": s.mode,
+                "expected_instances": s.expected_instances,
+                "last_error": s.last_error,
+                "applications": apps,
+            }),
         }
     }
 

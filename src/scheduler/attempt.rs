@@ -11,13 +11,14 @@ use super::{
 use crate::spool::{Meta, RcptStatus};
 use crate::transport::{Body, Envelope};
 
-/// One delivery attempt. Returns the updated metadata and the retry delay,
-/// or `None` when the message left the queue.
-pub(super) async fn attempt(
-    s: &Scheduler,
-    mut meta: Meta,
-    born: Instant,
-) -> Option<(Meta, Duration)> {
+/// What is left of a message after an attempt: its updated metadata, the
+/// retry delay, and whether only throttling held it back (it then goes
+/// before newer mail).
+pub(super) type Again = (Meta, Duration, bool);
+
+/// One delivery attempt. Returns what to retry, or `None` when the message
+/// left the queue.
+pub(super) async fn attempt(s: &Scheduler, mut meta: Meta, born: Instant) -> Option<Again> {
     let spool = s.shared.spool.clone();
     let policy = s.policy();
     let id = meta.id.clone();
@@ -42,7 +43,7 @@ pub(super) async fn attempt(
         Ok(b) => b,
         Err(e) => {
             tracing::error!(id = %id, error = %e, "cannot read message body; will retry");
-            return Some((meta, policy.retry_max));
+            return Some((meta, policy.retry_max, false));
         }
     };
     // The Sender Name / Reply-to rewrite touches the header block only.
@@ -119,7 +120,8 @@ pub(super) async fn attempt(
         return None;
     }
     match next {
-        Next::Retry(delay) => {
+        Next::Retry(delay) | Next::Throttled(delay) => {
+            let throttled = matches!(next, Next::Throttled(_));
             meta.next_attempt = now_unix() + delay.as_secs();
             tracing::info!(id = %id, message_id = %message_id, retry_in_secs = delay.as_secs(), error = meta.last_error.as_deref().unwrap_or(""), "deferred");
             let m = meta.clone();
@@ -129,7 +131,7 @@ pub(super) async fn attempt(
                 Ok(Err(e)) => tracing::error!(id = %id, error = %e, "cannot update metadata"),
                 Err(e) => tracing::error!(id = %id, error = %e, "metadata writer failed"),
             }
-            Some((meta, delay))
+            Some((meta, delay, throttled))
         }
         Next::Done => {
             match dsn_decision(&meta) {
@@ -139,7 +141,7 @@ pub(super) async fn attempt(
                     } else if let Err(e) = queue_dsn(s, &meta, body.head(), &policy).await {
                         // Keep the message (all final) so the DSN is retried after a restart.
                         tracing::error!(id = %id, error = %e, "cannot queue DSN; keeping message");
-                        return Some((meta, policy.retry_max));
+                        return Some((meta, policy.retry_max, false));
                     }
                 }
                 Dsn::Undeliverable => {
@@ -156,7 +158,7 @@ pub(super) async fn attempt(
                         }
                         Err(e) => tracing::error!(id = %id, error = %e, "metadata writer failed"),
                     }
-                    return Some((meta, Duration::ZERO));
+                    return Some((meta, Duration::ZERO, false));
                 }
                 Dsn::NoSender => {
                     tracing::warn!(id = %id, "no DSN: the envelope sender is <>");

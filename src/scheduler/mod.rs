@@ -237,7 +237,9 @@ async fn run_loop(
 ) {
     let mut items: HashMap<String, Item> = HashMap::new();
     let mut due: BTreeSet<(Instant, String)> = BTreeSet::new();
-    let mut running: JoinSet<(String, Option<(Meta, Duration)>)> = JoinSet::new();
+    // Retries after throttling: dispatched when due, before `due`.
+    let mut urgent: BTreeSet<(Instant, String)> = BTreeSet::new();
+    let mut running: JoinSet<(String, Option<attempt::Again>)> = JoinSet::new();
     // Which message each attempt is for: a panicking attempt loses its
     // output, not its message.
     let mut tasks: HashMap<tokio::task::Id, String> = HashMap::new();
@@ -247,17 +249,25 @@ async fn run_loop(
     let mut dirty = true;
     let mut last_publish = Instant::now();
     loop {
-        // Dispatch everything due, up to the concurrency limit.
+        // Dispatch everything due, up to the concurrency limit; a message
+        // held back only by throttling goes when due even past the limit,
+        // so that mail which arrived after it cannot take its turn.
         let limit = sched.policy().concurrency.max(1);
         let now = Instant::now();
-        while running.len() < limit {
-            let Some((t, id)) = due.first().cloned() else {
-                break;
+        loop {
+            let (_, id) = match (urgent.first(), due.first()) {
+                (Some(u), _) if u.0 <= now => {
+                    let u = u.clone();
+                    urgent.remove(&u);
+                    u
+                }
+                (_, Some(d)) if d.0 <= now && running.len() < limit => {
+                    let d = d.clone();
+                    due.remove(&d);
+                    d
+                }
+                _ => break,
             };
-            if t > now {
-                break;
-            }
-            due.remove(&(t, id.clone()));
             let Some(item) = items.get_mut(&id) else {
                 continue;
             };
@@ -277,10 +287,14 @@ async fn run_loop(
             last_publish = Instant::now();
             dirty = false;
         }
-        let next = if running.len() < limit {
+        let next_due = if running.len() < limit {
             due.first().map(|(t, _)| *t)
         } else {
             None
+        };
+        let next = match (urgent.first().map(|(t, _)| *t), next_due) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
         };
         tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -297,6 +311,7 @@ async fn run_loop(
                     let born = born_instant(meta.received_at);
                     if let Some(old) = items.get(&meta.id) {
                         due.remove(&(old.due, meta.id.clone()));
+                        urgent.remove(&(old.due, meta.id.clone()));
                     }
                     if !meta.bounce_undeliverable {
                         due.insert((at, meta.id.clone()));
@@ -306,7 +321,7 @@ async fn run_loop(
                 Some(Cmd::RetryNow(id, reply)) => {
                     let found = match items.get_mut(&id) {
                         Some(item) => {
-                            retry_item(&id, item, &mut due);
+                            retry_item(&id, item, &mut due, &mut urgent);
                             true
                         }
                         None => false,
@@ -315,7 +330,7 @@ async fn run_loop(
                 }
                 Some(Cmd::RetryAll(reply)) => {
                     for (id, item) in items.iter_mut() {
-                        retry_item(id, item, &mut due);
+                        retry_item(id, item, &mut due, &mut urgent);
                     }
                     tracing::info!(messages = items.len(), "every queued message retried by operator");
                     let _ = reply.send(items.len());
@@ -331,6 +346,7 @@ async fn run_loop(
                             match tokio::task::spawn_blocking(move || spool.remove(&id2)).await {
                                 Ok(Ok(())) => {
                                     due.remove(&key);
+                                    urgent.remove(&key);
                                     items.remove(&id);
                                     tracing::info!(id = %id, "deleted by operator");
                                     Ok(true)
@@ -354,13 +370,17 @@ async fn run_loop(
                     }
                 }
                 match done.map(|(_, out)| out) {
-                    Ok((id, Some((meta, delay)))) => {
+                    Ok((id, Some((meta, delay, throttled)))) => {
                         if let Some(item) = items.get_mut(&id) {
                             item.in_flight = false;
                             item.due = later(delay);
                             // Held for the operator: not due again by itself.
                             if !meta.bounce_undeliverable {
-                                due.insert((item.due, id));
+                                if throttled {
+                                    urgent.insert((item.due, id));
+                                } else {
+                                    due.insert((item.due, id));
+                                }
                             }
                             item.meta = meta;
                         }
@@ -392,7 +412,12 @@ async fn run_loop(
 }
 
 /// Make `item` due now (the operator asked); one in flight is left alone.
-fn retry_item(id: &str, item: &mut Item, due: &mut BTreeSet<(Instant, String)>) {
+fn retry_item(
+    id: &str,
+    item: &mut Item,
+    due: &mut BTreeSet<(Instant, String)>,
+    urgent: &mut BTreeSet<(Instant, String)>,
+) {
     if item.in_flight {
         return;
     }
@@ -407,6 +432,7 @@ fn retry_item(id: &str, item: &mut Item, due: &mut BTreeSet<(Instant, String)>) 
         tracing::info!(id = %id, "undeliverable DSN retried by operator");
     }
     due.remove(&(item.due, id.to_string()));
+    urgent.remove(&(item.due, id.to_string()));
     item.due = Instant::now();
     due.insert((item.due, id.to_string()));
 }

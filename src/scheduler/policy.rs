@@ -102,6 +102,9 @@ impl Policy {
 pub enum Next {
     /// Some recipients are still pending: try again after this long.
     Retry(Duration),
+    /// Only the upstream's throttling kept them pending: try again after
+    /// the pause, before mail that arrived later.
+    Throttled(Duration),
     /// No recipient is pending any more.
     Done,
 }
@@ -212,7 +215,7 @@ pub fn apply(
     }
     if only_throttled {
         // First in line again as soon as the pause ends; no backoff.
-        return Next::Retry(wait.unwrap_or(THROTTLED_RETRY));
+        return Next::Throttled(wait.unwrap_or(THROTTLED_RETRY));
     }
     let backoff = policy.backoff(meta.attempts);
     Next::Retry(wait.map_or(backoff, |w| w.max(backoff)))
@@ -347,7 +350,7 @@ mod tests {
         for _ in 0..5 {
             assert_eq!(
                 apply(&mut m, &tried, &r, Duration::ZERO, &policy()),
-                Next::Retry(Duration::from_secs(3)),
+                Next::Throttled(Duration::from_secs(3)),
                 "exactly the pause, no backoff"
             );
         }
