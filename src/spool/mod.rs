@@ -52,6 +52,13 @@ pub enum SpoolError {
     Io(#[from] io::Error),
 }
 
+impl SpoolError {
+    /// A failed write of a message file (a full disk is [`SpoolError::Full`]).
+    pub fn from_write(e: io::Error) -> SpoolError {
+        spool_error(e)
+    }
+}
+
 /// An entry that could not be loaded at start, and where it went.
 #[derive(Debug, Clone)]
 pub struct Corrupt {
@@ -150,6 +157,8 @@ pub struct Spool {
     max_messages: usize,
     count: AtomicUsize,
     queue_sync: DirSync,
+    /// `queue/`, kept open for its fsyncs (saves an open and a close each).
+    queue_dir: File,
     _lock: SpoolLock,
 }
 
@@ -178,7 +187,7 @@ impl DirSync {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn sync(&self, dir: &Path) -> io::Result<()> {
+    fn sync(&self, dir: &File) -> io::Result<()> {
         let mut st = self.lock();
         st.issued += 1;
         let ticket = st.issued;
@@ -191,7 +200,7 @@ impl DirSync {
                 st.running = true;
                 let covers = st.issued;
                 drop(st);
-                let result = sync_dir(dir);
+                let result = dir.sync_all();
                 st = self.lock();
                 st.running = false;
                 if result.is_ok() {
@@ -216,17 +225,43 @@ fn sync_dir(dir: &Path) -> io::Result<()> {
 /// needed to read it back (size, blocks); the name becomes durable by the
 /// rename and the directory fsync that follow.
 fn write_synced(path: &Path, data: &[u8]) -> io::Result<()> {
+    let mut f = create_private(path)?;
+    f.write_all(data)?;
+    f.sync_data()
+}
+
+/// Create `path` new (`O_EXCL`, never through a symlink) with mode 0600.
+fn create_private(path: &Path) -> io::Result<File> {
     use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
-    let mut f = OpenOptions::new()
+    let f = OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(0o600)
         .custom_flags(libc::O_NOFOLLOW)
         .open(path)?;
-    // The umask may have taken bits away, never added: this only tightens.
-    f.set_permissions(fs::Permissions::from_mode(0o600))?;
-    f.write_all(data)?;
-    f.sync_data()
+    // A umask that takes the owner's bits away (never seen, but possible):
+    // put them back. The usual umask leaves 0600 alone, and the `fchmod` is
+    // saved (one syscall per file).
+    if umask_strips_owner_bits() {
+        f.set_permissions(fs::Permissions::from_mode(0o600))?;
+    }
+    Ok(f)
+}
+
+/// Whether the process umask removes read or write for the owner (read once
+/// from `/proc/self/status`; when that cannot be read, assume it does).
+fn umask_strips_owner_bits() -> bool {
+    static STRIPS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *STRIPS.get_or_init(|| {
+        let Ok(status) = fs::read_to_string("/proc/self/status") else {
+            return true;
+        };
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("Umask:"))
+            .and_then(|v| u32::from_str_radix(v.trim(), 8).ok())
+            .is_none_or(|mask| mask & 0o600 != 0)
+    })
 }
 
 /// Write `data` to `path` atomically: a temp file beside it, fsync, rename, fsync the directory.
@@ -247,6 +282,68 @@ fn is_disk_full(e: &io::Error) -> bool {
     matches!(e.raw_os_error(), Some(28) | Some(122)) // ENOSPC, EDQUOT
 }
 
+/// A failed write as the client will hear it: a full disk is "queue full".
+fn spool_error(e: io::Error) -> SpoolError {
+    if is_disk_full(&e) {
+        SpoolError::Full(e.to_string())
+    } else {
+        SpoolError::Io(e)
+    }
+}
+
+/// One message being written to `tmp/<id>.eml` as it arrives (see
+/// [`Spool::draft`]). The file is created at the first write; dropped
+/// without a successful [`Spool::commit`] (a refused message, a client gone
+/// mid-DATA, a write error), the temp file is removed.
+#[derive(Debug)]
+pub struct Draft {
+    id: String,
+    path: PathBuf,
+    file: Option<File>,
+    len: u64,
+}
+
+impl Draft {
+    /// The queue id.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// Bytes written so far.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// True before anything was written.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    fn file(&mut self) -> io::Result<&mut File> {
+        if self.file.is_none() {
+            self.file = Some(create_private(&self.path)?);
+        }
+        self.file
+            .as_mut()
+            .ok_or_else(|| io::Error::other("draft file not open"))
+    }
+
+    /// Append `bytes` (blocking: call it off the async runtime).
+    pub fn write(&mut self, bytes: &[u8]) -> io::Result<()> {
+        self.file()?.write_all(bytes)?;
+        self.len += bytes.len() as u64;
+        Ok(())
+    }
+}
+
+impl Drop for Draft {
+    fn drop(&mut self) {
+        if self.file.take().is_some() {
+            let _ = fs::remove_file(&self.path);
+        }
+    }
+}
+
 impl Spool {
     /// Open (creating if needed) the spool at `root`, load every committed
     /// entry, and move unreadable ones to `corrupt/`. Never fails because of
@@ -258,7 +355,10 @@ impl Spool {
     pub fn open(root: &Path, max_messages: usize) -> io::Result<(Spool, Vec<Meta>, Vec<Corrupt>)> {
         create_private_dir(root)?;
         let lock = lock(root, LOCK_WAIT)?;
+        let queue = root.join("queue");
+        create_private_dir(&queue)?;
         let spool = Spool {
+            queue_dir: File::open(&queue)?,
             root: root.to_path_buf(),
             queue: root.join("queue"),
             tmp: root.join("tmp"),
@@ -326,7 +426,13 @@ impl Spool {
                     }
                     Err(reason) => Some(reason),
                 },
-                "eml" if is_valid_id(stem) && names.contains(&format!("{stem}.json")) => None,
+                // `names` is sorted: a binary search, not a scan (100 000 entries).
+                "eml"
+                    if is_valid_id(stem)
+                        && names.binary_search(&format!("{stem}.json")).is_ok() =>
+                {
+                    None
+                }
                 "eml" => Some("body without metadata (never acknowledged)".to_string()),
                 _ => Some("unexpected file in queue".to_string()),
             };
@@ -370,41 +476,66 @@ impl Spool {
         }
     }
 
-    /// Store a new message durably. Returns only after the body and metadata
-    /// are fsynced, renamed into `queue/` and the directory is fsynced. On
-    /// error nothing is left behind.
+    /// A new message file for queue id `id` in `tmp/`, written as the
+    /// message arrives ([`Draft::write`]) and made durable by
+    /// [`Spool::commit`]. Nothing touches the disk before the first write.
+    pub fn draft(&self, id: &str) -> Draft {
+        Draft {
+            path: self.tmp.join(format!("{id}.eml")),
+            id: id.to_string(),
+            file: None,
+            len: 0,
+        }
+    }
+
+    /// Store a new message held in memory (a DSN, a test message): a
+    /// [`Draft`] with `body`, committed at once.
     pub fn store(&self, meta: &Meta, body: &[u8]) -> Result<(), SpoolError> {
+        let mut draft = self.draft(&meta.id);
+        let mut meta = meta.clone();
+        if let Err(e) = draft.write(body) {
+            return Err(spool_error(e));
+        }
+        self.commit(draft, &mut meta)
+    }
+
+    /// Make a written message durable: `meta.size` is set to the file's
+    /// length, the body and the metadata are fdatasynced, renamed into
+    /// `queue/` (metadata last: the commit point) and the directory is
+    /// fsynced (shared with concurrent commits). Returns only then; on error
+    /// nothing is left behind.
+    pub fn commit(&self, mut draft: Draft, meta: &mut Meta) -> Result<(), SpoolError> {
+        meta.size = draft.len;
         let reserved = self.count.fetch_add(1, Ordering::SeqCst);
         if reserved >= self.max_messages {
             self.count.fetch_sub(1, Ordering::SeqCst);
             return Err(SpoolError::Full(format!("{} messages queued", reserved)));
         }
-        let result = self.store_files(meta, body);
+        let result = self.commit_files(&mut draft, meta);
         if let Err(e) = result {
             self.count.fetch_sub(1, Ordering::SeqCst);
             let _ = fs::remove_file(self.meta_path(&meta.id));
             let _ = fs::remove_file(self.body_path(&meta.id));
-            let _ = fs::remove_file(self.tmp.join(format!("{}.eml", meta.id)));
             let _ = fs::remove_file(self.tmp.join(format!("{}.json", meta.id)));
-            return Err(if is_disk_full(&e) {
-                SpoolError::Full(e.to_string())
-            } else {
-                SpoolError::Io(e)
-            });
+            // Dropping the draft removes tmp/<id>.eml.
+            return Err(spool_error(e));
         }
         Ok(())
     }
 
-    fn store_files(&self, meta: &Meta, body: &[u8]) -> io::Result<()> {
-        debug_assert_eq!(meta.size, body.len() as u64);
+    fn commit_files(&self, draft: &mut Draft, meta: &Meta) -> io::Result<()> {
+        if draft.id != meta.id {
+            return Err(io::Error::other("draft and metadata name different ids"));
+        }
         let json = serde_json::to_vec_pretty(meta).map_err(io::Error::other)?;
-        let tmp_body = self.tmp.join(format!("{}.eml", meta.id));
         let tmp_meta = self.tmp.join(format!("{}.json", meta.id));
-        write_synced(&tmp_body, body)?;
+        draft.file()?.sync_data()?;
         write_synced(&tmp_meta, &json)?;
-        fs::rename(&tmp_body, self.body_path(&meta.id))?;
+        fs::rename(&draft.path, self.body_path(&meta.id))?;
+        // Renamed: no longer ours to remove when dropped.
+        draft.file = None;
         fs::rename(&tmp_meta, self.meta_path(&meta.id))?;
-        self.queue_sync.sync(&self.queue)
+        self.queue_sync.sync(&self.queue_dir)
     }
 
     /// Replace an entry's metadata atomically.
@@ -419,7 +550,7 @@ impl Spool {
             let _ = fs::remove_file(&tmp);
         }
         result?;
-        self.queue_sync.sync(&self.queue)
+        self.queue_sync.sync(&self.queue_dir)
     }
 
     /// Read a message body.
