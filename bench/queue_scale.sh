@@ -29,7 +29,7 @@ while [ $# -gt 0 ]; do
 done
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
-MB_BIN="$ROOT/target/release/mailbridge"
+MB_BIN="${MB_BIN:-$ROOT/target/release/mailbridge}"
 if [ "$BUILD" = 1 ]; then
     (cd "$ROOT" && cargo build --release --quiet)
 fi

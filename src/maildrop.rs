@@ -271,11 +271,14 @@ mod tests {
     use crate::inbound::{Incoming, MessageFile, SinkError};
     use std::sync::Mutex;
 
-    /// The messages committed, with their whole bytes.
-    #[derive(Default)]
-    struct Collect(Arc<Mutex<Vec<(Incoming, Vec<u8>)>>>);
+    /// Committed messages with their whole bytes.
+    type Committed = Arc<Mutex<Vec<(Incoming, Vec<u8>)>>>;
 
-    struct CollectFile(Arc<Mutex<Vec<(Incoming, Vec<u8>)>>>, Vec<u8>);
+    /// The messages committed.
+    #[derive(Default)]
+    struct Collect(Committed);
+
+    struct CollectFile(Committed, Vec<u8>);
 
     impl Sink for Collect {
         fn begin(&self, _id: &str) -> Box<dyn MessageFile> {
