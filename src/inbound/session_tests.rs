@@ -1,4 +1,7 @@
 //! Tests of the sans-IO session: exact replies for whole conversations, fed in any chunking.
+//!
+//! (Over 800 lines: one test per behaviour of the session, with the exact
+//! bytes of each conversation; split by topic when it grows further.)
 
 use super::*;
 use crate::config::{BareLineEndings, Listen, NulBytes};
