@@ -9,7 +9,8 @@
 # layout src/spool/mod.rs documents), every entry due in 50 minutes so the
 # scheduler loads them and attempts none. Then `mailbridge run` is started
 # and timed until its SMTP port accepts a connection; RSS (VmRSS, VmHWM) is
-# read from /proc right then and again 5 s later. Everything it starts is
+# read from /proc right then and again 5 s later.
+# "Listening" means the 220 greeting arrived. Everything it starts is
 # stopped by the EXIT trap; the temp dir is removed unless --keep.
 set -euo pipefail
 
@@ -82,7 +83,7 @@ sync
 
 cat > "$T/config.toml" <<CFG
 hostname = "bench.local"
-log_level = "warn"
+log_level = "info"
 [listen]
 address = "127.0.0.1:$PORT"
 [spool]
@@ -110,7 +111,15 @@ for _ in $(seq 600); do
     if ! kill -0 "$MB_PID" 2>/dev/null; then
         echo "mailbridge exited:"; tail -5 "$T/mailbridge.log"; exit 1
     fi
-    if python3 -c "import socket,sys; socket.create_connection(('127.0.0.1',$PORT),0.2).close()" 2>/dev/null; then
+    # Listening = the 220 greeting arrives (a bound socket alone accepts
+    # connections into its backlog before the server serves them).
+    if python3 -c "
+import socket
+s = socket.create_connection(('127.0.0.1', $PORT), 0.5)
+s.settimeout(0.5)
+assert s.recv(64).startswith(b'220')
+s.sendall(b'QUIT\r\n')
+s.close()" 2>/dev/null; then
         LISTEN=$(date +%s.%N); break
     fi
     sleep 0.02
@@ -121,6 +130,7 @@ RSS0=$(rss VmRSS); HWM0=$(rss VmHWM)
 sleep 5
 RSS5=$(rss VmRSS); HWM5=$(rss VmHWM)
 QUEUED=$(ls "$T/spool/queue" | grep -c '\.json$' || true)
+echo "log (first lines, with times):"; head -4 "$T/mailbridge.log" | cut -c1-160
 python3 - "$START" "$LISTEN" "$N" "$RSS0" "$HWM0" "$RSS5" "$HWM5" "$QUEUED" <<'PY'
 import sys
 start, listen = float(sys.argv[1]), float(sys.argv[2])
