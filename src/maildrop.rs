@@ -26,7 +26,7 @@ use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
 use crate::inbound::session::{Session, Step};
-use crate::inbound::{Settings, Sink};
+use crate::inbound::{BodyWriter, Settings, Sink};
 
 /// The envelope line at the top of a maildrop file.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -151,13 +151,14 @@ async fn submit(settings: &Arc<Settings>, sink: &dyn Sink, env: &Envelope, body:
     }
     // Dot-stuff and end the data.
     let mut data = crate::transport::smtp::data_form(body);
+    let mut file = BodyWriter::default();
     loop {
         match s.feed(&mut data) {
+            Step::Write => file.write(sink, &mut s).await,
             Step::Message(msg) => {
                 let _ = s.take_output();
                 let id = msg.id.clone();
-                let r = sink.accept(msg).await;
-                s.sink_result(r);
+                file.commit(sink, &mut s, msg).await;
                 let line = reply(&mut s);
                 return if line.starts_with("250") {
                     Outcome::Queued(id)
@@ -267,15 +268,36 @@ pub async fn watch(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::inbound::{Incoming, SinkError};
+    use crate::inbound::{Incoming, MessageFile, SinkError};
     use parking_lot::Mutex;
 
+    /// Committed messages with their whole bytes.
+    type Committed = Arc<Mutex<Vec<(Incoming, Vec<u8>)>>>;
+
+    /// The messages committed.
     #[derive(Default)]
-    struct Collect(Mutex<Vec<Incoming>>);
+    struct Collect(Committed);
+
+    struct CollectFile(Committed, Vec<u8>);
 
     impl Sink for Collect {
-        fn accept(&self, msg: Incoming) -> crate::common::BoxFuture<'_, Result<(), SinkError>> {
-            self.0.lock().push(msg);
+        fn begin(&self, _id: &str) -> Box<dyn MessageFile> {
+            Box::new(CollectFile(self.0.clone(), Vec::new()))
+        }
+    }
+
+    impl MessageFile for CollectFile {
+        fn write(&mut self, bytes: &[u8]) -> io::Result<()> {
+            self.1.extend_from_slice(bytes);
+            Ok(())
+        }
+        fn commit(
+            self: Box<Self>,
+            msg: Incoming,
+        ) -> crate::common::BoxFuture<'static, Result<(), SinkError>> {
+            let CollectFile(all, mut body) = *self;
+            body.extend_from_slice(&msg.tail);
+            all.lock().push((msg, body));
             Box::pin(async { Ok(()) })
         }
     }
@@ -315,8 +337,8 @@ mod tests {
         assert_eq!(out.len(), 3, "{out:?}");
         let got = sink.0.lock();
         assert_eq!(got.len(), 1);
-        assert_eq!(got[0].rcpts, vec!["a@example.com"]);
-        let body = String::from_utf8_lossy(&got[0].body);
+        assert_eq!(got[0].0.rcpts, vec!["a@example.com"]);
+        let body = String::from_utf8_lossy(&got[0].1);
         assert!(body.starts_with("Received: from maildrop"), "{body}");
         assert!(body.contains("\r\nSubject: one\r\n"), "{body}");
         assert!(

@@ -19,7 +19,7 @@ use tokio::sync::broadcast::error::RecvError;
 use tokio_util::sync::CancellationToken;
 
 use crate::common::BoxFuture;
-use crate::inbound::{Incoming, Sink, SinkError};
+use crate::inbound::{Incoming, MessageFile, Sink, SinkError};
 use crate::reload::Reloader;
 use crate::routing::RouteState;
 use crate::scheduler::{AttemptEvent, AttemptOutcome, Scheduler};
@@ -336,13 +336,33 @@ impl Sink for CountingSink {
         self.inner.refused(reason);
     }
 
-    fn accept(&self, msg: Incoming) -> BoxFuture<'_, Result<(), SinkError>> {
+    fn begin(&self, id: &str) -> Box<dyn MessageFile> {
+        Box::new(CountingFile {
+            inner: self.inner.begin(id),
+            metrics: self.metrics.clone(),
+        })
+    }
+}
+
+/// A message file of [`CountingSink`]: its commit is counted.
+struct CountingFile {
+    inner: Box<dyn MessageFile>,
+    metrics: Arc<Metrics>,
+}
+
+impl MessageFile for CountingFile {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        self.inner.write(bytes)
+    }
+
+    fn commit(self: Box<Self>, msg: Incoming) -> BoxFuture<'static, Result<(), SinkError>> {
+        let CountingFile { inner, metrics } = *self;
         Box::pin(async move {
-            let r = self.inner.accept(msg).await;
+            let r = inner.commit(msg).await;
             match &r {
-                Ok(()) => self.metrics.accepted(),
-                Err(SinkError::Full) => self.metrics.rejected("queue_full"),
-                Err(SinkError::Io) => self.metrics.rejected("spool_error"),
+                Ok(()) => metrics.accepted(),
+                Err(SinkError::Full) => metrics.rejected("queue_full"),
+                Err(SinkError::Io) => metrics.rejected("spool_error"),
             }
             r
         })

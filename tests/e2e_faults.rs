@@ -136,3 +136,92 @@ fn the_250_is_written_only_after_the_spool_is_synced() {
         &lines[body_sync.min(commit)..=reply].join("\n")
     );
 }
+
+/// Start DATA on `addr`, send `bytes` of body and return the socket (the
+/// caller drops it, or ends the data).
+fn start_data(addr: std::net::SocketAddr, bytes: &[u8]) -> std::net::TcpStream {
+    use std::io::{BufRead, BufReader, Write};
+    let mut s = std::net::TcpStream::connect(addr).expect("connect");
+    s.set_read_timeout(Some(std::time::Duration::from_secs(30)))
+        .unwrap();
+    let mut r = BufReader::new(s.try_clone().unwrap());
+    let mut line = String::new();
+    let mut expect = |r: &mut BufReader<std::net::TcpStream>, code: &str| loop {
+        line.clear();
+        r.read_line(&mut line).unwrap();
+        assert!(line.starts_with(code), "{line}");
+        if line.as_bytes().get(3) == Some(&b' ') {
+            break;
+        }
+    };
+    expect(&mut r, "220");
+    for (cmd, code) in [
+        ("EHLO c\r\n", "250"),
+        ("MAIL FROM:<app@legacy.local>\r\n", "250"),
+        ("RCPT TO:<a@example.com>\r\n", "250"),
+        ("DATA\r\n", "354"),
+    ] {
+        s.write_all(cmd.as_bytes()).unwrap();
+        expect(&mut r, code);
+    }
+    s.write_all(bytes).unwrap();
+    s
+}
+
+/// The final reply after the data on `s` (which ended in CRLF).
+fn end_data(mut s: std::net::TcpStream) -> String {
+    use std::io::{BufRead, BufReader, Write};
+    s.write_all(b".\r\n").unwrap();
+    let mut line = String::new();
+    BufReader::new(s).read_line(&mut line).unwrap();
+    line
+}
+
+/// DATA goes to `spool/tmp` as it arrives: a 3 MB message is queued byte
+/// for byte; a client that disconnects mid-DATA, and a message over the
+/// size limit, leave nothing in `tmp/` or `queue/`.
+#[test]
+fn streamed_data_is_queued_whole_and_a_cut_or_refused_one_leaves_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(
+        dir.path(),
+        "protocol = \"smtp\"\nserver = \"127.0.0.1:9\"\ntls = false\ntimeout_secs = 1",
+    );
+    let text = std::fs::read_to_string(&cfg).unwrap().replacen(
+        "[listen]\n",
+        "[listen]\nmax_message_size = 4000000\n",
+        1,
+    );
+    std::fs::write(&cfg, text).unwrap();
+    let d = Daemon::start(dir.path());
+    let line = format!("{}\r\n", "z".repeat(998));
+    let body: String = format!("Subject: big\r\n\r\n{}", line.repeat(3000));
+
+    let r = end_data(start_data(d.smtp, body.as_bytes()));
+    assert!(r.starts_with("250 2.0.0 Ok: queued as "), "{r}");
+    let id = r.trim_end().rsplit(' ').next().unwrap().to_string();
+    assert_eq!(spool_files(&d), 2);
+    let queued = std::fs::read(d.dir.join(format!("spool/queue/{id}.eml"))).unwrap();
+    let text = String::from_utf8(queued).unwrap();
+    assert!(text.starts_with("Received: from c "), "{}", &text[..200]);
+    let at = text.find("Subject: big\r\n").expect("the header kept");
+    let header_and_body = &text[at..];
+    assert!(
+        header_and_body.contains("\r\nMessage-ID: <") && header_and_body.contains("\r\nDate: "),
+        "fields added before the empty line"
+    );
+    assert!(
+        header_and_body.ends_with(&format!("\r\n\r\n{}", line.repeat(3000))),
+        "body changed"
+    );
+
+    // Gone mid-DATA after 1 MB (well past the session's buffer, so the
+    // temp file exists): nothing stays.
+    drop(start_data(d.smtp, line.repeat(1000).as_bytes()));
+    assert_eq!(spool_files(&d), 2, "a cut message left an entry");
+
+    // Over the limit: 552 at the end, nothing stays, the session goes on.
+    let r = end_data(start_data(d.smtp, line.repeat(4100).as_bytes()));
+    assert!(r.starts_with("552 5.3.4"), "{r}");
+    assert_eq!(spool_files(&d), 2);
+}

@@ -736,3 +736,35 @@ async fn implicit_tls_without_certificate_returns() {
         .expect("returned at once")
         .unwrap();
 }
+
+/// A 30 MB message over a real socket: the listener hands it to the message
+/// file in writes no larger than the session's buffer (plus a line), so its
+/// memory does not grow with the message, and every byte arrives.
+#[tokio::test]
+async fn a_large_message_is_written_in_bounded_pieces() {
+    let srv = start(Listen {
+        max_message_size: 40_000_000,
+        ..listen()
+    })
+    .await;
+    let mut c = Client::connect(srv.addr).await;
+    c.start_data(40_000_000).await;
+    let line = format!("{}\r\n", "q".repeat(998));
+    c.send("Subject: large\r\n\r\n").await;
+    let chunk = line.repeat(1000);
+    for _ in 0..30 {
+        c.send(&chunk).await;
+    }
+    c.send(".\r\n").await;
+    let reply = c.line().await;
+    assert!(reply.starts_with("250 2.0.0 Ok: queued as "), "{reply}");
+    let msgs = srv.sink.msgs();
+    assert_eq!(msgs.len(), 1);
+    let body = &msgs[0].body;
+    let want_tail = [b"\r\n\r\n".as_slice(), chunk.repeat(30).as_bytes()].concat();
+    assert!(body.ends_with(&want_tail), "body changed");
+    let cap = mailbridge::inbound::receiving::BODY_BUFFER;
+    let widest = srv.sink.widest_write();
+    assert!(widest <= cap + 1000, "a write of {widest} bytes");
+    assert!(widest >= cap / 2, "written in pieces of {widest} bytes?");
+}

@@ -20,8 +20,9 @@ const POOL: [&str; 6] = [
 fn spooled(raw: &[u8]) -> Option<Vec<u8>> {
     let input = [raw, b"\r\n.\r\n"].concat();
     let mut r = DataReader::new(1 << 20, BareLineEndings::Normalize).with_nul_bytes(NulBytes::Strip);
-    match r.feed(&input) {
-        (_, Some(DataOutcome::Complete(body))) => Some(body),
+    let mut body = Vec::new();
+    match r.feed(&input, &mut body, usize::MAX) {
+        (_, Some(DataOutcome::Complete)) => Some(body),
         _ => None,
     }
 }

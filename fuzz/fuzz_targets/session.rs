@@ -80,13 +80,20 @@ fuzz_target!(|data: &[u8]| {
     let mut chunks = input.chunks(step);
     let mut buf = Vec::new();
     let mut out = Vec::new();
+    let mut file = Vec::new();
     for _ in 0..100_000 {
         let st = s.feed(&mut buf);
         out.extend_from_slice(&s.take_output());
+        if !s.in_data() && !matches!(st, Step::Message(_)) {
+            file.clear();
+        }
         match st {
             Step::Close => break,
+            Step::Write => file.extend_from_slice(&s.take_body(Vec::new())),
             Step::Message(m) => {
-                assert!(canonical(&m.body));
+                file.extend_from_slice(&m.tail);
+                assert!(canonical(&file));
+                file.clear();
                 assert!(!m.rcpts.is_empty());
                 s.sink_result(Ok(()));
             }

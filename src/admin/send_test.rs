@@ -11,6 +11,7 @@ use serde_json::json;
 use tokio::sync::broadcast::error::RecvError;
 
 use super::{Ctx, error, unauthorized};
+use crate::scheduler::submit::Submission;
 use crate::scheduler::{AttemptEvent, AttemptOutcome};
 use crate::spool::{Meta, SpoolError};
 
@@ -75,22 +76,19 @@ pub(crate) async fn send_sample(ctx: &Ctx, to: &str) -> Result<SampleResult, (St
     let scheduler = ctx.admin.scheduler.clone();
     // Subscribe before the message can be attempted, so no event is missed.
     let mut events = scheduler.subscribe();
-    let spool = scheduler.spool().clone();
-    let m = meta.clone();
     let internal = |e: String| (StatusCode::INTERNAL_SERVER_ERROR, e);
-    match tokio::task::spawn_blocking(move || spool.store(&m, &message)).await {
-        Ok(Ok(())) => {}
-        Ok(Err(SpoolError::Full(why))) => {
+    let sub = Submission::in_memory(&scheduler, meta, message);
+    match scheduler.submit(sub).await {
+        Ok(_) => {}
+        Err(SpoolError::Full(why)) => {
             return Err((
                 StatusCode::SERVICE_UNAVAILABLE,
                 format!("queue full: {why}"),
             ));
         }
-        Ok(Err(e)) => return Err(internal(e.to_string())),
         Err(e) => return Err(internal(e.to_string())),
     }
     tracing::info!(id = %id, to = %crate::text::for_log(&to), "queued sample mail");
-    scheduler.enqueue(meta);
     let wait = x.send_test_wait;
     let first = tokio::time::timeout(wait, async {
         loop {

@@ -25,7 +25,9 @@ pub fn sync_dir(dir: &Path) -> io::Result<()> {
 /// needed to read it back (size, blocks); the name becomes durable by the
 /// rename and the directory fsync that follow.
 pub fn write_synced(path: &Path, data: &[u8]) -> io::Result<()> {
-    write_synced_with(path, |w| w.write_all(data))
+    let mut f = create_private(path)?;
+    f.write_all(data)?;
+    f.sync_data()
 }
 
 /// Like [`write_synced`], with the content written by `fill` (through a
@@ -34,6 +36,14 @@ pub fn write_synced_with(
     path: &Path,
     fill: impl FnOnce(&mut dyn Write) -> io::Result<()>,
 ) -> io::Result<()> {
+    let mut w = io::BufWriter::with_capacity(64 * 1024, create_private(path)?);
+    fill(&mut w)?;
+    let f = w.into_inner().map_err(|e| e.into_error())?;
+    f.sync_data()
+}
+
+/// Create `path` new (`O_EXCL`, never through a symlink) with mode 0600.
+pub fn create_private(path: &Path) -> io::Result<File> {
     use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
     let f = OpenOptions::new()
         .write(true)
@@ -41,12 +51,29 @@ pub fn write_synced_with(
         .mode(0o600)
         .custom_flags(libc::O_NOFOLLOW)
         .open(path)?;
-    // The umask may have taken bits away, never added: this only tightens.
-    f.set_permissions(fs::Permissions::from_mode(0o600))?;
-    let mut w = io::BufWriter::with_capacity(64 * 1024, f);
-    fill(&mut w)?;
-    let f = w.into_inner().map_err(|e| e.into_error())?;
-    f.sync_data()
+    // A umask that takes the owner's bits away (never seen, but possible):
+    // put them back. The usual umask leaves 0600 alone, and the `fchmod` is
+    // saved (one syscall per file).
+    if umask_strips_owner_bits() {
+        f.set_permissions(fs::Permissions::from_mode(0o600))?;
+    }
+    Ok(f)
+}
+
+/// Whether the process umask removes read or write for the owner (read once
+/// from `/proc/self/status`; when that cannot be read, assume it does).
+fn umask_strips_owner_bits() -> bool {
+    static STRIPS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *STRIPS.get_or_init(|| {
+        let Ok(status) = fs::read_to_string("/proc/self/status") else {
+            return true;
+        };
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("Umask:"))
+            .and_then(|v| u32::from_str_radix(v.trim(), 8).ok())
+            .is_none_or(|mask| mask & 0o600 != 0)
+    })
 }
 
 /// Write `data` to `path` atomically: a temp file beside it, fsync, rename, fsync the directory.

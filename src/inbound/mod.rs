@@ -1,9 +1,11 @@
 //! Inbound SMTP: the listener legacy applications send mail to, a sans-IO session over a sans-IO parser and DATA reader, and the `Sink` that makes accepted mail durable.
 //!
 //! Layout, after mini-redis: [`serve`] is the listener (connection limit,
-//! graceful shutdown), `connection` drives one socket (reads, writes,
-//! timeouts) and [`session::Session`] decides everything SMTP without doing
-//! any I/O, over [`parser`] (command lines) and [`data`] (the message).
+//! graceful shutdown), `Connection` drives one socket (reads, writes,
+//! timeouts, the message file) and [`session::Session`] decides everything
+//! SMTP without doing any I/O, over [`parser`] (command lines), [`data`]
+//! (the DATA reader and header scan) and [`receiving`] (the message's
+//! bounded buffer).
 //!
 //! Decisions worth knowing:
 //!
@@ -20,7 +22,12 @@
 //!   ends a message, so nothing can be smuggled past this relay.
 //! - A NUL byte in DATA is refused with `550 5.6.0` by default or removed
 //!   (`listen.nul_bytes = "strip"`); it is never forwarded upstream.
-//! - The `250` after DATA is written only once [`Sink::accept`] returned `Ok`.
+//! - DATA streams to the spool: the session holds at most
+//!   [`receiving::BODY_BUFFER`] bytes of a message; the driver appends them to
+//!   the message's file ([`Sink::begin`]) as they come. The `250` after DATA
+//!   is written only once [`MessageFile::commit`] returned `Ok`; a refused
+//!   message, a write error or a client gone mid-DATA drops the file (its
+//!   temp file is removed).
 //! - Text lines longer than 1000 octets (RFC 5321 §4.5.3.1.6) are accepted
 //!   and passed on unchanged, never truncated or folded: only the total
 //!   size is limited (`552 5.3.4`). Refusing them would turn away the
@@ -37,6 +44,7 @@ pub mod access;
 pub mod auth;
 pub mod data;
 pub mod parser;
+pub mod receiving;
 pub mod session;
 pub mod tls;
 
@@ -55,7 +63,7 @@ use tokio_util::task::TaskTracker;
 use session::{Session, Step};
 use tls::Stream;
 
-/// A message the session accepted; the sink makes it durable.
+/// A message the session accepted; its file makes it durable.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Incoming {
     /// Queue id from [`crate::spool::new_id`], also used in `Received:` and the `250` reply.
@@ -64,9 +72,11 @@ pub struct Incoming {
     pub from: String,
     /// Envelope recipients, in order, without duplicates.
     pub rcpts: Vec<String>,
-    /// Canonical message: CRLF only, dot-unstuffed, `Received:` prepended,
+    /// The last bytes of the message, not yet written to its file (at most
+    /// [`receiving::BODY_BUFFER`] and a few). The whole message, as written,
+    /// is canonical: CRLF only, dot-unstuffed, `Received:` on top,
     /// `Message-ID:`/`Date:` added when missing.
-    pub body: Vec<u8>,
+    pub tail: Vec<u8>,
     /// The client's address.
     pub client: SocketAddr,
     /// The HELO/EHLO name the client gave.
@@ -93,16 +103,101 @@ pub enum SinkError {
     Io,
 }
 
-/// Where accepted messages go (the spool). `accept` must return only once the
-/// message is on stable storage: its `Ok` is what the client's `250` promises.
+impl SinkError {
+    /// A failed write: a full disk (or quota) is [`SinkError::Full`].
+    pub fn from_io(e: &std::io::Error) -> SinkError {
+        match e.raw_os_error() {
+            Some(libc::ENOSPC) | Some(libc::EDQUOT) => SinkError::Full,
+            _ => SinkError::Io,
+        }
+    }
+}
+
+/// Where accepted messages go (the spool).
 pub trait Sink: Send + Sync + 'static {
-    /// Store `msg` durably.
-    fn accept(&self, msg: Incoming) -> crate::common::BoxFuture<'_, Result<(), SinkError>>;
+    /// The file for message `id`'s bytes while it arrives (nothing touches
+    /// the disk yet).
+    fn begin(&self, id: &str) -> Box<dyn MessageFile>;
 
     /// The session refused a client, sender, recipient or message, for the
     /// short `reason` given (e.g. `relay_denied`); for metrics.
     fn refused(&self, reason: &'static str) {
         let _ = reason;
+    }
+}
+
+/// One message's file while it arrives. Dropped without a successful
+/// [`commit`](Self::commit), nothing of it stays.
+pub trait MessageFile: Send + 'static {
+    /// Append bytes (blocking I/O: the driver calls it on a blocking thread).
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<()>;
+    /// Append `msg.tail` and make the message durable and queued. Must
+    /// return only once it is on stable storage: its `Ok` is what the
+    /// client's `250` promises.
+    fn commit(
+        self: Box<Self>,
+        msg: Incoming,
+    ) -> crate::common::BoxFuture<'static, Result<(), SinkError>>;
+}
+
+/// The driver's half of DATA streaming, for the listener and the maildrop
+/// importer: the file of the message in DATA and the spare buffer.
+#[derive(Default)]
+pub struct BodyWriter {
+    file: Option<Box<dyn MessageFile>>,
+    spare: Vec<u8>,
+}
+
+impl BodyWriter {
+    /// After [`Step::Write`]: append the session's bytes to the message's
+    /// file (created at the first write), on a blocking thread.
+    pub async fn write(&mut self, sink: &dyn Sink, session: &mut Session) {
+        let Some(id) = session.data_id() else {
+            return;
+        };
+        let mut file = match self.file.take() {
+            Some(f) => f,
+            None => sink.begin(id),
+        };
+        let buf = session.take_body(std::mem::take(&mut self.spare));
+        let written = tokio::task::spawn_blocking(move || {
+            let r = file.write(&buf);
+            (file, buf, r)
+        })
+        .await;
+        match written {
+            Ok((file, buf, Ok(()))) => {
+                self.file = Some(file);
+                self.spare = buf;
+            }
+            Ok((_, buf, Err(e))) => {
+                tracing::error!(error = %e, "inbound: cannot write the message file");
+                self.spare = buf;
+                session.write_failed(SinkError::from_io(&e));
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "inbound: message writer failed");
+                session.write_failed(SinkError::Io);
+            }
+        }
+    }
+
+    /// After [`Step::Message`]: commit the message and tell the session.
+    pub async fn commit(&mut self, sink: &dyn Sink, session: &mut Session, msg: Incoming) {
+        let file = match self.file.take() {
+            Some(f) => f,
+            None => sink.begin(&msg.id),
+        };
+        // The file logs the outcome (queued / refused) with the queue id.
+        let result = file.commit(msg).await;
+        session.sink_result(result);
+    }
+
+    /// After any other step: a file whose message was refused goes.
+    pub fn settle(&mut self, session: &Session) {
+        if self.file.is_some() && !session.in_data() {
+            self.file = None;
+        }
     }
 }
 
@@ -401,8 +496,12 @@ impl Connection {
         let mut chunk = vec![0u8; READ_CHUNK];
         // The DATA timeout covers the whole transfer, not each read.
         let mut data_deadline: Option<Instant> = None;
+        let mut body = BodyWriter::default();
         loop {
             let step = session.feed(&mut input);
+            if !matches!(step, Step::Message(_)) {
+                body.settle(session);
+            }
             if matches!(step, Step::Close) {
                 // Free the slots before the client can read the last reply
                 // (221, 421): a client that saw this session end may connect
@@ -424,11 +523,8 @@ impl Connection {
             }
             match step {
                 Step::Close => break,
-                Step::Message(msg) => {
-                    // The sink logs the outcome (queued / refused) with the queue id.
-                    let result = self.sink.accept(msg).await;
-                    session.sink_result(result);
-                }
+                Step::Write => body.write(self.sink.as_ref(), session).await,
+                Step::Message(msg) => body.commit(self.sink.as_ref(), session, msg).await,
                 Step::StartTls => {
                     // The session dropped what was pipelined; so must we.
                     input.clear();

@@ -1,5 +1,8 @@
 //! Sans-IO SMTP session state machine: bytes in, replies and steps out; `serve` does the I/O.
 //!
+//! (Over 800 lines: the whole SMTP state machine stays in one file so every
+//! transition can be read in one place; its tests are in `session_tests.rs`.)
+//!
 //! The driver owns the input buffer and the socket. It calls [`Session::feed`]
 //! with everything received so far; the session consumes every complete
 //! command in order (pipelining, RFC 2920), queues the replies in
@@ -30,8 +33,9 @@ use std::sync::Arc;
 
 use super::access;
 use super::auth::{self, Mechanism};
-use super::data::{self, DataOutcome, DataReader};
+use super::data::{DataOutcome, DataReader};
 use super::parser::{self, Command, Line, ParseError, Role};
+use super::receiving::Receiving;
 use super::{Incoming, Settings, SinkError};
 use crate::common::Secret;
 use crate::text::for_log;
@@ -41,6 +45,11 @@ use crate::text::for_log;
 pub enum Step {
     /// All complete input is consumed: write the queued replies, then read more.
     NeedInput,
+    /// Bytes of the message in DATA are ready (the session's buffer is
+    /// full): write the queued replies, append [`Session::take_body`] to the
+    /// message's file for [`Session::data_id`] (or report
+    /// [`Session::write_failed`]), then feed again.
+    Write,
     /// A message is complete: write the queued replies, give it to the sink
     /// and report the result with [`Session::sink_result`] before feeding again.
     Message(Incoming),
@@ -68,7 +77,7 @@ enum Phase {
     /// Reading command lines.
     Command,
     /// Reading the message after `354`.
-    Data(DataReader),
+    Data(Box<Receiving>),
     /// A message was handed to the driver; waiting for the sink's answer.
     Sink { id: String },
     /// Reading an AUTH continuation line after a `334`.
@@ -128,6 +137,8 @@ pub struct Session {
     out: Vec<u8>,
     new_id: IdSource,
     now: Clock,
+    /// The most message bytes this session ever held at once.
+    body_high_water: usize,
 }
 
 impl std::fmt::Debug for Session {
@@ -176,6 +187,7 @@ impl Session {
             out: Vec::new(),
             new_id,
             now,
+            body_high_water: 0,
         };
         s.loopback = (s.settings.loopback)(client.ip());
         if !access::client_allowed(&s.settings.listen.allow_clients, client.ip()) {
@@ -261,21 +273,20 @@ impl Session {
     /// With a binding, every address in the message's `From:` must be the
     /// bound one, and there may be at most one `From:` field. A message
     /// without `From:` passes (the upstream sends it as the mailbox).
-    fn check_from_header(&self, body: &[u8]) -> Result<(), &'static str> {
+    fn check_from_header(&self, info: &super::data::HeaderInfo) -> Result<(), &'static str> {
         let Some(own) = self.bound_address() else {
             return Ok(());
         };
-        let (fields, _) = crate::message::fields(body);
-        let froms = fields
-            .iter()
-            .filter(|f| f.name.eq_ignore_ascii_case("From"))
-            .count();
-        match froms {
+        match info.froms {
             0 => return Ok(()),
             1 => {}
             _ => return Err("more than one From: field"),
         }
-        let Some(parsed) = mail_parser::MessageParser::default().parse_headers(body) else {
+        if info.from_too_long {
+            return Err("From: field too long");
+        }
+        let field = [&info.from[..], b"\r\n"].concat();
+        let Some(parsed) = mail_parser::MessageParser::default().parse_headers(&field) else {
             return Err("unreadable header");
         };
         let Some(from) = parsed.from() else {
@@ -304,6 +315,38 @@ impl Session {
     /// a shutdown lets it finish).
     pub fn in_data(&self) -> bool {
         matches!(self.phase, Phase::Data(_))
+    }
+
+    /// The queue id of the message in DATA, if one is.
+    pub fn data_id(&self) -> Option<&str> {
+        match &self.phase {
+            Phase::Data(rx) => Some(&rx.id),
+            _ => None,
+        }
+    }
+
+    /// After [`Step::Write`]: the message bytes to append now, in exchange
+    /// for `spare` (the buffer the last call returned, once written and
+    /// emptied; `Vec::new()` the first time).
+    pub fn take_body(&mut self, spare: Vec<u8>) -> Vec<u8> {
+        match &mut self.phase {
+            Phase::Data(rx) => rx.take(spare),
+            _ => Vec::new(),
+        }
+    }
+
+    /// The message's bytes could not be written: the rest of the data is
+    /// read and discarded, then the message is refused with `why`'s reply.
+    pub fn write_failed(&mut self, why: SinkError) {
+        if let Phase::Data(rx) = &mut self.phase {
+            rx.failed = Some(why);
+        }
+    }
+
+    /// The most bytes of a message this session held at once (at most
+    /// [`super::receiving::BODY_BUFFER`] and a few, whatever the size).
+    pub fn body_high_water(&self) -> usize {
+        self.body_high_water
     }
 
     /// Whether the session has ended.
@@ -359,10 +402,13 @@ impl Session {
                         }
                     }
                 }
-                Phase::Data(reader) => {
-                    let (n, outcome) = reader.feed(&input[pos..]);
+                Phase::Data(rx) => {
+                    let (n, outcome) = rx.feed(&input[pos..]);
                     pos += n;
+                    self.body_high_water = self.body_high_water.max(rx.high_water);
                     match outcome {
+                        None if rx.full() => break Step::Write,
+                        None if pos < input.len() => {}
                         None => break Step::NeedInput,
                         Some(outcome) => {
                             if let Some(msg) = self.data_done(outcome) {
@@ -686,10 +732,19 @@ impl Session {
                     self.error("503 5.5.1 Error: need RCPT command");
                     return None;
                 }
-                self.phase = Phase::Data(
-                    DataReader::new(limits.max_message_size, limits.bare_line_endings)
-                        .with_nul_bytes(limits.nul_bytes),
-                );
+                let reader = DataReader::new(limits.max_message_size, limits.bare_line_endings)
+                    .with_nul_bytes(limits.nul_bytes);
+                let id = (self.new_id)();
+                let date = (self.now)().to_rfc2822();
+                let received = self.received_field(&id, &date);
+                let message_id = format!("<{id}@{}>", self.settings.hostname);
+                self.phase = Phase::Data(Box::new(Receiving::new(
+                    id,
+                    reader,
+                    received.as_bytes(),
+                    message_id,
+                    date,
+                )));
                 self.reply("354 End data with <CR><LF>.<CR><LF>");
             }
             Command::Rset => {
@@ -711,61 +766,10 @@ impl Session {
         None
     }
 
-    /// The DATA transfer ended: a message for the sink, or an error reply.
-    fn data_done(&mut self, outcome: DataOutcome) -> Option<Incoming> {
-        self.phase = Phase::Command;
-        // Whatever happens, the transaction is over (RFC 5321 §4.1.1.4).
-        let Some(tx) = self.tx.take() else {
-            // Unreachable: DATA needs a transaction. Answer rather than hang.
-            self.reply("451 4.3.0 Error: no transaction");
-            return None;
-        };
-        let body = match outcome {
-            DataOutcome::Complete(body) => body,
-            DataOutcome::TooBig => {
-                self.refusals.push("too_big");
-                self.reply(REPLY_TOO_BIG);
-                return None;
-            }
-            DataOutcome::BareLineEnding => {
-                self.refusals.push("bare_line_ending");
-                self.reply("550 5.6.11 Bare CR or LF not allowed; use CRLF line endings");
-                return None;
-            }
-            DataOutcome::NulByte => {
-                self.refusals.push("nul_byte");
-                self.reply(REPLY_NUL);
-                return None;
-            }
-        };
-        let info = data::scan_headers(&body);
-        if info.received > self.settings.listen.max_received_headers {
-            self.refusals.push("mail_loop");
-            self.reply("554 5.4.6 Too many hops (mail loop)");
-            return None;
-        }
-        if let Err(why) = self.check_from_header(&body) {
-            tracing::warn!(client = %self.client, user = %for_log(self.auth_user.as_deref().unwrap_or("")), reason = why, "inbound: From: not owned by the authenticated user");
-            self.refusals.push("from_not_owned");
-            self.reply("550 5.7.1 From: header not owned by the authenticated user");
-            return None;
-        }
-        let id = (self.new_id)();
-        let date = (self.now)().to_rfc2822();
+    /// The `Received:` field (CRLF included) for message `id` at `date`.
+    fn received_field(&self, id: &str, date: &str) -> String {
         let host = &self.settings.hostname;
         let (helo, esmtp) = self.helo.clone().unwrap_or_default();
-        let mut added = String::new();
-        let message_id = match info.message_id.clone() {
-            Some(existing) => existing,
-            None => {
-                let value = format!("<{id}@{host}>");
-                added.push_str(&format!("Message-ID: {value}\r\n"));
-                value
-            }
-        };
-        if !info.has_date {
-            added.push_str(&format!("Date: {date}\r\n"));
-        }
         let ip = match self.client.ip().to_canonical() {
             std::net::IpAddr::V4(v4) => v4.to_string(),
             std::net::IpAddr::V6(v6) => format!("IPv6:{v6}"),
@@ -782,17 +786,68 @@ impl Session {
         let mut received = format!(
             "Received: from {helo} ([{ip}])\r\n\tby {host} (mailbridge) with {with} id {id}"
         );
-        if let [rcpt] = tx.rcpts.as_slice() {
+        if let Some([rcpt]) = self.tx.as_ref().map(|tx| tx.rcpts.as_slice()) {
             received.push_str(&format!("\r\n\tfor <{rcpt}>"));
         }
         received.push_str(&format!("; {date}\r\n"));
-        let body = data::assemble(&body, &info, received.as_bytes(), added.as_bytes());
+        received
+    }
+
+    /// The DATA transfer ended: a message for the sink, or an error reply.
+    fn data_done(&mut self, outcome: DataOutcome) -> Option<Incoming> {
+        let Phase::Data(rx) = std::mem::replace(&mut self.phase, Phase::Command) else {
+            return None;
+        };
+        // Whatever happens, the transaction is over (RFC 5321 §4.1.1.4).
+        let Some(tx) = self.tx.take() else {
+            // Unreachable: DATA needs a transaction. Answer rather than hang.
+            self.reply("451 4.3.0 Error: no transaction");
+            return None;
+        };
+        match outcome {
+            DataOutcome::Complete => {}
+            DataOutcome::TooBig => {
+                self.refusals.push("too_big");
+                self.reply(REPLY_TOO_BIG);
+                return None;
+            }
+            DataOutcome::BareLineEnding => {
+                self.refusals.push("bare_line_ending");
+                self.reply("550 5.6.11 Bare CR or LF not allowed; use CRLF line endings");
+                return None;
+            }
+            DataOutcome::NulByte => {
+                self.refusals.push("nul_byte");
+                self.reply(REPLY_NUL);
+                return None;
+            }
+        }
+        if let Some(why) = rx.failed {
+            self.phase = Phase::Sink { id: rx.id.clone() };
+            self.sink_result(Err(why));
+            return None;
+        }
+        let info = rx.info();
+        if info.received > self.settings.listen.max_received_headers {
+            self.refusals.push("mail_loop");
+            self.reply("554 5.4.6 Too many hops (mail loop)");
+            return None;
+        }
+        if let Err(why) = self.check_from_header(info) {
+            tracing::warn!(client = %self.client, user = %for_log(self.auth_user.as_deref().unwrap_or("")), reason = why, "inbound: From: not owned by the authenticated user");
+            self.refusals.push("from_not_owned");
+            self.reply("550 5.7.1 From: header not owned by the authenticated user");
+            return None;
+        }
+        let message_id = rx.final_message_id.clone().unwrap_or_default();
+        let id = rx.id.clone();
+        let (helo, _) = self.helo.clone().unwrap_or_default();
         self.phase = Phase::Sink { id: id.clone() };
         Some(Incoming {
             id,
             from: tx.from,
             rcpts: tx.rcpts,
-            body,
+            tail: rx.into_tail(),
             client: self.client,
             helo,
             message_id: Some(for_log(&message_id).into_owned()),

@@ -1,4 +1,7 @@
 //! Tests of the sans-IO session: exact replies for whole conversations, fed in any chunking.
+//!
+//! (Over 800 lines: one test per behaviour of the session, with the exact
+//! bytes of each conversation; split by topic when it grows further.)
 
 use super::*;
 use crate::config::{BareLineEndings, Listen, NulBytes};
@@ -37,10 +40,24 @@ fn session_for(settings: Settings, client: SocketAddr) -> Session {
     Session::with_sources(settings, client, ids, clock)
 }
 
+/// A message the driver committed, with all its bytes.
+#[derive(Debug, PartialEq, Eq)]
+struct Got {
+    msg: Incoming,
+    body: Vec<u8>,
+}
+
+impl std::ops::Deref for Got {
+    type Target = Incoming;
+    fn deref(&self) -> &Incoming {
+        &self.msg
+    }
+}
+
 /// What a driver would see: all output, the messages, and whether it closed.
 struct Run {
     out: String,
-    msgs: Vec<Incoming>,
+    msgs: Vec<Got>,
     closed: bool,
     /// STARTTLS handshakes the driver was asked for.
     tls: usize,
@@ -63,16 +80,36 @@ fn drive(s: &mut Session, input: &[u8], chunk: usize, results: &[Result<(), Sink
     let mut buf = Vec::new();
     let mut results = results.iter().copied();
     let mut chunks = input.chunks(chunk.max(1));
+    // The file of the message in DATA.
+    let mut file: Option<(String, Vec<u8>)> = None;
     loop {
         let step = s.feed(&mut buf);
         run.out.push_str(&String::from_utf8_lossy(&s.take_output()));
+        if !s.in_data() && !matches!(step, Step::Message(_)) {
+            file = None;
+        }
         match step {
             Step::Close => {
                 run.closed = true;
                 return run;
             }
+            Step::Write => {
+                let id = s.data_id().expect("in DATA").to_string();
+                let f = file.get_or_insert_with(|| (id.clone(), Vec::new()));
+                assert_eq!(f.0, id);
+                let bytes = s.take_body(Vec::new());
+                f.1.extend_from_slice(&bytes);
+            }
             Step::Message(m) => {
-                run.msgs.push(m);
+                let mut body = file
+                    .take()
+                    .map(|(id, b)| {
+                        assert_eq!(id, m.id);
+                        b
+                    })
+                    .unwrap_or_default();
+                body.extend_from_slice(&m.tail);
+                run.msgs.push(Got { msg: m, body });
                 s.sink_result(results.next().unwrap_or(Ok(())));
             }
             Step::StartTls => {
@@ -886,4 +923,115 @@ fn settings_from_config_bind_each_user_to_its_address() {
     )
     .unwrap();
     assert!(Settings::from_config(&cfg).unwrap().senders.is_empty());
+}
+
+/// A 30 MB message through a session: it never holds more than its buffer
+/// (plus a line), every byte arrives in order, and the fields are placed
+/// as for a small one.
+#[test]
+fn memory_does_not_grow_with_message_size() {
+    use std::hash::{DefaultHasher, Hasher};
+    let mut s = session_with(Listen {
+        max_message_size: 40_000_000,
+        ..listen()
+    });
+    let mut input = b"EHLO c\r\nMAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.org>\r\nDATA\r\nSubject: big\r\n\r\n".to_vec();
+    let line = [&[b'x'; 998][..], b"\r\n"].concat();
+    let lines = 30_000_000 / line.len();
+    // What the stored body must be, hashed as it is produced.
+    let mut want = DefaultHasher::new();
+    let head = format!(
+        "Received: from c ([192.0.2.7])\r\n\tby mx.test (mailbridge) with ESMTP id ID1\r\n\tfor <b@example.org>; {DATE}\r\nSubject: big\r\nMessage-ID: <ID1@mx.test>\r\nDate: {DATE}\r\n\r\n"
+    );
+    want.write(head.as_bytes());
+    let mut got = DefaultHasher::new();
+    let (mut got_len, mut writes, mut widest) = (0usize, 0usize, 0usize);
+    let mut spare = Vec::new();
+    let mut sent = 0;
+    let reply;
+    loop {
+        match s.feed(&mut input) {
+            Step::Write => {
+                let bytes = s.take_body(std::mem::take(&mut spare));
+                got.write(&bytes);
+                got_len += bytes.len();
+                writes += 1;
+                widest = widest.max(bytes.len());
+                spare = bytes;
+                spare.clear();
+            }
+            Step::NeedInput if sent < lines => {
+                // The network's 8 KiB reads.
+                for _ in 0..8 {
+                    input.extend_from_slice(&line);
+                    want.write(&line);
+                    sent += 1;
+                }
+            }
+            Step::NeedInput if sent == lines => {
+                input.extend_from_slice(b".\r\n");
+                sent += 1;
+            }
+            Step::Message(m) => {
+                got.write(&m.tail);
+                got_len += m.tail.len();
+                s.sink_result(Ok(()));
+                reply = String::from_utf8_lossy(&s.take_output()).into_owned();
+                break;
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(
+            input.len() <= 16 * 1024,
+            "input buffer grew: {}",
+            input.len()
+        );
+    }
+    assert!(
+        reply.ends_with("250 2.0.0 Ok: queued as ID1\r\n"),
+        "{reply}"
+    );
+    assert_eq!(got_len, head.len() + lines * line.len());
+    assert_eq!(got.finish(), want.finish(), "bytes changed on the way");
+    let cap = super::super::receiving::BODY_BUFFER;
+    assert!(
+        s.body_high_water() <= cap + 2 * line.len(),
+        "held {} bytes at once",
+        s.body_high_water()
+    );
+    assert!(widest <= cap + line.len(), "{widest}");
+    assert!(writes >= got_len / (cap + line.len()), "{writes} writes");
+}
+
+/// A write error mid-DATA: the data is read to its end, then `451` (or
+/// `452` for a full disk), and the session goes on.
+#[test]
+fn a_failed_write_refuses_the_message_after_its_end() {
+    let mut s = session_with(Listen {
+        max_message_size: 1_000_000,
+        ..listen()
+    });
+    let mut input =
+        b"EHLO c\r\nMAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.org>\r\nDATA\r\n".to_vec();
+    input.extend(std::iter::repeat_n(b'y', 200_000));
+    input.extend_from_slice(b"\r\n.\r\nNOOP\r\n");
+    let mut failed = 0;
+    let step = loop {
+        match s.feed(&mut input) {
+            Step::Write => {
+                let _ = s.take_body(Vec::new());
+                s.write_failed(SinkError::Full);
+                failed += 1;
+            }
+            step => break step,
+        }
+    };
+    assert_eq!(failed, 1, "nothing more is handed out after a failure");
+    assert!(matches!(step, Step::NeedInput), "{step:?}");
+    let out = String::from_utf8_lossy(&s.take_output()).into_owned();
+    assert!(
+        out.ends_with("354 End data with <CR><LF>.<CR><LF>\r\n452 4.3.1 Insufficient system storage\r\n250 2.0.0 Ok\r\n"),
+        "{out}"
+    );
+    assert!(!s.in_data());
 }

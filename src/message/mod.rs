@@ -1,5 +1,6 @@
 //! Header-level edits on canonical (CRLF) messages: finding header fields and applying the seed's "Sender Name" / "Reply to" rewrite.
 
+pub mod headers;
 pub mod recipients;
 
 /// One header field: its name and the byte range of the whole field
@@ -27,52 +28,35 @@ pub fn fields(msg: &[u8]) -> (Vec<Field>, usize) {
 /// Exchange) may still read fields after that line, so whoever rewrites the
 /// header must add the empty line.
 pub fn fields_separated(msg: &[u8]) -> (Vec<Field>, usize, bool) {
+    use headers::LineKind;
     let mut out: Vec<Field> = Vec::new();
-    let mut pos = 0;
-    while pos < msg.len() {
-        let line_end = msg[pos..]
-            .iter()
-            .position(|&b| b == b'\n')
-            .map(|i| pos + i + 1)
-            .unwrap_or(msg.len());
-        let line = &msg[pos..line_end];
-        if line == b"\r\n" || line == b"\n" {
-            return (out, line_end, true);
-        }
-        let folded = line[0] == b' ' || line[0] == b'\t';
-        if folded && !out.is_empty() {
-            if let Some(last) = out.last_mut() {
-                last.end = line_end;
+    for line in headers::lines(msg) {
+        match line.kind {
+            LineKind::Empty => return (out, line.end, true),
+            // Not a field name (`T o:`, controls, 8-bit), a continuation
+            // before any field, or no colon: the header ends here. Kept as a
+            // field it would be copied as is, and a lenient parser could
+            // still read it as `To:` (found by the header_rewrite fuzz target).
+            LineKind::NotHeader => return (out, line.start, false),
+            LineKind::Continuation => {
+                if let Some(last) = out.last_mut() {
+                    last.end = line.end;
+                }
             }
-        } else if folded {
-            // A continuation before any field is not a header (as
-            // `inbound::data::scan_headers` has it): a field written in front
-            // would otherwise absorb it.
-            return (out, pos, false);
-        } else if let Some(colon) = line.iter().position(|&b| b == b':') {
-            let raw_name = &line[..colon];
-            let n = raw_name
-                .iter()
-                .rposition(|&b| b != b' ' && b != b'\t')
-                .map_or(0, |i| i + 1);
-            if n == 0 || !raw_name[..n].iter().all(|&b| (33..=126).contains(&b)) {
-                // Not a field name (`T o:`, controls, 8-bit): the header ends
-                // here, as `inbound::data::scan_headers` has it. Kept as a
-                // field it would be copied as is, and a lenient parser could
-                // still read it as `To:` (found by the header_rewrite fuzz target).
-                return (out, pos, false);
+            LineKind::Field => {
+                let colon = line.colon.unwrap_or(line.start);
+                let raw_name = &msg[line.start..colon];
+                let n = raw_name
+                    .iter()
+                    .rposition(|&b| b != b' ' && b != b'\t')
+                    .map_or(0, |i| i + 1);
+                out.push(Field {
+                    name: String::from_utf8_lossy(&raw_name[..n]).into_owned(),
+                    start: line.start,
+                    end: line.end,
+                });
             }
-            let name = String::from_utf8_lossy(&raw_name[..n]).into_owned();
-            out.push(Field {
-                name,
-                start: pos,
-                end: line_end,
-            });
-        } else {
-            // Not a header line: the header section ended without an empty line.
-            return (out, pos, false);
         }
-        pos = line_end;
     }
     (out, msg.len(), true)
 }

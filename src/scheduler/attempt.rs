@@ -4,6 +4,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+use super::submit::Submission;
 use super::{
     AttemptEvent, AttemptOutcome, INLINE_IO_BYTES, Next, Policy, Scheduler, apply, dsn, dsn_policy,
     now_unix,
@@ -226,20 +227,13 @@ async fn queue_dsn(
     // Out as the same mailbox as the original (its identity, if mapped).
     m.auth_user = meta.auth_user.clone();
     m.message_id = Some(format!("<{dsn_id}@{}>", policy.hostname));
-    let spool = s.shared.spool.clone();
-    let m2 = m.clone();
-    let stored = tokio::task::spawn_blocking(move || {
-        let _ = spool.remove(&m2.id);
-        spool.store(&m2, &text)
-    })
-    .await;
-    match stored {
-        Ok(Ok(())) => {
+    let mut sub = Submission::in_memory(s, m, text);
+    sub.replace = true;
+    match s.submit(sub).await {
+        Ok(_) => {
             tracing::info!(id = %dsn_id, original = %meta.id, to = %meta.from, "queued DSN");
-            s.enqueue(m);
             Ok(())
         }
-        Ok(Err(e)) => Err(e.to_string()),
         Err(e) => Err(e.to_string()),
     }
 }

@@ -5,6 +5,7 @@ pub mod dsn;
 pub mod dsn_policy;
 mod policy;
 pub mod sink;
+pub mod submit;
 
 pub use policy::{Next, Policy, apply};
 

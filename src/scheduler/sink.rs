@@ -1,56 +1,56 @@
-//! Where the inbound session hands an accepted message: it is written to the spool (fsynced) and scheduled, and only then does the client hear `250`.
-
-use std::sync::Arc;
+//! Where the inbound session hands an accepted message: its bytes go to a spool temp file as they arrive, and at the end it is submitted (fsynced and scheduled); only then does the client hear `250`.
 
 use crate::common::BoxFuture;
-use crate::inbound::{Incoming, Sink, SinkError};
-use crate::spool::{Meta, SpoolError};
+use crate::inbound::{Incoming, MessageFile, Sink, SinkError};
+use crate::spool::{Draft, Meta, SpoolError};
 
+use super::submit::Submission;
 use super::{Scheduler, now_unix};
 
 impl Sink for Scheduler {
-    fn accept(&self, msg: Incoming) -> BoxFuture<'_, Result<(), SinkError>> {
+    fn begin(&self, id: &str) -> Box<dyn MessageFile> {
+        Box::new(SpoolFile {
+            draft: self.spool().draft(id),
+            scheduler: self.clone(),
+        })
+    }
+}
+
+/// An inbound message's spool temp file.
+struct SpoolFile {
+    draft: Draft,
+    scheduler: Scheduler,
+}
+
+impl MessageFile for SpoolFile {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        self.draft.write(bytes)
+    }
+
+    fn commit(self: Box<Self>, msg: Incoming) -> BoxFuture<'static, Result<(), SinkError>> {
         Box::pin(async move {
+            let SpoolFile { draft, scheduler } = *self;
             let mut meta = Meta::new(
                 msg.id.clone(),
                 msg.from.clone(),
                 msg.rcpts.clone(),
-                msg.body.len() as u64,
+                0,
                 now_unix(),
             );
             meta.message_id = msg.message_id.clone();
             meta.client = msg.client.to_string();
             meta.smtputf8 = msg.smtputf8;
             meta.auth_user = msg.auth_user.clone();
-            let spool: Arc<_> = self.spool().clone();
-            let m = meta.clone();
-            let stored = tokio::task::spawn_blocking(move || spool.store(&m, &msg.body)).await;
-            match stored {
-                Ok(Ok(())) => {
-                    tracing::info!(
-                        id = %meta.id,
-                        message_id = meta.message_id.as_deref().unwrap_or(""),
-                        from = %meta.from,
-                        rcpts = meta.rcpts.len(),
-                        size = meta.size,
-                        client = %meta.client,
-                        "queued"
-                    );
-                    self.enqueue(meta);
-                    Ok(())
-                }
-                Ok(Err(SpoolError::Full(why))) => {
-                    tracing::warn!(id = %meta.id, reason = %why, "refused: queue full");
-                    Err(SinkError::Full)
-                }
-                Ok(Err(SpoolError::Io(e))) => {
-                    tracing::error!(id = %meta.id, error = %e, "refused: cannot write spool");
-                    Err(SinkError::Io)
-                }
-                Err(e) => {
-                    tracing::error!(id = %meta.id, error = %e, "refused: spool writer failed");
-                    Err(SinkError::Io)
-                }
+            let sub = Submission {
+                meta,
+                draft,
+                tail: msg.tail,
+                replace: false,
+            };
+            match scheduler.submit(sub).await {
+                Ok(_) => Ok(()),
+                Err(SpoolError::Full(_)) => Err(SinkError::Full),
+                Err(SpoolError::Io(_)) => Err(SinkError::Io),
             }
         })
     }

@@ -15,12 +15,12 @@ pub mod meta;
 
 use parking_lot::{Condvar, Mutex};
 use std::fs::{self, File, OpenOptions};
-use std::io;
+use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use crate::common::fs::{create_private_dir, sync_dir, write_synced};
+use crate::common::fs::{create_private, create_private_dir, write_synced};
 
 pub use meta::{Meta, Rcpt, RcptStatus};
 
@@ -52,6 +52,13 @@ pub enum SpoolError {
     /// Writing or syncing failed.
     #[error("spool I/O error: {0}")]
     Io(#[from] io::Error),
+}
+
+impl SpoolError {
+    /// A failed write of a message file (a full disk is [`SpoolError::Full`]).
+    pub fn from_write(e: io::Error) -> SpoolError {
+        spool_error(e)
+    }
 }
 
 /// An entry that could not be loaded at start, and where it went.
@@ -142,6 +149,8 @@ pub struct Spool {
     max_messages: usize,
     count: AtomicUsize,
     queue_sync: DirSync,
+    /// `queue/`, kept open for its fsyncs (saves an open and a close each).
+    queue_dir: File,
     _lock: SpoolLock,
 }
 
@@ -166,7 +175,7 @@ struct SyncState {
 }
 
 impl DirSync {
-    fn sync(&self, dir: &Path) -> io::Result<()> {
+    fn sync(&self, dir: &File) -> io::Result<()> {
         let mut st = self.state.lock();
         st.issued += 1;
         let ticket = st.issued;
@@ -179,7 +188,7 @@ impl DirSync {
                 st.running = true;
                 let covers = st.issued;
                 drop(st);
-                let result = sync_dir(dir);
+                let result = dir.sync_all();
                 st = self.state.lock();
                 st.running = false;
                 if result.is_ok() {
@@ -198,6 +207,68 @@ fn is_disk_full(e: &io::Error) -> bool {
     matches!(e.raw_os_error(), Some(28) | Some(122)) // ENOSPC, EDQUOT
 }
 
+/// A failed write as the client will hear it: a full disk is "queue full".
+fn spool_error(e: io::Error) -> SpoolError {
+    if is_disk_full(&e) {
+        SpoolError::Full(e.to_string())
+    } else {
+        SpoolError::Io(e)
+    }
+}
+
+/// One message being written to `tmp/<id>.eml` as it arrives (see
+/// [`Spool::draft`]). The file is created at the first write; dropped
+/// without a successful [`Spool::commit`] (a refused message, a client gone
+/// mid-DATA, a write error), the temp file is removed.
+#[derive(Debug)]
+pub struct Draft {
+    id: String,
+    path: PathBuf,
+    file: Option<File>,
+    len: u64,
+}
+
+impl Draft {
+    /// The queue id.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// Bytes written so far.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// True before anything was written.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    fn file(&mut self) -> io::Result<&mut File> {
+        if self.file.is_none() {
+            self.file = Some(create_private(&self.path)?);
+        }
+        self.file
+            .as_mut()
+            .ok_or_else(|| io::Error::other("draft file not open"))
+    }
+
+    /// Append `bytes` (blocking: call it off the async runtime).
+    pub fn write(&mut self, bytes: &[u8]) -> io::Result<()> {
+        self.file()?.write_all(bytes)?;
+        self.len += bytes.len() as u64;
+        Ok(())
+    }
+}
+
+impl Drop for Draft {
+    fn drop(&mut self) {
+        if self.file.take().is_some() {
+            let _ = fs::remove_file(&self.path);
+        }
+    }
+}
+
 impl Spool {
     /// Open (creating if needed) the spool at `root`, load every committed
     /// entry, and move unreadable ones to `corrupt/`. Never fails because of
@@ -209,7 +280,10 @@ impl Spool {
     pub fn open(root: &Path, max_messages: usize) -> io::Result<(Spool, Vec<Meta>, Vec<Corrupt>)> {
         create_private_dir(root)?;
         let lock = lock(root, LOCK_WAIT)?;
+        let queue = root.join("queue");
+        create_private_dir(&queue)?;
         let spool = Spool {
+            queue_dir: File::open(&queue)?,
             root: root.to_path_buf(),
             queue: root.join("queue"),
             tmp: root.join("tmp"),
@@ -277,7 +351,13 @@ impl Spool {
                     }
                     Err(reason) => Some(reason),
                 },
-                "eml" if is_valid_id(stem) && names.contains(&format!("{stem}.json")) => None,
+                // `names` is sorted: a binary search, not a scan (100 000 entries).
+                "eml"
+                    if is_valid_id(stem)
+                        && names.binary_search(&format!("{stem}.json")).is_ok() =>
+                {
+                    None
+                }
                 "eml" => Some("body without metadata (never acknowledged)".to_string()),
                 _ => Some("unexpected file in queue".to_string()),
             };
@@ -321,41 +401,66 @@ impl Spool {
         }
     }
 
-    /// Store a new message durably. Returns only after the body and metadata
-    /// are fsynced, renamed into `queue/` and the directory is fsynced. On
-    /// error nothing is left behind.
+    /// A new message file for queue id `id` in `tmp/`, written as the
+    /// message arrives ([`Draft::write`]) and made durable by
+    /// [`Spool::commit`]. Nothing touches the disk before the first write.
+    pub fn draft(&self, id: &str) -> Draft {
+        Draft {
+            path: self.tmp.join(format!("{id}.eml")),
+            id: id.to_string(),
+            file: None,
+            len: 0,
+        }
+    }
+
+    /// Store a new message held in memory (a DSN, a test message): a
+    /// [`Draft`] with `body`, committed at once.
     pub fn store(&self, meta: &Meta, body: &[u8]) -> Result<(), SpoolError> {
+        let mut draft = self.draft(&meta.id);
+        let mut meta = meta.clone();
+        if let Err(e) = draft.write(body) {
+            return Err(spool_error(e));
+        }
+        self.commit(draft, &mut meta)
+    }
+
+    /// Make a written message durable: `meta.size` is set to the file's
+    /// length, the body and the metadata are fdatasynced, renamed into
+    /// `queue/` (metadata last: the commit point) and the directory is
+    /// fsynced (shared with concurrent commits). Returns only then; on error
+    /// nothing is left behind.
+    pub fn commit(&self, mut draft: Draft, meta: &mut Meta) -> Result<(), SpoolError> {
+        meta.size = draft.len;
         let reserved = self.count.fetch_add(1, Ordering::SeqCst);
         if reserved >= self.max_messages {
             self.count.fetch_sub(1, Ordering::SeqCst);
             return Err(SpoolError::Full(format!("{} messages queued", reserved)));
         }
-        let result = self.store_files(meta, body);
+        let result = self.commit_files(&mut draft, meta);
         if let Err(e) = result {
             self.count.fetch_sub(1, Ordering::SeqCst);
             let _ = fs::remove_file(self.meta_path(&meta.id));
             let _ = fs::remove_file(self.body_path(&meta.id));
-            let _ = fs::remove_file(self.tmp.join(format!("{}.eml", meta.id)));
             let _ = fs::remove_file(self.tmp.join(format!("{}.json", meta.id)));
-            return Err(if is_disk_full(&e) {
-                SpoolError::Full(e.to_string())
-            } else {
-                SpoolError::Io(e)
-            });
+            // Dropping the draft removes tmp/<id>.eml.
+            return Err(spool_error(e));
         }
         Ok(())
     }
 
-    fn store_files(&self, meta: &Meta, body: &[u8]) -> io::Result<()> {
-        debug_assert_eq!(meta.size, body.len() as u64);
+    fn commit_files(&self, draft: &mut Draft, meta: &Meta) -> io::Result<()> {
+        if draft.id != meta.id {
+            return Err(io::Error::other("draft and metadata name different ids"));
+        }
         let json = serde_json::to_vec_pretty(meta).map_err(io::Error::other)?;
-        let tmp_body = self.tmp.join(format!("{}.eml", meta.id));
         let tmp_meta = self.tmp.join(format!("{}.json", meta.id));
-        write_synced(&tmp_body, body)?;
+        draft.file()?.sync_data()?;
         write_synced(&tmp_meta, &json)?;
-        fs::rename(&tmp_body, self.body_path(&meta.id))?;
+        fs::rename(&draft.path, self.body_path(&meta.id))?;
+        // Renamed: no longer ours to remove when dropped.
+        draft.file = None;
         fs::rename(&tmp_meta, self.meta_path(&meta.id))?;
-        self.queue_sync.sync(&self.queue)
+        self.queue_sync.sync(&self.queue_dir)
     }
 
     /// Replace an entry's metadata atomically.
@@ -370,7 +475,7 @@ impl Spool {
             let _ = fs::remove_file(&tmp);
         }
         result?;
-        self.queue_sync.sync(&self.queue)
+        self.queue_sync.sync(&self.queue_dir)
     }
 
     /// Read a message body.
@@ -483,207 +588,4 @@ impl Spool {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn meta(id: &str, body: &[u8]) -> Meta {
-        Meta::new(
-            id.into(),
-            "s@example.com".into(),
-            vec!["r@example.com".into()],
-            body.len() as u64,
-            1000,
-        )
-    }
-
-    #[test]
-    fn store_reload_remove() {
-        let dir = tempfile::tempdir().unwrap();
-        let (s, loaded, bad) = Spool::open(dir.path(), 10).unwrap();
-        assert!(loaded.is_empty() && bad.is_empty());
-        let body = b"Subject: x\r\n\r\nhi\r\n";
-        s.store(&meta("a1", body), body).unwrap();
-        assert_eq!(s.len(), 1);
-        drop(s);
-        let (s, loaded, bad) = Spool::open(dir.path(), 10).unwrap();
-        assert_eq!(loaded.len(), 1);
-        assert!(bad.is_empty());
-        assert_eq!(s.read_body("a1").unwrap(), body);
-        s.remove("a1").unwrap();
-        assert_eq!(s.len(), 0);
-        assert!(
-            fs::read_dir(dir.path().join("queue"))
-                .unwrap()
-                .next()
-                .is_none()
-        );
-    }
-
-    #[test]
-    fn full_queue_refuses_and_leaves_nothing() {
-        let dir = tempfile::tempdir().unwrap();
-        let (s, _, _) = Spool::open(dir.path(), 1).unwrap();
-        s.store(&meta("a1", b"x"), b"x").unwrap();
-        assert!(matches!(
-            s.store(&meta("a2", b"y"), b"y"),
-            Err(SpoolError::Full(_))
-        ));
-        assert_eq!(Spool::list(dir.path()).unwrap().len(), 1);
-    }
-
-    #[test]
-    fn bad_entries_are_moved_aside_and_good_ones_load() {
-        let dir = tempfile::tempdir().unwrap();
-        let (s, _, _) = Spool::open(dir.path(), 10).unwrap();
-        s.store(&meta("good", b"hello"), b"hello").unwrap();
-        s.store(&meta("short", b"hello"), b"hello").unwrap();
-        drop(s);
-        let q = dir.path().join("queue");
-        fs::write(q.join("short.eml"), b"hel").unwrap(); // truncated body
-        fs::write(q.join("garbage.json"), b"{not json").unwrap();
-        fs::write(q.join("empty.json"), b"").unwrap();
-        fs::write(q.join("empty.eml"), b"").unwrap();
-        fs::write(q.join("orphan.eml"), b"x").unwrap();
-        fs::write(q.join("weird.txt"), b"x").unwrap();
-        fs::write(dir.path().join("tmp").join("half.eml"), b"x").unwrap();
-        let (s, loaded, bad) = Spool::open(dir.path(), 10).unwrap();
-        assert_eq!(
-            loaded.iter().map(|m| m.id.as_str()).collect::<Vec<_>>(),
-            ["good"]
-        );
-        assert_eq!(bad.len(), 5, "{bad:?}");
-        assert_eq!(s.len(), 1);
-        let left: Vec<_> = fs::read_dir(&q)
-            .unwrap()
-            .map(|e| e.unwrap().file_name())
-            .collect();
-        assert_eq!(left.len(), 2, "{left:?}");
-        assert!(
-            fs::read_dir(dir.path().join("tmp"))
-                .unwrap()
-                .next()
-                .is_none()
-        );
-        // A second start finds nothing more to move.
-        drop(s);
-        let (_, loaded, bad) = Spool::open(dir.path(), 10).unwrap();
-        assert_eq!((loaded.len(), bad.len()), (1, 0));
-    }
-
-    #[test]
-    fn corrupt_entries_are_counted() {
-        let dir = tempfile::tempdir().unwrap();
-        let (s, _, _) = Spool::open(dir.path(), 10).unwrap();
-        assert_eq!(s.corrupt_summary(), CorruptSummary::default());
-        drop(s);
-        fs::write(dir.path().join("queue").join("garbage.json"), b"{").unwrap();
-        let (s, _, bad) = Spool::open(dir.path(), 10).unwrap();
-        assert_eq!(bad.len(), 1);
-        let c = s.corrupt_summary();
-        assert_eq!(c.count, 1);
-        assert_eq!(c.newest.map(|(n, _)| n).as_deref(), Some("garbage.json"));
-    }
-
-    #[test]
-    fn update_is_visible_after_reload() {
-        let dir = tempfile::tempdir().unwrap();
-        let (s, _, _) = Spool::open(dir.path(), 10).unwrap();
-        let mut m = meta("u1", b"x");
-        s.store(&m, b"x").unwrap();
-        m.attempts = 3;
-        m.last_error = Some("451 try later".into());
-        s.update(&m).unwrap();
-        drop(s);
-        let (_, loaded, _) = Spool::open(dir.path(), 10).unwrap();
-        assert_eq!(loaded[0].attempts, 3);
-    }
-
-    #[test]
-    fn concurrent_stores_share_directory_syncs() {
-        let dir = tempfile::tempdir().unwrap();
-        let (s, _, _) = Spool::open(dir.path(), 1000).unwrap();
-        let s = std::sync::Arc::new(s);
-        let threads: Vec<_> = (0..8)
-            .map(|t| {
-                let s = s.clone();
-                std::thread::spawn(move || {
-                    for i in 0..20 {
-                        let id = format!("t{t}m{i}");
-                        s.store(&meta(&id, b"x"), b"x").unwrap();
-                    }
-                })
-            })
-            .collect();
-        for t in threads {
-            t.join().unwrap();
-        }
-        let st = s.queue_sync.state.lock();
-        assert_eq!(st.issued, 160);
-        assert_eq!(
-            st.synced, 160,
-            "every store was covered by a completed sync"
-        );
-        assert!(!st.running);
-        drop(st);
-        drop(s);
-        let (_, loaded, _) = Spool::open(dir.path(), 1000).unwrap();
-        assert_eq!(loaded.len(), 160);
-    }
-
-    #[test]
-    fn one_holder_at_a_time() {
-        let dir = tempfile::tempdir().unwrap();
-        let (s, _, _) = Spool::open(dir.path(), 10).unwrap();
-        s.store(&meta("held", b"x"), b"x").unwrap();
-        // A second open (a second daemon, an offline CLI edit) is refused
-        // and touches nothing: tmp/ is not emptied.
-        fs::write(dir.path().join("tmp").join("in-progress.eml"), b"x").unwrap();
-        let e = Spool::open(dir.path(), 10).unwrap_err();
-        assert_eq!(e.kind(), io::ErrorKind::WouldBlock);
-        assert!(
-            e.to_string()
-                .contains("in use by another mailbridge process"),
-            "{e}"
-        );
-        assert!(dir.path().join("tmp").join("in-progress.eml").exists());
-        assert!(
-            matches!(lock(dir.path(), Duration::ZERO), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
-        );
-        drop(s);
-        // Released with the spool: a short-lived writer gets it, then a daemon.
-        let l = lock(dir.path(), Duration::ZERO).unwrap();
-        drop(l);
-        let (_, loaded, _) = Spool::open(dir.path(), 10).unwrap();
-        assert_eq!(loaded.len(), 1);
-    }
-
-    #[test]
-    fn files_are_created_new_and_never_through_a_symlink() {
-        let dir = tempfile::tempdir().unwrap();
-        let (s, _, _) = Spool::open(dir.path(), 10).unwrap();
-        let victim = dir.path().join("victim");
-        fs::write(&victim, b"keep").unwrap();
-        // A symlink planted where the next temp file goes.
-        std::os::unix::fs::symlink(&victim, dir.path().join("tmp").join("evil.eml")).unwrap();
-        assert!(s.store(&meta("evil", b"payload"), b"payload").is_err());
-        assert_eq!(fs::read(&victim).unwrap(), b"keep");
-        assert!(write_synced(&dir.path().join("victim"), b"x").is_err());
-        let link = dir.path().join("link");
-        std::os::unix::fs::symlink(&victim, &link).unwrap();
-        let e = write_synced(&link, b"x").unwrap_err();
-        assert!(
-            e.kind() == io::ErrorKind::AlreadyExists || e.raw_os_error() == Some(libc::ELOOP),
-            "{e}"
-        );
-        assert_eq!(fs::read(&victim).unwrap(), b"keep");
-    }
-
-    #[test]
-    fn ids_are_unique_and_safe() {
-        let a = new_id();
-        let b = new_id();
-        assert_ne!(a, b);
-        assert!(is_valid_id(&a) && a.len() == 19);
-        assert!(!is_valid_id("../x") && !is_valid_id(""));
-    }
-}
+mod tests;

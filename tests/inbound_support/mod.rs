@@ -11,7 +11,9 @@ use std::time::Duration;
 use argon2::password_hash::{PasswordHasher, SaltString};
 use mailbridge::common::BoxFuture;
 use mailbridge::config::{Listen, User};
-use mailbridge::inbound::{Incoming, Settings, Sink, SinkError, serve, serve_implicit_tls};
+use mailbridge::inbound::{
+    Incoming, MessageFile, Settings, Sink, SinkError, serve, serve_implicit_tls,
+};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::task::JoinHandle;
@@ -31,29 +33,68 @@ pub fn ehlo_reply(size: usize, extra: &[&str]) -> String {
     s
 }
 
-/// Records accepted messages; can be told to fail.
-#[derive(Default)]
-pub struct RecordingSink {
-    msgs: Mutex<Vec<Incoming>>,
-    fail: Mutex<Option<SinkError>>,
+/// A committed message and all its bytes.
+#[derive(Debug, Clone)]
+pub struct Recorded {
+    pub msg: Incoming,
+    pub body: Vec<u8>,
 }
+
+impl std::ops::Deref for Recorded {
+    type Target = Incoming;
+    fn deref(&self) -> &Incoming {
+        &self.msg
+    }
+}
+
+#[derive(Default)]
+struct Shared {
+    msgs: Mutex<Vec<Recorded>>,
+    fail: Mutex<Option<SinkError>>,
+    /// The largest single write a message file received.
+    widest_write: Mutex<usize>,
+}
+
+/// Records accepted messages (in memory); can be told to fail.
+#[derive(Default)]
+pub struct RecordingSink(Arc<Shared>);
 
 impl RecordingSink {
-    pub fn msgs(&self) -> Vec<Incoming> {
-        self.msgs.lock().unwrap().clone()
+    pub fn msgs(&self) -> Vec<Recorded> {
+        self.0.msgs.lock().unwrap().clone()
     }
     pub fn fail_with(&self, e: Option<SinkError>) {
-        *self.fail.lock().unwrap() = e;
+        *self.0.fail.lock().unwrap() = e;
+    }
+    /// The largest single write any message file received.
+    pub fn widest_write(&self) -> usize {
+        *self.0.widest_write.lock().unwrap()
     }
 }
 
+struct RecordingFile(Arc<Shared>, Vec<u8>);
+
 impl Sink for RecordingSink {
-    fn accept(&self, msg: Incoming) -> BoxFuture<'_, Result<(), SinkError>> {
+    fn begin(&self, _id: &str) -> Box<dyn MessageFile> {
+        Box::new(RecordingFile(self.0.clone(), Vec::new()))
+    }
+}
+
+impl MessageFile for RecordingFile {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        let mut w = self.0.widest_write.lock().unwrap();
+        *w = (*w).max(bytes.len());
+        self.1.extend_from_slice(bytes);
+        Ok(())
+    }
+    fn commit(self: Box<Self>, msg: Incoming) -> BoxFuture<'static, Result<(), SinkError>> {
         Box::pin(async move {
-            if let Some(e) = *self.fail.lock().unwrap() {
+            let RecordingFile(shared, mut body) = *self;
+            if let Some(e) = *shared.fail.lock().unwrap() {
                 return Err(e);
             }
-            self.msgs.lock().unwrap().push(msg);
+            body.extend_from_slice(&msg.tail);
+            shared.msgs.lock().unwrap().push(Recorded { msg, body });
             Ok(())
         })
     }
