@@ -491,3 +491,34 @@ async fn a_throttled_message_whose_holds_ran_out_is_not_overtaken() {
     assert_eq!(c[1].0 - t0, Duration::from_secs(30));
     stop.cancel();
 }
+
+#[tokio::test(start_paused = true)]
+async fn an_attempt_event_is_published_after_its_outcome_is_applied() {
+    // A refused sample mail (tried once, then removed): whoever sees its
+    // event sees the queue without it, as the admin page shows it.
+    let t = Scripted::new(vec![|_| {
+        Err(Failure::permanent("550 5.1.1 unknown").with_reply(550, None))
+    }]);
+    let (s, spool, _dir, stop) = start(t, policy(86400)).await;
+    let mut events = s.subscribe();
+    let body = b"Subject: sample\r\n\r\nhi\r\n";
+    let mut meta = Meta::new(
+        "sample1".into(),
+        "desk@relay.test".into(),
+        vec!["nobody@example.com".into()],
+        body.len() as u64,
+        0,
+    );
+    meta.sample = true;
+    spool.store(&meta, body).unwrap();
+    s.enqueue(meta);
+    let event = events.recv().await.unwrap();
+    assert_eq!(event.id, "sample1");
+    assert_eq!(
+        s.stats().depth,
+        0,
+        "the event came before the queue changed"
+    );
+    assert!(spool.is_empty());
+    stop.cancel();
+}

@@ -17,9 +17,25 @@ use crate::transport::{Body, Envelope};
 /// before newer mail).
 pub(super) type Again = (Meta, Duration, bool);
 
-/// One delivery attempt. Returns what to retry, or `None` when the message
-/// left the queue.
-pub(super) async fn attempt(s: &Scheduler, mut meta: Meta, born: Instant) -> Option<Again> {
+/// What an attempt hands back to the scheduler: what to retry, and its event.
+pub(super) type Outcome = (Option<Again>, Option<AttemptEvent>);
+
+/// One delivery attempt. Returns what to retry (`None` when the message
+/// left the queue) and the attempt's event, which the scheduler publishes
+/// once it has applied the outcome (so an observer that sees the event sees
+/// the queue as it is after the attempt).
+pub(super) async fn attempt(s: &Scheduler, meta: Meta, born: Instant) -> Outcome {
+    let mut event = None;
+    let again = run(s, meta, born, &mut event).await;
+    (again, event)
+}
+
+async fn run(
+    s: &Scheduler,
+    mut meta: Meta,
+    born: Instant,
+    event: &mut Option<AttemptEvent>,
+) -> Option<Again> {
     let spool = s.shared.spool.clone();
     let policy = s.policy();
     let id = meta.id.clone();
@@ -101,7 +117,7 @@ pub(super) async fn attempt(s: &Scheduler, mut meta: Meta, born: Instant) -> Opt
         Err(f) => Some(f.clone()),
         Ok(each) => each.iter().find_map(|r| r.as_ref().err().cloned()),
     };
-    let _ = s.shared.events.send(AttemptEvent {
+    *event = Some(AttemptEvent {
         id: id.clone(),
         outcome,
         detail,

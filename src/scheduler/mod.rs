@@ -240,7 +240,7 @@ async fn run_loop(
     let mut due: BTreeSet<(Instant, String)> = BTreeSet::new();
     // Retries after throttling: dispatched when due, before `due`.
     let mut urgent: BTreeSet<(Instant, String)> = BTreeSet::new();
-    let mut running: JoinSet<(String, Option<attempt::Again>)> = JoinSet::new();
+    let mut running: JoinSet<(String, attempt::Outcome)> = JoinSet::new();
     // Which message each attempt is for: a panicking attempt loses its
     // output, not its message.
     let mut tasks: HashMap<tokio::task::Id, String> = HashMap::new();
@@ -361,6 +361,10 @@ async fn run_loop(
                 }
             },
             Some(done) = running.join_next_with_id(), if !running.is_empty() => {
+                let (event, done) = match done {
+                    Ok((task, (id, (again, event)))) => (event, Ok((task, (id, again)))),
+                    Err(e) => (None, Err(e)),
+                };
                 match done {
                     Ok((task, _)) => {
                         tasks.remove(&task);
@@ -390,6 +394,16 @@ async fn run_loop(
                         items.remove(&id);
                     }
                     Err(_) => {}
+                }
+                // The event goes out once the outcome is applied: whoever
+                // watches it (a sample mail on the admin page) sees the
+                // queue as the attempt left it.
+                if let Some(event) = event {
+                    if items.len() <= 2000 {
+                        publish_stats(&shared, &items, running.len());
+                        last_publish = Instant::now();
+                    }
+                    let _ = shared.events.send(event);
                 }
             }
             _ = sleep_until_opt(next) => {}

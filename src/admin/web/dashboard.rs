@@ -3,13 +3,12 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use axum::Form;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
 
 use super::html::{age, csrf_field, date, escape, see_other};
-use super::{Fields, form_session, signed_in, signed_in_page};
+use super::{SignedForm, signed_in, signed_in_page};
 use crate::admin::Ctx;
 
 /// How many distinct reasons the dashboard lists.
@@ -178,13 +177,8 @@ fn oauth_section(ctx: &Ctx, csrf: &str) -> String {
 
 pub(super) async fn failback(
     State(ctx): State<Arc<Ctx>>,
-    headers: HeaderMap,
-    Form(form): Form<Fields>,
+    SignedForm(c, _): SignedForm,
 ) -> Response {
-    let c = match form_session(&ctx, &headers, &form) {
-        Ok(c) => c,
-        Err(r) => return *r,
-    };
     let router = ctx.admin.scheduler.router();
     if router.failback("failback requested on the admin page") {
         ctx.web.sessions.flash(
@@ -205,13 +199,8 @@ pub(super) async fn failback(
 
 pub(super) async fn send_sample(
     State(ctx): State<Arc<Ctx>>,
-    headers: HeaderMap,
-    Form(form): Form<Fields>,
+    SignedForm(c, form): SignedForm,
 ) -> Response {
-    let c = match form_session(&ctx, &headers, &form) {
-        Ok(c) => c,
-        Err(r) => return *r,
-    };
     let to = form.get("to").map(String::as_str).unwrap_or("");
     let (ok, text) = match crate::admin::send_test::send_sample(&ctx, to).await {
         Ok(r) if r.result == "delivered" => (
@@ -237,13 +226,8 @@ pub(super) async fn send_sample(
 
 pub(super) async fn connect(
     State(ctx): State<Arc<Ctx>>,
-    headers: HeaderMap,
-    Form(form): Form<Fields>,
+    SignedForm(c, form): SignedForm,
 ) -> Response {
-    let c = match form_session(&ctx, &headers, &form) {
-        Ok(c) => c,
-        Err(r) => return *r,
-    };
     let wanted = form
         .get("upstream")
         .map(String::as_str)

@@ -118,6 +118,23 @@ or from a page opened before you signed in again). Nothing was changed.</p><p><a
     Ok(c)
 }
 
+/// A form post of a signed-in session whose CSRF token was checked (see
+/// [`form_session`]); otherwise the request is answered as that says.
+pub(crate) struct SignedForm(pub Current, pub Fields);
+
+impl axum::extract::FromRequest<Arc<Ctx>> for SignedForm {
+    type Rejection = Response;
+
+    async fn from_request(req: axum::extract::Request, ctx: &Arc<Ctx>) -> Result<Self, Response> {
+        let headers = req.headers().clone();
+        let Form(form) = Form::<Fields>::from_request(req, ctx)
+            .await
+            .map_err(IntoResponse::into_response)?;
+        let c = form_session(ctx, &headers, &form).map_err(|r| *r)?;
+        Ok(SignedForm(c, form))
+    }
+}
+
 /// The page frame of a signed-in session, with its waiting messages.
 pub(crate) fn signed_in_page(
     ctx: &Ctx,
@@ -159,15 +176,7 @@ async fn login(State(ctx): State<Arc<Ctx>>, Form(form): Form<Fields>) -> Respons
     r
 }
 
-async fn logout(
-    State(ctx): State<Arc<Ctx>>,
-    headers: HeaderMap,
-    Form(form): Form<Fields>,
-) -> Response {
-    let c = match form_session(&ctx, &headers, &form) {
-        Ok(c) => c,
-        Err(r) => return *r,
-    };
+async fn logout(State(ctx): State<Arc<Ctx>>, SignedForm(c, _): SignedForm) -> Response {
     ctx.web.sessions.remove(&c.id);
     let mut r = see_other("/");
     if let Ok(v) = HeaderValue::from_str(&session::clear_cookie()) {

@@ -2,13 +2,12 @@
 
 use std::sync::Arc;
 
-use axum::Form;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
 
 use super::html::{age, csrf_field, date, escape, see_other};
-use super::{Fields, form_session, problem, signed_in, signed_in_page};
+use super::{SignedForm, problem, signed_in, signed_in_page};
 use crate::admin::Ctx;
 use crate::spool::{Meta, RcptStatus};
 
@@ -148,13 +147,8 @@ fn escape_keep_lines(text: &str) -> String {
 
 pub(super) async fn retry(
     State(ctx): State<Arc<Ctx>>,
-    headers: HeaderMap,
-    Form(form): Form<Fields>,
+    SignedForm(c, form): SignedForm,
 ) -> Response {
-    let c = match form_session(&ctx, &headers, &form) {
-        Ok(c) => c,
-        Err(r) => return *r,
-    };
     let id = form.get("id").cloned().unwrap_or_default();
     if ctx.admin.scheduler.retry_now(&id).await {
         ctx.web
@@ -172,13 +166,8 @@ pub(super) async fn retry(
 
 pub(super) async fn delete(
     State(ctx): State<Arc<Ctx>>,
-    headers: HeaderMap,
-    Form(form): Form<Fields>,
+    SignedForm(c, form): SignedForm,
 ) -> Response {
-    let c = match form_session(&ctx, &headers, &form) {
-        Ok(c) => c,
-        Err(r) => return *r,
-    };
     let id = form.get("id").cloned().unwrap_or_default();
     let (ok, text) = match ctx.admin.scheduler.delete(&id).await {
         Ok(true) => (
@@ -194,13 +183,8 @@ pub(super) async fn delete(
 
 pub(super) async fn retry_all(
     State(ctx): State<Arc<Ctx>>,
-    headers: HeaderMap,
-    Form(form): Form<Fields>,
+    SignedForm(c, _): SignedForm,
 ) -> Response {
-    let c = match form_session(&ctx, &headers, &form) {
-        Ok(c) => c,
-        Err(r) => return *r,
-    };
     let metas = match all(&ctx).await {
         Ok(m) => m,
         Err(e) => return problem(&ctx, &c, StatusCode::INTERNAL_SERVER_ERROR, &e),

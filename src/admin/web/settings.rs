@@ -4,14 +4,13 @@ use std::io::Write;
 use std::path::Path;
 use std::sync::Arc;
 
-use axum::Form;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
 use toml_edit::{DocumentMut, Item, Value};
 
 use super::html::{csrf_field, escape, see_other};
-use super::{Fields, form_session, signed_in, signed_in_page};
+use super::{Fields, SignedForm, signed_in, signed_in_page};
 use crate::admin::Ctx;
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -622,15 +621,7 @@ fn save_file(
     Ok(report)
 }
 
-pub(super) async fn save(
-    State(ctx): State<Arc<Ctx>>,
-    headers: HeaderMap,
-    Form(form): Form<Fields>,
-) -> Response {
-    let c = match form_session(&ctx, &headers, &form) {
-        Ok(c) => c,
-        Err(r) => return *r,
-    };
+pub(super) async fn save(State(ctx): State<Arc<Ctx>>, SignedForm(c, form): SignedForm) -> Response {
     let Some(reloader) = ctx.admin.reloader.clone() else {
         return signed_in_page(
             &ctx,
