@@ -173,7 +173,7 @@ pub async fn run(
     });
     let maildrop_task = tokio::spawn(maildrop::watch(
         maildrop::dir(&cfg),
-        Arc::new(maildrop::import_settings(&settings)),
+        reloader.inbound_settings(),
         sink.clone(),
         Duration::from_secs(MAILDROP_POLL_SECS),
         shutdown.clone(),

@@ -246,10 +246,11 @@ pub fn import_settings(listener: &Settings) -> Settings {
     s
 }
 
-/// Import at start, then every `every` until `shutdown`.
+/// Import at start, then every `every` until `shutdown`, each time with the
+/// listener's settings in force (a reload applies to the next import).
 pub async fn watch(
     dir: PathBuf,
-    settings: Arc<Settings>,
+    listener: crate::inbound::LiveSettings,
     sink: Arc<dyn Sink>,
     every: Duration,
     shutdown: CancellationToken,
@@ -261,6 +262,7 @@ pub async fn watch(
             _ = shutdown.cancelled() => return,
             _ = tick.tick() => {}
         }
+        let settings = Arc::new(import_settings(&listener.current()));
         import_once(&dir, &settings, sink.as_ref()).await;
     }
 }

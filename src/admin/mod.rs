@@ -57,20 +57,41 @@ impl Extras {
     /// The extras a configuration asks for, with its OAuth registries taken
     /// from `oauth` (the set routing uses, so both see the same identities).
     pub fn from_config(cfg: &Config, oauth: &Registries) -> Result<Extras, String> {
-        let hostname = cfg.effective_hostname();
-        let mailbox = cfg.upstream.effective_mailbox();
+        let sample = Sample::from_config(cfg);
         Ok(Extras {
             oauth: oauth.for_config(cfg)?,
-            send_test_wait: Duration::from_secs(cfg.upstream.timeout_secs.max(1) * 2),
-            send_test_from: if mailbox.is_empty() {
+            send_test_wait: sample.wait,
+            send_test_from: sample.from,
+            hostname: sample.hostname,
+            hostnames: allowed_hostnames(cfg),
+            metrics: None,
+        })
+    }
+}
+
+/// What a sample mail is sent with.
+pub(crate) struct Sample {
+    /// Envelope sender and `From`.
+    pub from: String,
+    /// Our host name (its `Message-ID`).
+    pub hostname: String,
+    /// How long to wait for the first attempt's result.
+    pub wait: Duration,
+}
+
+impl Sample {
+    fn from_config(cfg: &Config) -> Sample {
+        let hostname = cfg.effective_hostname();
+        let mailbox = cfg.upstream.effective_mailbox();
+        Sample {
+            from: if mailbox.is_empty() {
                 format!("mailbridge@{hostname}")
             } else {
                 mailbox.to_string()
             },
+            wait: Duration::from_secs(cfg.upstream.timeout_secs.max(1) * 2),
             hostname,
-            hostnames: allowed_hostnames(cfg),
-            metrics: None,
-        })
+        }
     }
 }
 
@@ -107,6 +128,19 @@ pub(crate) struct Ctx {
 }
 
 impl Ctx {
+    /// The sample mail's settings in force: from the reloaded configuration
+    /// when the relay reloads its file, else the ones given at start.
+    pub(crate) fn sample(&self) -> Sample {
+        match &self.admin.reloader {
+            Some(r) => Sample::from_config(&r.config()),
+            None => Sample {
+                from: self.extras.send_test_from.clone(),
+                hostname: self.extras.hostname.clone(),
+                wait: self.extras.send_test_wait,
+            },
+        }
+    }
+
     /// The OAuth registries in force: the reloaded ones when the relay
     /// reloads its file, else the ones given at start.
     pub(crate) fn oauth(&self) -> Vec<(&'static str, Arc<Registry>)> {

@@ -60,12 +60,12 @@ pub(crate) async fn send_sample(ctx: &Ctx, to: &str) -> Result<SampleResult, (St
             "`to` is not an email address".into(),
         ));
     }
-    let x = &ctx.extras;
+    let x = ctx.sample();
     let id = crate::spool::new_id();
-    let message = sample(&x.send_test_from, &to, &id, &x.hostname);
+    let message = sample(&x.from, &to, &id, &x.hostname);
     let mut meta = Meta::new(
         id.clone(),
-        x.send_test_from.clone(),
+        x.from.clone(),
         vec![to.clone()],
         message.len() as u64,
         crate::scheduler::now_unix(),
@@ -89,7 +89,7 @@ pub(crate) async fn send_sample(ctx: &Ctx, to: &str) -> Result<SampleResult, (St
         Err(e) => return Err(internal(e.to_string())),
     }
     tracing::info!(id = %id, to = %crate::text::for_log(&to), "queued sample mail");
-    let wait = x.send_test_wait;
+    let wait = x.wait;
     let first = tokio::time::timeout(wait, async {
         loop {
             match events.recv().await {
