@@ -31,7 +31,11 @@ fn read(
         let mut used = 0;
         loop {
             let (n, out) = r.feed(&piece[used..], &mut buf, room);
-            assert!(buf.len() <= room + 3, "buffer {} over room {room}", buf.len());
+            assert!(
+                buf.len() <= room.saturating_add(3),
+                "buffer {} over room {room}",
+                buf.len()
+            );
             stored.extend_from_slice(&buf);
             buf.clear();
             used += n;
