@@ -296,8 +296,12 @@ async fn without_redis_delivery_goes_on_under_the_fallback_limits_and_comes_back
         .map(|t| t.governor().stats().backend)
         .collect();
     assert!(modes.contains(&"fallback"), "{modes:?}");
-    // Fallback: 4 / 3 instances = 1 in flight each, so still within 4.
-    assert_eq!(throttled(&fake), 0);
+    // Fallback: 4 / 3 instances = 1 in flight each, so within 4 once the
+    // requests started under the shared leases are answered. At the moment
+    // Redis goes away those (up to 4) are not counted by the fallback
+    // limits, so each instance may start one more: at most 3 × 429, held
+    // and retried by the governor (every message above was delivered).
+    assert!(throttled(&fake) <= 3, "{} × 429", throttled(&fake));
     let down = [&a, &b, &c]
         .into_iter()
         .find(|t| t.governor().stats().backend == "fallback")
