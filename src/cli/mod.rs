@@ -424,18 +424,22 @@ pub(crate) fn admin_call(cfg: &Config, method: &str, path: &str, auth: bool) -> 
             outln!("{}", pretty(&body));
             ExitCode::SUCCESS
         }
+        other => admin_failed(other),
+    }
+}
+
+/// Report an answer other than `200` (or no answer) on stderr.
+pub(crate) fn admin_failed(answer: AdminAnswer) -> ExitCode {
+    match answer {
         AdminAnswer::Reply(code, body) => {
             eprintln!(
                 "mailbridge: admin endpoint answered {code}: {}",
                 pretty(&body)
             );
-            ExitCode::from(FAILED)
         }
-        AdminAnswer::Unreachable(why) => {
-            eprintln!("mailbridge: {why}");
-            ExitCode::from(FAILED)
-        }
+        AdminAnswer::Unreachable(why) => eprintln!("mailbridge: {why}"),
     }
+    ExitCode::from(FAILED)
 }
 
 pub(crate) fn age(secs: u64) -> String {

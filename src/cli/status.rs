@@ -2,7 +2,7 @@
 
 use std::process::ExitCode;
 
-use super::{AdminAnswer, FAILED, admin_call, admin_request, age, pretty};
+use super::{AdminAnswer, FAILED, admin_call, admin_failed, admin_request, age};
 use crate::config::Config;
 
 /// `mailbridge status`: text for people, or the JSON document with `--json`.
@@ -21,17 +21,7 @@ pub fn command(cfg: &Config, json: bool) -> ExitCode {
                 ExitCode::from(FAILED)
             }
         },
-        AdminAnswer::Reply(code, body) => {
-            eprintln!(
-                "mailbridge: admin endpoint answered {code}: {}",
-                pretty(&body)
-            );
-            ExitCode::from(FAILED)
-        }
-        AdminAnswer::Unreachable(why) => {
-            eprintln!("mailbridge: {why}");
-            ExitCode::from(FAILED)
-        }
+        other => admin_failed(other),
     }
 }
 
