@@ -2,7 +2,7 @@
 
 mod daemon;
 
-use daemon::{Daemon, have, smtp_send, write_config};
+use daemon::{Daemon, have, queue_entries, smtp_send, write_config};
 use std::process::Command;
 
 const MSG: &str = "From: app@legacy.local\r\nSubject: fault\r\n\r\nhello\r\n";
@@ -21,11 +21,11 @@ fn count(d: &Daemon, sub: &str) -> usize {
         .unwrap_or(0)
 }
 
-/// Files in `spool/queue` once `spool/tmp` is empty. Retry attempts rewrite
-/// metadata through a short-lived temp file, so `tmp/` may hold one for a
-/// moment; a half-written entry left by a failed store never goes away, and
-/// fails this after 10 s.
-fn spool_files(d: &Daemon) -> usize {
+/// Entries in `spool/queue` once `spool/tmp` is empty. Retry attempts
+/// rewrite metadata through a short-lived temp file, so `tmp/` may hold one
+/// for a moment; a half-written entry left by a failed store never goes
+/// away, and fails this after 10 s.
+fn spool_entries(d: &Daemon) -> usize {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     while count(d, "spool/tmp") != 0 {
         assert!(
@@ -38,7 +38,7 @@ fn spool_files(d: &Daemon) -> usize {
         );
         std::thread::sleep(std::time::Duration::from_millis(10));
     }
-    count(d, "spool/queue")
+    queue_entries(&d.dir.join("spool/queue"))
 }
 
 #[test]
@@ -56,14 +56,14 @@ fn fsync_failure_gives_451_and_leaves_nothing() {
     let d = Daemon::start_wrapped(dir.path(), &["fiu-run", "-x", "-f", &ctrl]);
     let r = smtp_send(d.smtp, "app@legacy.local", &["a@example.com"], MSG);
     assert!(r.starts_with("250"), "{r}");
-    let before = spool_files(&d);
-    assert_eq!(before, 2, "one committed entry: .eml + .json");
+    let before = spool_entries(&d);
+    assert_eq!(before, 1, "one committed entry");
 
     // The spool syncs files with fdatasync and directories with fsync: fail both.
     fiu_ctrl(d.pid(), &ctrl, "enable name=posix/io/sync/*,failinfo=5");
     let r = smtp_send(d.smtp, "app@legacy.local", &["b@example.com"], MSG);
     assert!(r.starts_with("451 4.3.0"), "{r}");
-    assert_eq!(spool_files(&d), before, "no half entry");
+    assert_eq!(spool_entries(&d), before, "no half entry");
 
     fiu_ctrl(d.pid(), &ctrl, "enable name=posix/io/sync/*,failinfo=28");
     let r = smtp_send(d.smtp, "app@legacy.local", &["c@example.com"], MSG);
@@ -72,12 +72,12 @@ fn fsync_failure_gives_451_and_leaves_nothing() {
         "ENOSPC is 'insufficient storage': {r}\n{}",
         d.log()
     );
-    assert_eq!(spool_files(&d), before);
+    assert_eq!(spool_entries(&d), before);
 
     fiu_ctrl(d.pid(), &ctrl, "disable name=posix/io/sync/*");
     let r = smtp_send(d.smtp, "app@legacy.local", &["d@example.com"], MSG);
     assert!(r.starts_with("250"), "still serving after the faults: {r}");
-    assert_eq!(spool_files(&d), before + 2);
+    assert_eq!(spool_entries(&d), before + 1);
 }
 
 #[test]
@@ -99,7 +99,7 @@ fn the_250_is_written_only_after_the_spool_is_synced() {
             "-y",
             "-qq",
             "-s",
-            "200",
+            "1000",
             "-e",
             "trace=fsync,fdatasync,rename,renameat,renameat2,write,sendto,writev",
             "-o",
@@ -115,11 +115,19 @@ fn the_250_is_written_only_after_the_spool_is_synced() {
     let pos = |what: &dyn Fn(&str) -> bool| lines.iter().position(|l| what(l));
     let reply = pos(&|l: &str| l.contains(&format!("250 2.0.0 Ok: queued as {id}")))
         .expect("the 250 write");
-    let body_sync = pos(&|l: &str| l.contains("sync(") && l.contains(&format!("tmp/{id}.eml")))
-        .expect("fsync of the body");
-    let meta_sync = pos(&|l: &str| l.contains("sync(") && l.contains(&format!("tmp/{id}.json")))
-        .expect("fsync of the metadata");
-    let commit = pos(&|l: &str| l.contains("rename") && l.contains(&format!("queue/{id}.json")))
+    // One file: the metadata line and the message in one write, then its
+    // sync, then its rename into queue/ (the commit point).
+    let tmp = format!("tmp/{id}.msg>");
+    let written = pos(&|l: &str| {
+        l.contains("write")
+            && l.contains(&tmp)
+            && l.contains(&format!("{{\\\"id\\\":\\\"{id}\\\""))
+            && l.contains("Subject: fault")
+    })
+    .expect("metadata line and message written to the temp file");
+    let body_sync = pos(&|l: &str| l.contains("sync(") && l.contains(&tmp))
+        .expect("fdatasync of the message file");
+    let commit = pos(&|l: &str| l.contains("rename") && l.contains(&format!("queue/{id}.msg")))
         .expect("rename into queue/");
     let dir_sync = lines
         .iter()
@@ -127,8 +135,8 @@ fn the_250_is_written_only_after_the_spool_is_synced() {
         .position(|(i, l)| i > commit && l.contains("fsync(") && l.contains("/queue>"))
         .expect("fsync of queue/");
     assert!(
-        body_sync < commit && meta_sync < commit,
-        "files synced before the rename"
+        written < body_sync && body_sync < commit,
+        "the file written, then synced, then renamed"
     );
     assert!(
         commit < dir_sync && dir_sync < reply,
@@ -200,9 +208,13 @@ fn streamed_data_is_queued_whole_and_a_cut_or_refused_one_leaves_nothing() {
     let r = end_data(start_data(d.smtp, body.as_bytes()));
     assert!(r.starts_with("250 2.0.0 Ok: queued as "), "{r}");
     let id = r.trim_end().rsplit(' ').next().unwrap().to_string();
-    assert_eq!(spool_files(&d), 2);
-    let queued = std::fs::read(d.dir.join(format!("spool/queue/{id}.eml"))).unwrap();
+    assert_eq!(spool_entries(&d), 1);
+    // Written as it arrived: the file opens with an empty line, its metadata
+    // is beside it.
+    let queued = std::fs::read(d.dir.join(format!("spool/queue/{id}.msg"))).unwrap();
+    assert!(d.dir.join(format!("spool/queue/{id}.json")).exists());
     let text = String::from_utf8(queued).unwrap();
+    let text = text.strip_prefix('\n').expect("an empty first line");
     assert!(text.starts_with("Received: from c "), "{}", &text[..200]);
     let at = text.find("Subject: big\r\n").expect("the header kept");
     let header_and_body = &text[at..];
@@ -218,10 +230,10 @@ fn streamed_data_is_queued_whole_and_a_cut_or_refused_one_leaves_nothing() {
     // Gone mid-DATA after 1 MB (well past the session's buffer, so the
     // temp file exists): nothing stays.
     drop(start_data(d.smtp, line.repeat(1000).as_bytes()));
-    assert_eq!(spool_files(&d), 2, "a cut message left an entry");
+    assert_eq!(spool_entries(&d), 1, "a cut message left an entry");
 
     // Over the limit: 552 at the end, nothing stays, the session goes on.
     let r = end_data(start_data(d.smtp, line.repeat(4100).as_bytes()));
     assert!(r.starts_with("552 5.3.4"), "{r}");
-    assert_eq!(spool_files(&d), 2);
+    assert_eq!(spool_entries(&d), 1);
 }

@@ -44,7 +44,7 @@ fn private_modes_under_umask_0() {
     spool.store(&m, body).unwrap();
     m.attempts = 1;
     spool.update(&m).unwrap();
-    for f in ["queue/m1.eml", "queue/m1.json", "lock"] {
+    for f in ["queue/m1.msg", "queue/m1.json", "lock"] {
         assert_eq!(mode(&root.join(f)), 0o600, "{f}");
     }
     drop(spool);

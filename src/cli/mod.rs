@@ -502,13 +502,11 @@ fn queue(cfg: &Config, action: QueueAction) -> ExitCode {
                 eprintln!("mailbridge: `{id}` is not a queue id");
                 return ExitCode::from(BAD_CONFIG);
             }
-            let meta = std::fs::read(root.join("queue").join(format!("{id}.json")));
-            let body = std::fs::read(root.join("queue").join(format!("{id}.eml")));
-            match (meta, body) {
-                (Ok(meta), Ok(body)) => {
+            match crate::spool::read_entry(&root, &id) {
+                Ok((meta, body)) => {
                     // Escaped: a header (or a tampered file) must not drive the terminal.
-                    let meta = String::from_utf8_lossy(&meta);
-                    outln!("{}", crate::text::for_terminal(meta.trim_end()));
+                    let meta = serde_json::to_string_pretty(&meta).unwrap_or_default();
+                    outln!("{}", crate::text::for_terminal(&meta));
                     let (_, end) = crate::message::fields(&body);
                     let head = String::from_utf8_lossy(&body[..end]);
                     outln!("\n{}", crate::text::for_terminal(head.trim_end()));

@@ -39,7 +39,7 @@ impl Scheduler {
         let spool = self.spool().clone();
         let Submission {
             mut meta,
-            mut draft,
+            draft,
             tail,
             replace,
         } = sub;
@@ -48,12 +48,7 @@ impl Scheduler {
             if replace {
                 spool.remove(&meta.id)?;
             }
-            if !tail.is_empty() {
-                draft
-                    .write(&tail)
-                    .map_err(crate::spool::SpoolError::from_write)?;
-            }
-            spool.commit(draft, &mut meta).map(|()| meta)
+            spool.commit(draft, &mut meta, &tail).map(|()| meta)
         })
         .await;
         match stored {

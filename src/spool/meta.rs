@@ -1,4 +1,4 @@
-//! The metadata kept beside each spooled message: envelope, per-recipient status and retry state, as human-readable JSON.
+//! The metadata of each spooled message (envelope, per-recipient status and retry state) as human-readable JSON, and the sans-IO reader of the metadata line that opens a spool entry file.
 
 use serde::{Deserialize, Serialize};
 
@@ -53,7 +53,8 @@ impl Rcpt {
     }
 }
 
-/// A spooled message's metadata (`queue/<id>.json`).
+/// A spooled message's metadata: the first line of `queue/<id>.msg`, or
+/// `queue/<id>.json` beside it (which overrides that line).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Meta {
@@ -63,7 +64,8 @@ pub struct Meta {
     pub from: String,
     /// Envelope recipients and their status.
     pub rcpts: Vec<Rcpt>,
-    /// Size of the `.eml` in bytes (a shorter file is a torn write).
+    /// Size of the message in bytes, not counting the metadata line in
+    /// front of it (a shorter file is a torn write).
     pub size: u64,
     /// When the message was accepted (Unix seconds).
     pub received_at: u64,
@@ -154,9 +156,91 @@ impl Meta {
     }
 }
 
+/// The longest metadata line a spool entry may open with.
+pub const MAX_HEAD_LINE: usize = 1024 * 1024;
+
+/// The first line of a spool entry file for `meta`: its JSON on one line
+/// (JSON escapes every control character inside strings, so the only
+/// newline is the one that ends it).
+pub fn head_line(meta: &Meta) -> Result<Vec<u8>, serde_json::Error> {
+    let mut line = serde_json::to_vec(meta)?;
+    line.push(b'\n');
+    Ok(line)
+}
+
+/// The first line of a spool entry file that was started before its
+/// metadata was known (a large message written as it arrived): an empty
+/// line; the metadata is in the `.json` beside it.
+pub const STUB_LINE: &[u8] = b"\n";
+
+/// What the first bytes of a spool entry file say.
+#[derive(Debug)]
+pub enum Head {
+    /// No newline yet: read more (up to [`MAX_HEAD_LINE`]).
+    Incomplete,
+    /// An empty first line: the metadata is in the `.json` beside it. The
+    /// message starts at this offset.
+    Stub(u64),
+    /// The metadata line, and the offset where the message starts.
+    Meta(Box<Meta>, u64),
+}
+
+/// Where the first line of `prefix` (the first bytes of a spool entry
+/// file) ends: the offset just past its newline, `None` when there is no
+/// newline yet (read more), an error past [`MAX_HEAD_LINE`].
+pub fn line_end(prefix: &[u8]) -> Result<Option<u64>, String> {
+    match prefix.iter().take(MAX_HEAD_LINE).position(|&b| b == b'\n') {
+        Some(nl) => Ok(Some(nl as u64 + 1)),
+        None if prefix.len() >= MAX_HEAD_LINE => Err(format!(
+            "no metadata line in the first {MAX_HEAD_LINE} bytes"
+        )),
+        None => Ok(None),
+    }
+}
+
+/// Read the metadata line at the start of `prefix` (the first bytes of a
+/// spool entry file). Sans-IO: the caller reads, this decides.
+pub fn parse_head(prefix: &[u8]) -> Result<Head, String> {
+    let Some(start) = line_end(prefix)? else {
+        return Ok(Head::Incomplete);
+    };
+    if start == 1 {
+        return Ok(Head::Stub(start));
+    }
+    let line = &prefix[..start as usize - 1];
+    let meta: Meta = serde_json::from_slice(line).map_err(|e| format!("bad metadata: {e}"))?;
+    Ok(Head::Meta(Box::new(meta), start))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn head_line_round_trip() {
+        let mut m = Meta::new("id1".into(), "a@b".into(), vec!["c@d".into()], 3, 5);
+        m.last_error = Some("451 line\r\nbreak".into());
+        let mut file = head_line(&m).unwrap();
+        let line_len = file.len() as u64;
+        assert_eq!(file.iter().filter(|&&b| b == b'\n').count(), 1);
+        file.extend_from_slice(b"x\r\n");
+        match parse_head(&file).unwrap() {
+            Head::Meta(back, start) => {
+                assert_eq!(start, line_len);
+                assert_eq!(back.last_error, m.last_error);
+                assert_eq!(back.size, 3);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(parse_head(&file[..10]), Ok(Head::Incomplete)));
+        assert!(matches!(parse_head(b"\nFrom: x\r\n"), Ok(Head::Stub(1))));
+        assert!(parse_head(b"{\"id\":\n").is_err());
+        assert!(
+            parse_head(b"Received: from x\r\n").is_err(),
+            "an old body is no entry"
+        );
+        assert!(parse_head(&vec![b' '; MAX_HEAD_LINE]).is_err());
+    }
 
     #[test]
     fn json_round_trip() {

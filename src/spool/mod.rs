@@ -1,9 +1,21 @@
-//! The durable queue: one `.eml` body and one `.json` metadata file per message, fsynced and renamed into place before the client hears `250`.
+//! The durable queue: one file per message (a metadata line, then the message), fsynced and renamed into place before the client hears `250`.
 //!
 //! Layout under the spool directory:
 //! - `tmp/`: files being written; never loaded, emptied at start.
-//! - `queue/<id>.eml` + `queue/<id>.json`: a committed message. The `.json`
-//!   is renamed in last, so its presence is the commit point.
+//! - `queue/<id>.msg`: a committed message. Its first line is the metadata
+//!   ([`Meta`]) as one line of JSON, the message (RFC 5322, CRLF) follows,
+//!   so `less` shows both. Its rename into `queue/` is the commit point; one
+//!   write, one `fdatasync`, one rename and a shared directory fsync per
+//!   message.
+//! - `queue/<id>.json` beside it, when present, overrides that first line:
+//!   retry state written after an attempt ([`Spool::update`]), and the
+//!   metadata of a message whose file was started before its metadata was
+//!   known (a large one, written as it arrived: its first line is empty and
+//!   the `.json`'s rename is the commit point). A message delivered at the
+//!   first attempt never has one.
+//! - `queue/<id>.eml` + `queue/<id>.json`: the layout of earlier versions
+//!   (message and metadata apart), still loaded, updated and removed, so an
+//!   upgrade keeps what was queued.
 //! - `corrupt/`: entries that could not be loaded, moved aside for an operator.
 //! - `lock`: held (`flock`, exclusive) by whoever has the spool open; see [`lock`].
 //!
@@ -15,7 +27,8 @@ pub mod meta;
 
 use parking_lot::{Condvar, Mutex};
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Write};
+use std::io::{self, IoSlice, Seek, Write};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -23,6 +36,8 @@ use std::time::{Duration, Instant};
 use crate::common::fs::{create_private, create_private_dir, write_synced};
 
 pub use meta::{Meta, Rcpt, RcptStatus};
+
+use meta::Head;
 
 /// A new queue id: 13 hex digits of microseconds since the epoch and 6 random
 /// hex digits, so ids sort by arrival and are safe as file names.
@@ -52,13 +67,6 @@ pub enum SpoolError {
     /// Writing or syncing failed.
     #[error("spool I/O error: {0}")]
     Io(#[from] io::Error),
-}
-
-impl SpoolError {
-    /// A failed write of a message file (a full disk is [`SpoolError::Full`]).
-    pub fn from_write(e: io::Error) -> SpoolError {
-        spool_error(e)
-    }
 }
 
 /// An entry that could not be loaded at start, and where it went.
@@ -216,15 +224,17 @@ fn spool_error(e: io::Error) -> SpoolError {
     }
 }
 
-/// One message being written to `tmp/<id>.eml` as it arrives (see
-/// [`Spool::draft`]). The file is created at the first write; dropped
-/// without a successful [`Spool::commit`] (a refused message, a client gone
-/// mid-DATA, a write error), the temp file is removed.
+/// One message being written to `tmp/<id>.msg` as it arrives (see
+/// [`Spool::draft`]). The file is created at the first write (a large
+/// message; a small one is written whole at [`Spool::commit`]); dropped
+/// without a successful commit (a refused message, a client gone mid-DATA,
+/// a write error), the temp file is removed.
 #[derive(Debug)]
 pub struct Draft {
     id: String,
     path: PathBuf,
     file: Option<File>,
+    /// Message bytes written so far (the first line not counted).
     len: u64,
 }
 
@@ -244,18 +254,17 @@ impl Draft {
         self.len == 0
     }
 
-    fn file(&mut self) -> io::Result<&mut File> {
-        if self.file.is_none() {
-            self.file = Some(create_private(&self.path)?);
-        }
-        self.file
-            .as_mut()
-            .ok_or_else(|| io::Error::other("draft file not open"))
-    }
-
-    /// Append `bytes` (blocking: call it off the async runtime).
+    /// Append `bytes` (blocking: call it off the async runtime). The file
+    /// created by the first write opens with an empty line: its metadata is
+    /// not known yet and will go beside it.
     pub fn write(&mut self, bytes: &[u8]) -> io::Result<()> {
-        self.file()?.write_all(bytes)?;
+        match &mut self.file {
+            Some(f) => f.write_all(bytes)?,
+            None => {
+                let f = self.file.insert(create_private(&self.path)?);
+                write_all_parts(f, &[meta::STUB_LINE, bytes])?;
+            }
+        }
         self.len += bytes.len() as u64;
         Ok(())
     }
@@ -325,6 +334,11 @@ impl Spool {
         self.len() == 0
     }
 
+    fn msg_path(&self, id: &str) -> PathBuf {
+        self.queue.join(format!("{id}.msg"))
+    }
+
+    /// The message of an entry in the earlier layout.
     fn body_path(&self, id: &str) -> PathBuf {
         self.queue.join(format!("{id}.eml"))
     }
@@ -344,7 +358,14 @@ impl Spool {
         for name in &names {
             let (stem, ext) = name.rsplit_once('.').unwrap_or_default();
             let problem = match ext {
-                "json" if is_valid_id(stem) => match self.load_one(stem) {
+                // An entry with a `.json` is loaded once, under that name.
+                "msg"
+                    if is_valid_id(stem)
+                        && names.binary_search(&format!("{stem}.json")).is_ok() =>
+                {
+                    None
+                }
+                "json" | "msg" if is_valid_id(stem) => match self.load_one(stem) {
                     Ok(m) => {
                         metas.push(m);
                         None
@@ -364,6 +385,7 @@ impl Spool {
             if let Some(reason) = problem {
                 self.move_aside(name);
                 if ext == "json" {
+                    self.move_aside(&format!("{stem}.msg"));
                     self.move_aside(&format!("{stem}.eml"));
                 }
                 corrupt.push(Corrupt {
@@ -376,21 +398,24 @@ impl Spool {
     }
 
     fn load_one(&self, id: &str) -> Result<Meta, String> {
-        let text =
-            fs::read(self.meta_path(id)).map_err(|e| format!("cannot read metadata: {e}"))?;
-        let meta: Meta = serde_json::from_slice(&text).map_err(|e| format!("bad metadata: {e}"))?;
+        let found = find(&self.queue, id).map_err(|e| e.to_string())?;
+        let meta = found.meta;
         if meta.id != id {
             return Err(format!("metadata names id {:?}", meta.id));
         }
         meta.check().map_err(|e| format!("bad metadata: {e}"))?;
-        match fs::metadata(self.body_path(id)) {
-            Ok(m) if m.len() == meta.size => Ok(meta),
-            Ok(m) => Err(format!(
-                "body is {} bytes, metadata says {}",
-                m.len(),
+        let len = found
+            .file
+            .metadata()
+            .map_err(|e| format!("cannot read the message file: {e}"))?
+            .len();
+        match len.checked_sub(found.start) {
+            Some(n) if n == meta.size => Ok(meta),
+            n => Err(format!(
+                "message is {} bytes, metadata says {} (a torn write)",
+                n.unwrap_or(0),
                 meta.size
             )),
-            Err(e) => Err(format!("body missing: {e}")),
         }
     }
 
@@ -406,7 +431,7 @@ impl Spool {
     /// [`Spool::commit`]. Nothing touches the disk before the first write.
     pub fn draft(&self, id: &str) -> Draft {
         Draft {
-            path: self.tmp.join(format!("{id}.eml")),
+            path: self.tmp.join(format!("{id}.msg")),
             id: id.to_string(),
             file: None,
             len: 0,
@@ -416,31 +441,32 @@ impl Spool {
     /// Store a new message held in memory (a DSN, a test message): a
     /// [`Draft`] with `body`, committed at once.
     pub fn store(&self, meta: &Meta, body: &[u8]) -> Result<(), SpoolError> {
-        let mut draft = self.draft(&meta.id);
+        let draft = self.draft(&meta.id);
         let mut meta = meta.clone();
-        if let Err(e) = draft.write(body) {
-            return Err(spool_error(e));
-        }
-        self.commit(draft, &mut meta)
+        self.commit(draft, &mut meta, body)
     }
 
-    /// Make a written message durable: `meta.size` is set to the file's
-    /// length, the body and the metadata are fdatasynced, renamed into
-    /// `queue/` (metadata last: the commit point) and the directory is
+    /// Make a message durable: `tail` is appended to what `draft` holds,
+    /// `meta.size` is set to the message's length, and the message goes
+    /// into `queue/` (see the module's layout): a draft never written is
+    /// written now as one file, metadata line first, fdatasynced and
+    /// renamed (the commit point); a draft already started is
+    /// fdatasynced, its metadata written beside it and fdatasynced, both
+    /// renamed (the `.json` last: the commit point). Then the directory is
     /// fsynced (shared with concurrent commits). Returns only then; on error
     /// nothing is left behind.
-    pub fn commit(&self, mut draft: Draft, meta: &mut Meta) -> Result<(), SpoolError> {
-        meta.size = draft.len;
+    pub fn commit(&self, mut draft: Draft, meta: &mut Meta, tail: &[u8]) -> Result<(), SpoolError> {
+        meta.size = draft.len + tail.len() as u64;
         let reserved = self.count.fetch_add(1, Ordering::SeqCst);
         if reserved >= self.max_messages {
             self.count.fetch_sub(1, Ordering::SeqCst);
             return Err(SpoolError::Full(format!("{} messages queued", reserved)));
         }
-        let result = self.commit_files(&mut draft, meta);
+        let result = self.commit_files(&mut draft, meta, tail);
         if let Err(e) = result {
             self.count.fetch_sub(1, Ordering::SeqCst);
             let _ = fs::remove_file(self.meta_path(&meta.id));
-            let _ = fs::remove_file(self.body_path(&meta.id));
+            let _ = fs::remove_file(self.msg_path(&meta.id));
             let _ = fs::remove_file(self.tmp.join(format!("{}.json", meta.id)));
             // Dropping the draft removes tmp/<id>.eml.
             return Err(spool_error(e));
@@ -448,22 +474,37 @@ impl Spool {
         Ok(())
     }
 
-    fn commit_files(&self, draft: &mut Draft, meta: &Meta) -> io::Result<()> {
+    fn commit_files(&self, draft: &mut Draft, meta: &Meta, tail: &[u8]) -> io::Result<()> {
         if draft.id != meta.id {
             return Err(io::Error::other("draft and metadata name different ids"));
         }
-        let json = serde_json::to_vec_pretty(meta).map_err(io::Error::other)?;
-        let tmp_meta = self.tmp.join(format!("{}.json", meta.id));
-        draft.file()?.sync_data()?;
-        write_synced(&tmp_meta, &json)?;
-        fs::rename(&draft.path, self.body_path(&meta.id))?;
-        // Renamed: no longer ours to remove when dropped.
-        draft.file = None;
-        fs::rename(&tmp_meta, self.meta_path(&meta.id))?;
+        match &mut draft.file {
+            None => {
+                // The whole message is here: one file, one write, one sync.
+                let head = meta::head_line(meta).map_err(io::Error::other)?;
+                let f = draft.file.insert(create_private(&draft.path)?);
+                write_all_parts(f, &[&head, tail])?;
+                f.sync_data()?;
+                fs::rename(&draft.path, self.msg_path(&meta.id))?;
+                // Renamed: no longer ours to remove when dropped.
+                draft.file = None;
+            }
+            Some(f) => {
+                f.write_all(tail)?;
+                f.sync_data()?;
+                let json = serde_json::to_vec_pretty(meta).map_err(io::Error::other)?;
+                let tmp_meta = self.tmp.join(format!("{}.json", meta.id));
+                write_synced(&tmp_meta, &json)?;
+                fs::rename(&draft.path, self.msg_path(&meta.id))?;
+                draft.file = None;
+                fs::rename(&tmp_meta, self.meta_path(&meta.id))?;
+            }
+        }
         self.queue_sync.sync(&self.queue_dir)
     }
 
-    /// Replace an entry's metadata atomically.
+    /// Replace an entry's metadata atomically: `queue/<id>.json`, which
+    /// overrides the first line of the entry's file.
     pub fn update(&self, meta: &Meta) -> io::Result<()> {
         let json = serde_json::to_vec_pretty(meta).map_err(io::Error::other)?;
         let tmp = self
@@ -478,23 +519,33 @@ impl Spool {
         self.queue_sync.sync(&self.queue_dir)
     }
 
-    /// Read a message body.
+    /// Read a message (the whole RFC 5322 message, without the metadata line).
     pub fn read_body(&self, id: &str) -> io::Result<Vec<u8>> {
-        fs::read(self.body_path(id))
+        let mut file = self.open_body(id)?;
+        let mut out = Vec::new();
+        io::Read::read_to_end(&mut file, &mut out)?;
+        Ok(out)
     }
 
-    /// Open a message body for reading (delivery reads it in chunks; see
-    /// [`crate::transport::Body`]). The file holds the whole RFC 5322
-    /// message; it is never followed through a symlink.
+    /// Open a message for reading (delivery reads it in chunks; see
+    /// [`crate::transport::Body`]), positioned at its first byte: past the
+    /// metadata line, or at 0 for an entry in the earlier layout. From
+    /// there to its end the file holds the whole RFC 5322 message. Never
+    /// followed through a symlink.
     pub fn open_body(&self, id: &str) -> io::Result<File> {
-        use std::os::unix::fs::OpenOptionsExt;
-        OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_NOFOLLOW)
-            .open(self.body_path(id))
+        match open_nofollow(&self.msg_path(id)) {
+            Ok(mut file) => {
+                let start = first_line(&file)?.len() as u64;
+                file.seek(io::SeekFrom::Start(start))?;
+                Ok(file)
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => open_nofollow(&self.body_path(id)),
+            Err(e) => Err(e),
+        }
     }
 
-    /// Read one entry's metadata as it is on disk.
+    /// Read one entry's metadata as it is on disk (its `.json` if it has
+    /// one, else its first line).
     pub fn read_meta(&self, id: &str) -> io::Result<Meta> {
         if !is_valid_id(id) {
             return Err(io::Error::new(
@@ -502,27 +553,32 @@ impl Spool {
                 "not a queue id",
             ));
         }
-        let text = fs::read(self.meta_path(id))?;
-        serde_json::from_slice(&text).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+        find(&self.queue, id).map(|f| f.meta)
     }
 
-    /// Remove an entry (metadata first, so a crash leaves at most an orphan body).
+    /// Remove an entry. The message file goes first and its `.json` (if
+    /// any) after it, so a crash in between leaves a lone `.json`, moved
+    /// aside at start, never the message with its first, stale metadata
+    /// line to be delivered again. An entry in the earlier layout loses its
+    /// metadata first, so a crash leaves at most an orphan body.
     ///
     /// The directory is not fsynced: if the machine loses power before the
     /// kernel writes the unlink, the message comes back at start and is
     /// delivered again. At-least-once is the promise (as Postfix's), and it
     /// saves an fsync per message.
     pub fn remove(&self, id: &str) -> io::Result<()> {
-        let had = match fs::remove_file(self.meta_path(id)) {
-            Ok(()) => true,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => false,
+        let had = match fs::remove_file(self.msg_path(id)) {
+            Ok(()) => {
+                remove_if_there(&self.meta_path(id))?;
+                true
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                let had = remove_if_there(&self.meta_path(id))?;
+                remove_if_there(&self.body_path(id))?;
+                had
+            }
             Err(e) => return Err(e),
         };
-        match fs::remove_file(self.body_path(id)) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => return Err(e),
-        }
         if had {
             self.count.fetch_sub(1, Ordering::SeqCst);
         }
@@ -565,26 +621,163 @@ impl Spool {
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(out),
             Err(e) => return Err(e),
         };
-        for e in rd.flatten() {
-            let p = e.path();
-            if p.extension().and_then(|x| x.to_str()) != Some("json") {
-                continue;
-            }
-            let text = match fs::read(&p) {
-                Ok(t) => t,
+        let mut ids: Vec<String> = rd
+            .flatten()
+            .filter_map(|e| e.file_name().into_string().ok())
+            .filter_map(|name| {
+                let (stem, ext) = name.rsplit_once('.')?;
+                (matches!(ext, "msg" | "json") && is_valid_id(stem)).then(|| stem.to_string())
+            })
+            .collect();
+        ids.sort();
+        ids.dedup();
+        for id in ids {
+            match find(&queue, &id) {
+                Ok(found) => out.push(found.meta),
                 // Unreadable to this user: an error, not "nothing queued".
-                Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {
-                    return Err(io::Error::new(e.kind(), format!("{}: {e}", p.display())));
-                }
+                Err(e) if e.kind() == io::ErrorKind::PermissionDenied => return Err(e),
                 Err(_) => continue,
-            };
-            if let Ok(m) = serde_json::from_slice::<Meta>(&text) {
-                out.push(m);
             }
         }
-        out.sort_by(|a, b| a.id.cmp(&b.id));
         Ok(out)
     }
+}
+
+/// Entry `id` of the spool at `root`, read without opening the spool (the
+/// CLI's `queue show` while a daemon holds it): its metadata and its
+/// message.
+pub fn read_entry(root: &Path, id: &str) -> io::Result<(Meta, Vec<u8>)> {
+    if !is_valid_id(id) {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "not a queue id",
+        ));
+    }
+    let found = find(&root.join("queue"), id)?;
+    let mut file = found.file;
+    file.seek(io::SeekFrom::Start(found.start))?;
+    let mut message = Vec::new();
+    io::Read::read_to_end(&mut file, &mut message)?;
+    Ok((found.meta, message))
+}
+
+/// An entry as found in `queue/`.
+struct Found {
+    meta: Meta,
+    /// The file that holds the message, from `start` to its end.
+    file: File,
+    start: u64,
+}
+
+/// Read entry `id` in `queue`: the `.json` beside its `.msg` overrides the
+/// `.msg`'s first line; an entry in the earlier layout is `.eml` + `.json`.
+/// No entry at all is [`io::ErrorKind::NotFound`]; an unreadable one
+/// [`io::ErrorKind::InvalidData`]. Errors name the file.
+fn find(queue: &Path, id: &str) -> io::Result<Found> {
+    let named =
+        |e: io::Error, path: &Path| io::Error::new(e.kind(), format!("{}: {e}", path.display()));
+    let bad = |why: String, path: &Path| {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("{}: {why}", path.display()),
+        )
+    };
+    let json_path = queue.join(format!("{id}.json"));
+    let sidecar = match fs::read(&json_path) {
+        Ok(text) => Some(text),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+        Err(e) => return Err(named(e, &json_path)),
+    };
+    let msg_path = queue.join(format!("{id}.msg"));
+    let (file, head, path) = match open_nofollow(&msg_path) {
+        Ok(file) => {
+            let line = first_line(&file).map_err(|e| named(e, &msg_path))?;
+            (file, Some(line), msg_path)
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound && sidecar.is_some() => {
+            let eml = queue.join(format!("{id}.eml"));
+            let file = open_nofollow(&eml).map_err(|e| {
+                io::Error::new(e.kind(), format!("message missing: {}: {e}", eml.display()))
+            })?;
+            (file, None, eml)
+        }
+        Err(e) => return Err(named(e, &msg_path)),
+    };
+    let start = head.as_ref().map_or(0, |l| l.len() as u64);
+    let meta = match sidecar {
+        Some(text) => serde_json::from_slice(&text)
+            .map_err(|e| bad(format!("bad metadata: {e}"), &json_path))?,
+        None => match meta::parse_head(head.as_deref().unwrap_or_default()) {
+            Ok(Head::Meta(meta, _)) => *meta,
+            Ok(_) => return Err(bad("metadata missing (never acknowledged)".into(), &path)),
+            Err(why) => return Err(bad(why, &path)),
+        },
+    };
+    Ok(Found { meta, file, start })
+}
+
+/// The first line of a spool entry file, its newline included (read in
+/// growing pieces: the metadata line is usually well under 4 KiB). A file
+/// without one within [`meta::MAX_HEAD_LINE`] is an error.
+fn first_line(file: &File) -> io::Result<Vec<u8>> {
+    let mut buf = vec![0u8; 4096];
+    let mut have = 0;
+    loop {
+        let n = file.read_at(&mut buf[have..], have as u64)?;
+        have += n;
+        match meta::line_end(&buf[..have]) {
+            Ok(Some(end)) => {
+                buf.truncate(end as usize);
+                return Ok(buf);
+            }
+            Ok(None) if n == 0 => {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "no metadata line (a torn write)",
+                ));
+            }
+            Ok(None) => {
+                if have == buf.len() {
+                    buf.resize((buf.len() * 2).min(meta::MAX_HEAD_LINE), 0);
+                }
+            }
+            Err(why) => return Err(io::Error::new(io::ErrorKind::InvalidData, why)),
+        }
+    }
+}
+
+/// Open `path` for reading, never through a symlink.
+fn open_nofollow(path: &Path) -> io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+}
+
+/// Remove `path`; whether it was there.
+fn remove_if_there(path: &Path) -> io::Result<bool> {
+    match fs::remove_file(path) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// Write all of `parts` to `f` in as few `writev` calls as the kernel allows.
+fn write_all_parts(f: &mut File, parts: &[&[u8]]) -> io::Result<()> {
+    let mut slices: Vec<IoSlice<'_>> = parts.iter().map(|p| IoSlice::new(p)).collect();
+    let mut left = &mut slices[..];
+    IoSlice::advance_slices(&mut left, 0);
+    while !left.is_empty() {
+        match f.write_vectored(left) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => IoSlice::advance_slices(&mut left, n),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

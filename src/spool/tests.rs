@@ -1,4 +1,4 @@
-//! Tests of the spool: store, reload, remove, corrupt entries, group-committed directory syncs, the lock, and files never written through a symlink.
+//! Tests of the spool: store, reload, remove, one file per message with its metadata beside it once updated, entries of the earlier two-file layout, corrupt and torn entries, group-committed directory syncs, the lock, and files never written through a symlink.
 
 use super::*;
 
@@ -55,7 +55,9 @@ fn bad_entries_are_moved_aside_and_good_ones_load() {
     s.store(&meta("short", b"hello"), b"hello").unwrap();
     drop(s);
     let q = dir.path().join("queue");
-    fs::write(q.join("short.eml"), b"hel").unwrap(); // truncated body
+    // A torn write: the file shorter than its metadata line says.
+    let short = fs::read(q.join("short.msg")).unwrap();
+    fs::write(q.join("short.msg"), &short[..short.len() - 2]).unwrap();
     fs::write(q.join("garbage.json"), b"{not json").unwrap();
     fs::write(q.join("empty.json"), b"").unwrap();
     fs::write(q.join("empty.eml"), b"").unwrap();
@@ -68,12 +70,17 @@ fn bad_entries_are_moved_aside_and_good_ones_load() {
         ["good"]
     );
     assert_eq!(bad.len(), 5, "{bad:?}");
+    assert!(
+        bad.iter()
+            .any(|c| c.name == "short.msg" && c.reason.contains("torn write")),
+        "{bad:?}"
+    );
     assert_eq!(s.len(), 1);
     let left: Vec<_> = fs::read_dir(&q)
         .unwrap()
         .map(|e| e.unwrap().file_name())
         .collect();
-    assert_eq!(left.len(), 2, "{left:?}");
+    assert_eq!(left, ["good.msg"]);
     assert!(
         fs::read_dir(dir.path().join("tmp"))
             .unwrap()
@@ -180,7 +187,7 @@ fn files_are_created_new_and_never_through_a_symlink() {
     let victim = dir.path().join("victim");
     fs::write(&victim, b"keep").unwrap();
     // A symlink planted where the next temp file goes.
-    std::os::unix::fs::symlink(&victim, dir.path().join("tmp").join("evil.eml")).unwrap();
+    std::os::unix::fs::symlink(&victim, dir.path().join("tmp").join("evil.msg")).unwrap();
     assert!(s.store(&meta("evil", b"payload"), b"payload").is_err());
     assert_eq!(fs::read(&victim).unwrap(), b"keep");
     assert!(write_synced(&dir.path().join("victim"), b"x").is_err());
@@ -201,4 +208,186 @@ fn ids_are_unique_and_safe() {
     assert_ne!(a, b);
     assert!(is_valid_id(&a) && a.len() == 19);
     assert!(!is_valid_id("../x") && !is_valid_id(""));
+}
+
+fn names(dir: &Path) -> Vec<String> {
+    let mut n: Vec<String> = fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    n.sort();
+    n
+}
+
+#[test]
+fn a_small_message_is_one_readable_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let (s, _, _) = Spool::open(dir.path(), 10).unwrap();
+    let body = b"Subject: x\r\n\r\nhi\r\n";
+    s.store(&meta("one", body), body).unwrap();
+    let q = dir.path().join("queue");
+    assert_eq!(names(&q), ["one.msg"]);
+    let file = fs::read(q.join("one.msg")).unwrap();
+    let nl = file.iter().position(|&b| b == b'\n').unwrap();
+    let line: Meta = serde_json::from_slice(&file[..nl]).unwrap();
+    assert_eq!((line.id.as_str(), line.size), ("one", body.len() as u64));
+    assert_eq!(
+        &file[nl + 1..],
+        body,
+        "the message follows the metadata line"
+    );
+    assert_eq!(s.read_body("one").unwrap(), body);
+    let mut f = s.open_body("one").unwrap();
+    let mut from_here = Vec::new();
+    io::Read::read_to_end(&mut f, &mut from_here).unwrap();
+    assert_eq!(from_here, body, "open_body is positioned at the message");
+    assert_eq!(s.read_meta("one").unwrap().size, body.len() as u64);
+    let (m, msg) = read_entry(dir.path(), "one").unwrap();
+    assert_eq!((m.id.as_str(), msg.as_slice()), ("one", &body[..]));
+    s.remove("one").unwrap();
+    assert!(names(&q).is_empty());
+    assert_eq!(s.len(), 0);
+}
+
+#[test]
+fn an_update_goes_beside_the_file_and_overrides_its_first_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let (s, _, _) = Spool::open(dir.path(), 10).unwrap();
+    let mut m = meta("u2", b"x");
+    s.store(&m, b"x").unwrap();
+    m.attempts = 2;
+    s.update(&m).unwrap();
+    let q = dir.path().join("queue");
+    assert_eq!(names(&q), ["u2.json", "u2.msg"]);
+    assert_eq!(s.read_meta("u2").unwrap().attempts, 2);
+    assert_eq!(Spool::list(dir.path()).unwrap()[0].attempts, 2);
+    assert_eq!(s.read_body("u2").unwrap(), b"x");
+    drop(s);
+    let (s, loaded, bad) = Spool::open(dir.path(), 10).unwrap();
+    assert_eq!((loaded.len(), loaded[0].attempts, bad.len()), (1, 2, 0));
+    s.remove("u2").unwrap();
+    assert!(names(&q).is_empty());
+    assert_eq!(s.len(), 0);
+}
+
+#[test]
+fn a_message_written_as_it_arrived_gets_its_metadata_beside_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let (s, _, _) = Spool::open(dir.path(), 10).unwrap();
+    let mut draft = s.draft("big");
+    draft.write(b"Subject: big\r\n\r\n").unwrap();
+    draft.write(b"part one\r\n").unwrap();
+    assert_eq!(draft.len(), 26);
+    let mut m = meta("big", b"");
+    s.commit(draft, &mut m, b"tail\r\n").unwrap();
+    assert_eq!(m.size, 32);
+    let q = dir.path().join("queue");
+    assert_eq!(names(&q), ["big.json", "big.msg"]);
+    assert!(names(&dir.path().join("tmp")).is_empty());
+    let want = b"Subject: big\r\n\r\npart one\r\ntail\r\n";
+    assert_eq!(
+        fs::read(q.join("big.msg")).unwrap(),
+        [&b"\n"[..], want].concat()
+    );
+    assert_eq!(s.read_body("big").unwrap(), want);
+    drop(s);
+    let (s, loaded, bad) = Spool::open(dir.path(), 10).unwrap();
+    assert_eq!((loaded.len(), loaded[0].size, bad.len()), (1, 32, 0));
+    s.remove("big").unwrap();
+    assert!(names(&q).is_empty());
+}
+
+#[test]
+fn a_file_without_metadata_is_never_loaded() {
+    // Renamed into queue/ but its .json never followed (a crash between
+    // the two renames of a large message): never acknowledged.
+    let dir = tempfile::tempdir().unwrap();
+    let (s, _, _) = Spool::open(dir.path(), 10).unwrap();
+    drop(s);
+    let q = dir.path().join("queue");
+    fs::write(q.join("stub.msg"), b"\nSubject: x\r\n\r\nhi\r\n").unwrap();
+    fs::write(q.join("noline.msg"), b"{\"id\":\"noline\"").unwrap();
+    let (_, loaded, bad) = Spool::open(dir.path(), 10).unwrap();
+    assert!(loaded.is_empty());
+    let mut reasons: Vec<_> = bad
+        .iter()
+        .map(|c| (c.name.as_str(), c.reason.as_str()))
+        .collect();
+    reasons.sort();
+    assert_eq!(reasons.len(), 2);
+    assert!(
+        reasons[0].0 == "noline.msg" && reasons[0].1.contains("no metadata line"),
+        "{reasons:?}"
+    );
+    assert!(
+        reasons[1].0 == "stub.msg" && reasons[1].1.contains("never acknowledged"),
+        "{reasons:?}"
+    );
+    assert!(names(&q).is_empty());
+    assert_eq!(
+        names(&dir.path().join("corrupt")),
+        ["noline.msg", "stub.msg"]
+    );
+}
+
+#[test]
+fn entries_of_the_two_file_layout_still_load_update_and_go() {
+    let dir = tempfile::tempdir().unwrap();
+    let (s, _, _) = Spool::open(dir.path(), 10).unwrap();
+    drop(s);
+    // As earlier versions wrote them: the message alone in .eml, pretty JSON beside it.
+    let q = dir.path().join("queue");
+    let body = b"Subject: old\r\n\r\nqueued before the upgrade\r\n";
+    let m = meta("old1", body);
+    fs::write(q.join("old1.eml"), body).unwrap();
+    fs::write(q.join("old1.json"), serde_json::to_vec_pretty(&m).unwrap()).unwrap();
+    let (s, loaded, bad) = Spool::open(dir.path(), 10).unwrap();
+    assert_eq!((loaded.len(), bad.len()), (1, 0), "{bad:?}");
+    assert_eq!(s.read_body("old1").unwrap(), body);
+    let mut f = s.open_body("old1").unwrap();
+    let mut all = Vec::new();
+    io::Read::read_to_end(&mut f, &mut all).unwrap();
+    assert_eq!(all, body);
+    assert_eq!(read_entry(dir.path(), "old1").unwrap().1, body);
+    assert_eq!(Spool::list(dir.path()).unwrap().len(), 1);
+    let mut m = loaded[0].clone();
+    m.attempts = 1;
+    s.update(&m).unwrap();
+    assert_eq!(s.read_meta("old1").unwrap().attempts, 1);
+    assert_eq!(names(&q), ["old1.eml", "old1.json"]);
+    s.remove("old1").unwrap();
+    assert!(names(&q).is_empty());
+    assert_eq!(s.len(), 0);
+    // A torn body of the old layout is still caught.
+    fs::write(q.join("old2.eml"), b"Subj").unwrap();
+    fs::write(
+        q.join("old2.json"),
+        serde_json::to_vec(&meta("old2", body)).unwrap(),
+    )
+    .unwrap();
+    drop(s);
+    let (_, loaded, bad) = Spool::open(dir.path(), 10).unwrap();
+    assert!(loaded.is_empty());
+    assert_eq!(bad.len(), 1, "{bad:?}");
+    assert_eq!(
+        names(&dir.path().join("corrupt")),
+        ["old2.eml", "old2.json"]
+    );
+}
+
+#[test]
+fn a_failed_commit_leaves_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let (s, _, _) = Spool::open(dir.path(), 10).unwrap();
+    // Draft and metadata disagree: refused before anything is renamed.
+    let draft = s.draft("a");
+    let mut m = meta("b", b"x");
+    assert!(s.commit(draft, &mut m, b"x").is_err());
+    let mut draft = s.draft("c");
+    draft.write(b"started").unwrap();
+    let mut m = meta("d", b"x");
+    assert!(s.commit(draft, &mut m, b"x").is_err());
+    assert!(names(&dir.path().join("tmp")).is_empty());
+    assert!(names(&dir.path().join("queue")).is_empty());
+    assert_eq!(s.len(), 0);
 }

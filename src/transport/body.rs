@@ -7,7 +7,7 @@
 //! whole in memory: reading them in place costs less than chunked I/O.
 
 use std::fs::File;
-use std::io::{self, Write};
+use std::io::{self, Seek, Write};
 use std::os::unix::fs::FileExt;
 use std::sync::{Arc, OnceLock};
 
@@ -80,14 +80,17 @@ impl Body {
         }
     }
 
-    /// The message in `file` (a spool body file). Reads the header block
-    /// (at most [`MAX_HEAD`]), or the whole message when it is small.
-    /// Blocking: call it where blocking file I/O is allowed.
-    pub fn open(file: File) -> io::Result<Body> {
-        let len = file.metadata()?.len();
+    /// The message in `file` (a spool entry file), from the file's current
+    /// position to its end (a spool entry opens with its metadata line;
+    /// [`crate::spool::Spool::open_body`] positions the file past it).
+    /// Reads the header block (at most [`MAX_HEAD`]), or the whole message
+    /// when it is small. Blocking: call it where blocking file I/O is allowed.
+    pub fn open(mut file: File) -> io::Result<Body> {
+        let base = file.stream_position()?;
+        let len = file.metadata()?.len().saturating_sub(base);
         if len <= INLINE_BYTES {
             let mut buf = vec![0u8; len as usize];
-            file.read_exact_at(&mut buf, 0)?;
+            file.read_exact_at(&mut buf, base)?;
             return Ok(Body::memory(buf));
         }
         let mut head = Vec::new();
@@ -96,7 +99,7 @@ impl Body {
             let at = head.len() as u64;
             let n = read_chunk(
                 &file,
-                at,
+                base + at,
                 len - at,
                 &mut chunk[..CHUNK.min(MAX_HEAD - head.len())],
             )?;
@@ -123,7 +126,7 @@ impl Body {
             head: Bytes::from(head),
             rest: Rest::File {
                 file: Arc::new(file),
-                start: split as u64,
+                start: base + split as u64,
                 len: len - split as u64,
             },
             rest_8bit: Arc::default(),
@@ -439,6 +442,25 @@ mod tests {
         let want = [&b"From: x@y\r\n\r\n"[..], &msg[25..]].concat();
         assert_eq!(rewritten.to_vec().await.unwrap(), want);
         assert_eq!(rewritten.len(), want.len() as u64);
+    }
+
+    #[tokio::test]
+    async fn a_file_positioned_past_its_metadata_line_reads_from_there() {
+        for size in [300usize, 700_000] {
+            let msg = big("From: a@b\r\n\r\n", size);
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("m.msg");
+            std::fs::write(&path, [&b"{\"meta\":1}\n"[..], &msg].concat()).unwrap();
+            let mut file = File::open(&path).unwrap();
+            file.seek(io::SeekFrom::Start(11)).unwrap();
+            let body = Body::open(file).unwrap();
+            assert_eq!(body.head(), b"From: a@b\r\n\r\n", "size {size}");
+            assert_eq!(body.len(), msg.len() as u64);
+            assert_eq!(body.to_vec().await.unwrap(), msg);
+            let mut w = Vec::new();
+            body.write_to(&mut w).unwrap();
+            assert_eq!(w, msg);
+        }
     }
 
     #[tokio::test]

@@ -199,16 +199,31 @@ impl Daemon {
         }
     }
 
-    /// Files in the spool queue directory.
+    /// Entries in the spool queue directory (`<id>.msg`, with or without
+    /// a `<id>.json` beside it).
     pub fn queued(&self) -> usize {
-        std::fs::read_dir(self.dir.join("spool/queue"))
-            .map(|d| {
-                d.filter_map(Result::ok)
-                    .filter(|e| e.path().extension().is_some_and(|x| x == "json"))
-                    .count()
-            })
-            .unwrap_or(0)
+        queue_entries(&self.dir.join("spool/queue"))
     }
+}
+
+/// Entries in a spool's `queue/` directory: one per id that has a `.msg`
+/// or a `.json` (an entry is `<id>.msg`, maybe with `<id>.json` beside it;
+/// one in the earlier layout `<id>.eml` + `<id>.json`).
+pub fn queue_entries(queue: &Path) -> usize {
+    let mut ids: Vec<String> = std::fs::read_dir(queue)
+        .map(|d| {
+            d.filter_map(Result::ok)
+                .filter_map(|e| e.file_name().into_string().ok())
+                .filter_map(|n| {
+                    let (stem, ext) = n.rsplit_once('.')?;
+                    matches!(ext, "msg" | "json").then(|| stem.to_string())
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    ids.sort();
+    ids.dedup();
+    ids.len()
 }
 
 /// Run the CLI with `config` (its admin address replaced by `admin`).
