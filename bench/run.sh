@@ -178,7 +178,8 @@ trap 'exit 130' INT
 trap 'exit 143' TERM
 
 # ------------------------------------------------------------------- build ---
-MB_BIN="$CRATE/target/release/mailbridge"
+# MB_BIN=<path> measures another mailbridge binary (then use --no-build).
+MB_BIN="${MB_BIN:-$CRATE/target/release/mailbridge}"
 MB_SKIP=""
 case " $RELAYS " in
     *" mailbridge "*)
