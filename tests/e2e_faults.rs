@@ -109,6 +109,15 @@ fn the_250_is_written_only_after_the_spool_is_synced() {
     let r = smtp_send(d.smtp, "app@legacy.local", &["a@example.com"], MSG);
     assert!(r.starts_with("250 2.0.0 Ok: queued as "), "{r}");
     let id = r.rsplit(' ').next().unwrap().to_string();
+    // Larger than the session's buffer: written as it arrives, its metadata
+    // beside it.
+    let large = format!(
+        "Subject: large\r\n\r\n{}",
+        format!("{}\r\n", "y".repeat(98)).repeat(1000)
+    );
+    let r = smtp_send(d.smtp, "app@legacy.local", &["b@example.com"], &large);
+    assert!(r.starts_with("250 2.0.0 Ok: queued as "), "{r}");
+    let large_id = r.rsplit(' ').next().unwrap().to_string();
     drop(d);
     let text = std::fs::read_to_string(&trace).unwrap();
     let lines: Vec<&str> = text.lines().collect();
@@ -142,6 +151,36 @@ fn the_250_is_written_only_after_the_spool_is_synced() {
         commit < dir_sync && dir_sync < reply,
         "directory synced after the rename and before the 250:\n{}",
         &lines[body_sync.min(commit)..=reply].join("\n")
+    );
+
+    // The large one: its file and its metadata each synced, the file
+    // renamed, then the metadata (the commit point), then queue/ synced,
+    // then the 250.
+    let id = large_id;
+    let reply = pos(&|l: &str| l.contains(&format!("250 2.0.0 Ok: queued as {id}")))
+        .expect("the 250 write of the large message");
+    let (tmp_msg, tmp_json) = (format!("tmp/{id}.msg>"), format!("tmp/{id}.json>"));
+    let msg_sync = pos(&|l: &str| l.contains("sync(") && l.contains(&tmp_msg))
+        .expect("fdatasync of the message file");
+    let meta_sync = pos(&|l: &str| l.contains("sync(") && l.contains(&tmp_json))
+        .expect("fdatasync of the metadata file");
+    let msg_rename = pos(&|l: &str| l.contains("rename") && l.contains(&format!("queue/{id}.msg")))
+        .expect("rename of the message file");
+    let commit = pos(&|l: &str| l.contains("rename") && l.contains(&format!("queue/{id}.json")))
+        .expect("rename of the metadata into queue/");
+    let dir_sync = lines
+        .iter()
+        .enumerate()
+        .position(|(i, l)| i > commit && l.contains("fsync(") && l.contains("/queue>"))
+        .expect("fsync of queue/");
+    assert!(
+        msg_sync < msg_rename && meta_sync < commit && msg_rename < commit,
+        "both files synced before the commit, the metadata renamed last"
+    );
+    assert!(
+        commit < dir_sync && dir_sync < reply,
+        "directory synced after the commit and before the 250:\n{}",
+        &lines[msg_sync.min(meta_sync)..=reply].join("\n")
     );
 }
 
