@@ -179,6 +179,16 @@ impl Backlog {
     pub fn is_empty(&self) -> bool {
         self.ids.is_empty() && self.strays.is_empty()
     }
+
+    /// Take the `n` oldest entries (and the stray files) into a backlog of
+    /// their own, to be loaded apart from the rest (in parallel).
+    pub fn split_off(&mut self, n: usize) -> Backlog {
+        let at = self.ids.len().saturating_sub(n);
+        Backlog {
+            ids: self.ids.split_off(at),
+            strays: std::mem::take(&mut self.strays),
+        }
+    }
 }
 
 /// Group commit of one directory's fsync: every caller returns only after an

@@ -259,3 +259,24 @@ fn open_counts_the_queue_and_the_backlog_loads_in_batches() {
     let (more, bad) = s.load_batch(&mut backlog, 10);
     assert!(more.is_empty() && bad.is_empty());
 }
+
+#[test]
+fn a_backlog_splits_off_its_oldest_entries_with_the_strays() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Spool::open(dir.path(), 10).unwrap();
+    for id in ["c1", "c2", "c3"] {
+        s.store(&meta(id, b"x"), b"x").unwrap();
+    }
+    drop(s);
+    fs::write(dir.path().join("queue").join("stray.txt"), b"x").unwrap();
+    let s = Spool::open(dir.path(), 10).unwrap();
+    let mut rest = s.take_backlog();
+    let mut first = rest.split_off(2);
+    assert_eq!((first.len(), rest.len()), (2, 1));
+    let (metas, bad) = s.load_batch(&mut rest, usize::MAX);
+    assert_eq!((ids(&metas), bad.len()), (vec!["c3"], 0));
+    let (metas, bad) = s.load_batch(&mut first, usize::MAX);
+    assert_eq!(ids(&metas), ["c1", "c2"]);
+    assert_eq!(bad.len(), 1, "the strays go with the first part");
+    assert!(first.is_empty() && rest.is_empty());
+}
