@@ -9,7 +9,8 @@
 # layout src/spool/mod.rs documents), every entry due in 50 minutes so the
 # scheduler loads them and attempts none. Then `mailbridge run` is started
 # and timed until its SMTP port accepts a connection; RSS (VmRSS, VmHWM) is
-# read from /proc right then and again 5 s later.
+# read from /proc right then, 5 s later, and when the log says the queue
+# (read in the background) is loaded.
 # "Listening" means the 220 greeting arrived. Everything it starts is
 # stopped by the EXIT trap; the temp dir is removed unless --keep.
 set -euo pipefail
@@ -129,16 +130,45 @@ rss() { awk -v k="$1:" '$1==k {print $2}' "/proc/$MB_PID/status"; }
 RSS0=$(rss VmRSS); HWM0=$(rss VmHWM)
 sleep 5
 RSS5=$(rss VmRSS); HWM5=$(rss VmHWM)
+# The queue is read in the background after the greeting: wait (at most
+# 300 s) for the "spool loaded" line, then read the figures again.
+LOADED=""
+for _ in $(seq 3000); do
+    if grep -q "spool loaded" "$T/mailbridge.log"; then LOADED=$(date +%s.%N); break; fi
+    sleep 0.1
+done
+[ -n "$LOADED" ] || { echo "queue not loaded after 300 s"; exit 1; }
+RSSL=$(rss VmRSS); HWML=$(rss VmHWM)
+# How long SIGTERM takes to end it (at most 10 s are waited for).
+STOP0=$(date +%s.%N)
+kill -TERM "$MB_PID"
+STOPPED=""
+for _ in $(seq 100); do
+    # Ended: gone, or a zombie (our child, not reaped yet).
+    if ! kill -0 "$MB_PID" 2>/dev/null || grep -q '^State:[[:space:]]*Z' "/proc/$MB_PID/status" 2>/dev/null; then
+        STOPPED=$(date +%s.%N); break
+    fi
+    sleep 0.1
+done
+if [ -n "$STOPPED" ]; then
+    STOP_SECS=$(python3 -c "print(f'{$STOPPED - $STOP0:.2f} s')"); MB_PID=""
+else
+    STOP_SECS="still running after 10 s"
+fi
 QUEUED=$(ls "$T/spool/queue" | grep -c '\.json$' || true)
 echo "log (first lines, with times):"; head -4 "$T/mailbridge.log" | cut -c1-160
-python3 - "$START" "$LISTEN" "$N" "$RSS0" "$HWM0" "$RSS5" "$HWM5" "$QUEUED" <<'PY'
+grep "spool loaded" "$T/mailbridge.log" | cut -c1-200
+python3 - "$START" "$LISTEN" "$LOADED" "$N" "$RSS0" "$HWM0" "$RSS5" "$HWM5" "$RSSL" "$HWML" "$QUEUED" <<'PY'
 import sys
-start, listen = float(sys.argv[1]), float(sys.argv[2])
-n, rss0, hwm0, rss5, hwm5, queued = map(int, sys.argv[3:])
+start, listen, loaded = map(float, sys.argv[1:4])
+n, rss0, hwm0, rss5, hwm5, rssl, hwml, queued = map(int, sys.argv[4:])
 print(f"queued messages        {n}")
 print(f"listening after        {listen - start:.2f} s")
 print(f"RSS when listening     {rss0/1024:.1f} MiB (VmHWM {hwm0/1024:.1f} MiB)")
 print(f"RSS 5 s later          {rss5/1024:.1f} MiB (VmHWM {hwm5/1024:.1f} MiB)")
-print(f"per queued message     {hwm5*1024/max(n,1):.0f} bytes (VmHWM / N)")
+print(f"queue loaded after     {loaded - start:.2f} s")
+print(f"RSS when loaded        {rssl/1024:.1f} MiB (VmHWM {hwml/1024:.1f} MiB)")
+print(f"per queued message     {hwml*1024/max(n,1):.0f} bytes (VmHWM when loaded / N)")
 print(f"still in queue/        {queued} entries")
 PY
+echo "SIGTERM to exit         $STOP_SECS"

@@ -15,13 +15,15 @@ fn meta(id: &str, body: &[u8]) -> Meta {
 #[test]
 fn store_reload_remove() {
     let dir = tempfile::tempdir().unwrap();
-    let (s, loaded, bad) = Spool::open(dir.path(), 10).unwrap();
+    let s = Spool::open(dir.path(), 10).unwrap();
+    let (loaded, bad) = s.load_all();
     assert!(loaded.is_empty() && bad.is_empty());
     let body = b"Subject: x\r\n\r\nhi\r\n";
     s.store(&meta("a1", body), body).unwrap();
     assert_eq!(s.len(), 1);
     drop(s);
-    let (s, loaded, bad) = Spool::open(dir.path(), 10).unwrap();
+    let s = Spool::open(dir.path(), 10).unwrap();
+    let (loaded, bad) = s.load_all();
     assert_eq!(loaded.len(), 1);
     assert!(bad.is_empty());
     assert_eq!(s.read_body("a1").unwrap(), body);
@@ -38,7 +40,7 @@ fn store_reload_remove() {
 #[test]
 fn full_queue_refuses_and_leaves_nothing() {
     let dir = tempfile::tempdir().unwrap();
-    let (s, _, _) = Spool::open(dir.path(), 1).unwrap();
+    let s = Spool::open(dir.path(), 1).unwrap();
     s.store(&meta("a1", b"x"), b"x").unwrap();
     assert!(matches!(
         s.store(&meta("a2", b"y"), b"y"),
@@ -50,7 +52,7 @@ fn full_queue_refuses_and_leaves_nothing() {
 #[test]
 fn bad_entries_are_moved_aside_and_good_ones_load() {
     let dir = tempfile::tempdir().unwrap();
-    let (s, _, _) = Spool::open(dir.path(), 10).unwrap();
+    let s = Spool::open(dir.path(), 10).unwrap();
     s.store(&meta("good", b"hello"), b"hello").unwrap();
     s.store(&meta("short", b"hello"), b"hello").unwrap();
     drop(s);
@@ -62,7 +64,8 @@ fn bad_entries_are_moved_aside_and_good_ones_load() {
     fs::write(q.join("orphan.eml"), b"x").unwrap();
     fs::write(q.join("weird.txt"), b"x").unwrap();
     fs::write(dir.path().join("tmp").join("half.eml"), b"x").unwrap();
-    let (s, loaded, bad) = Spool::open(dir.path(), 10).unwrap();
+    let s = Spool::open(dir.path(), 10).unwrap();
+    let (loaded, bad) = s.load_all();
     assert_eq!(
         loaded.iter().map(|m| m.id.as_str()).collect::<Vec<_>>(),
         ["good"]
@@ -82,18 +85,20 @@ fn bad_entries_are_moved_aside_and_good_ones_load() {
     );
     // A second start finds nothing more to move.
     drop(s);
-    let (_, loaded, bad) = Spool::open(dir.path(), 10).unwrap();
+    let s = Spool::open(dir.path(), 10).unwrap();
+    let (loaded, bad) = s.load_all();
     assert_eq!((loaded.len(), bad.len()), (1, 0));
 }
 
 #[test]
 fn corrupt_entries_are_counted() {
     let dir = tempfile::tempdir().unwrap();
-    let (s, _, _) = Spool::open(dir.path(), 10).unwrap();
+    let s = Spool::open(dir.path(), 10).unwrap();
     assert_eq!(s.corrupt_summary(), CorruptSummary::default());
     drop(s);
     fs::write(dir.path().join("queue").join("garbage.json"), b"{").unwrap();
-    let (s, _, bad) = Spool::open(dir.path(), 10).unwrap();
+    let s = Spool::open(dir.path(), 10).unwrap();
+    let (_, bad) = s.load_all();
     assert_eq!(bad.len(), 1);
     let c = s.corrupt_summary();
     assert_eq!(c.count, 1);
@@ -103,21 +108,22 @@ fn corrupt_entries_are_counted() {
 #[test]
 fn update_is_visible_after_reload() {
     let dir = tempfile::tempdir().unwrap();
-    let (s, _, _) = Spool::open(dir.path(), 10).unwrap();
+    let s = Spool::open(dir.path(), 10).unwrap();
     let mut m = meta("u1", b"x");
     s.store(&m, b"x").unwrap();
     m.attempts = 3;
     m.last_error = Some("451 try later".into());
     s.update(&m).unwrap();
     drop(s);
-    let (_, loaded, _) = Spool::open(dir.path(), 10).unwrap();
+    let s = Spool::open(dir.path(), 10).unwrap();
+    let (loaded, _) = s.load_all();
     assert_eq!(loaded[0].attempts, 3);
 }
 
 #[test]
 fn concurrent_stores_share_directory_syncs() {
     let dir = tempfile::tempdir().unwrap();
-    let (s, _, _) = Spool::open(dir.path(), 1000).unwrap();
+    let s = Spool::open(dir.path(), 1000).unwrap();
     let s = std::sync::Arc::new(s);
     let threads: Vec<_> = (0..8)
         .map(|t| {
@@ -142,14 +148,15 @@ fn concurrent_stores_share_directory_syncs() {
     assert!(!st.running);
     drop(st);
     drop(s);
-    let (_, loaded, _) = Spool::open(dir.path(), 1000).unwrap();
+    let s = Spool::open(dir.path(), 1000).unwrap();
+    let (loaded, _) = s.load_all();
     assert_eq!(loaded.len(), 160);
 }
 
 #[test]
 fn one_holder_at_a_time() {
     let dir = tempfile::tempdir().unwrap();
-    let (s, _, _) = Spool::open(dir.path(), 10).unwrap();
+    let s = Spool::open(dir.path(), 10).unwrap();
     s.store(&meta("held", b"x"), b"x").unwrap();
     // A second open (a second daemon, an offline CLI edit) is refused
     // and touches nothing: tmp/ is not emptied.
@@ -169,14 +176,15 @@ fn one_holder_at_a_time() {
     // Released with the spool: a short-lived writer gets it, then a daemon.
     let l = lock(dir.path(), Duration::ZERO).unwrap();
     drop(l);
-    let (_, loaded, _) = Spool::open(dir.path(), 10).unwrap();
+    let s = Spool::open(dir.path(), 10).unwrap();
+    let (loaded, _) = s.load_all();
     assert_eq!(loaded.len(), 1);
 }
 
 #[test]
 fn files_are_created_new_and_never_through_a_symlink() {
     let dir = tempfile::tempdir().unwrap();
-    let (s, _, _) = Spool::open(dir.path(), 10).unwrap();
+    let s = Spool::open(dir.path(), 10).unwrap();
     let victim = dir.path().join("victim");
     fs::write(&victim, b"keep").unwrap();
     // A symlink planted where the next temp file goes.
@@ -201,4 +209,74 @@ fn ids_are_unique_and_safe() {
     assert_ne!(a, b);
     assert!(is_valid_id(&a) && a.len() == 19);
     assert!(!is_valid_id("../x") && !is_valid_id(""));
+}
+
+fn ids(metas: &[Meta]) -> Vec<&str> {
+    metas.iter().map(|m| m.id.as_str()).collect()
+}
+
+#[test]
+fn open_counts_the_queue_and_the_backlog_loads_in_batches() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Spool::open(dir.path(), 10).unwrap();
+    for id in ["b1", "b2", "b3", "b4"] {
+        s.store(&meta(id, b"x"), b"x").unwrap();
+    }
+    drop(s);
+    fs::write(dir.path().join("queue").join("b3.json"), b"{").unwrap();
+    fs::write(dir.path().join("queue").join("orphan.eml"), b"x").unwrap();
+    let s = Spool::open(dir.path(), 5).unwrap();
+    assert_eq!(
+        s.len(),
+        4,
+        "counted from the listing, before anything is read"
+    );
+    let mut backlog = s.take_backlog();
+    assert_eq!(backlog.len(), 4);
+    assert!(s.take_backlog().is_empty(), "taken once");
+    // New mail while loading: counted with the entries not read yet, and
+    // never in the backlog.
+    s.store(&meta("new", b"y"), b"y").unwrap();
+    assert_eq!(s.len(), 5);
+    assert!(matches!(
+        s.store(&meta("over", b"y"), b"y"),
+        Err(SpoolError::Full(_))
+    ));
+    // Removed before it was read: skipped, counted once.
+    s.remove("b2").unwrap();
+    assert_eq!(s.len(), 4);
+    let (first, bad) = s.load_batch(&mut backlog, 1);
+    assert_eq!(ids(&first), ["b1"], "oldest first");
+    assert_eq!(bad.len(), 1, "the stray body goes first: {bad:?}");
+    assert_eq!(bad[0].name, "orphan.eml");
+    let (rest, bad) = s.load_batch(&mut backlog, 10);
+    assert_eq!(ids(&rest), ["b4"]);
+    assert_eq!(bad.len(), 1, "{bad:?}");
+    assert_eq!(bad[0].name, "b3.json");
+    assert!(backlog.is_empty());
+    assert_eq!(s.len(), 3, "b1, b4 and the new one");
+    assert!(dir.path().join("corrupt").join("b3.eml").exists());
+    let (more, bad) = s.load_batch(&mut backlog, 10);
+    assert!(more.is_empty() && bad.is_empty());
+}
+
+#[test]
+fn a_backlog_splits_off_its_oldest_entries_with_the_strays() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Spool::open(dir.path(), 10).unwrap();
+    for id in ["c1", "c2", "c3"] {
+        s.store(&meta(id, b"x"), b"x").unwrap();
+    }
+    drop(s);
+    fs::write(dir.path().join("queue").join("stray.txt"), b"x").unwrap();
+    let s = Spool::open(dir.path(), 10).unwrap();
+    let mut rest = s.take_backlog();
+    let mut first = rest.split_off(2);
+    assert_eq!((first.len(), rest.len()), (2, 1));
+    let (metas, bad) = s.load_batch(&mut rest, usize::MAX);
+    assert_eq!((ids(&metas), bad.len()), (vec!["c3"], 0));
+    let (metas, bad) = s.load_batch(&mut first, usize::MAX);
+    assert_eq!(ids(&metas), ["c1", "c2"]);
+    assert_eq!(bad.len(), 1, "the strays go with the first part");
+    assert!(first.is_empty() && rest.is_empty());
 }
