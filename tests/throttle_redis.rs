@@ -3,7 +3,8 @@
 //! Here an "instance" is a governor registry with its own Redis connection and
 //! its own Graph transport; the killed one runs on a runtime of its own that
 //! is shut down mid-request, so its leases are never given back (as after
-//! `kill -9`).
+//! `kill -9`). `tests/throttle_instances.rs` runs the surge, a `kill -9` and
+//! the loss of Redis with three `mailbridge run` processes.
 
 mod common;
 mod daemon;
@@ -156,14 +157,17 @@ async fn a_killed_instance_s_slots_come_back_when_its_leases_expire() {
     let lease = Duration::from_millis(1500);
     // The instance to be killed runs on a runtime (and thread) of its own.
     let (endpoint, url) = (fake.endpoint(), redis.url());
+    let (go, kill) = std::sync::mpsc::channel::<()>();
     let killed = std::thread::spawn(move || {
         let rt = tokio::runtime::Runtime::new().expect("runtime");
         let in_flight = rt.block_on(async {
             let (g, t) = instance_at(&endpoint, &url, lease);
             let set = surge(&t, 100..104).await;
-            // All four slots taken in Redis (bounded wait).
+            // Killed once all four requests are at Graph, so their leases
+            // are in Redis (a permit counts in flight before its lease is
+            // taken). Bounded wait.
             let deadline = Instant::now() + Duration::from_secs(10);
-            while t.governor().stats().in_flight < 4 && Instant::now() < deadline {
+            while kill.try_recv().is_err() && Instant::now() < deadline {
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
             let n = t.governor().stats().in_flight;
@@ -174,6 +178,11 @@ async fn a_killed_instance_s_slots_come_back_when_its_leases_expire() {
         rt.shutdown_background();
         (in_flight, Instant::now())
     });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while fake.peak() < 4 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let _ = go.send(());
     let (in_flight, killed_at) = killed.join().expect("killed instance");
     assert_eq!(in_flight, 4);
     let (_g, other) = instance(&fake, &redis, lease);
@@ -259,4 +268,35 @@ async fn without_redis_delivery_goes_on_under_the_fallback_limits_and_comes_back
     }
     assert_eq!(down.governor().stats().backend, "redis");
     assert_eq!(throttled(&fake), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn at_the_loss_of_redis_slots_held_by_another_instance_are_not_overbooked() {
+    if !redis_available() {
+        return;
+    }
+    let mut redis = redis();
+    // Long requests, so that a holds all four slots when Redis goes away.
+    let fake = graph(600).await;
+    let lease = Duration::from_secs(2);
+    let (_ga, a) = instance(&fake, &redis, lease);
+    let (_gb, b) = instance(&fake, &redis, lease);
+    let (_gc, c) = instance(&fake, &redis, lease);
+    let p = surge(&a, 0..6).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while fake.peak() < 4 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // b and c wait for a shared slot (a holds them all) ...
+    let (q, r) = (surge(&b, 6..9).await, surge(&c, 9..12).await);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(fake.sent().is_empty(), "a's four requests still running");
+    // ... when Redis goes away. Their fallback share is 1 each, but a's four
+    // requests are still running: they must not start before those end.
+    redis.stop();
+    let (x, y, z) = tokio::join!(all_ok(p), all_ok(q), all_ok(r));
+    assert_eq!((x, y, z), (6, 3, 3), "nothing waits for Redis");
+    assert_eq!(throttled(&fake), 0, "no request over the 4 in flight");
+    assert!(fake.peak() <= 4, "{}", fake.peak());
+    assert_eq!(b.governor().stats().backend, "fallback");
 }
