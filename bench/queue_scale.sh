@@ -4,12 +4,16 @@
 #
 #   bash bench/queue_scale.sh                  # 100 000 entries, release build
 #   bash bench/queue_scale.sh --messages 20000 --no-build
+#   bash bench/queue_scale.sh --sidecar        # retry state in <id>.json beside
 #
-# The spool is written directly (queue/<id>.eml + queue/<id>.json, the
-# layout src/spool/mod.rs documents), every entry due in 50 minutes so the
-# scheduler loads them and attempts none. Then `mailbridge run` is started
+# The spool is written directly, in the layout the daemon writes and
+# src/spool/mod.rs documents: queue/<id>.msg, one line of JSON metadata then
+# the message (with --sidecar, also queue/<id>.json beside it, as after a
+# failed attempt), every entry due in 50 minutes so the scheduler loads them
+# and attempts none. Then `mailbridge run` is started
 # and timed until its SMTP port accepts a connection; RSS (VmRSS, VmHWM) is
-# read from /proc right then and again 5 s later.
+# read from /proc right then, 5 s later, and when the log says the queue
+# (read in the background) is loaded.
 # "Listening" means the 220 greeting arrived. Everything it starts is
 # stopped by the EXIT trap; the temp dir is removed unless --keep.
 set -euo pipefail
@@ -18,13 +22,15 @@ N=100000
 BUILD=1
 KEEP=0
 SIZE=1024
+SIDECAR=0
 while [ $# -gt 0 ]; do
     case "$1" in
         --messages) N=$2; shift 2 ;;
         --size) SIZE=$2; shift 2 ;;
         --no-build) BUILD=0; shift ;;
+        --sidecar) SIDECAR=1; shift ;;
         --keep) KEEP=1; shift ;;
-        -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
         *) echo "unknown option $1" >&2; exit 2 ;;
     esac
 done
@@ -54,10 +60,10 @@ print(*[x.getsockname()[1] for x in s])
 PY
 )
 
-echo "writing $N queued entries of $SIZE bytes to $T/spool ..."
-python3 - "$T/spool" "$N" "$SIZE" <<'PY'
+echo "writing $N queued entries of $SIZE bytes to $T/spool (sidecar .json: $SIDECAR) ..."
+python3 - "$T/spool" "$N" "$SIZE" "$SIDECAR" <<'PY'
 import json, os, sys, time
-root, n, size = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+root, n, size, sidecar = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "1"
 q = os.path.join(root, "queue")
 for d in (root, q, os.path.join(root, "tmp"), os.path.join(root, "corrupt")):
     os.makedirs(d, mode=0o700, exist_ok=True)
@@ -66,8 +72,6 @@ head = "Received: from bench ([127.0.0.1])\r\nSubject: queued\r\n\r\n"
 body = (head + "x" * max(0, size - len(head) - 2) + "\r\n").encode()
 for i in range(n):
     mid = "%013x%06x" % (now * 1000000 + i, i & 0xffffff)
-    with open(os.path.join(q, mid + ".eml"), "wb") as f:
-        f.write(body)
     meta = {
         "id": mid, "from": "app@bench.local",
         "rcpts": [{"addr": "to@bench.local", "status": "pending"}],
@@ -76,8 +80,14 @@ for i in range(n):
         "message_id": "<%s@bench.local>" % mid, "client": "127.0.0.1:40000",
         "smtputf8": False, "is_dsn": False,
     }
-    with open(os.path.join(q, mid + ".json"), "w") as f:
-        json.dump(meta, f, indent=2)
+    # The metadata line: compact JSON (every control character escaped,
+    # so its newline is the only one), then the message.
+    line = json.dumps(meta, separators=(",", ":")).encode() + b"\n"
+    with open(os.path.join(q, mid + ".msg"), "wb") as f:
+        f.write(line + body)
+    if sidecar:
+        with open(os.path.join(q, mid + ".json"), "w") as f:
+            json.dump(meta, f, indent=2)
 PY
 sync
 
@@ -129,16 +139,45 @@ rss() { awk -v k="$1:" '$1==k {print $2}' "/proc/$MB_PID/status"; }
 RSS0=$(rss VmRSS); HWM0=$(rss VmHWM)
 sleep 5
 RSS5=$(rss VmRSS); HWM5=$(rss VmHWM)
-QUEUED=$(ls "$T/spool/queue" | grep -c '\.json$' || true)
+# The queue is read in the background after the greeting: wait (at most
+# 300 s) for the "spool loaded" line, then read the figures again.
+LOADED=""
+for _ in $(seq 3000); do
+    if grep -q "spool loaded" "$T/mailbridge.log"; then LOADED=$(date +%s.%N); break; fi
+    sleep 0.1
+done
+[ -n "$LOADED" ] || { echo "queue not loaded after 300 s"; exit 1; }
+RSSL=$(rss VmRSS); HWML=$(rss VmHWM)
+# How long SIGTERM takes to end it (at most 10 s are waited for).
+STOP0=$(date +%s.%N)
+kill -TERM "$MB_PID"
+STOPPED=""
+for _ in $(seq 100); do
+    # Ended: gone, or a zombie (our child, not reaped yet).
+    if ! kill -0 "$MB_PID" 2>/dev/null || grep -q '^State:[[:space:]]*Z' "/proc/$MB_PID/status" 2>/dev/null; then
+        STOPPED=$(date +%s.%N); break
+    fi
+    sleep 0.1
+done
+if [ -n "$STOPPED" ]; then
+    STOP_SECS=$(python3 -c "print(f'{$STOPPED - $STOP0:.2f} s')"); MB_PID=""
+else
+    STOP_SECS="still running after 10 s"
+fi
+QUEUED=$(ls "$T/spool/queue" | grep -c '\.msg$' || true)
 echo "log (first lines, with times):"; head -4 "$T/mailbridge.log" | cut -c1-160
-python3 - "$START" "$LISTEN" "$N" "$RSS0" "$HWM0" "$RSS5" "$HWM5" "$QUEUED" <<'PY'
+grep "spool loaded" "$T/mailbridge.log" | cut -c1-200
+python3 - "$START" "$LISTEN" "$LOADED" "$N" "$RSS0" "$HWM0" "$RSS5" "$HWM5" "$RSSL" "$HWML" "$QUEUED" <<'PY'
 import sys
-start, listen = float(sys.argv[1]), float(sys.argv[2])
-n, rss0, hwm0, rss5, hwm5, queued = map(int, sys.argv[3:])
+start, listen, loaded = map(float, sys.argv[1:4])
+n, rss0, hwm0, rss5, hwm5, rssl, hwml, queued = map(int, sys.argv[4:])
 print(f"queued messages        {n}")
 print(f"listening after        {listen - start:.2f} s")
 print(f"RSS when listening     {rss0/1024:.1f} MiB (VmHWM {hwm0/1024:.1f} MiB)")
 print(f"RSS 5 s later          {rss5/1024:.1f} MiB (VmHWM {hwm5/1024:.1f} MiB)")
-print(f"per queued message     {hwm5*1024/max(n,1):.0f} bytes (VmHWM / N)")
+print(f"queue loaded after     {loaded - start:.2f} s")
+print(f"RSS when loaded        {rssl/1024:.1f} MiB (VmHWM {hwml/1024:.1f} MiB)")
+print(f"per queued message     {hwml*1024/max(n,1):.0f} bytes (VmHWM when loaded / N)")
 print(f"still in queue/        {queued} entries")
 PY
+echo "SIGTERM to exit         $STOP_SECS"

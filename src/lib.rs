@@ -78,8 +78,9 @@ pub struct Listeners {
     pub smtps: Option<TcpListener>,
 }
 
-/// Run mailbridge until `shutdown` is cancelled: load the spool, start the
-/// scheduler, serve SMTP and admin, and drain gracefully at the end.
+/// Run mailbridge until `shutdown` is cancelled: open the spool, start the
+/// scheduler (which loads the queued entries in the background), serve SMTP
+/// and admin, and drain gracefully at the end.
 /// `config_path`, when given, is re-read on SIGHUP (which also fails back to
 /// the primary server).
 pub async fn run(
@@ -102,14 +103,12 @@ pub async fn run(
     let spool_dir = cfg.path(&cfg.spool.path);
     let max = cfg.spool.max_messages;
     let dir = spool_dir.clone();
-    let (spool, loaded, corrupt) =
-        tokio::task::spawn_blocking(move || spool::Spool::open(&dir, max))
-            .await?
-            .with_context(|| format!("spool.path: cannot open {}", spool_dir.display()))?;
-    for c in &corrupt {
-        tracing::error!(file = %c.name, reason = %c.reason, dir = %spool_dir.join("corrupt").display(), "moved unreadable spool entry aside");
-    }
-    tracing::info!(messages = loaded.len(), spool = %spool_dir.display(), "spool loaded");
+    // Only the lock, tmp/ and a listing of queue/: the entries are read in
+    // the background once the scheduler runs, while mail is accepted.
+    let spool = tokio::task::spawn_blocking(move || spool::Spool::open(&dir, max))
+        .await?
+        .with_context(|| format!("spool.path: cannot open {}", spool_dir.display()))?;
+    tracing::info!(messages = spool.len(), spool = %spool_dir.display(), "spool opened; loading the queue in the background");
     // One set of OAuth registries for the process: routing, the admin
     // endpoint and each reload share one token manager per identity.
     let oauth = Arc::new(oauth::Registries::new());
@@ -128,7 +127,7 @@ pub async fn run(
     }
     let policy = scheduler::Policy::from_config(&cfg);
     let (sched, sched_task) =
-        scheduler::Scheduler::start(Arc::new(spool), router, policy, loaded, shutdown.clone());
+        scheduler::Scheduler::start(Arc::new(spool), router, policy, shutdown.clone());
 
     let mut listening = vec![local];
     if let Some(l) = &listeners.smtps {

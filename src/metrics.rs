@@ -447,6 +447,12 @@ impl Collector for Scrape {
         )?;
         gauge(
             &mut enc,
+            "mailbridge_queue_loading_messages",
+            "Messages found in the spool at start and not read yet (0 once loaded)",
+            &[(none(), q.to_load as i64)],
+        )?;
+        gauge(
+            &mut enc,
             "mailbridge_queue_oldest_message_age_seconds",
             "Age of the oldest queued message (0 when the queue is empty)",
             &[(none(), q.oldest_age_secs as i64)],

@@ -34,7 +34,7 @@ fn tools(browser_dir: &Path) -> bool {
         return true;
     }
     assert!(
-        std::env::var_os("MAILBRIDGE_REQUIRE_TOOLS").is_none(),
+        !common::real::tools_required(),
         "missing {missing:?} and MAILBRIDGE_REQUIRE_TOOLS is set"
     );
     eprintln!("skipping: missing {missing:?}");

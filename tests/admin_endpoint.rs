@@ -25,8 +25,7 @@ async fn start() -> (
     )
     .unwrap();
     let shutdown = CancellationToken::new();
-    let (spool, loaded, _) =
-        mailbridge::spool::Spool::open(&cfg.path(&cfg.spool.path), 100).unwrap();
+    let spool = mailbridge::spool::Spool::open(&cfg.path(&cfg.spool.path), 100).unwrap();
     // Routing and the admin endpoint share the OAuth identities, as in `run`.
     let oauth = mailbridge::oauth::Registries::new();
     let router = Arc::new(mailbridge::routing::from_config(&cfg, &oauth).unwrap());
@@ -34,7 +33,6 @@ async fn start() -> (
         Arc::new(spool),
         router,
         mailbridge::scheduler::Policy::from_config(&cfg),
-        loaded,
         shutdown.clone(),
     );
     let state = Arc::new(mailbridge::admin::AdminState {

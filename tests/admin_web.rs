@@ -46,15 +46,13 @@ async fn start(file: bool) -> Admin {
     std::fs::write(&path, FILE).unwrap();
     let cfg = Config::load(&path).unwrap();
     let shutdown = CancellationToken::new();
-    let (spool, loaded, _) =
-        mailbridge::spool::Spool::open(&cfg.path(&cfg.spool.path), 100).unwrap();
+    let spool = mailbridge::spool::Spool::open(&cfg.path(&cfg.spool.path), 100).unwrap();
     let oauth = Arc::new(mailbridge::oauth::Registries::new());
     let router = Arc::new(mailbridge::routing::from_config(&cfg, &oauth).unwrap());
     let (sched, sched_task) = mailbridge::scheduler::Scheduler::start(
         Arc::new(spool),
         router,
         mailbridge::scheduler::Policy::from_config(&cfg),
-        loaded,
         shutdown.clone(),
     );
     let state = Arc::new(mailbridge::admin::AdminState {

@@ -42,14 +42,13 @@ fn policy() -> Policy {
 /// queue is empty (the message bounced, its DSN went out) or a DSN is stuck.
 async fn bounce_through(t: Arc<dyn Transport>) -> (Scheduler, tempfile::TempDir, bool) {
     let dir = tempfile::tempdir().unwrap();
-    let (spool, _, _) = Spool::open(dir.path(), 100).unwrap();
+    let spool = Spool::open(dir.path(), 100).unwrap();
     let spool = Arc::new(spool);
     let stop = CancellationToken::new();
     let (s, _task) = Scheduler::start(
         spool.clone(),
         Arc::new(Router::new(t, None)),
         policy(),
-        Vec::new(),
         stop.clone(),
     );
     let now = std::time::SystemTime::now()

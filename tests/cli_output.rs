@@ -18,7 +18,7 @@ fn setup(dir: &std::path::Path) -> String {
         "[listen]\naddress = \"127.0.0.1:0\"\n[admin]\naddress = \"\"\n",
     )
     .unwrap();
-    let (spool, _, _) = Spool::open(&dir.join("spool"), 100).unwrap();
+    let spool = Spool::open(&dir.join("spool"), 100).unwrap();
     let body =
         b"Subject: \x1b]0;owned\x07\x1b[2J hi\r\nX-Note: a\rb\r\nFrom: a@b.test\r\n\r\nbody\r\n";
     let id = "20261201T000000-abcdef12".to_string();
@@ -213,7 +213,7 @@ fn hash_password_from_a_pipe_prints_only_the_hash() {
 fn queue_retry_all_without_a_relay_makes_every_message_due() {
     let dir = tempfile::tempdir().unwrap();
     let first = setup(dir.path());
-    let (spool, _, _) = Spool::open(&dir.path().join("spool"), 100).unwrap();
+    let spool = Spool::open(&dir.path().join("spool"), 100).unwrap();
     let second = "20261201T000001-abcdef13".to_string();
     let mut meta = Meta::new(
         second.clone(),
@@ -234,7 +234,7 @@ fn queue_retry_all_without_a_relay_makes_every_message_due() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{err}");
     assert!(err.contains("2 message(s) due now"), "{err}");
-    let (spool, _, _) = Spool::open(&dir.path().join("spool"), 100).unwrap();
+    let spool = Spool::open(&dir.path().join("spool"), 100).unwrap();
     for id in [&first, &second] {
         assert_eq!(spool.read_meta(id).unwrap().next_attempt, 0, "{id}");
     }

@@ -22,7 +22,7 @@ fn private_modes_under_umask_0() {
     assert_eq!(mode(&dir.path().join("canary")), 0o777, "umask 0 in effect");
 
     let root = dir.path().join("a/b/spool");
-    let (spool, _, _) = Spool::open(&root, 10).unwrap();
+    let spool = Spool::open(&root, 10).unwrap();
     for d in [
         "a",
         "a/b",

@@ -254,7 +254,7 @@ async fn run(sc: &Scenario, scale: f64, image_bytes: u32) -> Figures {
         (graph, 16)
     };
     let dir = tempfile::tempdir().expect("tempdir");
-    let (spool, loaded, _) = mailbridge::spool::Spool::open(dir.path(), 100_000).expect("spool");
+    let spool = mailbridge::spool::Spool::open(dir.path(), 100_000).expect("spool");
     let policy = Policy {
         retry_initial: Duration::from_secs_f64(60.0 / scale),
         retry_max: Duration::from_secs_f64(3600.0 / scale),
@@ -273,7 +273,6 @@ async fn run(sc: &Scenario, scale: f64, image_bytes: u32) -> Figures {
         Arc::new(spool),
         Arc::new(Router::new(transport, None)),
         policy,
-        loaded,
         shutdown.clone(),
     );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
@@ -578,7 +577,7 @@ async fn ews_back_off() {
     let transport: Arc<dyn Transport> =
         Arc::new(Governed::new(ews, Limits::ews(27, 0, false, MAILBOX)));
     let dir = tempfile::tempdir().expect("tempdir");
-    let (spool, _, _) = mailbridge::spool::Spool::open(dir.path(), 100_000).expect("spool");
+    let spool = mailbridge::spool::Spool::open(dir.path(), 100_000).expect("spool");
     let spool = Arc::new(spool);
     let policy = Policy {
         retry_initial: Duration::from_secs(60),
@@ -598,7 +597,6 @@ async fn ews_back_off() {
         spool.clone(),
         Arc::new(Router::new(transport, None)),
         policy,
-        Vec::new(),
         shutdown.clone(),
     );
     let t0 = Instant::now();

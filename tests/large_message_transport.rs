@@ -213,7 +213,7 @@ async fn sink(listener: TcpListener, done: tokio::sync::mpsc::Sender<([u8; 32], 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_30_mb_message_goes_through_smtp_with_bounded_memory_and_every_byte_intact() {
     let dir = tempfile::tempdir().expect("temp dir");
-    let (spool, _, _) = Spool::open(dir.path(), 10).expect("spool");
+    let spool = Spool::open(dir.path(), 10).expect("spool");
     let want = {
         let msg = message();
         let meta = Meta::new(

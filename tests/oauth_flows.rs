@@ -71,7 +71,7 @@ async fn start_admin(
 ) {
     let shutdown = tokio_util::sync::CancellationToken::new();
     let spool_dir = cfg.path(&cfg.spool.path);
-    let (spool, loaded, _) = mailbridge::spool::Spool::open(&spool_dir, 100).unwrap();
+    let spool = mailbridge::spool::Spool::open(&spool_dir, 100).unwrap();
     // Routing and the admin endpoint share the OAuth identities, as in `run`.
     let oauth = mailbridge::oauth::Registries::new();
     let router = Arc::new(mailbridge::routing::from_config(cfg, &oauth).unwrap());
@@ -79,7 +79,6 @@ async fn start_admin(
         Arc::new(spool),
         router,
         mailbridge::scheduler::Policy::from_config(cfg),
-        loaded,
         shutdown.clone(),
     );
     let state = Arc::new(mailbridge::admin::AdminState {

@@ -37,8 +37,7 @@ struct Admin {
 async fn start_admin(cfg: &Config, listener: tokio::net::TcpListener) -> Admin {
     let shutdown = tokio_util::sync::CancellationToken::new();
     let base = format!("http://{}", listener.local_addr().unwrap());
-    let (spool, loaded, _) =
-        mailbridge::spool::Spool::open(&cfg.path(&cfg.spool.path), 100).unwrap();
+    let spool = mailbridge::spool::Spool::open(&cfg.path(&cfg.spool.path), 100).unwrap();
     // Routing and the admin endpoint share the OAuth identities, as in `run`.
     let oauth = mailbridge::oauth::Registries::new();
     let router = Arc::new(mailbridge::routing::from_config(cfg, &oauth).unwrap());
@@ -46,7 +45,6 @@ async fn start_admin(cfg: &Config, listener: tokio::net::TcpListener) -> Admin {
         Arc::new(spool),
         router,
         mailbridge::scheduler::Policy::from_config(cfg),
-        loaded,
         shutdown.clone(),
     );
     let state = Arc::new(mailbridge::admin::AdminState {

@@ -62,7 +62,7 @@ async fn a_reload_keeps_the_route_applies_the_probe_and_names_what_needs_a_resta
     let dir = tempfile::tempdir().unwrap();
     let path = write(dir.path(), "", 0);
     let cfg = Config::load(&path).unwrap();
-    let (spool, loaded, _) = Spool::open(&dir.path().join("spool"), 100).unwrap();
+    let spool = Spool::open(&dir.path().join("spool"), 100).unwrap();
     let spool = Arc::new(spool);
     let stop = CancellationToken::new();
     // The primary refuses connections: the first message fails over.
@@ -76,7 +76,6 @@ async fn a_reload_keeps_the_route_applies_the_probe_and_names_what_needs_a_resta
         spool.clone(),
         Arc::new(router),
         Policy::from_config(&cfg),
-        loaded,
         stop.clone(),
     );
     let body = b"Subject: reload\r\n\r\nhi\r\n";
@@ -181,14 +180,13 @@ async fn a_reload_that_would_open_the_relay_is_refused_and_changes_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let path = write(dir.path(), "allow_clients = [\"192.0.2.0/24\"]", 0);
     let cfg = Config::load(&path).unwrap();
-    let (spool, loaded, _) = Spool::open(&dir.path().join("spool"), 100).unwrap();
+    let spool = Spool::open(&dir.path().join("spool"), 100).unwrap();
     let stop = CancellationToken::new();
     let oauth = Arc::new(mailbridge::oauth::Registries::new());
     let (sched, _task) = Scheduler::start(
         Arc::new(spool),
         Arc::new(mailbridge::routing::from_config(&cfg, &oauth).unwrap()),
         Policy::from_config(&cfg),
-        loaded,
         stop.clone(),
     );
     let settings = Arc::new(Settings::from_config(&cfg).unwrap());

@@ -1,18 +1,19 @@
 //! The throttle budget shared through a real Redis (Debian's `redis-server`, started and stopped here on a loopback port, with a password): three relay instances sending as one mailbox to the fake Graph, which enforces 4 requests in flight across all its clients; an instance killed with its leases held; Redis stopped mid-run (delivery goes on under the fallback limits) and started again.
 //!
-//! An "instance" is a governor registry with its own Redis connection and
+//! Here an "instance" is a governor registry with its own Redis connection and
 //! its own Graph transport; the killed one runs on a runtime of its own that
 //! is shut down mid-request, so its leases are never given back (as after
-//! `kill -9`).
+//! `kill -9`). `tests/throttle_instances.rs` runs the surge, a `kill -9` and
+//! the loss of Redis with three `mailbridge run` processes.
 
 mod common;
+mod daemon;
 
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
 use common::fake_graph::{FakeGraph, GraphConfig};
-use common::real::{free_port, have, wait_listening};
+use common::redis::{PASSWORD, Redis};
 use mailbridge::common::Secret;
 use mailbridge::oauth::StaticToken;
 use mailbridge::transport::governor::{Governed, Governors, Limits, Shared};
@@ -21,75 +22,6 @@ use mailbridge::transport::{Envelope, Transport};
 use tokio::time::Instant;
 
 const MAILBOX: &str = "desk@contoso.com";
-const PASSWORD: &str = "redis-test-pw-7";
-
-/// A private `redis-server` on a loopback port, killed on drop.
-struct Redis {
-    child: Option<Child>,
-    port: u16,
-    dir: tempfile::TempDir,
-}
-
-impl Redis {
-    fn start() -> Redis {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let mut r = Redis {
-            child: None,
-            port: free_port(),
-            dir,
-        };
-        r.restart();
-        r
-    }
-
-    fn log(&self) -> std::path::PathBuf {
-        self.dir.path().join("redis.log")
-    }
-
-    /// Start (again) on the same port.
-    fn restart(&mut self) {
-        let log = std::fs::File::create(self.log()).expect("log");
-        let child = Command::new("redis-server")
-            .args(["--bind", "127.0.0.1", "--port", &self.port.to_string()])
-            .args([
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--requirepass",
-                PASSWORD,
-            ])
-            .arg("--dir")
-            .arg(self.dir.path())
-            .stdout(Stdio::from(log.try_clone().expect("log")))
-            .stderr(Stdio::from(log))
-            .spawn()
-            .expect("redis-server");
-        self.child = Some(child);
-        wait_listening(
-            ([127, 0, 0, 1], self.port).into(),
-            "redis-server",
-            &self.log(),
-        );
-    }
-
-    fn stop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/0", self.port)
-    }
-}
-
-impl Drop for Redis {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
 
 /// One relay instance: its own Redis connection, governor and transport.
 fn instance(fake: &FakeGraph, redis: &Redis, lease: Duration) -> (Arc<Governors>, Arc<Governed>) {
@@ -169,7 +101,11 @@ async fn graph(latency_ms: u64) -> FakeGraph {
 }
 
 fn redis_available() -> bool {
-    have("redis-server", "--version")
+    common::redis::available()
+}
+
+fn redis() -> Redis {
+    Redis::start(daemon::reaper::spawn)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -177,7 +113,7 @@ async fn three_instances_share_four_slots_without_a_429() {
     if !redis_available() {
         return;
     }
-    let redis = Redis::start();
+    let redis = redis();
     let fake = graph(100).await;
     let lease = Duration::from_secs(2);
     let (_ga, a) = instance(&fake, &redis, lease);
@@ -216,19 +152,22 @@ async fn a_killed_instance_s_slots_come_back_when_its_leases_expire() {
     if !redis_available() {
         return;
     }
-    let redis = Redis::start();
+    let redis = redis();
     let fake = graph(200).await;
     let lease = Duration::from_millis(1500);
     // The instance to be killed runs on a runtime (and thread) of its own.
     let (endpoint, url) = (fake.endpoint(), redis.url());
+    let (go, kill) = std::sync::mpsc::channel::<()>();
     let killed = std::thread::spawn(move || {
         let rt = tokio::runtime::Runtime::new().expect("runtime");
         let in_flight = rt.block_on(async {
             let (g, t) = instance_at(&endpoint, &url, lease);
             let set = surge(&t, 100..104).await;
-            // All four slots taken in Redis (bounded wait).
+            // Killed once all four requests are at Graph, so their leases
+            // are in Redis (a permit counts in flight before its lease is
+            // taken). Bounded wait.
             let deadline = Instant::now() + Duration::from_secs(10);
-            while t.governor().stats().in_flight < 4 && Instant::now() < deadline {
+            while kill.try_recv().is_err() && Instant::now() < deadline {
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
             let n = t.governor().stats().in_flight;
@@ -239,6 +178,11 @@ async fn a_killed_instance_s_slots_come_back_when_its_leases_expire() {
         rt.shutdown_background();
         (in_flight, Instant::now())
     });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while fake.peak() < 4 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let _ = go.send(());
     let (in_flight, killed_at) = killed.join().expect("killed instance");
     assert_eq!(in_flight, 4);
     let (_g, other) = instance(&fake, &redis, lease);
@@ -271,7 +215,7 @@ async fn without_redis_delivery_goes_on_under_the_fallback_limits_and_comes_back
     if !redis_available() {
         return;
     }
-    let mut redis = Redis::start();
+    let mut redis = redis();
     let fake = graph(50).await;
     let lease = Duration::from_secs(2);
     let (_ga, a) = instance(&fake, &redis, lease);
@@ -296,12 +240,12 @@ async fn without_redis_delivery_goes_on_under_the_fallback_limits_and_comes_back
         .map(|t| t.governor().stats().backend)
         .collect();
     assert!(modes.contains(&"fallback"), "{modes:?}");
-    // Fallback: 4 / 3 instances = 1 in flight each, so within 4 once the
-    // requests started under the shared leases are answered. At the moment
-    // Redis goes away those (up to 4) are not counted by the fallback
-    // limits, so each instance may start one more: at most 3 × 429, held
-    // and retried by the governor (every message above was delivered).
-    assert!(throttled(&fake) <= 3, "{} × 429", throttled(&fake));
+    // Fallback: 4 / 3 instances = 1 in flight each; at the switch, for one
+    // lease time, each instance only reuses the slots it held in Redis
+    // (the others' requests under their leases are still running): never
+    // more than 4 in flight, so no 429.
+    assert_eq!(throttled(&fake), 0, "no request over the 4 in flight");
+    assert!(fake.peak() <= 4, "{}", fake.peak());
     let down = [&a, &b, &c]
         .into_iter()
         .find(|t| t.governor().stats().backend == "fallback")
@@ -324,4 +268,71 @@ async fn without_redis_delivery_goes_on_under_the_fallback_limits_and_comes_back
     }
     assert_eq!(down.governor().stats().backend, "redis");
     assert_eq!(throttled(&fake), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn at_the_loss_of_redis_slots_held_by_another_instance_are_not_overbooked() {
+    if !redis_available() {
+        return;
+    }
+    let mut redis = redis();
+    // Long requests, so that a holds all four slots when Redis goes away.
+    let fake = graph(600).await;
+    let lease = Duration::from_secs(2);
+    let (_ga, a) = instance(&fake, &redis, lease);
+    let (_gb, b) = instance(&fake, &redis, lease);
+    let (_gc, c) = instance(&fake, &redis, lease);
+    let p = surge(&a, 0..6).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while fake.peak() < 4 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // b and c wait for a shared slot (a holds them all) ...
+    let (q, r) = (surge(&b, 6..9).await, surge(&c, 9..12).await);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(fake.sent().is_empty(), "a's four requests still running");
+    // ... when Redis goes away. Their fallback share is 1 each, but a's four
+    // requests are still running: they must not start before those end.
+    redis.stop();
+    let (x, y, z) = tokio::join!(all_ok(p), all_ok(q), all_ok(r));
+    assert_eq!((x, y, z), (6, 3, 3), "nothing waits for Redis");
+    assert_eq!(throttled(&fake), 0, "no request over the 4 in flight");
+    assert!(fake.peak() <= 4, "{}", fake.peak());
+    assert_eq!(b.governor().stats().backend, "fallback");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn when_redis_is_back_requests_started_under_the_fallback_are_not_overbooked() {
+    if !redis_available() {
+        return;
+    }
+    let mut redis = redis();
+    let fake = graph(600).await;
+    let lease = Duration::from_secs(1);
+    let (_ga, a) = instance(&fake, &redis, lease);
+    let (_gb, b) = instance(&fake, &redis, lease);
+    let (_gc, c) = instance(&fake, &redis, lease);
+    // Redis is down from the start: all three run their share, 1 each.
+    redis.stop();
+    let (p, q, r) = (
+        surge(&a, 0..3).await,
+        surge(&b, 3..9).await,
+        surge(&c, 9..15).await,
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while fake.peak() < 3 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(a.governor().stats().backend, "fallback");
+    // Redis is back, empty: the requests running under the fallback hold no
+    // lease there. Whoever notices first must not take all four slots.
+    // (Whether the instances' timing overlaps enough to overbook without the
+    // rule varies: this run also passed with it switched off; the rule
+    // itself is tested in `governor::shared`.)
+    redis.restart();
+    let s = surge(&a, 15..21).await;
+    let (w, x, y, z) = tokio::join!(all_ok(p), all_ok(q), all_ok(r), all_ok(s));
+    assert_eq!((w, x, y, z), (3, 6, 6, 6));
+    assert_eq!(throttled(&fake), 0, "no request over the 4 in flight");
+    assert!(fake.peak() <= 4, "{}", fake.peak());
 }

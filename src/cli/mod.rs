@@ -451,12 +451,16 @@ pub(crate) fn age(secs: u64) -> String {
     }
 }
 
+/// Entries `queue list` reads from disk at a time.
+const LIST_PAGE: usize = 500;
+
 fn queue(cfg: &Config, action: QueueAction) -> ExitCode {
     let root = cfg.path(&cfg.spool.path);
     match action {
         QueueAction::List => {
-            let metas = match Spool::list(&root) {
-                Ok(m) => m,
+            // Read a page at a time: a large queue is never held in memory whole.
+            let ids = match Spool::list_ids(&root) {
+                Ok(ids) => ids,
                 Err(e) => {
                     eprintln!(
                         "mailbridge: spool.path: cannot read {}: {e}",
@@ -475,26 +479,40 @@ fn queue(cfg: &Config, action: QueueAction) -> ExitCode {
                 "STATE",
                 "FROM"
             );
-            for m in &metas {
-                let pending = m
-                    .rcpts
-                    .iter()
-                    .filter(|r| r.status == RcptStatus::Pending)
-                    .count();
-                let from = if m.from.is_empty() { "<>" } else { &m.from };
-                let from = crate::text::for_log(from);
-                outln!(
-                    "{:<24} {:>5} {:>8} {:>7} {:<20} {:<30} {}",
-                    m.id,
-                    age(now.saturating_sub(m.received_at)),
-                    m.attempts,
-                    format!("{pending}/{}", m.rcpts.len()),
-                    m.state(),
-                    from,
-                    crate::text::for_log(m.last_error.as_deref().unwrap_or("-"))
-                );
+            let mut listed = 0;
+            for page in ids.chunks(LIST_PAGE) {
+                let metas = match Spool::read_metas(&root, page) {
+                    Ok(m) => m,
+                    Err(e) => {
+                        eprintln!(
+                            "mailbridge: spool.path: cannot read {}: {e}",
+                            root.display()
+                        );
+                        return ExitCode::from(FAILED);
+                    }
+                };
+                listed += metas.len();
+                for m in &metas {
+                    let pending = m
+                        .rcpts
+                        .iter()
+                        .filter(|r| r.status == RcptStatus::Pending)
+                        .count();
+                    let from = if m.from.is_empty() { "<>" } else { &m.from };
+                    let from = crate::text::for_log(from);
+                    outln!(
+                        "{:<24} {:>5} {:>8} {:>7} {:<20} {:<30} {}",
+                        m.id,
+                        age(now.saturating_sub(m.received_at)),
+                        m.attempts,
+                        format!("{pending}/{}", m.rcpts.len()),
+                        m.state(),
+                        from,
+                        crate::text::for_log(m.last_error.as_deref().unwrap_or("-"))
+                    );
+                }
             }
-            eprintln!("{} message(s) queued in {}", metas.len(), root.display());
+            eprintln!("{listed} message(s) queued in {}", root.display());
             ExitCode::SUCCESS
         }
         QueueAction::Show { id } => {
@@ -546,8 +564,8 @@ fn retry_all(cfg: &Config, root: &Path) -> ExitCode {
             ExitCode::from(FAILED)
         }
         AdminAnswer::Unreachable(_) => {
-            let ids: Vec<String> = match Spool::list(root) {
-                Ok(m) => m.into_iter().map(|m| m.id).collect(),
+            let ids: Vec<String> = match Spool::list_ids(root) {
+                Ok(ids) => ids,
                 Err(e) => {
                     eprintln!(
                         "mailbridge: spool.path: cannot read {}: {e}",
@@ -607,7 +625,7 @@ fn queue_change(cfg: &Config, root: &Path, method: &str, id: &str, what: &str) -
 }
 
 fn offline_change(cfg: &Config, root: &Path, id: &str, what: &str) -> ExitCode {
-    let (spool, _, _) = match Spool::open(root, cfg.spool.max_messages) {
+    let spool = match Spool::open(root, cfg.spool.max_messages) {
         Ok(s) => s,
         // A daemon runs (it holds the spool lock) but its admin endpoint did
         // not answer: editing under it would corrupt its queue.

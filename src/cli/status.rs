@@ -67,6 +67,13 @@ pub fn status_text(doc: &serde_json::Value, now: u64) -> String {
         let _ = write!(o, ", oldest {}", age(n(&q["oldest_age_secs"])));
     }
     let _ = writeln!(o);
+    if q["loading"].as_bool() == Some(true) {
+        let _ = writeln!(
+            o,
+            "  reading the queue found at start: {} message(s) still to read",
+            n(&q["to_load"])
+        );
+    }
     if n(&q["bounce_undeliverable"]) > 0 {
         let _ = writeln!(
             o,

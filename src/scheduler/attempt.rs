@@ -6,28 +6,87 @@ use tokio::time::Instant;
 
 use super::submit::Submission;
 use super::{
-    AttemptEvent, AttemptOutcome, INLINE_IO_BYTES, Next, Policy, Scheduler, apply, dsn, dsn_policy,
-    now_unix,
+    AttemptEvent, AttemptOutcome, INLINE_IO_BYTES, Id, Next, Policy, Scheduler, apply, dsn,
+    dsn_policy, now_unix,
 };
 use crate::spool::{Meta, RcptStatus};
 use crate::transport::{Body, Envelope};
 
-/// What is left of a message after an attempt: its updated metadata, the
-/// retry delay, and whether only throttling held it back (it then goes
-/// before newer mail).
-pub(super) type Again = (Meta, Duration, bool);
+/// What is left of a message after an attempt: its updated metadata
+/// (`None` when it could not be read), the retry delay, and whether only
+/// throttling held it back (it then goes before newer mail).
+pub(super) type Again = (Option<Meta>, Duration, bool);
 
 /// What an attempt hands back to the scheduler: what to retry, and its event.
 pub(super) type Outcome = (Option<Again>, Option<AttemptEvent>);
+
+/// What the scheduler hands an attempt: the message (its metadata is read
+/// from the spool now) and what it knows of it.
+pub(super) struct Start {
+    /// Queue id.
+    pub id: Id,
+    /// When it was queued.
+    pub born: Instant,
+    /// The operator retried an undeliverable DSN: its failed recipients are
+    /// pending again.
+    pub revive: bool,
+    /// Stored moments ago: its metadata is read in place (page cache).
+    pub fresh: bool,
+}
 
 /// One delivery attempt. Returns what to retry (`None` when the message
 /// left the queue) and the attempt's event, which the scheduler publishes
 /// once it has applied the outcome (so an observer that sees the event sees
 /// the queue as it is after the attempt).
-pub(super) async fn attempt(s: &Scheduler, meta: Meta, born: Instant) -> Outcome {
+pub(super) async fn attempt(s: &Scheduler, start: Start) -> Outcome {
     let mut event = None;
-    let again = run(s, meta, born, &mut event).await;
+    let again = match read_meta(s, &start).await {
+        Ok(meta) => run(s, meta, start.born, &mut event).await,
+        Err(again) => again,
+    };
     (again, event)
+}
+
+/// The message's metadata as it is on disk, or what to tell the scheduler
+/// when it cannot be read.
+async fn read_meta(s: &Scheduler, start: &Start) -> Result<Meta, Option<Again>> {
+    let spool = s.shared.spool.clone();
+    let id = start.id.to_string();
+    let read = if start.fresh {
+        spool.read_meta(&id)
+    } else {
+        let (spool, id) = (spool.clone(), id.clone());
+        match tokio::task::spawn_blocking(move || spool.read_meta(&id)).await {
+            Ok(r) => r,
+            Err(e) => Err(std::io::Error::other(e.to_string())),
+        }
+    };
+    match read {
+        Ok(mut meta) => {
+            if meta.bounce_undeliverable && !start.revive {
+                // Held for the operator (as on disk): nothing to try.
+                return Err(Some((Some(meta), Duration::ZERO, false)));
+            }
+            if meta.bounce_undeliverable {
+                meta.bounce_undeliverable = false;
+                for r in &mut meta.rcpts {
+                    if r.status == RcptStatus::Failed {
+                        r.status = RcptStatus::Pending;
+                    }
+                }
+            }
+            Ok(meta)
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            tracing::error!(id = %id, "queued message has no metadata any more; dropped from the queue");
+            let _ = spool.remove(&id);
+            Err(None)
+        }
+        Err(e) => {
+            tracing::error!(id = %id, error = %e, "cannot read message metadata; will retry");
+            Err(Some((None, s.policy().retry_max, false)))
+        }
+    }
 }
 
 async fn run(
@@ -60,7 +119,7 @@ async fn run(
         Ok(b) => b,
         Err(e) => {
             tracing::error!(id = %id, error = %e, "cannot read message body; will retry");
-            return Some((meta, policy.retry_max, false));
+            return Some((Some(meta), policy.retry_max, false));
         }
     };
     // The Sender Name / Reply-to rewrite touches the header block only.
@@ -148,7 +207,7 @@ async fn run(
                 Ok(Err(e)) => tracing::error!(id = %id, error = %e, "cannot update metadata"),
                 Err(e) => tracing::error!(id = %id, error = %e, "metadata writer failed"),
             }
-            Some((meta, delay, throttled))
+            Some((Some(meta), delay, throttled))
         }
         Next::Done => {
             match dsn_decision(&meta) {
@@ -158,7 +217,7 @@ async fn run(
                     } else if let Err(e) = queue_dsn(s, &meta, body.head(), &policy).await {
                         // Keep the message (all final) so the DSN is retried after a restart.
                         tracing::error!(id = %id, error = %e, "cannot queue DSN; keeping message");
-                        return Some((meta, policy.retry_max, false));
+                        return Some((Some(meta), policy.retry_max, false));
                     }
                 }
                 Dsn::Undeliverable => {
@@ -175,7 +234,7 @@ async fn run(
                         }
                         Err(e) => tracing::error!(id = %id, error = %e, "metadata writer failed"),
                     }
-                    return Some((meta, Duration::ZERO, false));
+                    return Some((Some(meta), Duration::ZERO, false));
                 }
                 Dsn::NoSender => {
                     tracing::warn!(id = %id, "no DSN: the envelope sender is <>");

@@ -17,6 +17,9 @@
 //!   (message and metadata apart), still loaded, updated and removed, so an
 //!   upgrade keeps what was queued.
 //! - `corrupt/`: entries that could not be loaded, moved aside for an operator.
+//!
+//! [`Spool::open`] only lists `queue/` by name; the entries are read later,
+//! in batches ([`Spool::load_batch`], by the scheduler in the background).
 //! - `lock`: held (`flock`, exclusive) by whoever has the spool open; see [`lock`].
 //!
 //! Directories mailbridge creates are mode 0700 and files 0600, whatever the
@@ -159,7 +162,48 @@ pub struct Spool {
     queue_sync: DirSync,
     /// `queue/`, kept open for its fsyncs (saves an open and a close each).
     queue_dir: File,
+    /// What [`Spool::open`] found in `queue/`, until someone takes it.
+    backlog: Mutex<Option<Backlog>>,
+    /// Held while an entry's files leave `queue/` ([`Spool::remove`], an
+    /// entry moved aside at load): an entry is two files, so each is
+    /// counted out once, by whoever takes it.
+    entries: Mutex<()>,
     _lock: SpoolLock,
+}
+
+/// The entries [`Spool::open`] found in `queue/`, still to be loaded (see
+/// [`Spool::load_batch`]): the ids of the entries (a `.msg`, or a `.json`
+/// of the earlier layout), oldest (smallest id) first, and the files to
+/// move aside (`.eml` bodies without a `.json`, unexpected names). Only what was there at open: a message stored afterwards is
+/// never in it.
+#[derive(Debug, Default)]
+pub struct Backlog {
+    /// Ids in reverse order, so that loading pops from the end.
+    ids: Vec<Box<str>>,
+    /// File names in `queue/` to move to `corrupt/`, with the reason.
+    strays: Vec<(String, &'static str)>,
+}
+
+impl Backlog {
+    /// Entries still to load.
+    pub fn len(&self) -> usize {
+        self.ids.len()
+    }
+
+    /// True when everything was loaded.
+    pub fn is_empty(&self) -> bool {
+        self.ids.is_empty() && self.strays.is_empty()
+    }
+
+    /// Take the `n` oldest entries (and the stray files) into a backlog of
+    /// their own, to be loaded apart from the rest (in parallel).
+    pub fn split_off(&mut self, n: usize) -> Backlog {
+        let at = self.ids.len().saturating_sub(n);
+        Backlog {
+            ids: self.ids.split_off(at),
+            strays: std::mem::take(&mut self.strays),
+        }
+    }
 }
 
 /// Group commit of one directory's fsync: every caller returns only after an
@@ -279,14 +323,16 @@ impl Drop for Draft {
 }
 
 impl Spool {
-    /// Open (creating if needed) the spool at `root`, load every committed
-    /// entry, and move unreadable ones to `corrupt/`. Never fails because of
-    /// one bad entry.
+    /// Open (creating if needed) the spool at `root`: take its lock, empty
+    /// `tmp/` and list `queue/` (names only; no entry is read). The entries
+    /// found count towards `max_messages` at once and wait in the spool's
+    /// [`Backlog`] ([`Spool::take_backlog`]) to be loaded, in the background
+    /// by the scheduler or all at once by [`Spool::load_all`].
     ///
     /// Takes the spool's [`lock`] first (waiting up to [`LOCK_WAIT`]): a
     /// second daemon, or an offline edit while a daemon runs, fails with
     /// [`io::ErrorKind::WouldBlock`] before anything is touched.
-    pub fn open(root: &Path, max_messages: usize) -> io::Result<(Spool, Vec<Meta>, Vec<Corrupt>)> {
+    pub fn open(root: &Path, max_messages: usize) -> io::Result<Spool> {
         create_private_dir(root)?;
         let lock = lock(root, LOCK_WAIT)?;
         let queue = root.join("queue");
@@ -300,6 +346,8 @@ impl Spool {
             max_messages,
             count: AtomicUsize::new(0),
             queue_sync: DirSync::default(),
+            backlog: Mutex::new(None),
+            entries: Mutex::new(()),
             _lock: lock,
         };
         for d in [&spool.queue, &spool.tmp, &spool.corrupt] {
@@ -309,9 +357,22 @@ impl Spool {
         for e in fs::read_dir(&spool.tmp)? {
             let _ = fs::remove_file(e?.path());
         }
-        let (metas, corrupt) = spool.load_all()?;
-        spool.count.store(metas.len(), Ordering::SeqCst);
-        Ok((spool, metas, corrupt))
+        let backlog = spool.list_backlog()?;
+        spool.count.store(backlog.ids.len(), Ordering::SeqCst);
+        *spool.backlog.lock() = Some(backlog);
+        Ok(spool)
+    }
+
+    /// The entries found at open, still to be loaded (empty when taken already).
+    pub fn take_backlog(&self) -> Backlog {
+        self.backlog.lock().take().unwrap_or_default()
+    }
+
+    /// Load the whole backlog now (offline tools, tests): every committed
+    /// entry, oldest first, and the unreadable ones, moved to `corrupt/`.
+    pub fn load_all(&self) -> (Vec<Meta>, Vec<Corrupt>) {
+        let mut backlog = self.take_backlog();
+        self.load_batch(&mut backlog, usize::MAX)
     }
 
     /// The spool's root directory.
@@ -347,54 +408,103 @@ impl Spool {
         self.queue.join(format!("{id}.json"))
     }
 
-    fn load_all(&self) -> io::Result<(Vec<Meta>, Vec<Corrupt>)> {
-        let mut metas = Vec::new();
-        let mut corrupt = Vec::new();
-        let mut names: Vec<String> = fs::read_dir(&self.queue)?
-            .filter_map(|e| e.ok())
-            .filter_map(|e| e.file_name().into_string().ok())
-            .collect();
-        names.sort();
-        for name in &names {
-            let (stem, ext) = name.rsplit_once('.').unwrap_or_default();
-            let problem = match ext {
-                // An entry with a `.json` is loaded once, under that name.
-                "msg"
-                    if is_valid_id(stem)
-                        && names.binary_search(&format!("{stem}.json")).is_ok() =>
-                {
-                    None
-                }
-                "json" | "msg" if is_valid_id(stem) => match self.load_one(stem) {
-                    Ok(m) => {
-                        metas.push(m);
-                        None
-                    }
-                    Err(reason) => Some(reason),
-                },
-                // `names` is sorted: a binary search, not a scan (100 000 entries).
-                "eml"
-                    if is_valid_id(stem)
-                        && names.binary_search(&format!("{stem}.json")).is_ok() =>
-                {
-                    None
-                }
-                "eml" => Some("body without metadata (never acknowledged)".to_string()),
-                _ => Some("unexpected file in queue".to_string()),
+    /// List `queue/` by name alone (no entry is read): the ids of the
+    /// entries (sorted) and what does not belong. An id is an entry when
+    /// its `.msg` is there, or its `.json` (with the `.eml` of the earlier
+    /// layout, or alone after a crash between the unlinks of
+    /// [`Spool::remove`]: a lone `.json`, or a `.msg` that opens with an
+    /// empty line and has no `.json`, fails at load and is moved aside
+    /// then). An `.eml` without a `.json` is a stray.
+    fn list_backlog(&self) -> io::Result<Backlog> {
+        let mut ids: Vec<Box<str>> = Vec::new();
+        let mut jsons: Vec<Box<str>> = Vec::new();
+        let mut bodies: Vec<Box<str>> = Vec::new();
+        let mut strays = Vec::new();
+        for e in fs::read_dir(&self.queue)? {
+            let Ok(e) = e else { continue };
+            let Ok(name) = e.file_name().into_string() else {
+                continue;
             };
-            if let Some(reason) = problem {
-                self.move_aside(name);
-                if ext == "json" {
-                    self.move_aside(&format!("{stem}.msg"));
-                    self.move_aside(&format!("{stem}.eml"));
+            match name.rsplit_once('.') {
+                Some((stem, "msg")) if is_valid_id(stem) => ids.push(stem.into()),
+                Some((stem, "json")) if is_valid_id(stem) => jsons.push(stem.into()),
+                Some((stem, "eml")) if is_valid_id(stem) => bodies.push(stem.into()),
+                Some((_, "eml")) => {
+                    strays.push((name, "body without metadata (never acknowledged)"))
                 }
-                corrupt.push(Corrupt {
-                    name: name.clone(),
-                    reason,
-                });
+                _ => strays.push((name, "unexpected file in queue")),
             }
         }
-        Ok((metas, corrupt))
+        // Sorted: a binary search per body, not a scan (100 000 entries).
+        jsons.sort_unstable();
+        for stem in bodies {
+            if jsons.binary_search(&stem).is_err() {
+                strays.push((
+                    format!("{stem}.eml"),
+                    "body without metadata (never acknowledged)",
+                ));
+            }
+        }
+        // An entry with both a `.msg` and a `.json` is listed once.
+        ids.append(&mut jsons);
+        ids.sort_unstable();
+        ids.dedup();
+        ids.reverse();
+        ids.shrink_to_fit();
+        strays.sort();
+        Ok(Backlog { ids, strays })
+    }
+
+    /// Load up to `n` entries of `backlog`, oldest first: their metadata, and
+    /// the entries that could not be loaded, moved to `corrupt/` (with the
+    /// backlog's stray files, at the first call). Never fails because of one
+    /// bad entry. An entry removed since the listing is skipped.
+    pub fn load_batch(&self, backlog: &mut Backlog, n: usize) -> (Vec<Meta>, Vec<Corrupt>) {
+        let mut metas = Vec::new();
+        let mut corrupt = Vec::new();
+        for (name, reason) in std::mem::take(&mut backlog.strays) {
+            self.move_aside(&name);
+            corrupt.push(Corrupt {
+                name,
+                reason: reason.to_string(),
+            });
+        }
+        for _ in 0..n {
+            let Some(id) = backlog.ids.pop() else { break };
+            match self.load_one(&id) {
+                Ok(m) => metas.push(m),
+                Err(reason) => {
+                    if let Some(name) = self.move_entry_aside(&id) {
+                        corrupt.push(Corrupt { name, reason });
+                    }
+                }
+            }
+        }
+        if backlog.ids.is_empty() {
+            backlog.ids = Vec::new();
+        }
+        (metas, corrupt)
+    }
+
+    /// Move the files of entry `id` to `corrupt/`, under the lock
+    /// [`Spool::remove`] takes (a load that read a half-removed entry must
+    /// not count it out twice), and count it out of the queue. Returns the
+    /// name it is known by (its `.json` if it has one, else its `.msg`), or
+    /// `None` when it was removed since the listing (by `remove`, which
+    /// counted it).
+    fn move_entry_aside(&self, id: &str) -> Option<String> {
+        let _entries = self.entries.lock();
+        let (msg, json) = (format!("{id}.msg"), format!("{id}.json"));
+        let had_json = self.move_aside(&json);
+        let had_msg = self.move_aside(&msg);
+        if !(had_json || had_msg) {
+            return None;
+        }
+        if had_json {
+            self.move_aside(&format!("{id}.eml"));
+        }
+        self.count.fetch_sub(1, Ordering::SeqCst);
+        Some(if had_json { json } else { msg })
     }
 
     fn load_one(&self, id: &str) -> Result<Meta, String> {
@@ -419,11 +529,9 @@ impl Spool {
         }
     }
 
-    fn move_aside(&self, name: &str) {
-        let from = self.queue.join(name);
-        if from.exists() {
-            let _ = fs::rename(&from, self.corrupt.join(name));
-        }
+    /// Move `queue/<name>` to `corrupt/`; true if it was there and moved.
+    fn move_aside(&self, name: &str) -> bool {
+        fs::rename(self.queue.join(name), self.corrupt.join(name)).is_ok()
     }
 
     /// A new message file for queue id `id` in `tmp/`, written as the
@@ -567,6 +675,7 @@ impl Spool {
     /// delivered again. At-least-once is the promise (as Postfix's), and it
     /// saves an fsync per message.
     pub fn remove(&self, id: &str) -> io::Result<()> {
+        let _entries = self.entries.lock();
         let had = match fs::remove_file(self.msg_path(id)) {
             Ok(()) => {
                 remove_if_there(&self.meta_path(id))?;
@@ -612,29 +721,47 @@ impl Spool {
         summary
     }
 
-    /// Every committed entry's metadata, read from disk (for the CLI).
+    /// Every committed entry's metadata, read from disk, oldest first (a
+    /// whole queue in memory: see [`Spool::list_ids`] for a paged list).
     pub fn list(root: &Path) -> io::Result<Vec<Meta>> {
+        let ids = Spool::list_ids(root)?;
+        Spool::read_metas(root, &ids)
+    }
+
+    /// The ids of the committed entries, sorted (ids sort by arrival), from
+    /// the directory listing alone: a list reads the metadata one page at a
+    /// time with [`Spool::read_metas`].
+    pub fn list_ids(root: &Path) -> io::Result<Vec<String>> {
         let queue = root.join("queue");
-        let mut out = Vec::new();
         let rd = match fs::read_dir(&queue) {
             Ok(rd) => rd,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(out),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
             Err(e) => return Err(e),
         };
         let mut ids: Vec<String> = rd
             .flatten()
-            .filter_map(|e| e.file_name().into_string().ok())
-            .filter_map(|name| {
+            .filter_map(|e| {
+                let name = e.file_name().into_string().ok()?;
                 let (stem, ext) = name.rsplit_once('.')?;
                 (matches!(ext, "msg" | "json") && is_valid_id(stem)).then(|| stem.to_string())
             })
             .collect();
-        ids.sort();
+        // An entry with both a `.msg` and a `.json` is listed once.
+        ids.sort_unstable();
         ids.dedup();
-        for id in ids {
-            match find(&queue, &id) {
+        Ok(ids)
+    }
+
+    /// The metadata of the entries `ids` as it is on disk (an entry's
+    /// `.json` if it has one, else the first line of its `.msg`), in that
+    /// order; an entry gone or unreadable meanwhile is left out, but a file
+    /// this user may not read is an error (not "nothing queued").
+    pub fn read_metas(root: &Path, ids: &[String]) -> io::Result<Vec<Meta>> {
+        let queue = root.join("queue");
+        let mut out = Vec::with_capacity(ids.len());
+        for id in ids.iter().filter(|id| is_valid_id(id)) {
+            match find(&queue, id) {
                 Ok(found) => out.push(found.meta),
-                // Unreadable to this user: an error, not "nothing queued".
                 Err(e) if e.kind() == io::ErrorKind::PermissionDenied => return Err(e),
                 Err(_) => continue,
             }

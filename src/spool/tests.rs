@@ -15,13 +15,15 @@ fn meta(id: &str, body: &[u8]) -> Meta {
 #[test]
 fn store_reload_remove() {
     let dir = tempfile::tempdir().unwrap();
-    let (s, loaded, bad) = Spool::open(dir.path(), 10).unwrap();
+    let s = Spool::open(dir.path(), 10).unwrap();
+    let (loaded, bad) = s.load_all();
     assert!(loaded.is_empty() && bad.is_empty());
     let body = b"Subject: x\r\n\r\nhi\r\n";
     s.store(&meta("a1", body), body).unwrap();
     assert_eq!(s.len(), 1);
     drop(s);
-    let (s, loaded, bad) = Spool::open(dir.path(), 10).unwrap();
+    let s = Spool::open(dir.path(), 10).unwrap();
+    let (loaded, bad) = s.load_all();
     assert_eq!(loaded.len(), 1);
     assert!(bad.is_empty());
     assert_eq!(s.read_body("a1").unwrap(), body);
@@ -38,7 +40,7 @@ fn store_reload_remove() {
 #[test]
 fn full_queue_refuses_and_leaves_nothing() {
     let dir = tempfile::tempdir().unwrap();
-    let (s, _, _) = Spool::open(dir.path(), 1).unwrap();
+    let s = Spool::open(dir.path(), 1).unwrap();
     s.store(&meta("a1", b"x"), b"x").unwrap();
     assert!(matches!(
         s.store(&meta("a2", b"y"), b"y"),
@@ -50,7 +52,7 @@ fn full_queue_refuses_and_leaves_nothing() {
 #[test]
 fn bad_entries_are_moved_aside_and_good_ones_load() {
     let dir = tempfile::tempdir().unwrap();
-    let (s, _, _) = Spool::open(dir.path(), 10).unwrap();
+    let s = Spool::open(dir.path(), 10).unwrap();
     s.store(&meta("good", b"hello"), b"hello").unwrap();
     s.store(&meta("short", b"hello"), b"hello").unwrap();
     drop(s);
@@ -64,7 +66,8 @@ fn bad_entries_are_moved_aside_and_good_ones_load() {
     fs::write(q.join("orphan.eml"), b"x").unwrap();
     fs::write(q.join("weird.txt"), b"x").unwrap();
     fs::write(dir.path().join("tmp").join("half.eml"), b"x").unwrap();
-    let (s, loaded, bad) = Spool::open(dir.path(), 10).unwrap();
+    let s = Spool::open(dir.path(), 10).unwrap();
+    let (loaded, bad) = s.load_all();
     assert_eq!(
         loaded.iter().map(|m| m.id.as_str()).collect::<Vec<_>>(),
         ["good"]
@@ -89,18 +92,20 @@ fn bad_entries_are_moved_aside_and_good_ones_load() {
     );
     // A second start finds nothing more to move.
     drop(s);
-    let (_, loaded, bad) = Spool::open(dir.path(), 10).unwrap();
+    let s = Spool::open(dir.path(), 10).unwrap();
+    let (loaded, bad) = s.load_all();
     assert_eq!((loaded.len(), bad.len()), (1, 0));
 }
 
 #[test]
 fn corrupt_entries_are_counted() {
     let dir = tempfile::tempdir().unwrap();
-    let (s, _, _) = Spool::open(dir.path(), 10).unwrap();
+    let s = Spool::open(dir.path(), 10).unwrap();
     assert_eq!(s.corrupt_summary(), CorruptSummary::default());
     drop(s);
     fs::write(dir.path().join("queue").join("garbage.json"), b"{").unwrap();
-    let (s, _, bad) = Spool::open(dir.path(), 10).unwrap();
+    let s = Spool::open(dir.path(), 10).unwrap();
+    let (_, bad) = s.load_all();
     assert_eq!(bad.len(), 1);
     let c = s.corrupt_summary();
     assert_eq!(c.count, 1);
@@ -110,21 +115,22 @@ fn corrupt_entries_are_counted() {
 #[test]
 fn update_is_visible_after_reload() {
     let dir = tempfile::tempdir().unwrap();
-    let (s, _, _) = Spool::open(dir.path(), 10).unwrap();
+    let s = Spool::open(dir.path(), 10).unwrap();
     let mut m = meta("u1", b"x");
     s.store(&m, b"x").unwrap();
     m.attempts = 3;
     m.last_error = Some("451 try later".into());
     s.update(&m).unwrap();
     drop(s);
-    let (_, loaded, _) = Spool::open(dir.path(), 10).unwrap();
+    let s = Spool::open(dir.path(), 10).unwrap();
+    let (loaded, _) = s.load_all();
     assert_eq!(loaded[0].attempts, 3);
 }
 
 #[test]
 fn concurrent_stores_share_directory_syncs() {
     let dir = tempfile::tempdir().unwrap();
-    let (s, _, _) = Spool::open(dir.path(), 1000).unwrap();
+    let s = Spool::open(dir.path(), 1000).unwrap();
     let s = std::sync::Arc::new(s);
     let threads: Vec<_> = (0..8)
         .map(|t| {
@@ -149,14 +155,15 @@ fn concurrent_stores_share_directory_syncs() {
     assert!(!st.running);
     drop(st);
     drop(s);
-    let (_, loaded, _) = Spool::open(dir.path(), 1000).unwrap();
+    let s = Spool::open(dir.path(), 1000).unwrap();
+    let (loaded, _) = s.load_all();
     assert_eq!(loaded.len(), 160);
 }
 
 #[test]
 fn one_holder_at_a_time() {
     let dir = tempfile::tempdir().unwrap();
-    let (s, _, _) = Spool::open(dir.path(), 10).unwrap();
+    let s = Spool::open(dir.path(), 10).unwrap();
     s.store(&meta("held", b"x"), b"x").unwrap();
     // A second open (a second daemon, an offline CLI edit) is refused
     // and touches nothing: tmp/ is not emptied.
@@ -176,14 +183,15 @@ fn one_holder_at_a_time() {
     // Released with the spool: a short-lived writer gets it, then a daemon.
     let l = lock(dir.path(), Duration::ZERO).unwrap();
     drop(l);
-    let (_, loaded, _) = Spool::open(dir.path(), 10).unwrap();
+    let s = Spool::open(dir.path(), 10).unwrap();
+    let (loaded, _) = s.load_all();
     assert_eq!(loaded.len(), 1);
 }
 
 #[test]
 fn files_are_created_new_and_never_through_a_symlink() {
     let dir = tempfile::tempdir().unwrap();
-    let (s, _, _) = Spool::open(dir.path(), 10).unwrap();
+    let s = Spool::open(dir.path(), 10).unwrap();
     let victim = dir.path().join("victim");
     fs::write(&victim, b"keep").unwrap();
     // A symlink planted where the next temp file goes.
@@ -222,7 +230,7 @@ fn names(dir: &Path) -> Vec<String> {
 #[test]
 fn a_small_message_is_one_readable_file() {
     let dir = tempfile::tempdir().unwrap();
-    let (s, _, _) = Spool::open(dir.path(), 10).unwrap();
+    let s = Spool::open(dir.path(), 10).unwrap();
     let body = b"Subject: x\r\n\r\nhi\r\n";
     s.store(&meta("one", body), body).unwrap();
     let q = dir.path().join("queue");
@@ -252,7 +260,7 @@ fn a_small_message_is_one_readable_file() {
 #[test]
 fn an_update_goes_beside_the_file_and_overrides_its_first_line() {
     let dir = tempfile::tempdir().unwrap();
-    let (s, _, _) = Spool::open(dir.path(), 10).unwrap();
+    let s = Spool::open(dir.path(), 10).unwrap();
     let mut m = meta("u2", b"x");
     s.store(&m, b"x").unwrap();
     m.attempts = 2;
@@ -263,7 +271,8 @@ fn an_update_goes_beside_the_file_and_overrides_its_first_line() {
     assert_eq!(Spool::list(dir.path()).unwrap()[0].attempts, 2);
     assert_eq!(s.read_body("u2").unwrap(), b"x");
     drop(s);
-    let (s, loaded, bad) = Spool::open(dir.path(), 10).unwrap();
+    let s = Spool::open(dir.path(), 10).unwrap();
+    let (loaded, bad) = s.load_all();
     assert_eq!((loaded.len(), loaded[0].attempts, bad.len()), (1, 2, 0));
     s.remove("u2").unwrap();
     assert!(names(&q).is_empty());
@@ -273,7 +282,7 @@ fn an_update_goes_beside_the_file_and_overrides_its_first_line() {
 #[test]
 fn a_message_written_as_it_arrived_gets_its_metadata_beside_it() {
     let dir = tempfile::tempdir().unwrap();
-    let (s, _, _) = Spool::open(dir.path(), 10).unwrap();
+    let s = Spool::open(dir.path(), 10).unwrap();
     let mut draft = s.draft("big");
     draft.write(b"Subject: big\r\n\r\n").unwrap();
     draft.write(b"part one\r\n").unwrap();
@@ -291,7 +300,8 @@ fn a_message_written_as_it_arrived_gets_its_metadata_beside_it() {
     );
     assert_eq!(s.read_body("big").unwrap(), want);
     drop(s);
-    let (s, loaded, bad) = Spool::open(dir.path(), 10).unwrap();
+    let s = Spool::open(dir.path(), 10).unwrap();
+    let (loaded, bad) = s.load_all();
     assert_eq!((loaded.len(), loaded[0].size, bad.len()), (1, 32, 0));
     s.remove("big").unwrap();
     assert!(names(&q).is_empty());
@@ -302,12 +312,12 @@ fn a_file_without_metadata_is_never_loaded() {
     // Renamed into queue/ but its .json never followed (a crash between
     // the two renames of a large message): never acknowledged.
     let dir = tempfile::tempdir().unwrap();
-    let (s, _, _) = Spool::open(dir.path(), 10).unwrap();
+    let s = Spool::open(dir.path(), 10).unwrap();
     drop(s);
     let q = dir.path().join("queue");
     fs::write(q.join("stub.msg"), b"\nSubject: x\r\n\r\nhi\r\n").unwrap();
     fs::write(q.join("noline.msg"), b"{\"id\":\"noline\"").unwrap();
-    let (_, loaded, bad) = Spool::open(dir.path(), 10).unwrap();
+    let (loaded, bad) = Spool::open(dir.path(), 10).unwrap().load_all();
     assert!(loaded.is_empty());
     let mut reasons: Vec<_> = bad
         .iter()
@@ -333,7 +343,7 @@ fn a_file_without_metadata_is_never_loaded() {
 #[test]
 fn entries_of_the_two_file_layout_still_load_update_and_go() {
     let dir = tempfile::tempdir().unwrap();
-    let (s, _, _) = Spool::open(dir.path(), 10).unwrap();
+    let s = Spool::open(dir.path(), 10).unwrap();
     drop(s);
     // As earlier versions wrote them: the message alone in .eml, pretty JSON beside it.
     let q = dir.path().join("queue");
@@ -341,7 +351,8 @@ fn entries_of_the_two_file_layout_still_load_update_and_go() {
     let m = meta("old1", body);
     fs::write(q.join("old1.eml"), body).unwrap();
     fs::write(q.join("old1.json"), serde_json::to_vec_pretty(&m).unwrap()).unwrap();
-    let (s, loaded, bad) = Spool::open(dir.path(), 10).unwrap();
+    let s = Spool::open(dir.path(), 10).unwrap();
+    let (loaded, bad) = s.load_all();
     assert_eq!((loaded.len(), bad.len()), (1, 0), "{bad:?}");
     assert_eq!(s.read_body("old1").unwrap(), body);
     let mut f = s.open_body("old1").unwrap();
@@ -366,7 +377,7 @@ fn entries_of_the_two_file_layout_still_load_update_and_go() {
     )
     .unwrap();
     drop(s);
-    let (_, loaded, bad) = Spool::open(dir.path(), 10).unwrap();
+    let (loaded, bad) = Spool::open(dir.path(), 10).unwrap().load_all();
     assert!(loaded.is_empty());
     assert_eq!(bad.len(), 1, "{bad:?}");
     assert_eq!(
@@ -378,7 +389,7 @@ fn entries_of_the_two_file_layout_still_load_update_and_go() {
 #[test]
 fn a_failed_commit_leaves_nothing() {
     let dir = tempfile::tempdir().unwrap();
-    let (s, _, _) = Spool::open(dir.path(), 10).unwrap();
+    let s = Spool::open(dir.path(), 10).unwrap();
     // Draft and metadata disagree: refused before anything is renamed.
     let draft = s.draft("a");
     let mut m = meta("b", b"x");
@@ -390,4 +401,168 @@ fn a_failed_commit_leaves_nothing() {
     assert!(names(&dir.path().join("tmp")).is_empty());
     assert!(names(&dir.path().join("queue")).is_empty());
     assert_eq!(s.len(), 0);
+}
+
+fn ids(metas: &[Meta]) -> Vec<&str> {
+    metas.iter().map(|m| m.id.as_str()).collect()
+}
+
+#[test]
+fn open_counts_the_queue_and_the_backlog_loads_in_batches() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Spool::open(dir.path(), 10).unwrap();
+    for id in ["b1", "b2", "b3", "b4"] {
+        s.store(&meta(id, b"x"), b"x").unwrap();
+    }
+    drop(s);
+    fs::write(dir.path().join("queue").join("b3.json"), b"{").unwrap();
+    fs::write(dir.path().join("queue").join("orphan.eml"), b"x").unwrap();
+    let s = Spool::open(dir.path(), 5).unwrap();
+    assert_eq!(
+        s.len(),
+        4,
+        "counted from the listing, before anything is read"
+    );
+    let mut backlog = s.take_backlog();
+    assert_eq!(backlog.len(), 4);
+    assert!(s.take_backlog().is_empty(), "taken once");
+    // New mail while loading: counted with the entries not read yet, and
+    // never in the backlog.
+    s.store(&meta("new", b"y"), b"y").unwrap();
+    assert_eq!(s.len(), 5);
+    assert!(matches!(
+        s.store(&meta("over", b"y"), b"y"),
+        Err(SpoolError::Full(_))
+    ));
+    // Removed before it was read: skipped, counted once.
+    s.remove("b2").unwrap();
+    assert_eq!(s.len(), 4);
+    let (first, bad) = s.load_batch(&mut backlog, 1);
+    assert_eq!(ids(&first), ["b1"], "oldest first");
+    assert_eq!(bad.len(), 1, "the stray body goes first: {bad:?}");
+    assert_eq!(bad[0].name, "orphan.eml");
+    let (rest, bad) = s.load_batch(&mut backlog, 10);
+    assert_eq!(ids(&rest), ["b4"]);
+    assert_eq!(bad.len(), 1, "{bad:?}");
+    assert_eq!(bad[0].name, "b3.json");
+    assert!(backlog.is_empty());
+    assert_eq!(s.len(), 3, "b1, b4 and the new one");
+    assert!(dir.path().join("corrupt").join("b3.msg").exists());
+    let (more, bad) = s.load_batch(&mut backlog, 10);
+    assert!(more.is_empty() && bad.is_empty());
+}
+
+#[test]
+fn a_backlog_splits_off_its_oldest_entries_with_the_strays() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Spool::open(dir.path(), 10).unwrap();
+    for id in ["c1", "c2", "c3"] {
+        s.store(&meta(id, b"x"), b"x").unwrap();
+    }
+    drop(s);
+    fs::write(dir.path().join("queue").join("stray.txt"), b"x").unwrap();
+    let s = Spool::open(dir.path(), 10).unwrap();
+    let mut rest = s.take_backlog();
+    let mut first = rest.split_off(2);
+    assert_eq!((first.len(), rest.len()), (2, 1));
+    let (metas, bad) = s.load_batch(&mut rest, usize::MAX);
+    assert_eq!((ids(&metas), bad.len()), (vec!["c3"], 0));
+    let (metas, bad) = s.load_batch(&mut first, usize::MAX);
+    assert_eq!(ids(&metas), ["c1", "c2"]);
+    assert_eq!(bad.len(), 1, "the strays go with the first part");
+    assert!(first.is_empty() && rest.is_empty());
+}
+
+#[test]
+fn the_listing_knows_both_layouts_and_counts_each_entry_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Spool::open(dir.path(), 20).unwrap();
+    for id in ["d1", "d2", "d3"] {
+        s.store(&meta(id, b"x"), b"x").unwrap();
+    }
+    // d2 tried once: its .json beside its .msg.
+    let mut m = meta("d2", b"x");
+    m.attempts = 1;
+    s.update(&m).unwrap();
+    drop(s);
+    let q = dir.path().join("queue");
+    // An entry of the earlier layout.
+    fs::write(q.join("d4.eml"), b"x").unwrap();
+    fs::write(
+        q.join("d4.json"),
+        serde_json::to_vec(&meta("d4", b"x")).unwrap(),
+    )
+    .unwrap();
+    // A crash between the two unlinks of a removal: a lone .json.
+    fs::write(
+        q.join("d5.json"),
+        serde_json::to_vec(&meta("d5", b"x")).unwrap(),
+    )
+    .unwrap();
+    // A large message renamed in, its .json never followed.
+    fs::write(q.join("d6.msg"), b"\nSubject: x\r\n\r\nhi\r\n").unwrap();
+    // A body without metadata, beside a .msg of its own or not.
+    fs::write(q.join("d1.eml"), b"x").unwrap();
+    fs::write(q.join("d7.eml"), b"x").unwrap();
+    assert_eq!(
+        Spool::list_ids(dir.path()).unwrap(),
+        ["d1", "d2", "d3", "d4", "d5", "d6"]
+    );
+    let listed = Spool::list(dir.path()).unwrap();
+    assert_eq!(ids(&listed), ["d1", "d2", "d3", "d4"]);
+    assert_eq!(listed[1].attempts, 1, "the .json overrides the first line");
+    let s = Spool::open(dir.path(), 20).unwrap();
+    assert_eq!(s.len(), 6, "d1..d6, each once, before anything is read");
+    let mut backlog = s.take_backlog();
+    assert_eq!(backlog.len(), 6);
+    // Removed after the listing, before it was read: skipped, counted once.
+    s.remove("d3").unwrap();
+    assert_eq!(s.len(), 5);
+    let (loaded, bad) = s.load_batch(&mut backlog, usize::MAX);
+    assert_eq!(ids(&loaded), ["d1", "d2", "d4"]);
+    assert_eq!(loaded[1].attempts, 1);
+    let mut names_bad: Vec<&str> = bad.iter().map(|c| c.name.as_str()).collect();
+    names_bad.sort();
+    assert_eq!(
+        names_bad,
+        ["d1.eml", "d5.json", "d6.msg", "d7.eml"],
+        "{bad:?}"
+    );
+    assert_eq!(s.len(), 3, "d1, d2 and d4");
+    assert_eq!(
+        names(&q),
+        ["d1.msg", "d2.json", "d2.msg", "d4.eml", "d4.json"]
+    );
+    assert_eq!(
+        names(&dir.path().join("corrupt")),
+        ["d1.eml", "d5.json", "d6.msg", "d7.eml"]
+    );
+    for id in ["d1", "d2", "d4"] {
+        s.remove(id).unwrap();
+    }
+    assert_eq!(s.len(), 0);
+    assert!(names(&q).is_empty());
+}
+
+#[test]
+fn an_entry_removed_while_its_load_failed_is_counted_out_once() {
+    // The load read a half-removed entry (its .msg gone, its .json not
+    // yet): by the time it moves the entry aside, the removal is done.
+    let dir = tempfile::tempdir().unwrap();
+    let s = Spool::open(dir.path(), 10).unwrap();
+    let mut m = meta("e1", b"x");
+    s.store(&m, b"x").unwrap();
+    m.attempts = 1;
+    s.update(&m).unwrap();
+    s.store(&meta("e2", b"x"), b"x").unwrap();
+    drop(s);
+    let s = Spool::open(dir.path(), 10).unwrap();
+    assert_eq!(s.len(), 2);
+    s.remove("e1").unwrap();
+    assert_eq!(s.move_entry_aside("e1"), None, "removed: not counted again");
+    assert_eq!(s.len(), 1);
+    assert_eq!(s.move_entry_aside("e2").as_deref(), Some("e2.msg"));
+    assert_eq!(s.len(), 0);
+    s.remove("e2").unwrap();
+    assert_eq!(s.len(), 0, "moved aside: not counted again");
 }

@@ -34,3 +34,4 @@ pub fn header_from(message: &[u8]) -> Option<String> {
     Some(addr.trim().to_ascii_lowercase())
 }
 pub mod real;
+pub mod redis;

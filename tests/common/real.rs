@@ -5,6 +5,12 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+// Shared with tests/daemon (a test may load both).
+#[allow(clippy::duplicate_mod)]
+#[path = "../daemon/require.rs"]
+mod require;
+pub use require::tools_required;
+
 /// Whether `program` (a path or a name on PATH) can be started; if not,
 /// fail under `MAILBRIDGE_REQUIRE_TOOLS`, else print why the test skips.
 pub fn have(program: &str, version_arg: &str) -> bool {
@@ -16,7 +22,7 @@ pub fn have(program: &str, version_arg: &str) -> bool {
         .is_ok();
     if !found {
         assert!(
-            std::env::var_os("MAILBRIDGE_REQUIRE_TOOLS").is_none(),
+            !tools_required(),
             "{program} is not installed and MAILBRIDGE_REQUIRE_TOOLS is set"
         );
         eprintln!("skipping: {program} is not installed");

@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod reaper;
+pub mod require;
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
@@ -269,7 +270,7 @@ pub fn have(tool: &str) -> bool {
         .unwrap_or(false);
     if !found {
         assert!(
-            std::env::var_os("MAILBRIDGE_REQUIRE_TOOLS").is_none(),
+            !require::tools_required(),
             "{tool} is required (MAILBRIDGE_REQUIRE_TOOLS is set)"
         );
         eprintln!("skipping: {tool} not installed");

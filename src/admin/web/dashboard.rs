@@ -13,6 +13,8 @@ use crate::admin::Ctx;
 
 /// How many distinct reasons the dashboard lists.
 const REASONS_SHOWN: usize = 8;
+/// Messages (the oldest) whose metadata is read for the reasons.
+const REASONS_READ: usize = 500;
 
 pub(super) async fn show(State(ctx): State<Arc<Ctx>>, headers: HeaderMap) -> Response {
     let c = match signed_in(&ctx, &headers, "/") {
@@ -72,7 +74,13 @@ fn server_section(ctx: &Ctx, csrf: &str) -> String {
 async fn queue_section(ctx: &Ctx) -> String {
     let stats = ctx.admin.scheduler.stats();
     let root = ctx.admin.scheduler.spool().root().to_path_buf();
-    let listed = tokio::task::spawn_blocking(move || crate::spool::Spool::list(&root)).await;
+    // The reasons of the oldest messages only: a large queue is not read
+    // whole for a page.
+    let listed = tokio::task::spawn_blocking(move || {
+        let ids = crate::spool::Spool::list_ids(&root)?;
+        crate::spool::Spool::read_metas(&root, &ids[..ids.len().min(REASONS_READ)])
+    })
+    .await;
     let mut reasons: BTreeMap<String, usize> = BTreeMap::new();
     if let Ok(Ok(metas)) = &listed {
         for m in metas {
@@ -100,10 +108,22 @@ async fn queue_section(ctx: &Ctx) -> String {
         ". {} being delivered now, {} waiting for a retry.</p>",
         stats.in_flight, stats.deferred
     ));
+    if stats.loading {
+        out.push_str(&format!(
+            "<p class=\"help\">Reading the queue found at start: {} message{} still to read.</p>",
+            stats.to_load,
+            if stats.to_load == 1 { "" } else { "s" }
+        ));
+    }
     if !reasons.is_empty() {
         let mut by_count: Vec<(String, usize)> = reasons.into_iter().collect();
         by_count.sort_by_key(|b| std::cmp::Reverse(b.1));
-        out.push_str("<table><tr><th>Why mail is waiting</th><th>Messages</th></tr>");
+        let head = if stats.depth > REASONS_READ {
+            format!("Why mail is waiting (the oldest {REASONS_READ})")
+        } else {
+            "Why mail is waiting".to_string()
+        };
+        out.push_str(&format!("<table><tr><th>{head}</th><th>Messages</th></tr>"));
         for (why, n) in by_count.into_iter().take(REASONS_SHOWN) {
             out.push_str(&format!("<tr><td>{}</td><td>{n}</td></tr>", escape(&why)));
         }

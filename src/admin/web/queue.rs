@@ -16,14 +16,21 @@ const MAX_ROWS: usize = 500;
 /// Header bytes shown at most.
 const MAX_HEADER_BYTES: usize = 64 * 1024;
 
-async fn all(ctx: &Ctx) -> Result<Vec<Meta>, String> {
+/// How many messages are queued, and the metadata of the oldest
+/// `MAX_ROWS` (ids sort by arrival), read from disk: a large queue is never
+/// read whole for a page.
+async fn oldest(ctx: &Ctx) -> Result<(usize, Vec<Meta>), String> {
     let root = ctx.admin.scheduler.spool().root().to_path_buf();
-    let mut metas = tokio::task::spawn_blocking(move || crate::spool::Spool::list(&root))
-        .await
-        .map_err(|e| e.to_string())?
-        .map_err(|e| format!("cannot read the queue: {e}"))?;
+    let (total, mut metas) = tokio::task::spawn_blocking(move || {
+        let ids = crate::spool::Spool::list_ids(&root)?;
+        let page = crate::spool::Spool::read_metas(&root, &ids[..ids.len().min(MAX_ROWS)])?;
+        Ok::<_, std::io::Error>((ids.len(), page))
+    })
+    .await
+    .map_err(|e| e.to_string())?
+    .map_err(|e| format!("cannot read the queue: {e}"))?;
     metas.sort_by(|a, b| a.received_at.cmp(&b.received_at).then(a.id.cmp(&b.id)));
-    Ok(metas)
+    Ok((total, metas))
 }
 
 pub(super) async fn list(State(ctx): State<Arc<Ctx>>, headers: HeaderMap) -> Response {
@@ -31,23 +38,26 @@ pub(super) async fn list(State(ctx): State<Arc<Ctx>>, headers: HeaderMap) -> Res
         Ok(c) => c,
         Err(r) => return *r,
     };
-    let metas = match all(&ctx).await {
+    let (total, metas) = match oldest(&ctx).await {
         Ok(m) => m,
         Err(e) => return problem(&ctx, &c, StatusCode::INTERNAL_SERVER_ERROR, &e),
     };
     let now = crate::scheduler::now_unix();
     let mut body = format!(
         "<section><p id=\"queue-count\">{} message{} in the queue.</p>",
-        metas.len(),
-        if metas.len() == 1 { "" } else { "s" }
+        total,
+        if total == 1 { "" } else { "s" }
     );
+    if ctx.admin.scheduler.is_loading() {
+        body.push_str("<p class=\"help\">The queue found at start is still being read; its messages are delivered as they are read.</p>");
+    }
     if !metas.is_empty() {
         body.push_str(&format!(
             "<form method=\"post\" action=\"/ui/queue/retry-all\">{}<button type=\"submit\">Retry all now</button></form>",
             csrf_field(&c.csrf)
         ));
         body.push_str("<table><tr><th>Id</th><th>Sender</th><th>Recipients</th><th>Received</th><th>Attempts</th><th>Last error</th><th></th></tr>");
-        for m in metas.iter().take(MAX_ROWS) {
+        for m in &metas {
             let rcpts: Vec<String> = m
                 .rcpts
                 .iter()
@@ -84,7 +94,7 @@ pub(super) async fn list(State(ctx): State<Arc<Ctx>>, headers: HeaderMap) -> Res
             ));
         }
         body.push_str("</table>");
-        if metas.len() > MAX_ROWS {
+        if total > MAX_ROWS {
             body.push_str(&format!("<p class=\"help\">The oldest {MAX_ROWS} are shown; <code>mailbridge queue list</code> lists all.</p>"));
         }
     }
@@ -185,16 +195,7 @@ pub(super) async fn retry_all(
     State(ctx): State<Arc<Ctx>>,
     SignedForm(c, _): SignedForm,
 ) -> Response {
-    let metas = match all(&ctx).await {
-        Ok(m) => m,
-        Err(e) => return problem(&ctx, &c, StatusCode::INTERNAL_SERVER_ERROR, &e),
-    };
-    let mut n = 0;
-    for m in &metas {
-        if ctx.admin.scheduler.retry_now(&m.id).await {
-            n += 1;
-        }
-    }
+    let n = ctx.admin.scheduler.retry_all().await;
     ctx.web
         .sessions
         .flash(&c.id, true, format!("{n} message(s) will be tried now."));

@@ -66,6 +66,7 @@ impl GateState {
         ticket: u64,
         held: bool,
         limits: &Limits,
+        cap: super::shared::Cap,
         cost: Cost,
     ) -> Result<(), Blocked> {
         let now = Instant::now();
@@ -87,6 +88,13 @@ impl GateState {
         }
         if limits.max_in_flight > 0 && self.running >= limits.max_in_flight {
             return Err(Blocked::Turn);
+        }
+        // Just after a switch to or from Redis: fewer slots for a while.
+        if let Some((cap, until)) = cap
+            && until > now
+            && self.running >= cap
+        {
+            return Err(Blocked::Until(until));
         }
         if !held && self.held_running > 0 {
             return Err(Blocked::Turn);
@@ -199,14 +207,21 @@ impl Queued {
     }
 
     /// Wait until this attempt is first in line and may start under
-    /// `limits()` (read again at every step, so a reload applies to
-    /// waiters), then record the start.
-    pub(super) async fn start(self, limits: impl Fn() -> Arc<Limits>, cost: Cost) {
+    /// `rules()`, the limits and an in-flight cap (read again at every
+    /// step, so a reload or a switch to or from Redis applies to waiters),
+    /// then record the start.
+    pub(super) async fn start(
+        self,
+        rules: impl Fn() -> (Arc<Limits>, super::shared::Cap),
+        cost: Cost,
+    ) {
         loop {
             let notified = self.gate.wake.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            let blocked = lock(&self.gate.state).try_start(self.ticket, self.held, &limits(), cost);
+            let (limits, cap) = rules();
+            let blocked =
+                lock(&self.gate.state).try_start(self.ticket, self.held, &limits, cap, cost);
             match blocked {
                 Ok(()) => break,
                 Err(Blocked::Until(t)) => tokio::select! {
@@ -265,5 +280,39 @@ impl Window {
     fn spend(&mut self, at: Instant, n: u64) {
         self.spent.push_back((at, n));
         self.sum += n;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_cap_after_a_switch_holds_starts_until_it_ends() {
+        let limits = Limits::graph(4, "k");
+        let mut st = GateState::default();
+        let until = Instant::now() + Duration::from_secs(2);
+        st.waiting.insert(1);
+        // Cap 0: nothing starts until `until`, although 4 slots are free.
+        assert!(matches!(
+            st.try_start(1, false, &limits, Some((0, until)), Cost::default()),
+            Err(Blocked::Until(t)) if t == until
+        ));
+        // Cap 1: one starts, the next waits for it or for `until`.
+        assert!(
+            st.try_start(1, false, &limits, Some((1, until)), Cost::default())
+                .is_ok()
+        );
+        st.waiting.insert(2);
+        assert!(
+            st.try_start(2, false, &limits, Some((1, until)), Cost::default())
+                .is_err()
+        );
+        tokio::time::advance(Duration::from_secs(2)).await;
+        assert!(
+            st.try_start(2, false, &limits, Some((1, until)), Cost::default())
+                .is_ok()
+        );
+        assert_eq!(st.running, 2);
     }
 }

@@ -77,6 +77,7 @@ use tokio::time::Instant;
 use super::{Body, Delivery, Envelope, Failure, Severity, Transport};
 use crate::common::BoxFuture;
 use gate::{Gate, lock};
+use shared::REDIS_RETRY;
 
 /// What one governor enforces per key. `0`/`None` switches a limit off.
 #[derive(Debug, Clone)]
@@ -247,6 +248,16 @@ pub struct Permit {
     in_flight: Arc<AtomicU64>,
 }
 
+impl Permit {
+    /// Give a shared slot back in Redis before the local one, so the next
+    /// attempt in line finds it free there too.
+    async fn release(&mut self) {
+        if let Some(lease) = self._lease.take() {
+            lease.release().await;
+        }
+    }
+}
+
 impl Drop for Permit {
     fn drop(&mut self) {
         self.in_flight.fetch_sub(1, Ordering::Relaxed);
@@ -273,9 +284,6 @@ pub struct Governor {
     last_try: AtomicU64,
     created: Instant,
 }
-
-/// While Redis is unreachable, ask it again at most this often.
-const REDIS_RETRY: Duration = Duration::from_secs(1);
 
 impl Governor {
     /// A governor enforcing `limits` in this process.
@@ -316,6 +324,15 @@ impl Governor {
         match &self.shared {
             Some((s, _)) => s.local_limits(&l),
             None => l,
+        }
+    }
+
+    /// The limits and in-flight cap this process keeps itself for `key`.
+    fn local_rules(&self, key: &str) -> (Arc<Limits>, shared::Cap) {
+        let l = self.limits();
+        match &self.shared {
+            Some((s, app)) => s.local_rules(&format!("{app}{key}:"), &l),
+            None => (l, None),
         }
     }
 
@@ -409,7 +426,7 @@ impl Governor {
     ) -> Permit {
         let mut permit = loop {
             let (ticket, held) = (queued.ticket(), queued.held());
-            queued.start(|| self.local_limits(), cost).await;
+            queued.start(|| self.local_rules(key), cost).await;
             // From here the key's slot is taken: the permit gives it back.
             let mut permit = Permit {
                 gate: gate.clone(),
@@ -540,11 +557,13 @@ impl Governor {
             tracing::info!(id = %env.id, key = %key, retry = held, "throttled: holding the message until the pause ends");
             // In line again before the slot is given back: nobody slips in.
             let queued = gate.queue(ticket, true);
+            permit.release().await;
             drop(permit);
             permit = self.start(&key, &gate, queued, cost).await;
             result = inner.deliver(env, message).await;
             self.observe_shared(&key, &result).await;
         }
+        permit.release().await;
         drop(permit);
         result
     }
