@@ -206,6 +206,13 @@ impl Backlog {
     }
 }
 
+/// What became of an entry that failed to load (see [`Spool::set_aside`]).
+enum Aside {
+    Loaded(Meta),
+    Gone,
+    Moved(String, String),
+}
+
 /// Group commit of one directory's fsync: every caller returns only after an
 /// fsync that *started after* its call, but concurrent callers share one
 /// fsync instead of queueing one each (20 sessions storing at once cost one
@@ -473,11 +480,11 @@ impl Spool {
             let Some(id) = backlog.ids.pop() else { break };
             match self.load_one(&id) {
                 Ok(m) => metas.push(m),
-                Err(reason) => {
-                    if let Some(name) = self.move_entry_aside(&id) {
-                        corrupt.push(Corrupt { name, reason });
-                    }
-                }
+                Err(_) => match self.set_aside(&id) {
+                    Aside::Loaded(m) => metas.push(m),
+                    Aside::Gone => {}
+                    Aside::Moved(name, reason) => corrupt.push(Corrupt { name, reason }),
+                },
             }
         }
         if backlog.ids.is_empty() {
@@ -486,25 +493,29 @@ impl Spool {
         (metas, corrupt)
     }
 
-    /// Move the files of entry `id` to `corrupt/`, under the lock
-    /// [`Spool::remove`] takes (a load that read a half-removed entry must
-    /// not count it out twice), and count it out of the queue. Returns the
-    /// name it is known by (its `.json` if it has one, else its `.msg`), or
-    /// `None` when it was removed since the listing (by `remove`, which
-    /// counted it).
-    fn move_entry_aside(&self, id: &str) -> Option<String> {
+    /// An entry that failed to load, looked at again under the lock
+    /// [`Spool::remove`] takes (the load may have read it half-removed, or
+    /// half-replaced by a new store under its id): loaded now, gone (removed
+    /// since the listing, and counted out by `remove`), or moved to
+    /// `corrupt/` with all its files and counted out once.
+    fn set_aside(&self, id: &str) -> Aside {
         let _entries = self.entries.lock();
+        let reason = match self.load_one(id) {
+            Ok(m) => return Aside::Loaded(m),
+            Err(reason) => reason,
+        };
         let (msg, json) = (format!("{id}.msg"), format!("{id}.json"));
         let had_json = self.move_aside(&json);
         let had_msg = self.move_aside(&msg);
         if !(had_json || had_msg) {
-            return None;
+            return Aside::Gone;
         }
         if had_json {
             self.move_aside(&format!("{id}.eml"));
         }
         self.count.fetch_sub(1, Ordering::SeqCst);
-        Some(if had_json { json } else { msg })
+        // Known by its `.json` if it has one, else by its `.msg`.
+        Aside::Moved(if had_json { json } else { msg }, reason)
     }
 
     fn load_one(&self, id: &str) -> Result<Meta, String> {
