@@ -178,9 +178,15 @@ impl Body {
 
     /// The chunks of the message, in order, from the start.
     pub fn reader(&self) -> Reader {
+        self.reader_from(0)
+    }
+
+    /// The chunks of the message from offset `pos` on (Graph's upload
+    /// path reads one part of the message at a time this way).
+    pub fn reader_from(&self, pos: u64) -> Reader {
         Reader {
             body: self.clone(),
-            pos: 0,
+            pos,
         }
     }
 
@@ -207,7 +213,8 @@ impl Body {
     }
 
     /// The whole message in memory. Only for paths that must parse the
-    /// whole MIME structure (Graph's upload path).
+    /// whole MIME structure (Graph's upload path, when a part the splitter
+    /// took for an attachment turns out to be the message's text).
     pub async fn to_vec(&self) -> io::Result<Vec<u8>> {
         let mut out = Vec::with_capacity(self.len() as usize);
         let mut reader = self.reader();
@@ -319,8 +326,9 @@ impl Reader {
     pub async fn next(&mut self) -> io::Result<Option<Bytes>> {
         let head_len = self.body.head.len() as u64;
         if self.pos < head_len {
+            let from = self.pos as usize;
             self.pos = head_len;
-            return Ok(Some(self.body.head.clone()));
+            return Ok(Some(self.body.head.slice(from..)));
         }
         let off = self.pos - head_len;
         let left = self.body.rest_len().saturating_sub(off);
