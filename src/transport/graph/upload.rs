@@ -590,6 +590,71 @@ mod tests {
         assert_eq!((parts[1].inline, parts[1].name.as_str()), (false, "r.pdf"));
     }
 
+    #[tokio::test]
+    async fn a_spooled_attachment_reads_in_ranges_forward_and_again() {
+        let data: Vec<u8> = (0..300_000u32).map(|i| (i * 13 + (i >> 9)) as u8).collect();
+        let b64: String = B64
+            .encode(&data)
+            .as_bytes()
+            .chunks(76)
+            .map(|c| format!("{}\r\n", String::from_utf8_lossy(c)))
+            .collect();
+        let msg = format!(
+            "Content-Type: multipart/mixed; boundary=B\r\n\r\n--B\r\nContent-Type: image/png\r\nContent-Transfer-Encoding: base64\r\n\r\n{b64}--B--\r\n"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.eml");
+        std::fs::write(&path, &msg).unwrap();
+        let body = Body::open(std::fs::File::open(&path).unwrap()).unwrap();
+        let (skeleton, source) = split(&body).await.unwrap();
+        assert!(skeleton.len() < 300, "{}", skeleton.len());
+        let [x] = source.parts[..] else {
+            panic!("{:?}", source.parts)
+        };
+        assert_eq!(x.decoded_len, data.len() as u64);
+        let content = Content::File(x);
+        let mut r = PartReader {
+            source: &source,
+            content: &content,
+            state: None,
+        };
+        // Forward, a range again (a resume), one further back, then on.
+        for (at, len) in [
+            (0, 100_000),
+            (100_000, 100_000),
+            (100_000, 50_000),
+            (10, 5),
+            (200_000, 100_000),
+        ] {
+            assert!(
+                r.read(at, len).await.unwrap() == data[at..at + len],
+                "{at}+{len}"
+            );
+        }
+        assert!(r.read(299_990, 20).await.is_err(), "past the end");
+    }
+
+    #[tokio::test]
+    async fn no_marker_ever_becomes_the_text() {
+        // Parts a parser may read as the text although they look like attachments.
+        let big = B64.encode(vec![b'a'; 100_000]);
+        for part in [
+            "Content-Type: text/plain\r\nContent-Disposition: attachment",
+            "Content-Type: application/octet-stream",
+            "Content-Type: image/png\r\nContent-Disposition: inline",
+        ] {
+            let msg = format!(
+                "Content-Type: multipart/mixed; boundary=B\r\n\r\n--B\r\n{part}\r\nContent-Transfer-Encoding: base64\r\n\r\n{big}\r\n--B--\r\n"
+            );
+            let (skeleton, source) = split(&Body::memory(msg.into_bytes())).await.unwrap();
+            let parsed = MessageParser::new().parse(&skeleton).unwrap();
+            let text = parsed.body_text(0).unwrap_or_default().to_string()
+                + &parsed.body_html(0).unwrap_or_default();
+            assert!(!text.contains("mailbridge-part"), "{part}: {text}");
+            assert!(!marks_text(&skeleton, &source), "{part}");
+        }
+    }
+
     #[test]
     fn next_expected_ranges() {
         assert_eq!(
