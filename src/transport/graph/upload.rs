@@ -164,6 +164,8 @@ impl PartReader<'_> {
         let Some(d) = self.state.as_mut() else {
             return Err(Failure::transient("attachment reader lost its state"));
         };
+        // One range and one decoded chunk, without doubling on the way.
+        d.buf.reserve((len + 64 * 1024).saturating_sub(d.buf.len()));
         loop {
             let skip = (offset - d.buf_at).min(d.buf.len() as u64) as usize;
             d.buf.drain(..skip);
