@@ -84,10 +84,19 @@ impl Body {
     /// (at most [`MAX_HEAD`]), or the whole message when it is small.
     /// Blocking: call it where blocking file I/O is allowed.
     pub fn open(file: File) -> io::Result<Body> {
-        let len = file.metadata()?.len();
+        Body::open_from(file, 0)
+    }
+
+    /// The message that starts `start` bytes into `file` and runs to its
+    /// end (a maildrop file, after its envelope line); otherwise as
+    /// [`Body::open`]. Blocking.
+    pub fn open_from(file: File, start: u64) -> io::Result<Body> {
+        let len = file.metadata()?.len().checked_sub(start).ok_or_else(|| {
+            io::Error::new(io::ErrorKind::UnexpectedEof, "the message file ended early")
+        })?;
         if len <= INLINE_BYTES {
             let mut buf = vec![0u8; len as usize];
-            file.read_exact_at(&mut buf, 0)?;
+            file.read_exact_at(&mut buf, start)?;
             return Ok(Body::memory(buf));
         }
         let mut head = Vec::new();
@@ -96,7 +105,7 @@ impl Body {
             let at = head.len() as u64;
             let n = read_chunk(
                 &file,
-                at,
+                start + at,
                 len - at,
                 &mut chunk[..CHUNK.min(MAX_HEAD - head.len())],
             )?;
@@ -123,7 +132,7 @@ impl Body {
             head: Bytes::from(head),
             rest: Rest::File {
                 file: Arc::new(file),
-                start: split as u64,
+                start: start + split as u64,
                 len: len - split as u64,
             },
             rest_8bit: Arc::default(),
@@ -169,9 +178,15 @@ impl Body {
 
     /// The chunks of the message, in order, from the start.
     pub fn reader(&self) -> Reader {
+        self.reader_from(0)
+    }
+
+    /// The chunks of the message from offset `pos` on (Graph's upload
+    /// path reads one part of the message at a time this way).
+    pub fn reader_from(&self, pos: u64) -> Reader {
         Reader {
             body: self.clone(),
-            pos: 0,
+            pos,
         }
     }
 
@@ -198,7 +213,8 @@ impl Body {
     }
 
     /// The whole message in memory. Only for paths that must parse the
-    /// whole MIME structure (Graph's upload path).
+    /// whole MIME structure (Graph's upload path, when a part the splitter
+    /// took for an attachment turns out to be the message's text).
     pub async fn to_vec(&self) -> io::Result<Vec<u8>> {
         let mut out = Vec::with_capacity(self.len() as usize);
         let mut reader = self.reader();
@@ -310,8 +326,9 @@ impl Reader {
     pub async fn next(&mut self) -> io::Result<Option<Bytes>> {
         let head_len = self.body.head.len() as u64;
         if self.pos < head_len {
+            let from = self.pos as usize;
             self.pos = head_len;
-            return Ok(Some(self.body.head.clone()));
+            return Ok(Some(self.body.head.slice(from..)));
         }
         let off = self.pos - head_len;
         let left = self.body.rest_len().saturating_sub(off);
@@ -439,6 +456,21 @@ mod tests {
         let want = [&b"From: x@y\r\n\r\n"[..], &msg[25..]].concat();
         assert_eq!(rewritten.to_vec().await.unwrap(), want);
         assert_eq!(rewritten.len(), want.len() as u64);
+    }
+
+    #[tokio::test]
+    async fn a_message_after_a_prefix_reads_from_where_it_starts() {
+        for size in [100usize, 700_000] {
+            let msg = big("From: a@b\r\n\r\n", size);
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("m.msg");
+            std::fs::write(&path, [&b"{\"envelope\":1}\n"[..], &msg].concat()).unwrap();
+            let body = Body::open_from(File::open(&path).unwrap(), 15).unwrap();
+            assert_eq!(body.head(), b"From: a@b\r\n\r\n", "size {size}");
+            assert_eq!(body.len(), msg.len() as u64);
+            assert_eq!(body.to_vec().await.unwrap(), msg, "size {size}");
+            assert!(Body::open_from(File::open(&path).unwrap(), 16 + msg.len() as u64).is_err());
+        }
     }
 
     #[tokio::test]
