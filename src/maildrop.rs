@@ -15,9 +15,9 @@
 //! session refuses for good is moved to `rejected/` and logged; one it
 //! refuses for now (queue full) stays for the next pass.
 
-use std::io::{self, Read, Write};
+use std::io::{self, Write};
 use std::net::SocketAddr;
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -27,6 +27,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::inbound::session::{Session, Step};
 use crate::inbound::{BodyWriter, Settings, Sink};
+use crate::transport::Body;
+use crate::transport::smtp::DataEncoder;
 
 /// The envelope line at the top of a maildrop file.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -73,9 +75,15 @@ pub fn write(dir: &Path, env: &Envelope, message: &[u8]) -> io::Result<PathBuf> 
     result.map(|()| path)
 }
 
-/// Read a maildrop file: a plain file with one link, not a symbolic link
-/// (another user could otherwise point the daemon at its own files).
-fn read(path: &Path) -> io::Result<(Envelope, Vec<u8>)> {
+/// Longest envelope line read (many recipients fit; a file without a
+/// newline this early is not a maildrop file).
+const MAX_ENVELOPE: usize = 1024 * 1024;
+
+/// Open a maildrop file: a plain file with one link, not a symbolic link
+/// (another user could otherwise point the daemon at its own files). Reads
+/// the envelope line only; the message is read from the file in chunks as
+/// it goes into the session. Blocking.
+fn open(path: &Path) -> io::Result<(Envelope, Body)> {
     let before = std::fs::symlink_metadata(path)?;
     let plain = |m: &std::fs::Metadata| m.file_type().is_file() && m.nlink() == 1;
     if !plain(&before) {
@@ -84,7 +92,7 @@ fn read(path: &Path) -> io::Result<(Envelope, Vec<u8>)> {
             "not a plain file with one link",
         ));
     }
-    let mut f = std::fs::File::open(path)?;
+    let f = std::fs::File::open(path)?;
     let meta = f.metadata()?;
     // Swapped for something else between the two looks.
     if !plain(&meta) || meta.ino() != before.ino() || meta.dev() != before.dev() {
@@ -93,16 +101,26 @@ fn read(path: &Path) -> io::Result<(Envelope, Vec<u8>)> {
             "the file changed while it was opened",
         ));
     }
-    let mut data = Vec::with_capacity(meta.len() as usize);
-    f.read_to_end(&mut data)?;
-    let nl = data
-        .iter()
-        .position(|&b| b == b'\n')
-        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "no envelope line"))?;
-    let env: Envelope = serde_json::from_slice(&data[..nl])
+    let mut line = Vec::new();
+    let mut chunk = vec![0u8; 8192];
+    let nl = loop {
+        let n = f.read_at(&mut chunk, line.len() as u64)?;
+        let from = line.len();
+        line.extend_from_slice(&chunk[..n]);
+        if let Some(i) = line[from..].iter().position(|&b| b == b'\n') {
+            break from + i;
+        }
+        if n == 0 || line.len() > MAX_ENVELOPE {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "no envelope line",
+            ));
+        }
+    };
+    let env: Envelope = serde_json::from_slice(&line[..nl])
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("envelope: {e}")))?;
-    data.drain(..=nl);
-    Ok((env, data))
+    let body = Body::open_from(f, nl as u64 + 1)?;
+    Ok((env, body))
 }
 
 /// What became of one maildrop file.
@@ -116,8 +134,10 @@ pub enum Outcome {
     Rejected(String),
 }
 
-/// Feed one message through an SMTP session into `sink`.
-async fn submit(settings: &Arc<Settings>, sink: &dyn Sink, env: &Envelope, body: &[u8]) -> Outcome {
+/// Feed one message through an SMTP session into `sink`, read from its
+/// file a chunk at a time: the session's buffer, one chunk of the file and
+/// its dot-stuffed form are all that is held, whatever the message's size.
+async fn submit(settings: &Arc<Settings>, sink: &dyn Sink, env: &Envelope, body: &Body) -> Outcome {
     let client: SocketAddr = ([127, 0, 0, 1], 0).into();
     let mut s = Session::new(settings.clone(), client);
     let reply = |s: &mut Session| -> String {
@@ -130,7 +150,10 @@ async fn submit(settings: &Arc<Settings>, sink: &dyn Sink, env: &Envelope, body:
         return Outcome::Deferred(greeting);
     }
     let utf8 = !env.from.is_ascii() || env.rcpts.iter().any(|r| !r.is_ascii());
-    let eight = !body.is_ascii();
+    let eight = match body.has_8bit().await {
+        Ok(eight) => eight,
+        Err(e) => return Outcome::Deferred(format!("cannot read the file: {e}")),
+    };
     let mut cmds = vec!["EHLO maildrop".to_string()];
     cmds.push(format!(
         "MAIL FROM:<{}>{}{}",
@@ -149,8 +172,11 @@ async fn submit(settings: &Arc<Settings>, sink: &dyn Sink, env: &Envelope, body:
             return refused(r);
         }
     }
-    // Dot-stuff and end the data.
-    let mut data = crate::transport::smtp::data_form(body);
+    // Dot-stuff each chunk as it is read, and end the data.
+    let mut chunks = body.reader();
+    let mut encoder = DataEncoder::default();
+    let mut data = Vec::new();
+    let mut ended = false;
     let mut file = BodyWriter::default();
     loop {
         match s.feed(&mut data) {
@@ -166,10 +192,18 @@ async fn submit(settings: &Arc<Settings>, sink: &dyn Sink, env: &Envelope, body:
                     refused(line)
                 };
             }
-            Step::NeedInput if data.is_empty() => {
+            Step::NeedInput if ended => {
                 return Outcome::Deferred("the session wanted more data".into());
             }
-            Step::NeedInput => continue,
+            Step::NeedInput => match chunks.next().await {
+                Ok(Some(chunk)) => encoder.push(&chunk, &mut data),
+                Ok(None) => {
+                    encoder.finish(&mut data);
+                    ended = true;
+                }
+                // The file is dropped unsent: the session never saw the end.
+                Err(e) => return Outcome::Deferred(format!("cannot read the file: {e}")),
+            },
             _ => {
                 let r = reply(&mut s);
                 return refused(r);
@@ -204,7 +238,13 @@ pub async fn import_once(
     let mut out = Vec::new();
     for name in names {
         let path = dir.join(&name);
-        let outcome = match read(&path) {
+        let opened = {
+            let path = path.clone();
+            tokio::task::spawn_blocking(move || open(&path))
+                .await
+                .unwrap_or_else(|e| Err(io::Error::other(e)))
+        };
+        let outcome = match opened {
             Ok((env, body)) => submit(settings, sink, &env, &body).await,
             Err(e) => Outcome::Rejected(format!("unreadable: {e}")),
         };

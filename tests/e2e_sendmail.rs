@@ -128,8 +128,11 @@ fn php_mail_through_the_running_daemon() {
         eml.starts_with("Return-Path: <web@app.example>\r\n"),
         "{eml}"
     );
-    // It went through the listener, not the maildrop.
-    assert!(d.log().contains("client=127.0.0.1"), "{}", d.log());
+    // It went through the listener, not the maildrop. The log is read from
+    // the daemon's stderr by another thread: wait for the line, do not race it.
+    d.wait_for(20, "the log line of the SMTP client", || {
+        d.log().contains("client=127.0.0.1")
+    });
     assert_eq!(maildrop(dir.path()), 0);
 }
 

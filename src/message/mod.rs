@@ -2,6 +2,7 @@
 
 pub mod headers;
 pub mod recipients;
+pub mod split;
 
 /// One header field: its name and the byte range of the whole field
 /// (name, value and folded continuation lines, final CRLF included).

@@ -105,12 +105,18 @@ async fn run(
     let body = if meta.size <= INLINE_IO_BYTES {
         spool
             .open_body(&id)
-            .and_then(Body::open)
+            .and_then(|(file, start)| Body::open_from(file, start))
             .map_err(|e| e.to_string())
     } else {
         let spool = spool.clone();
         let id = id.clone();
-        match tokio::task::spawn_blocking(move || spool.open_body(&id).and_then(Body::open)).await {
+        match tokio::task::spawn_blocking(move || {
+            spool
+                .open_body(&id)
+                .and_then(|(file, start)| Body::open_from(file, start))
+        })
+        .await
+        {
             Ok(r) => r.map_err(|e| e.to_string()),
             Err(e) => Err(e.to_string()),
         }

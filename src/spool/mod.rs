@@ -30,7 +30,7 @@ pub mod meta;
 
 use parking_lot::{Condvar, Mutex};
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, IoSlice, Seek, Write};
+use std::io::{self, IoSlice, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -640,25 +640,24 @@ impl Spool {
 
     /// Read a message (the whole RFC 5322 message, without the metadata line).
     pub fn read_body(&self, id: &str) -> io::Result<Vec<u8>> {
-        let mut file = self.open_body(id)?;
-        let mut out = Vec::new();
-        io::Read::read_to_end(&mut file, &mut out)?;
-        Ok(out)
+        let (file, start) = self.open_body(id)?;
+        read_from(&file, start)
     }
 
     /// Open a message for reading (delivery reads it in chunks; see
-    /// [`crate::transport::Body`]), positioned at its first byte: past the
-    /// metadata line, or at 0 for an entry in the earlier layout. From
-    /// there to its end the file holds the whole RFC 5322 message. Never
-    /// followed through a symlink.
-    pub fn open_body(&self, id: &str) -> io::Result<File> {
+    /// [`crate::transport::Body::open_from`]), with the offset of its first
+    /// byte: past the metadata line, or 0 for an entry in the earlier
+    /// layout. From there to its end the file holds the whole RFC 5322
+    /// message. Never followed through a symlink.
+    pub fn open_body(&self, id: &str) -> io::Result<(File, u64)> {
         match open_nofollow(&self.msg_path(id)) {
-            Ok(mut file) => {
+            Ok(file) => {
                 let start = first_line(&file)?.len() as u64;
-                file.seek(io::SeekFrom::Start(start))?;
-                Ok(file)
+                Ok((file, start))
             }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => open_nofollow(&self.body_path(id)),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                open_nofollow(&self.body_path(id)).map(|f| (f, 0))
+            }
             Err(e) => Err(e),
         }
     }
@@ -792,11 +791,18 @@ pub fn read_entry(root: &Path, id: &str) -> io::Result<(Meta, Vec<u8>)> {
         ));
     }
     let found = find(&root.join("queue"), id)?;
-    let mut file = found.file;
-    file.seek(io::SeekFrom::Start(found.start))?;
-    let mut message = Vec::new();
-    io::Read::read_to_end(&mut file, &mut message)?;
+    let message = read_from(&found.file, found.start)?;
     Ok((found.meta, message))
+}
+
+/// The bytes of `file` from offset `start` to its end.
+fn read_from(file: &File, start: u64) -> io::Result<Vec<u8>> {
+    let len = file.metadata()?.len().checked_sub(start).ok_or_else(|| {
+        io::Error::new(io::ErrorKind::UnexpectedEof, "the message file ended early")
+    })?;
+    let mut out = vec![0u8; len as usize];
+    file.read_exact_at(&mut out, start)?;
+    Ok(out)
 }
 
 /// An entry as found in `queue/`.

@@ -245,10 +245,13 @@ fn a_small_message_is_one_readable_file() {
         "the message follows the metadata line"
     );
     assert_eq!(s.read_body("one").unwrap(), body);
-    let mut f = s.open_body("one").unwrap();
-    let mut from_here = Vec::new();
-    io::Read::read_to_end(&mut f, &mut from_here).unwrap();
-    assert_eq!(from_here, body, "open_body is positioned at the message");
+    let (f, start) = s.open_body("one").unwrap();
+    assert_eq!(
+        start,
+        nl as u64 + 1,
+        "the message starts past the metadata line"
+    );
+    assert_eq!(read_from(&f, start).unwrap(), body);
     assert_eq!(s.read_meta("one").unwrap().size, body.len() as u64);
     let (m, msg) = read_entry(dir.path(), "one").unwrap();
     assert_eq!((m.id.as_str(), msg.as_slice()), ("one", &body[..]));
@@ -355,10 +358,9 @@ fn entries_of_the_two_file_layout_still_load_update_and_go() {
     let (loaded, bad) = s.load_all();
     assert_eq!((loaded.len(), bad.len()), (1, 0), "{bad:?}");
     assert_eq!(s.read_body("old1").unwrap(), body);
-    let mut f = s.open_body("old1").unwrap();
-    let mut all = Vec::new();
-    io::Read::read_to_end(&mut f, &mut all).unwrap();
-    assert_eq!(all, body);
+    let (f, start) = s.open_body("old1").unwrap();
+    assert_eq!(start, 0);
+    assert_eq!(read_from(&f, 0).unwrap(), body);
     assert_eq!(read_entry(dir.path(), "old1").unwrap().1, body);
     assert_eq!(Spool::list(dir.path()).unwrap().len(), 1);
     let mut m = loaded[0].clone();

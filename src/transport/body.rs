@@ -7,7 +7,7 @@
 //! whole in memory: reading them in place costs less than chunked I/O.
 
 use std::fs::File;
-use std::io::{self, Seek, Write};
+use std::io::{self, Write};
 use std::os::unix::fs::FileExt;
 use std::sync::{Arc, OnceLock};
 
@@ -80,17 +80,25 @@ impl Body {
         }
     }
 
-    /// The message in `file` (a spool entry file), from the file's current
-    /// position to its end (a spool entry opens with its metadata line;
-    /// [`crate::spool::Spool::open_body`] positions the file past it).
-    /// Reads the header block (at most [`MAX_HEAD`]), or the whole message
-    /// when it is small. Blocking: call it where blocking file I/O is allowed.
-    pub fn open(mut file: File) -> io::Result<Body> {
-        let base = file.stream_position()?;
-        let len = file.metadata()?.len().saturating_sub(base);
+    /// The message that is the whole of `file`. Reads the header block
+    /// (at most [`MAX_HEAD`]), or the whole message when it is small.
+    /// Blocking: call it where blocking file I/O is allowed.
+    pub fn open(file: File) -> io::Result<Body> {
+        Body::open_from(file, 0)
+    }
+
+    /// The message that starts `start` bytes into `file` and runs to its
+    /// end: a spool entry past its metadata line (the offset
+    /// [`crate::spool::Spool::open_body`] returns), a maildrop file after
+    /// its envelope line; otherwise as [`Body::open`]. Reads at offsets
+    /// only (the file's position is never used). Blocking.
+    pub fn open_from(file: File, start: u64) -> io::Result<Body> {
+        let len = file.metadata()?.len().checked_sub(start).ok_or_else(|| {
+            io::Error::new(io::ErrorKind::UnexpectedEof, "the message file ended early")
+        })?;
         if len <= INLINE_BYTES {
             let mut buf = vec![0u8; len as usize];
-            file.read_exact_at(&mut buf, base)?;
+            file.read_exact_at(&mut buf, start)?;
             return Ok(Body::memory(buf));
         }
         let mut head = Vec::new();
@@ -99,7 +107,7 @@ impl Body {
             let at = head.len() as u64;
             let n = read_chunk(
                 &file,
-                base + at,
+                start + at,
                 len - at,
                 &mut chunk[..CHUNK.min(MAX_HEAD - head.len())],
             )?;
@@ -126,7 +134,7 @@ impl Body {
             head: Bytes::from(head),
             rest: Rest::File {
                 file: Arc::new(file),
-                start: base + split as u64,
+                start: start + split as u64,
                 len: len - split as u64,
             },
             rest_8bit: Arc::default(),
@@ -172,9 +180,15 @@ impl Body {
 
     /// The chunks of the message, in order, from the start.
     pub fn reader(&self) -> Reader {
+        self.reader_from(0)
+    }
+
+    /// The chunks of the message from offset `pos` on (Graph's upload
+    /// path reads one part of the message at a time this way).
+    pub fn reader_from(&self, pos: u64) -> Reader {
         Reader {
             body: self.clone(),
-            pos: 0,
+            pos,
         }
     }
 
@@ -201,7 +215,8 @@ impl Body {
     }
 
     /// The whole message in memory. Only for paths that must parse the
-    /// whole MIME structure (Graph's upload path).
+    /// whole MIME structure (Graph's upload path, when a part the splitter
+    /// took for an attachment turns out to be the message's text).
     pub async fn to_vec(&self) -> io::Result<Vec<u8>> {
         let mut out = Vec::with_capacity(self.len() as usize);
         let mut reader = self.reader();
@@ -313,8 +328,9 @@ impl Reader {
     pub async fn next(&mut self) -> io::Result<Option<Bytes>> {
         let head_len = self.body.head.len() as u64;
         if self.pos < head_len {
+            let from = self.pos as usize;
             self.pos = head_len;
-            return Ok(Some(self.body.head.clone()));
+            return Ok(Some(self.body.head.slice(from..)));
         }
         let off = self.pos - head_len;
         let left = self.body.rest_len().saturating_sub(off);
@@ -445,21 +461,20 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_file_positioned_past_its_metadata_line_reads_from_there() {
-        for size in [300usize, 700_000] {
+    async fn a_message_after_a_prefix_reads_from_where_it_starts() {
+        for size in [100usize, 700_000] {
             let msg = big("From: a@b\r\n\r\n", size);
             let dir = tempfile::tempdir().unwrap();
             let path = dir.path().join("m.msg");
-            std::fs::write(&path, [&b"{\"meta\":1}\n"[..], &msg].concat()).unwrap();
-            let mut file = File::open(&path).unwrap();
-            file.seek(io::SeekFrom::Start(11)).unwrap();
-            let body = Body::open(file).unwrap();
+            std::fs::write(&path, [&b"{\"envelope\":1}\n"[..], &msg].concat()).unwrap();
+            let body = Body::open_from(File::open(&path).unwrap(), 15).unwrap();
             assert_eq!(body.head(), b"From: a@b\r\n\r\n", "size {size}");
             assert_eq!(body.len(), msg.len() as u64);
-            assert_eq!(body.to_vec().await.unwrap(), msg);
+            assert_eq!(body.to_vec().await.unwrap(), msg, "size {size}");
             let mut w = Vec::new();
             body.write_to(&mut w).unwrap();
-            assert_eq!(w, msg);
+            assert_eq!(w, msg, "size {size}");
+            assert!(Body::open_from(File::open(&path).unwrap(), 16 + msg.len() as u64).is_err());
         }
     }
 

@@ -298,11 +298,13 @@ impl GraphTransport {
         if encoded_len > self.s.max_request_bytes as u64 {
             return match self.s.large_messages {
                 LargeMessages::Upload => {
-                    // The JSON path parses the whole MIME structure.
-                    prepared.message = outgoing.to_vec().await.map_err(|e| {
+                    // The JSON path parses the MIME structure: of a
+                    // skeleton, with the large attachments left in the spool.
+                    let (skeleton, source) = upload::split(&outgoing).await.map_err(|e| {
                         Failure::transient(format!("cannot read the spooled message: {e}"))
                     })?;
-                    upload::send(self, tokens.as_ref(), mailbox, &prepared).await?;
+                    prepared.message = skeleton;
+                    upload::send(self, tokens.as_ref(), mailbox, &prepared, &source).await?;
                     Ok(vec![Ok(()); env.rcpts.len()])
                 }
                 LargeMessages::Alternate => Err(self.too_large(env, message, encoded_len)),

@@ -4,7 +4,7 @@
 /// CR and bare LF become CRLF, a line starting with `.` gets another `.`,
 /// the last line ends in CRLF and `.CRLF` follows. One pass, any chunking.
 #[derive(Debug)]
-pub(super) struct DataEncoder {
+pub struct DataEncoder {
     /// The next byte starts a line.
     line_start: bool,
     /// The previous byte was a CR whose line ending is not yet written.
@@ -23,7 +23,7 @@ impl Default for DataEncoder {
 impl DataEncoder {
     /// Encode the next piece of the message, appending to `out` (at most
     /// twice `input.len()` plus 2 bytes).
-    pub(super) fn push(&mut self, input: &[u8], out: &mut Vec<u8>) {
+    pub fn push(&mut self, input: &[u8], out: &mut Vec<u8>) {
         let mut i = 0;
         while i < input.len() {
             if self.cr {
@@ -62,7 +62,7 @@ impl DataEncoder {
     }
 
     /// End the message: close the last line and add the `.CRLF` terminator.
-    pub(super) fn finish(&mut self, out: &mut Vec<u8>) {
+    pub fn finish(&mut self, out: &mut Vec<u8>) {
         if self.cr || !self.line_start {
             out.extend_from_slice(b"\r\n");
         }
@@ -73,7 +73,7 @@ impl DataEncoder {
 }
 
 /// The whole of `message` in its DATA form (see [`DataEncoder`]), for
-/// callers that hold it in memory (the sendmail command, the maildrop import).
+/// callers that hold it in memory (the sendmail command).
 pub fn data_form(message: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(message.len() + message.len() / 64 + 8);
     let mut enc = DataEncoder::default();

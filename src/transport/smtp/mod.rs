@@ -16,7 +16,7 @@ mod auth;
 mod conn;
 mod deliver;
 mod encode;
-pub use encode::data_form;
+pub use encode::{DataEncoder, data_form};
 mod pool;
 mod reply;
 
