@@ -30,30 +30,30 @@ pub(super) struct Start {
     /// The operator retried an undeliverable DSN: its failed recipients are
     /// pending again.
     pub revive: bool,
-    /// Stored moments ago: its metadata is read in place (page cache).
-    pub fresh: bool,
+    /// Stored moments ago: its metadata as stored (not read back from disk).
+    pub fresh: Option<Box<Meta>>,
 }
 
 /// One delivery attempt. Returns what to retry (`None` when the message
 /// left the queue) and the attempt's event, which the scheduler publishes
 /// once it has applied the outcome (so an observer that sees the event sees
 /// the queue as it is after the attempt).
-pub(super) async fn attempt(s: &Scheduler, start: Start) -> Outcome {
+pub(super) async fn attempt(s: &Scheduler, mut start: Start) -> Outcome {
     let mut event = None;
-    let again = match read_meta(s, &start).await {
+    let again = match read_meta(s, &mut start).await {
         Ok(meta) => run(s, meta, start.born, &mut event).await,
         Err(again) => again,
     };
     (again, event)
 }
 
-/// The message's metadata as it is on disk, or what to tell the scheduler
-/// when it cannot be read.
-async fn read_meta(s: &Scheduler, start: &Start) -> Result<Meta, Option<Again>> {
+/// The message's metadata as it is on disk (as stored, for a message not
+/// attempted yet), or what to tell the scheduler when it cannot be read.
+async fn read_meta(s: &Scheduler, start: &mut Start) -> Result<Meta, Option<Again>> {
     let spool = s.shared.spool.clone();
     let id = start.id.to_string();
-    let read = if start.fresh {
-        spool.read_meta(&id)
+    let read = if let Some(meta) = start.fresh.take() {
+        Ok(*meta)
     } else {
         let (spool, id) = (spool.clone(), id.clone());
         match tokio::task::spawn_blocking(move || spool.read_meta(&id)).await {

@@ -90,12 +90,13 @@ struct Entry {
     next_attempt: u64,
     attempts: u32,
     held: bool,
-    /// Stored by this process just now: its metadata is in the page cache.
-    fresh: bool,
+    /// Stored by this process just now: its metadata as stored, so the first
+    /// attempt need not read it back.
+    fresh: Option<Box<Meta>>,
 }
 
 impl Entry {
-    fn of(meta: &Meta, fresh: bool) -> Entry {
+    fn of(meta: &Meta, fresh: Option<Box<Meta>>) -> Entry {
         Entry {
             id: meta.id.as_str().into(),
             received_at: meta.received_at,
@@ -154,8 +155,9 @@ struct Item {
     /// The operator retried it while held: its failed recipients are
     /// pending again at the next attempt.
     revive: bool,
-    /// Stored by this process and not attempted yet.
-    fresh: bool,
+    /// Stored by this process and not attempted yet: its metadata as stored
+    /// (held until the first attempt only; the rest stays on disk).
+    fresh: Option<Box<Meta>>,
 }
 
 /// Entries read per batch of the start-up load.
@@ -215,7 +217,11 @@ impl Scheduler {
 
     /// Hand a newly stored message to the scheduler.
     pub fn enqueue(&self, meta: Meta) {
-        let _ = self.shared.tx.send(Cmd::Enqueue(Entry::of(&meta, true)));
+        let entry = Entry::of(&meta, None);
+        let _ = self.shared.tx.send(Cmd::Enqueue(Entry {
+            fresh: Some(Box::new(meta)),
+            ..entry
+        }));
     }
 
     /// Make a queued message due now. False if there is no such message.
@@ -361,7 +367,7 @@ async fn load(
                 {
                     last_error = Some((m.attempts, e));
                 }
-                let mut e = Entry::of(m, false);
+                let mut e = Entry::of(m, None);
                 if e.next_attempt > latest {
                     tracing::warn!(id = %m.id, stored = m.next_attempt, "stored next attempt lies beyond retry_max_secs; retrying sooner");
                     e.next_attempt = latest;
