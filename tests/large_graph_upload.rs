@@ -5,13 +5,11 @@
 //! on the thread that runs the fake Graph (which keeps every uploaded byte,
 //! as Graph does). One test per binary: nothing else allocates meanwhile.
 
+mod alloc;
 mod common;
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::cell::Cell;
 use std::io::Write;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicIsize, Ordering};
 use std::time::Duration;
 
 use base64::Engine as _;
@@ -22,74 +20,14 @@ use mailbridge::oauth::{StaticToken, TokenSource};
 use mailbridge::transport::graph::{GraphSettings, GraphTransport};
 use mailbridge::transport::{Body, Envelope, Transport};
 
-/// Counts live heap bytes and their peak, outside uncounted threads.
-struct Counting;
-
-static LIVE: AtomicIsize = AtomicIsize::new(0);
-static PEAK: AtomicIsize = AtomicIsize::new(0);
-
-thread_local! {
-    /// Set on the fake Graph's thread.
-    static UNCOUNTED: Cell<bool> = const { Cell::new(false) };
-}
-
-fn counted() -> bool {
-    !UNCOUNTED.try_with(Cell::get).unwrap_or(true)
-}
-
-fn grow(n: usize) {
-    if counted() {
-        let now = LIVE.fetch_add(n as isize, Ordering::Relaxed) + n as isize;
-        PEAK.fetch_max(now, Ordering::Relaxed);
-    }
-}
-
-fn shrink(n: usize) {
-    if counted() {
-        LIVE.fetch_sub(n as isize, Ordering::Relaxed);
-    }
-}
-
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        let p = unsafe { System.alloc(layout) };
-        if !p.is_null() {
-            grow(layout.size());
-        }
-        p
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        unsafe { System.dealloc(ptr, layout) };
-        shrink(layout.size());
-    }
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        let p = unsafe { System.realloc(ptr, layout, new_size) };
-        if !p.is_null() {
-            if new_size > layout.size() {
-                grow(new_size - layout.size());
-            } else {
-                shrink(layout.size() - new_size);
-            }
-        }
-        p
-    }
-}
-
 #[global_allocator]
-static ALLOC: Counting = Counting;
-
-/// Start counting the peak from the bytes live now; returns them.
-fn reset_peak() -> isize {
-    let now = LIVE.load(Ordering::Relaxed);
-    PEAK.store(now, Ordering::Relaxed);
-    now
-}
+static ALLOC: alloc::Counting = alloc::Counting;
 
 const SIZE: usize = 30 * 1024 * 1024;
 /// Most bytes an attempt may add to the heap at once, whatever the size:
 /// one upload chunk (2 MiB) being decoded and one being sent, the skeleton,
 /// the HTTP client's buffers.
-const BOUND: isize = 8 * 1024 * 1024;
+const BOUND: usize = 8 * 1024 * 1024;
 
 fn attachment_byte(i: usize) -> u8 {
     (i as u8).wrapping_mul(31) ^ ((i >> 11) as u8)
@@ -119,7 +57,7 @@ async fn a_30_mb_attachment_is_uploaded_from_the_spool_with_bounded_memory_and_b
     let (tx, rx) = std::sync::mpsc::channel();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let fake_thread = std::thread::spawn(move || {
-        UNCOUNTED.with(|u| u.set(true));
+        alloc::uncount_this_thread();
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -156,9 +94,9 @@ async fn a_30_mb_attachment_is_uploaded_from_the_spool_with_bounded_memory_and_b
     };
     let body = Body::open(std::fs::File::open(&path).expect("open")).expect("read head");
 
-    let base = reset_peak();
+    let mark = alloc::mark();
     let d = t.deliver(&env, &body).await;
-    let peak = PEAK.load(Ordering::Relaxed) - base;
+    let peak = mark.peak();
     assert!(matches!(&d, Ok(v) if v.len() == 1 && v[0].is_ok()), "{d:?}");
     let sent = fake.sent();
     assert_eq!(sent.len(), 1);

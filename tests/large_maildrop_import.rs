@@ -5,9 +5,9 @@
 //! file reader, the dot-stuffing, the session and the sink alike (one test
 //! per binary: no other test allocates meanwhile).
 
-use std::alloc::{GlobalAlloc, Layout, System};
+mod alloc;
+
 use std::io::Write;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use mailbridge::common::BoxFuture;
@@ -15,49 +15,8 @@ use mailbridge::inbound::{Incoming, MessageFile, Settings, Sink, SinkError};
 use mailbridge::maildrop::{Envelope, Outcome, import_once, import_settings};
 use sha2::{Digest, Sha256};
 
-/// Counts live heap bytes and their peak.
-struct Counting;
-
-static LIVE: AtomicUsize = AtomicUsize::new(0);
-static PEAK: AtomicUsize = AtomicUsize::new(0);
-
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        let p = unsafe { System.alloc(layout) };
-        if !p.is_null() {
-            let now = LIVE.fetch_add(layout.size(), Ordering::Relaxed) + layout.size();
-            PEAK.fetch_max(now, Ordering::Relaxed);
-        }
-        p
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        unsafe { System.dealloc(ptr, layout) };
-        LIVE.fetch_sub(layout.size(), Ordering::Relaxed);
-    }
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        let p = unsafe { System.realloc(ptr, layout, new_size) };
-        if !p.is_null() {
-            if new_size > layout.size() {
-                let now = LIVE.fetch_add(new_size - layout.size(), Ordering::Relaxed)
-                    + (new_size - layout.size());
-                PEAK.fetch_max(now, Ordering::Relaxed);
-            } else {
-                LIVE.fetch_sub(layout.size() - new_size, Ordering::Relaxed);
-            }
-        }
-        p
-    }
-}
-
 #[global_allocator]
-static ALLOC: Counting = Counting;
-
-/// Start counting the peak from the bytes live now; returns them.
-fn reset_peak() -> usize {
-    let now = LIVE.load(Ordering::Relaxed);
-    PEAK.store(now, Ordering::Relaxed);
-    now
-}
+static ALLOC: alloc::Counting = alloc::Counting;
 
 const SIZE: usize = 30 * 1024 * 1024;
 /// Most bytes an import may add to the heap at once, whatever the size: a
@@ -197,9 +156,9 @@ async fn a_30_mb_maildrop_file_is_imported_with_bounded_memory_and_every_byte_in
     let settings = Arc::new(import_settings(&Settings::new("mx.test", listen)));
     let sink = HashingSink::default();
 
-    let base = reset_peak();
+    let mark = alloc::mark();
     let out = import_once(&md, &settings, &sink).await;
-    let peak = PEAK.load(Ordering::Relaxed) - base;
+    let peak = mark.peak();
     assert!(
         matches!(&out[..], [(name, Outcome::Queued(_))] if name == "0000big.msg"),
         "{out:?}"

@@ -5,8 +5,8 @@
 //! transport, the body reader and the sink alike (one test per binary: no
 //! other test allocates meanwhile).
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::sync::atomic::{AtomicUsize, Ordering};
+mod alloc;
+
 use std::time::Duration;
 
 use mailbridge::config::HostPort;
@@ -17,49 +17,8 @@ use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
-/// Counts live heap bytes and their peak.
-struct Counting;
-
-static LIVE: AtomicUsize = AtomicUsize::new(0);
-static PEAK: AtomicUsize = AtomicUsize::new(0);
-
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        let p = unsafe { System.alloc(layout) };
-        if !p.is_null() {
-            let now = LIVE.fetch_add(layout.size(), Ordering::Relaxed) + layout.size();
-            PEAK.fetch_max(now, Ordering::Relaxed);
-        }
-        p
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        unsafe { System.dealloc(ptr, layout) };
-        LIVE.fetch_sub(layout.size(), Ordering::Relaxed);
-    }
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        let p = unsafe { System.realloc(ptr, layout, new_size) };
-        if !p.is_null() {
-            if new_size > layout.size() {
-                let now = LIVE.fetch_add(new_size - layout.size(), Ordering::Relaxed)
-                    + (new_size - layout.size());
-                PEAK.fetch_max(now, Ordering::Relaxed);
-            } else {
-                LIVE.fetch_sub(layout.size() - new_size, Ordering::Relaxed);
-            }
-        }
-        p
-    }
-}
-
 #[global_allocator]
-static ALLOC: Counting = Counting;
-
-/// Start counting the peak from the bytes live now; returns them.
-fn reset_peak() -> usize {
-    let now = LIVE.load(Ordering::Relaxed);
-    PEAK.store(now, Ordering::Relaxed);
-    now
-}
+static ALLOC: alloc::Counting = alloc::Counting;
 
 const SIZE: usize = 30 * 1024 * 1024;
 /// Most bytes a delivery may add to the heap at once, whatever the size:
@@ -254,9 +213,9 @@ async fn a_30_mb_message_goes_through_smtp_with_bounded_memory_and_every_byte_in
     let (file, start) = spool.open_body("big1").expect("open body");
     let body = Body::open_from(file, start).expect("read head");
     assert_eq!(body.len(), want.1);
-    let base = reset_peak();
+    let mark = alloc::mark();
     let result = t.deliver(&env, &body).await;
-    let peak = PEAK.load(Ordering::Relaxed) - base;
+    let peak = mark.peak();
     assert!(
         matches!(&result, Ok(r) if r.len() == 1 && r[0].is_ok()),
         "{result:?}"
@@ -278,9 +237,9 @@ async fn a_30_mb_message_goes_through_smtp_with_bounded_memory_and_every_byte_in
     );
 
     // The counter does see a whole message held in memory.
-    let base = reset_peak();
+    let mark = alloc::mark();
     let whole = body.to_vec().await.expect("read whole");
-    assert!(PEAK.load(Ordering::Relaxed) - base >= whole.len());
+    assert!(mark.peak() >= whole.len());
     drop(whole);
     drop(t);
     server.abort();
