@@ -184,7 +184,12 @@ fn sendmail(cfg: &Path, args: &[&str], input: &str) -> Output {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    c.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
+    // A usage error (no recipients, `-bp`) exits before reading the message:
+    // the pipe may close under the write, and the exit code tells the rest.
+    match c.stdin.take().unwrap().write_all(input.as_bytes()) {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {}
+        r => r.unwrap(),
+    }
     c.wait_with_output().unwrap()
 }
 

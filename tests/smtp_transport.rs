@@ -453,10 +453,13 @@ async fn temporarily_rejected_recipient_is_transient() {
     assert!(results[1].is_ok());
 }
 
-#[tokio::test]
-async fn all_recipients_rejected_resets_and_keeps_the_connection() {
+/// Both recipients refused: every recipient fails permanently, the
+/// transaction is reset and the connection serves the next message. With
+/// PIPELINING the DATA went out with the RCPTs and the server refused it;
+/// without, it is never sent.
+async fn all_recipients_rejected(config: FakeConfig) -> FakeSmtp {
     let fake = FakeSmtp::start(
-        FakeConfig::default()
+        config
             .fault(
                 Stage::Rcpt("x@example.com".into()),
                 Fault::reply("550 5.1.1 unknown"),
@@ -481,7 +484,7 @@ async fn all_recipients_rejected_resets_and_keeps_the_connection() {
             .all(|r| r.as_ref().is_err_and(|f| f.severity == Severity::Permanent)),
         "{results:?}"
     );
-    assert_eq!(count(&fake, "DATA"), 0);
+    assert!(fake.messages().is_empty());
     assert_eq!(count(&fake, "RSET"), 1);
     assert!(all_ok(
         &t.deliver(
@@ -491,6 +494,80 @@ async fn all_recipients_rejected_resets_and_keeps_the_connection() {
         .await
     ));
     assert_eq!(fake.connections(), 1, "the reset connection is reused");
+    fake
+}
+
+#[tokio::test]
+async fn all_recipients_rejected_resets_and_keeps_the_connection() {
+    let fake = all_recipients_rejected(FakeConfig::default()).await;
+    assert_eq!(count(&fake, "DATA"), 2, "{:?}", fake.commands());
+    let fake = all_recipients_rejected(FakeConfig::default().no_pipelining()).await;
+    assert_eq!(count(&fake, "DATA"), 1, "{:?}", fake.commands());
+}
+
+#[tokio::test]
+async fn pipelining_sends_the_envelope_and_data_in_one_write() {
+    let rcpts = ["a@example.com", "b@example.com"];
+    let fake = FakeSmtp::start(FakeConfig::default()).await;
+    let t = transport(settings(&fake));
+    assert!(all_ok(
+        &t.deliver(
+            &envelope(&rcpts),
+            &mailbridge::transport::Body::from(MESSAGE)
+        )
+        .await
+    ));
+    assert_eq!(
+        fake.pipelined(),
+        ["RCPT TO:<a@example.com>", "RCPT TO:<b@example.com>", "DATA"]
+    );
+    assert_eq!(fake.messages().len(), 1);
+    // A server without PIPELINING gets one command per reply.
+    let fake = FakeSmtp::start(FakeConfig::default().no_pipelining()).await;
+    let t = transport(settings(&fake));
+    assert!(all_ok(
+        &t.deliver(
+            &envelope(&rcpts),
+            &mailbridge::transport::Body::from(MESSAGE)
+        )
+        .await
+    ));
+    assert!(fake.pipelined().is_empty(), "{:?}", fake.pipelined());
+    assert_eq!(fake.messages().len(), 1);
+}
+
+#[tokio::test]
+async fn a_refused_sender_with_pipelining_leaves_the_connection_in_step() {
+    // MAIL FROM refused: the pipelined RCPT and DATA get 503s, which are
+    // read before the RSET, so the next message goes out on the same
+    // connection and gets its own replies.
+    let fake = FakeSmtp::start(
+        FakeConfig::default().fault(Stage::Mail, Fault::reply("550 5.7.1 sender refused")),
+    )
+    .await;
+    let t = transport(settings(&fake));
+    let err = t
+        .deliver(
+            &envelope(&["a@example.com"]),
+            &mailbridge::transport::Body::from(MESSAGE),
+        )
+        .await
+        .expect_err("the sender is refused");
+    assert_eq!(err.severity, Severity::Permanent, "{err:?}");
+    assert!(err.text.contains("550 5.7.1 sender refused"), "{err:?}");
+    fake.clear_faults();
+    assert!(all_ok(
+        &t.deliver(
+            &envelope(&["b@example.com"]),
+            &mailbridge::transport::Body::from(MESSAGE)
+        )
+        .await
+    ));
+    assert_eq!(fake.connections(), 1, "the reset connection is reused");
+    let got = fake.messages();
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].rcpts, ["b@example.com"]);
+    assert_eq!(count(&fake, "RSET"), 1);
 }
 
 #[tokio::test]

@@ -143,6 +143,7 @@ fn ungoverned(
             };
             Ok(Arc::new(
                 SmtpTransport::new(settings)?
+                    .with_idle_connections(c.delivery.concurrency)
                     .with_proxy(&u.proxy)?
                     .with_tls_fingerprint(
                         (!u.tls_fingerprint.is_empty()).then_some(u.tls_fingerprint.as_str()),

@@ -152,6 +152,8 @@ pub struct FakeConfig {
     pub eightbitmime: bool,
     /// Advertise `SMTPUTF8`.
     pub smtputf8: bool,
+    /// Advertise `PIPELINING` (RFC 2920).
+    pub pipelining: bool,
     /// Faults, first match wins.
     pub faults: Vec<(Stage, Fault)>,
     /// When set, AUTH XOAUTH2 is offered and required before MAIL.
@@ -173,6 +175,7 @@ impl Default for FakeConfig {
             size: Some(157_286_400),
             eightbitmime: true,
             smtputf8: false,
+            pipelining: true,
             faults: Vec::new(),
             xoauth2: None,
             strict_send_as: false,
@@ -206,6 +209,11 @@ impl FakeConfig {
     /// Refuse command lines longer than `octets` (CRLF included).
     pub fn max_command_line(mut self, octets: usize) -> Self {
         self.max_command_line = Some(octets);
+        self
+    }
+    /// Do not advertise `PIPELINING`: a client must wait for each reply.
+    pub fn no_pipelining(mut self) -> Self {
+        self.pipelining = false;
         self
     }
     /// Add a fault.
@@ -251,6 +259,9 @@ struct Shared {
     tls: Option<tokio_rustls::TlsAcceptor>,
     transactions: Mutex<Vec<Received>>,
     commands: Mutex<Vec<String>>,
+    /// Commands that were already waiting, whole, when the fake had answered
+    /// the one before (sent without waiting for its reply).
+    pipelined: Mutex<Vec<String>>,
     connections: AtomicUsize,
     sessions: Mutex<Vec<JoinHandle<()>>>,
 }
@@ -278,6 +289,7 @@ impl FakeSmtp {
             tls,
             transactions: Mutex::new(Vec::new()),
             commands: Mutex::new(Vec::new()),
+            pipelined: Mutex::new(Vec::new()),
             connections: AtomicUsize::new(0),
             sessions: Mutex::new(Vec::new()),
         });
@@ -317,6 +329,12 @@ impl FakeSmtp {
     /// Every command line received, in order, without CRLF.
     pub fn commands(&self) -> Vec<String> {
         lock(&self.shared.commands).clone()
+    }
+
+    /// The command lines that arrived before the fake had answered the one
+    /// before them (pipelined), in order.
+    pub fn pipelined(&self) -> Vec<String> {
+        lock(&self.shared.pipelined).clone()
     }
 
     /// TCP connections accepted so far.
@@ -547,8 +565,15 @@ impl Session {
             "220 {HOSTNAME} Microsoft ESMTP MAIL Service ready"
         ))
         .await?;
-        while let Some(line) = self.read_line().await? {
+        loop {
+            let waiting = self.buf.contains(&b'\n');
+            let Some(line) = self.read_line().await? else {
+                break;
+            };
             lock(&self.shared.commands).push(line.clone());
+            if waiting {
+                lock(&self.shared.pipelined).push(line.clone());
+            }
             if config
                 .max_command_line
                 .is_some_and(|max| line.len() + 2 > max)
@@ -609,7 +634,9 @@ impl Session {
                 format!("SIZE {size}")
             });
         }
-        lines.push("PIPELINING".into());
+        if config.pipelining {
+            lines.push("PIPELINING".into());
+        }
         lines.push("ENHANCEDSTATUSCODES".into());
         if config.security == Security::StartTls && !self.tls {
             lines.push("STARTTLS".into());

@@ -368,11 +368,18 @@ impl Conn {
 
     /// Send one command line and read its reply.
     pub(super) async fn command(&mut self, line: &str) -> Result<Reply, Broken> {
-        let mut bytes = Vec::with_capacity(line.len() + 2);
-        bytes.extend_from_slice(line.as_bytes());
-        bytes.extend_from_slice(b"\r\n");
-        self.send(&bytes).await?;
+        self.send_lines(&[line]).await?;
         self.read_reply(self.timeout).await
+    }
+
+    /// Send command lines in one write, reading no reply (PIPELINING).
+    pub(super) async fn send_lines(&mut self, lines: &[&str]) -> Result<(), Broken> {
+        let mut bytes = Vec::with_capacity(lines.iter().map(|l| l.len() + 2).sum());
+        for line in lines {
+            bytes.extend_from_slice(line.as_bytes());
+            bytes.extend_from_slice(b"\r\n");
+        }
+        self.send(&bytes).await
     }
 
     /// Send the message dot-stuffed and canonical, then `.CRLF`, as it is

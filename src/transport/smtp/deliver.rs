@@ -135,7 +135,25 @@ impl SmtpTransport {
             mail.push_str(" SMTPUTF8");
         }
         let stage = format!("after MAIL FROM:<{}>", env.from);
-        let reply = match conn.command(&mail).await {
+        let rcpt_lines: Vec<(usize, String)> = env
+            .rcpts
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| results[*i].is_none())
+            .map(|(i, rcpt)| (i, format!("RCPT TO:<{rcpt}>")))
+            .collect();
+        let mut cmds = Commands::default();
+        if conn.ext.pipelining {
+            let mut batch = vec![mail.as_str()];
+            batch.extend(rcpt_lines.iter().map(|(_, line)| line.as_str()));
+            batch.push("DATA");
+            match conn.send_lines(&batch).await {
+                Err(_) if reused => return Tx::Stale,
+                Err(b) => return Tx::Done(Err(conn.broken(b, &stage)), After::Drop),
+                Ok(()) => cmds.queued = batch.len(),
+            }
+        }
+        let reply = match cmds.reply(conn, &mail).await {
             Err(_) if reused => return Tx::Stale,
             Err(b) => return Tx::Done(Err(conn.broken(b, &stage)), After::Drop),
             Ok(r) if r.code == 421 && reused => return Tx::Stale,
@@ -143,16 +161,17 @@ impl SmtpTransport {
         };
         match classify(&reply, 2) {
             Class::Ok => {}
-            Class::Refused(after) => return Tx::Done(Err(refusal(conn, &reply, &stage)), after),
+            Class::Refused(after) => {
+                let failure = refusal(conn, &reply, &stage);
+                return Tx::Done(Err(failure), cmds.settle(conn, after).await);
+            }
         }
 
         let mut accepted = Vec::new();
-        for (i, rcpt) in env.rcpts.iter().enumerate() {
-            if results[i].is_some() {
-                continue;
-            }
-            let stage = format!("after RCPT TO:<{rcpt}>");
-            let reply = match conn.command(&format!("RCPT TO:<{rcpt}>")).await {
+        for (i, line) in &rcpt_lines {
+            let i = *i;
+            let stage = format!("after RCPT TO:<{}>", env.rcpts[i]);
+            let reply = match cmds.reply(conn, line).await {
                 Ok(r) => r,
                 Err(b) => return Tx::Done(Err(conn.broken(b, &stage)), After::Drop),
             };
@@ -168,10 +187,10 @@ impl SmtpTransport {
             }
         }
         if accepted.is_empty() {
-            return Tx::Done(Ok(()), After::Rset);
+            return Tx::Done(Ok(()), cmds.settle(conn, After::Rset).await);
         }
 
-        let reply = match conn.command("DATA").await {
+        let reply = match cmds.reply(conn, "DATA").await {
             Ok(r) => r,
             Err(b) => return Tx::Done(Err(conn.broken(b, "after DATA")), After::Drop),
         };
@@ -272,6 +291,46 @@ fn finish_results(results: Vec<Option<Result<(), Failure>>>) -> Vec<Result<(), F
         .into_iter()
         .map(|r| r.unwrap_or_else(|| Err(Failure::transient("recipient was not attempted"))))
         .collect()
+}
+
+/// The commands of one transaction and their replies. With PIPELINING
+/// (RFC 2920) MAIL FROM, every RCPT TO and DATA go out in one write and
+/// their replies are read in order; without it, one round trip each.
+#[derive(Default)]
+struct Commands {
+    /// Commands sent whose replies are still to be read (DATA last).
+    queued: usize,
+}
+
+impl Commands {
+    /// The reply to `line`: read if `line` went out in the batch, else sent now.
+    async fn reply(&mut self, conn: &mut Conn, line: &str) -> Result<Reply, Broken> {
+        if self.queued > 0 {
+            self.queued -= 1;
+            conn.read_reply(conn.timeout).await
+        } else {
+            conn.command(line).await
+        }
+    }
+
+    /// Leave the transaction before its DATA: read the replies still due so
+    /// that the connection stays in step for RSET and reuse. A DATA that was
+    /// accepted all the same (354) is never ended: the connection is closed,
+    /// so the server discards it.
+    async fn settle(self, conn: &mut Conn, after: After) -> After {
+        if after == After::Drop {
+            return after;
+        }
+        for left in (0..self.queued).rev() {
+            match conn.read_reply(conn.timeout).await {
+                Ok(r) if r.code == 421 => return After::Drop,
+                Ok(r) if left == 0 && r.code / 100 == 3 => return After::Drop,
+                Ok(_) => {}
+                Err(_) => return After::Drop,
+            }
+        }
+        after
+    }
 }
 
 /// What to do with a connection after a transaction.

@@ -105,7 +105,7 @@ impl SmtpTransport {
             settings,
             tls,
             server_name,
-            pool: Arc::new(Pool::default()),
+            pool: Arc::new(Pool::new(pool::POOL_MAX_IDLE)),
             proxy: None,
         })
     }
@@ -121,6 +121,15 @@ impl SmtpTransport {
             )?);
         }
         Ok(self)
+    }
+
+    /// Keep up to `n` idle connections for reuse (at least one): as many as
+    /// deliveries run at once, so a busy relay reuses every connection it
+    /// opened instead of closing some after each burst. Never more
+    /// connections than that: each delivery holds one, idle or not.
+    pub fn with_idle_connections(mut self, n: usize) -> Self {
+        self.pool = Arc::new(Pool::new(n.max(1)));
+        self
     }
 
     /// `smtp://host:port` or `smtps://host:port`.

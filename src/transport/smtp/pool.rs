@@ -7,15 +7,17 @@ use std::time::{Duration, Instant};
 
 use super::conn::Conn;
 
-/// At most this many idle connections are kept per transport.
-const POOL_MAX_IDLE: usize = 4;
+/// At most this many idle connections are kept per transport, unless the
+/// transport says otherwise ([`Pool::new`]).
+pub(super) const POOL_MAX_IDLE: usize = 4;
 /// An idle connection older than this is closed rather than reused.
 const POOL_IDLE_TIME: Duration = Duration::from_secs(60);
 
 /// Idle connections, newest last.
-#[derive(Default)]
 pub(super) struct Pool {
     state: Mutex<PoolState>,
+    /// Idle connections kept at most; more are closed.
+    max_idle: usize,
 }
 
 #[derive(Default)]
@@ -27,6 +29,14 @@ struct PoolState {
 }
 
 impl Pool {
+    /// An empty pool keeping at most `max_idle` idle connections.
+    pub(super) fn new(max_idle: usize) -> Self {
+        Pool {
+            state: Mutex::default(),
+            max_idle,
+        }
+    }
+
     /// The most recently used live connection authenticated as `user`
     /// (`None`: not authenticated with XOAUTH2), if any.
     pub(super) fn take(&self, user: Option<&str>) -> Option<Conn> {
@@ -47,7 +57,7 @@ impl Pool {
         state
             .idle
             .retain(|(_, since)| since.elapsed() < POOL_IDLE_TIME);
-        if state.idle.len() >= POOL_MAX_IDLE {
+        if state.idle.len() >= pool.max_idle {
             return;
         }
         state.idle.push((conn, Instant::now()));

@@ -114,6 +114,8 @@ pub(super) struct Extensions {
     pub(super) size: Option<u64>,
     pub(super) eightbitmime: bool,
     pub(super) smtputf8: bool,
+    /// `PIPELINING` (RFC 2920): MAIL, RCPT and DATA go out in one write.
+    pub(super) pipelining: bool,
     pub(super) auth_plain: bool,
     pub(super) auth_login: bool,
     pub(super) auth_xoauth2: bool,
@@ -134,6 +136,7 @@ impl Extensions {
                 "SIZE" => ext.size = Some(words.next().and_then(|n| n.parse().ok()).unwrap_or(0)),
                 "8BITMIME" => ext.eightbitmime = true,
                 "SMTPUTF8" => ext.smtputf8 = true,
+                "PIPELINING" => ext.pipelining = true,
                 "AUTH" => {
                     for mech in words {
                         match mech.to_ascii_uppercase().as_str() {
@@ -176,6 +179,7 @@ mod tests {
         let r = parse(&[
             "250-mx.example Hello\r\n",
             "250-SIZE 1000\r\n",
+            "250-pipelining\r\n",
             "250 AUTH=LOGIN PLAIN\n",
         ])
         .unwrap()
@@ -183,11 +187,16 @@ mod tests {
         assert_eq!(r.code, 250);
         assert_eq!(
             r.lines,
-            ["mx.example Hello", "SIZE 1000", "AUTH=LOGIN PLAIN"]
+            [
+                "mx.example Hello",
+                "SIZE 1000",
+                "pipelining",
+                "AUTH=LOGIN PLAIN"
+            ]
         );
         let ext = Extensions::parse(&r);
         assert_eq!(ext.size, Some(1000));
-        assert!(ext.auth_login && ext.auth_plain && !ext.starttls);
+        assert!(ext.auth_login && ext.auth_plain && !ext.starttls && ext.pipelining);
         assert_eq!(parse(&["354\r\n"]).unwrap().unwrap().text(), "354");
         assert_eq!(parse(&["250-a\r\n"]).unwrap(), None);
         assert!(parse(&["250-a\r\n", "251 b\r\n"]).is_err());
