@@ -124,11 +124,8 @@ impl DataReader {
             match self.state {
                 State::Text => {
                     let free = room - out.len();
-                    let run = input[i..]
-                        .iter()
-                        .take(free)
-                        .position(|&c| c == b'\r' || c == b'\n')
-                        .unwrap_or((input.len() - i).min(free));
+                    let window = &input[i..input.len().min(i.saturating_add(free))];
+                    let run = memchr::memchr2(b'\r', b'\n', window).unwrap_or(window.len());
                     if run > 0 {
                         self.store(out, &input[i..i + run]);
                         i += run;
@@ -146,9 +143,10 @@ impl DataReader {
                         b'.' => self.state = State::Dot { legit },
                         b'\r' => self.state = State::Cr,
                         b'\n' => self.bare_line_end(out),
+                        // Text: stored with the rest of its line.
                         _ => {
-                            self.store(out, &[b]);
                             self.state = State::Text;
+                            continue;
                         }
                     }
                     i += 1;

@@ -49,10 +49,8 @@ impl DataEncoder {
                     if self.line_start && first == b'.' {
                         out.push(b'.');
                     }
-                    let end = input[i..]
-                        .iter()
-                        .position(|b| *b == b'\r' || *b == b'\n')
-                        .map_or(input.len(), |p| i + p);
+                    let end =
+                        memchr::memchr2(b'\r', b'\n', &input[i..]).map_or(input.len(), |p| i + p);
                     out.extend_from_slice(&input[i..end]);
                     self.line_start = false;
                     i = end;
