@@ -184,6 +184,103 @@ fn the_250_is_written_only_after_the_spool_is_synced() {
     );
 }
 
+#[test]
+fn a_delivered_file_is_written_over_only_after_queue_is_synced() {
+    if !have("strace") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    write_config(dir.path(), "protocol = \"file\"\noutbox = \"outbox\"");
+    let trace = dir.path().join("trace.txt").display().to_string();
+    let d = Daemon::start_wrapped(
+        dir.path(),
+        &[
+            "strace",
+            "-f",
+            "-y",
+            "-qq",
+            "-s",
+            "1000",
+            "-e",
+            "trace=fsync,fdatasync,ftruncate,rename,renameat,renameat2,write,sendto,writev",
+            "-o",
+            &trace,
+        ],
+    );
+    // One message at a time, each delivered before the next is sent.
+    let mut ids = Vec::new();
+    for n in 1..=4 {
+        let msg = MSG.replace("Subject: fault", &format!("Subject: reuse {n}"));
+        let r = smtp_send(d.smtp, "app@legacy.local", &["a@example.com"], &msg);
+        assert!(r.starts_with("250 2.0.0 Ok: queued as "), "{r}");
+        ids.push(r.rsplit(' ').next().unwrap().to_string());
+        d.wait_for(20, "the delivery", || d.queued() == 0);
+    }
+    drop(d);
+    let text = std::fs::read_to_string(&trace).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    let after = |from: usize, what: &dyn Fn(&str) -> bool| {
+        lines
+            .iter()
+            .enumerate()
+            .position(|(i, l)| i > from && what(l))
+    };
+    // The first message's file leaves queue/ for tmp/ once delivered.
+    let out = after(0, &|l: &str| {
+        l.contains("rename")
+            && l.contains(&format!("queue/{}.msg", ids[0]))
+            && l.contains("/tmp/free.")
+    })
+    .unwrap_or_else(|| panic!("the delivered file kept in tmp/:\n{text}"));
+    let free = lines[out]
+        .split('"')
+        .find(|p| p.contains("/tmp/free."))
+        .unwrap()
+        .to_string();
+    // A later message is written into it, and only after an fsync of
+    // queue/ that followed the rename.
+    let fd = format!("{free}>");
+    let written = after(out, &|l: &str| l.contains("write") && l.contains(&fd))
+        .unwrap_or_else(|| panic!("no later message written into {free}:\n{text}"));
+    let id = ids[1..]
+        .iter()
+        .find(|id| lines[written].contains(&format!("{{\\\"id\\\":\\\"{id}\\\"")))
+        .unwrap_or_else(|| panic!("whose metadata line? {}", lines[written]));
+    let synced_out = after(out, &|l: &str| {
+        l.contains("fsync(") && l.contains("/queue>")
+    })
+    .expect("an fsync of queue/ after the rename");
+    assert!(
+        synced_out < written,
+        "written over before its rename out of queue/ was synced:\n{}",
+        &lines[out..=written].join("\n")
+    );
+    // Then as a new file: cut to length, synced, renamed in, queue/ synced, 250.
+    let cut = after(written, &|l: &str| {
+        l.contains("ftruncate(") && l.contains(&fd)
+    })
+    .expect("ftruncate of the file written over");
+    let data_sync = after(written, &|l: &str| l.contains("sync(") && l.contains(&fd))
+        .expect("fdatasync of the file written over");
+    let commit = after(written, &|l: &str| {
+        l.contains("rename") && l.contains(&free) && l.contains(&format!("queue/{id}.msg"))
+    })
+    .expect("rename into queue/");
+    let dir_sync = after(commit, &|l: &str| {
+        l.contains("fsync(") && l.contains("/queue>")
+    })
+    .expect("fsync of queue/ after the commit");
+    let reply = after(0, &|l: &str| {
+        l.contains(&format!("250 2.0.0 Ok: queued as {id}"))
+    })
+    .expect("the 250 write");
+    assert!(
+        cut < data_sync && data_sync < commit && commit < dir_sync && dir_sync < reply,
+        "cut, synced, renamed, directory synced, then 250:\n{}",
+        &lines[written..=reply].join("\n")
+    );
+}
+
 /// Start DATA on `addr`, send `bytes` of body and return the socket (the
 /// caller drops it, or ends the data).
 fn start_data(addr: std::net::SocketAddr, bytes: &[u8]) -> std::net::TcpStream {

@@ -247,8 +247,16 @@ async fn run(
                 }
                 Dsn::NotNeeded => {}
             }
-            // Two unlinks, no fsync: quick enough to do in place.
-            if let Err(e) = spool.remove(&id) {
+            // A rename or two unlinks, no fsync: quick enough to do in
+            // place. A message read whole into memory leaves its file to
+            // be written over by a new one: nothing reads it any more.
+            let removed = if body.in_memory() {
+                drop((outgoing, body));
+                spool.recycle(&id)
+            } else {
+                spool.remove(&id)
+            };
+            if let Err(e) = removed {
                 tracing::error!(id = %id, error = %e, "cannot remove delivered message");
             }
             None

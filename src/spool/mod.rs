@@ -1,7 +1,11 @@
 //! The durable queue: one file per message (a metadata line, then the message), fsynced and renamed into place before the client hears `250`.
 //!
 //! Layout under the spool directory:
-//! - `tmp/`: files being written; never loaded, emptied at start.
+//! - `tmp/`: files being written; never loaded, emptied at start. Also up
+//!   to [`MAX_FREE_FILES`] files of delivered messages, `tmp/free.<n>`, to
+//!   be written over by new ones ([`Spool::recycle`]): on an ext4 mounted
+//!   with `discard` an unlink waits for the blocks it frees, and a new file
+//!   costs an inode and blocks to allocate.
 //! - `queue/<id>.msg`: a committed message. Its first line is the metadata
 //!   ([`Meta`]) as one line of JSON, the message (RFC 5322, CRLF) follows,
 //!   so `less` shows both. Its rename into `queue/` is the commit point; one
@@ -23,12 +27,13 @@
 //! - `lock`: held (`flock`, exclusive) by whoever has the spool open; see [`lock`].
 //!
 //! Directories mailbridge creates are mode 0700 and files 0600, whatever the
-//! umask; files are created new (`O_EXCL`) and never through a symlink
-//! (`O_NOFOLLOW`).
+//! umask; files are created new (`O_EXCL`), or are the spool's own kept
+//! files in `tmp/`, and never opened through a symlink (`O_NOFOLLOW`).
 
 pub mod meta;
 
 use parking_lot::{Condvar, Mutex};
+use std::collections::VecDeque;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, IoSlice, Write};
 use std::os::unix::fs::FileExt;
@@ -168,6 +173,8 @@ pub struct Spool {
     /// entry moved aside at load): an entry is two files, so each is
     /// counted out once, by whoever takes it.
     entries: Mutex<()>,
+    /// Files of delivered messages in `tmp/`, to be written over.
+    free: Mutex<FreeFiles>,
     _lock: SpoolLock,
 }
 
@@ -213,6 +220,19 @@ enum Aside {
     Moved(String, String),
 }
 
+/// Files of delivered messages, kept at most: the pool a burst of
+/// deliveries fills and the next burst of new mail empties.
+pub const MAX_FREE_FILES: usize = 64;
+
+/// The files [`Spool::recycle`] kept in `tmp/`, oldest first, each with the
+/// [`DirSync`] ticket of the rename that took it out of `queue/`.
+#[derive(Debug, Default)]
+struct FreeFiles {
+    files: VecDeque<(PathBuf, u64)>,
+    /// The number in the next file's name.
+    next: u64,
+}
+
 /// Group commit of one directory's fsync: every caller returns only after an
 /// fsync that *started after* its call, but concurrent callers share one
 /// fsync instead of queueing one each (20 sessions storing at once cost one
@@ -234,6 +254,20 @@ struct SyncState {
 }
 
 impl DirSync {
+    /// A ticket for a change already made to the directory, without waiting:
+    /// [`DirSync::covered`] once an fsync that started after this call has
+    /// completed.
+    fn ticket(&self) -> u64 {
+        let mut st = self.state.lock();
+        st.issued += 1;
+        st.issued
+    }
+
+    /// Whether a completed fsync covers `ticket`.
+    fn covered(&self, ticket: u64) -> bool {
+        self.state.lock().synced >= ticket
+    }
+
     fn sync(&self, dir: &File) -> io::Result<()> {
         let mut st = self.state.lock();
         st.issued += 1;
@@ -355,6 +389,7 @@ impl Spool {
             queue_sync: DirSync::default(),
             backlog: Mutex::new(None),
             entries: Mutex::new(()),
+            free: Mutex::default(),
             _lock: lock,
         };
         for d in [&spool.queue, &spool.tmp, &spool.corrupt] {
@@ -599,14 +634,22 @@ impl Spool {
         }
         match &mut draft.file {
             None => {
-                // The whole message is here: one file, one write, one sync.
+                // The whole message is here: one file (a delivered message's
+                // written over, or a new one), one write, one sync.
                 let head = meta::head_line(meta).map_err(io::Error::other)?;
-                let f = draft.file.insert(create_private(&draft.path)?);
-                write_all_parts(f, &[&head, tail])?;
-                f.sync_data()?;
-                fs::rename(&draft.path, self.msg_path(&meta.id))?;
-                // Renamed: no longer ours to remove when dropped.
-                draft.file = None;
+                let (mut f, path, reused) = match self.take_free() {
+                    Some(found) => found,
+                    None => (create_private(&draft.path)?, draft.path.clone(), false),
+                };
+                let len = (head.len() + tail.len()) as u64;
+                let written = write_all_parts(&mut f, &[&head, tail])
+                    .and_then(|()| if reused { f.set_len(len) } else { Ok(()) })
+                    .and_then(|()| f.sync_data())
+                    .and_then(|()| fs::rename(&path, self.msg_path(&meta.id)));
+                if written.is_err() {
+                    let _ = fs::remove_file(&path);
+                }
+                written?;
             }
             Some(f) => {
                 f.write_all(tail)?;
@@ -702,6 +745,70 @@ impl Spool {
             self.count.fetch_sub(1, Ordering::SeqCst);
         }
         Ok(())
+    }
+
+    /// Remove a delivered entry and keep its file in `tmp/` to be written
+    /// over by a new message ([`Spool::commit`]), up to [`MAX_FREE_FILES`];
+    /// otherwise (more kept already, an entry in the earlier layout, a
+    /// rename that fails) as [`Spool::remove`].
+    ///
+    /// Only for a message nobody reads any more: the caller holds no handle
+    /// of its file (a delivery that read it whole into memory). A kept file
+    /// is written over only once an fsync of `queue/` has completed after
+    /// the rename that took it out, so that after a crash its old name can
+    /// never come back holding another message's bytes.
+    pub fn recycle(&self, id: &str) -> io::Result<()> {
+        let path = {
+            let mut free = self.free.lock();
+            if free.files.len() >= MAX_FREE_FILES {
+                drop(free);
+                return self.remove(id);
+            }
+            free.next += 1;
+            self.tmp.join(format!("free.{}", free.next))
+        };
+        let entries = self.entries.lock();
+        match fs::rename(self.msg_path(id), &path) {
+            Ok(()) => {
+                let ticket = self.queue_sync.ticket();
+                self.free.lock().files.push_back((path, ticket));
+                remove_if_there(&self.meta_path(id))?;
+                self.count.fetch_sub(1, Ordering::SeqCst);
+                Ok(())
+            }
+            // No `.msg` (the earlier layout, or gone already), or `tmp/`
+            // unusable: removed as usual.
+            Err(_) => {
+                drop(entries);
+                self.remove(id)
+            }
+        }
+    }
+
+    /// The oldest kept file whose rename out of `queue/` is durable, opened
+    /// to be written over from its start (see [`Spool::recycle`]); true as
+    /// the third value. A file that cannot be opened is removed.
+    fn take_free(&self) -> Option<(File, PathBuf, bool)> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let path = {
+            let mut free = self.free.lock();
+            let (_, ticket) = free.files.front()?;
+            if !self.queue_sync.covered(*ticket) {
+                return None;
+            }
+            free.files.pop_front()?.0
+        };
+        match OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&path)
+        {
+            Ok(f) => Some((f, path, true)),
+            Err(_) => {
+                let _ = fs::remove_file(&path);
+                None
+            }
+        }
     }
 
     /// What `corrupt/` holds now: how many files, and the newest (by the

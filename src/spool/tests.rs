@@ -577,3 +577,85 @@ fn an_entry_removed_while_its_load_failed_is_counted_out_once() {
     s.remove("e2").unwrap();
     assert_eq!(s.len(), 1, "moved aside: not counted again");
 }
+
+fn ino(path: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    fs::metadata(path).unwrap().ino()
+}
+
+#[test]
+fn a_delivered_file_is_written_over_only_after_a_queue_sync() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Spool::open(dir.path(), 10).unwrap();
+    let long = b"Subject: long\r\n\r\nsome words that make it the longest\r\n";
+    s.store(&meta("a1", long), long).unwrap();
+    let kept = ino(&dir.path().join("queue/a1.msg"));
+    s.recycle("a1").unwrap();
+    assert_eq!(s.len(), 0);
+    assert_eq!(names(&dir.path().join("tmp")), ["free.1"]);
+    // No fsync of queue/ since the rename: a new file.
+    let short = b"Subject: a\r\n\r\nhi\r\n";
+    s.store(&meta("a2", short), short).unwrap();
+    assert_ne!(ino(&dir.path().join("queue/a2.msg")), kept);
+    // a2's commit synced queue/: the kept file is written over, and cut to
+    // the new message's length.
+    let shorter = b"Subject: b\r\n\r\n.\r\n";
+    s.store(&meta("a3", shorter), shorter).unwrap();
+    assert_eq!(ino(&dir.path().join("queue/a3.msg")), kept);
+    assert!(names(&dir.path().join("tmp")).is_empty());
+    assert_eq!(s.read_body("a3").unwrap(), shorter);
+    assert_eq!(s.len(), 2);
+    drop(s);
+    let s = Spool::open(dir.path(), 10).unwrap();
+    let (loaded, bad) = s.load_all();
+    assert_eq!(ids(&loaded), ["a2", "a3"]);
+    assert!(bad.is_empty(), "{bad:?}");
+    assert_eq!(s.read_body("a2").unwrap(), short);
+}
+
+#[test]
+fn at_most_max_free_files_are_kept_and_open_empties_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Spool::open(dir.path(), 1000).unwrap();
+    let n = MAX_FREE_FILES + 3;
+    for i in 0..n {
+        s.store(&meta(&format!("m{i:03}"), b"x"), b"x").unwrap();
+    }
+    for i in 0..n {
+        s.recycle(&format!("m{i:03}")).unwrap();
+    }
+    assert_eq!(s.len(), 0);
+    assert!(names(&dir.path().join("queue")).is_empty());
+    assert_eq!(names(&dir.path().join("tmp")).len(), MAX_FREE_FILES);
+    drop(s);
+    let s = Spool::open(dir.path(), 1000).unwrap();
+    assert!(names(&dir.path().join("tmp")).is_empty());
+    assert!(s.is_empty());
+}
+
+#[test]
+fn recycling_an_entry_takes_its_metadata_and_the_earlier_layout_too() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Spool::open(dir.path(), 10).unwrap();
+    let mut m = meta("r1", b"x");
+    s.store(&m, b"x").unwrap();
+    m.attempts = 2;
+    s.update(&m).unwrap();
+    s.recycle("r1").unwrap();
+    assert!(names(&dir.path().join("queue")).is_empty());
+    assert_eq!(s.len(), 0);
+    drop(s);
+    // An entry of the two-file layout is removed as by `remove`.
+    let q = dir.path().join("queue");
+    let old = meta("r2", b"y");
+    fs::write(q.join("r2.eml"), b"y").unwrap();
+    fs::write(q.join("r2.json"), serde_json::to_vec(&old).unwrap()).unwrap();
+    let s = Spool::open(dir.path(), 10).unwrap();
+    assert_eq!(s.len(), 1);
+    s.recycle("r2").unwrap();
+    assert!(names(&q).is_empty());
+    assert_eq!(s.len(), 0);
+    // Gone already: nothing to do.
+    s.recycle("r2").unwrap();
+    assert_eq!(s.len(), 0);
+}

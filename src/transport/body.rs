@@ -156,6 +156,11 @@ impl Body {
         &self.head
     }
 
+    /// Whether the whole message is in memory: no file is read any more.
+    pub fn in_memory(&self) -> bool {
+        matches!(self.rest, Rest::Memory(_))
+    }
+
     /// Size of the whole message in bytes.
     pub fn len(&self) -> u64 {
         self.head.len() as u64 + self.rest_len()
