@@ -261,8 +261,9 @@ postfix_start() {
     PF_MASTER=$(tr -d ' ' < "$PF/queue/pid/master.pid")
 }
 
-queue_files() { # files left in queue/spool directories (not counting corrupt/)
-    find "$@" -type f -not -path '*/corrupt/*' 2>/dev/null | wc -l
+queue_files() { # files left in queue/spool directories (not counting corrupt/,
+    # nor the delivered messages' files mailbridge keeps in tmp/ to write over)
+    find "$@" -type f -not -path '*/corrupt/*' -not -path '*/tmp/free.*' 2>/dev/null | wc -l
 }
 
 # ------------------------------------------------------------ mailbridge ---
