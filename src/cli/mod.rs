@@ -564,6 +564,11 @@ fn retry_all(cfg: &Config, root: &Path) -> ExitCode {
             ExitCode::from(FAILED)
         }
         AdminAnswer::Unreachable(_) => {
+            // One spool opening (and one listing of `queue/`) for all of them.
+            let spool = match open_offline(cfg, root, "retry") {
+                Ok(s) => s,
+                Err(code) => return code,
+            };
             let ids: Vec<String> = match Spool::list_ids(root) {
                 Ok(ids) => ids,
                 Err(e) => {
@@ -576,7 +581,7 @@ fn retry_all(cfg: &Config, root: &Path) -> ExitCode {
             };
             let mut code = ExitCode::SUCCESS;
             for id in &ids {
-                if offline_change(cfg, root, id, "retry") != ExitCode::SUCCESS {
+                if change_offline(&spool, id, "retry") != ExitCode::SUCCESS {
                     code = ExitCode::from(FAILED);
                 }
             }
@@ -625,8 +630,17 @@ fn queue_change(cfg: &Config, root: &Path, method: &str, id: &str, what: &str) -
 }
 
 fn offline_change(cfg: &Config, root: &Path, id: &str, what: &str) -> ExitCode {
-    let spool = match Spool::open(root, cfg.spool.max_messages) {
-        Ok(s) => s,
+    match open_offline(cfg, root, what) {
+        Ok(spool) => change_offline(&spool, id, what),
+        Err(code) => code,
+    }
+}
+
+/// The spool opened for an edit while no daemon runs; the exit code (after
+/// saying why) when it cannot be.
+fn open_offline(cfg: &Config, root: &Path, what: &str) -> Result<Spool, ExitCode> {
+    match Spool::open(root, cfg.spool.max_messages) {
+        Ok(s) => Ok(s),
         // A daemon runs (it holds the spool lock) but its admin endpoint did
         // not answer: editing under it would corrupt its queue.
         Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
@@ -634,16 +648,20 @@ fn offline_change(cfg: &Config, root: &Path, id: &str, what: &str) -> ExitCode {
                 "mailbridge: {e}: a running mailbridge holds the spool, but its admin endpoint did not answer; \
                  {what} the message through the running daemon (enable or fix [admin] and retry), or stop it first"
             );
-            return ExitCode::from(FAILED);
+            Err(ExitCode::from(FAILED))
         }
         Err(e) => {
             eprintln!(
                 "mailbridge: spool.path: cannot open {}: {e}",
                 root.display()
             );
-            return ExitCode::from(FAILED);
+            Err(ExitCode::from(FAILED))
         }
-    };
+    }
+}
+
+/// Retry (make due now) or delete `id` in a spool opened offline.
+fn change_offline(spool: &Spool, id: &str, what: &str) -> ExitCode {
     let mut meta = match spool.read_meta(id) {
         Ok(m) => m,
         Err(_) => {
