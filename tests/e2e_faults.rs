@@ -80,6 +80,28 @@ fn fsync_failure_gives_451_and_leaves_nothing() {
     assert_eq!(spool_entries(&d), before + 1);
 }
 
+/// The daemon under `strace`, tracing the spool's and the socket's writes,
+/// syncs and renames into `dir/trace.txt` (returned).
+fn traced(dir: &std::path::Path) -> (Daemon, String) {
+    let trace = dir.join("trace.txt").display().to_string();
+    let d = Daemon::start_wrapped(
+        dir,
+        &[
+            "strace",
+            "-f",
+            "-y",
+            "-qq",
+            "-s",
+            "1000",
+            "-e",
+            "trace=fsync,fdatasync,ftruncate,rename,renameat,renameat2,write,sendto,writev",
+            "-o",
+            &trace,
+        ],
+    );
+    (d, trace)
+}
+
 #[test]
 fn the_250_is_written_only_after_the_spool_is_synced() {
     if !have("strace") {
@@ -90,22 +112,7 @@ fn the_250_is_written_only_after_the_spool_is_synced() {
         dir.path(),
         "protocol = \"smtp\"\nserver = \"127.0.0.1:9\"\ntls = false\ntimeout_secs = 1",
     );
-    let trace = dir.path().join("trace.txt").display().to_string();
-    let d = Daemon::start_wrapped(
-        dir.path(),
-        &[
-            "strace",
-            "-f",
-            "-y",
-            "-qq",
-            "-s",
-            "1000",
-            "-e",
-            "trace=fsync,fdatasync,rename,renameat,renameat2,write,sendto,writev",
-            "-o",
-            &trace,
-        ],
-    );
+    let (d, trace) = traced(dir.path());
     let r = smtp_send(d.smtp, "app@legacy.local", &["a@example.com"], MSG);
     assert!(r.starts_with("250 2.0.0 Ok: queued as "), "{r}");
     let id = r.rsplit(' ').next().unwrap().to_string();
@@ -191,22 +198,7 @@ fn a_delivered_file_is_written_over_only_after_queue_is_synced() {
     }
     let dir = tempfile::tempdir().unwrap();
     write_config(dir.path(), "protocol = \"file\"\noutbox = \"outbox\"");
-    let trace = dir.path().join("trace.txt").display().to_string();
-    let d = Daemon::start_wrapped(
-        dir.path(),
-        &[
-            "strace",
-            "-f",
-            "-y",
-            "-qq",
-            "-s",
-            "1000",
-            "-e",
-            "trace=fsync,fdatasync,ftruncate,rename,renameat,renameat2,write,sendto,writev",
-            "-o",
-            &trace,
-        ],
-    );
+    let (d, trace) = traced(dir.path());
     // One message at a time, each delivered before the next is sent.
     let mut ids = Vec::new();
     for n in 1..=4 {

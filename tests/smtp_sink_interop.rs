@@ -193,26 +193,18 @@ async fn refused_recipients_leave_the_connection_in_step() {
     let sink = Sink::start(dir.path(), &["-f", "RCPT"]);
     let t = transport(&sink);
     let body = Body::from(message(1, 5).as_str());
-    let results = t
-        .deliver(&envelope(1, &["a@example.com"]), &body)
-        .await
-        .expect("per recipient");
-    assert!(
-        results
-            .iter()
-            .all(|r| r.as_ref().is_err_and(|f| f.severity == Severity::Permanent)),
-        "{results:?}"
-    );
-    let results = t
-        .deliver(&envelope(2, &["b@example.com"]), &body)
-        .await
-        .expect("per recipient");
-    assert!(
-        results
-            .iter()
-            .all(|r| r.as_ref().is_err_and(|f| f.severity == Severity::Permanent)),
-        "{results:?}"
-    );
+    for (n, rcpt) in [(1, "a@example.com"), (2, "b@example.com")] {
+        let results = t
+            .deliver(&envelope(n, &[rcpt]), &body)
+            .await
+            .expect("per recipient");
+        assert!(
+            results
+                .iter()
+                .all(|r| r.as_ref().is_err_and(|f| f.severity == Severity::Permanent)),
+            "{results:?}"
+        );
+    }
     // Nothing was delivered: no empty message slipped through the DATA.
     assert!(sink.messages().is_empty(), "{:?}", sink.messages());
 }
