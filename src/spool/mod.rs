@@ -637,9 +637,11 @@ impl Spool {
                 // The whole message is here: one file (a delivered message's
                 // written over, or a new one), one write, one sync.
                 let head = meta::head_line(meta).map_err(io::Error::other)?;
-                let (mut f, path, reused) = match self.take_free() {
+                let kept = self.take_free();
+                let reused = kept.is_some();
+                let (mut f, path) = match kept {
                     Some(found) => found,
-                    None => (create_private(&draft.path)?, draft.path.clone(), false),
+                    None => (create_private(&draft.path)?, draft.path.clone()),
                 };
                 let len = (head.len() + tail.len()) as u64;
                 let written = write_all_parts(&mut f, &[&head, tail])
@@ -771,7 +773,14 @@ impl Spool {
         match fs::rename(self.msg_path(id), &path) {
             Ok(()) => {
                 let ticket = self.queue_sync.ticket();
-                self.free.lock().files.push_back((path, ticket));
+                let mut free = self.free.lock();
+                // Concurrent recycles may have filled the pool meanwhile.
+                if free.files.len() < MAX_FREE_FILES {
+                    free.files.push_back((path, ticket));
+                } else {
+                    drop(free);
+                    let _ = fs::remove_file(&path);
+                }
                 remove_if_there(&self.meta_path(id))?;
                 self.count.fetch_sub(1, Ordering::SeqCst);
                 Ok(())
@@ -786,9 +795,9 @@ impl Spool {
     }
 
     /// The oldest kept file whose rename out of `queue/` is durable, opened
-    /// to be written over from its start (see [`Spool::recycle`]); true as
-    /// the third value. A file that cannot be opened is removed.
-    fn take_free(&self) -> Option<(File, PathBuf, bool)> {
+    /// to be written over from its start (see [`Spool::recycle`]). A file
+    /// that cannot be opened is removed.
+    fn take_free(&self) -> Option<(File, PathBuf)> {
         use std::os::unix::fs::OpenOptionsExt;
         let path = {
             let mut free = self.free.lock();
@@ -803,7 +812,7 @@ impl Spool {
             .custom_flags(libc::O_NOFOLLOW)
             .open(&path)
         {
-            Ok(f) => Some((f, path, true)),
+            Ok(f) => Some((f, path)),
             Err(_) => {
                 let _ = fs::remove_file(&path);
                 None
